@@ -1,0 +1,123 @@
+"""Learner configuration: every knob of the online two-tower learner, with its default and why.
+
+The same object configures the Faust agent (nested in `streams.settings.Settings` as
+`learner`, env `STREAMREC_LEARNER__<FIELD>`), the offline evaluator and the benchmarks.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EVENT_TYPE_IDS: dict[str, int] = {
+    "view": 1,
+    "click": 2,
+    "add_to_cart": 3,
+    "purchase": 4,
+    "rate": 5,
+    "search": 6,
+    "comment": 7,
+    "dislike": 8,
+}
+"""Event type -> embedding row (0 is padding, 9 is the query token)."""
+
+TEXT_ONLY_TYPES = frozenset({"search"})
+"""Event types that are never a prediction target (they carry text, not a chosen item)."""
+
+
+class LearnerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dim: int = Field(64, ge=4, description="Size of user and item vectors (FAISS dimension).")
+    history_len: int = Field(
+        50, ge=1, le=1000, description="Events kept per user (ring buffer) and seen by the encoder."
+    )
+    item_tower: Literal["both", "id", "text"] = Field(
+        "both",
+        description="Item vector = learned ID embedding + projection of the frozen text "
+        "embedding (`both`); `id` / `text` are ablations.",
+    )
+    user_tower: Literal["transformer", "gru", "none"] = Field(
+        "transformer",
+        description="Sequence encoder over the user's history; `none` = per-user residual only "
+        "(the naive design, kept as an ablation).",
+    )
+    use_residual: bool = Field(
+        True, description="Add a per-user residual vector p_u, updated with the per-user LR rule."
+    )
+    n_layers: int = Field(1, ge=1, le=6, description="Encoder layers (1 measured best online).")
+    n_heads: int = Field(2, ge=1, description="Attention heads of the transformer encoder.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout in the encoder (0: online).")
+    lr: float = Field(3e-3, gt=0, description="Adam step size of the shared parameters.")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay (dense parameters).")
+    steps_per_batch: int = Field(1, ge=1, description="Gradient steps per micro-batch.")
+    max_pairs_per_step: int = Field(
+        64,
+        ge=1,
+        description="(history -> next item) pairs per gradient step: a larger micro-batch takes "
+        "several steps, so how much is learned per event does not depend on the batch size.",
+    )
+    max_steps_per_batch: int = Field(
+        8,
+        ge=1,
+        description="Compute budget per micro-batch: above max_steps_per_batch × "
+        "max_pairs_per_step pairs, a random subset trains (the rest only enters the replay), "
+        "so an overloaded worker catches up instead of falling further behind.",
+    )
+    replay_ratio: float = Field(
+        1.0,
+        ge=0,
+        description="Past pairs replayed per new pair in each step (0 = off); curbs forgetting. "
+        "A ratio, not a count, so the compute per event does not depend on the batch size.",
+    )
+    replay_capacity: int = Field(10_000, ge=0, description="Recent pairs kept for replay.")
+    full_softmax_max_items: int = Field(
+        20_000,
+        ge=1,
+        description="Full softmax over the catalog up to this size; sampled softmax with logQ "
+        "correction above it.",
+    )
+    n_negatives: int = Field(
+        2048, ge=1, description="Popularity-sampled negatives per step for sampled softmax."
+    )
+    dislike_weight: float = Field(
+        0.5, ge=0, description="Weight of the push-down term for `dislike` events."
+    )
+    event_weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "view": 1.0,
+            "click": 1.0,
+            "add_to_cart": 1.0,
+            "purchase": 1.0,
+            "rate": 1.0,
+            "comment": 1.0,
+        },
+        description="Loss weight of each positive event type (equal by default: no data-free "
+        "reason to prefer one).",
+    )
+    lr_rule: Literal["fixed", "adagrad", "adaptive"] = Field(
+        "adaptive", description="Per-user LR rule for the residual (see models/lr_rules.py)."
+    )
+    alpha0: float = Field(0.05, gt=0, description="Initial per-user step size α0.")
+    beta: float = Field(1.0, ge=0, description="`adaptive`: α ← α / (1 + β·||Δu||).")
+    alpha_min: float = Field(1e-3, gt=0, description="`adaptive`: floor of α.")
+    jump_z: float = Field(
+        2.0, gt=0, description="`adaptive`: a loss this many std above its EMA is a jump."
+    )
+    raise_frac: float = Field(
+        0.5, ge=0, le=1, description="`adaptive`: on a jump α moves this share back to α0."
+    )
+    loss_decay: float = Field(0.9, gt=0, lt=1, description="Decay of the per-user loss EMA.")
+    device: str = Field("auto", description="`auto` (CUDA if present), `cpu` or `cuda[:n]`.")
+    seed: int = Field(0, description="Seed of parameter init and sampling.")
+
+    def rule_params(self) -> dict[str, float]:
+        return {
+            "alpha0": self.alpha0,
+            "beta": self.beta,
+            "alpha_min": self.alpha_min,
+            "jump_z": self.jump_z,
+            "raise_frac": self.raise_frac,
+            "loss_decay": self.loss_decay,
+        }

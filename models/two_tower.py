@@ -1,0 +1,152 @@
+"""The two towers, scored by inner product so FAISS can serve them.
+
+Item tower:  v_i = E[i] + W·t_i   (learned ID embedding + learned projection of the frozen
+             text embedding t_i; a new item starts from its text alone, E[i] ≈ 0).
+User tower:  u = f(last H events) (+ p_u, added by the learner), where f is a small causal
+             sequence encoder over [item vector + event-type embedding + time-gap embedding +
+             position] of each past event, read out at a final query token. The query token
+             carries the gap between the newest event and the moment of prediction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import EVENT_TYPE_IDS
+
+N_TYPES = 10  # 0 = padding, 1..8 = event types (models.config.EVENT_TYPE_IDS), 9 = query token
+QUERY_TYPE = 9
+N_GAP_BUCKETS = 24  # log2 buckets of seconds: 0 s ... ~97 days
+
+
+def gap_buckets(gap_ms: np.ndarray) -> np.ndarray:
+    """Time gaps (ms) -> bucket ids floor(log2(1 + seconds)), clipped."""
+    sec = np.maximum(np.asarray(gap_ms, dtype=np.float64), 0.0) / 1000.0
+    return np.minimum(N_GAP_BUCKETS - 1, np.floor(np.log2(1.0 + sec))).astype(np.int64)
+
+
+class ItemTower(nn.Module):
+    """Row 0 is padding (its vector is always zero). Rows are grown by doubling."""
+
+    def __init__(self, capacity: int, text_dim: int, dim: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.dim = dim
+        self.E = nn.Parameter(torch.randn(capacity, dim) * 0.01)
+        with torch.no_grad():
+            self.E[0].zero_()
+        self.proj = nn.Linear(text_dim, dim, bias=False)
+        self.register_buffer("T", torch.zeros(capacity, text_dim))
+
+    @property
+    def capacity(self) -> int:
+        return self.E.shape[0]
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(*rows.shape, self.dim, device=rows.device)
+        if self.mode in ("both", "id"):
+            out = out + F.embedding(rows, self.E, padding_idx=0, sparse=True)
+        if self.mode in ("both", "text"):
+            out = out + self.proj(self.T[rows])
+        return out
+
+    def project_text(self, text_vecs: torch.Tensor) -> torch.Tensor:
+        """Vector of a text-only event (a search query) in item space."""
+        return self.proj(text_vecs)
+
+    def grow(self, capacity: int) -> None:
+        """Re-allocate E and T with more rows (new rows: small random E, zero text)."""
+        old = self.capacity
+        extra_e = torch.randn(capacity - old, self.dim, device=self.E.device) * 0.01
+        self.E = nn.Parameter(torch.cat([self.E.detach(), extra_e]))
+        extra_t = torch.zeros(capacity - old, self.T.shape[1], device=self.T.device)
+        self.T = torch.cat([self.T, extra_t])
+
+
+class UserTower(nn.Module):
+    """Causal sequence encoder; sequences are left-padded to a common length L."""
+
+    def __init__(self, dim: int, history_len: int, kind: str, n_layers: int, n_heads: int,
+                 dropout: float):
+        super().__init__()
+        self.kind = kind
+        self.n_heads = n_heads
+        self.type_emb = nn.Embedding(N_TYPES, dim)
+        self.gap_emb = nn.Embedding(N_GAP_BUCKETS, dim)
+        self.pos_emb = nn.Embedding(history_len + 1, dim)
+        if kind == "transformer":
+            layer = nn.TransformerEncoderLayer(
+                dim, n_heads, 2 * dim, dropout, batch_first=True, norm_first=True
+            )
+            self.enc: nn.Module = nn.TransformerEncoder(
+                layer, n_layers, enable_nested_tensor=False
+            )
+        elif kind == "gru":
+            self.enc = nn.GRU(dim, dim, num_layers=n_layers, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.out.weight)  # the encoder starts as a no-op correction of the pool
+        nn.init.zeros_(self.out.bias)
+        # recency-weighted mean of the history's item vectors, added to the encoder output:
+        # from the first event on, u points at what the user just touched ("more like this"),
+        # and the encoder learns the correction. decay and scale are learned.
+        self.decay = nn.Parameter(torch.tensor(-2.0))  # softplus -> ~0.13 per step back
+        self.pool_scale = nn.Parameter(torch.tensor(1.0))
+
+    def forward(
+        self, seq: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, q_gap: torch.Tensor
+    ) -> torch.Tensor:
+        """seq (B, L, d) item vectors, types/gaps (B, L) ids, q_gap (B,) -> u (B, d)."""
+        pooled = self._recency_pool(seq, types)
+        if self.kind == "none":
+            return pooled
+        B, L, _ = seq.shape
+        x = seq + self.type_emb(types) + self.gap_emb(gaps)
+        q = self.type_emb.weight[QUERY_TYPE] + self.gap_emb(q_gap)
+        x = torch.cat([x, q[:, None, :]], dim=1)
+        # positions count back from the query token, so "newest" always has the same index
+        pos = torch.arange(self.pos_emb.num_embeddings - L - 1, self.pos_emb.num_embeddings,
+                           device=seq.device)
+        x = x + self.pos_emb(pos)[None]
+        if self.kind == "gru":
+            return self.out(self.norm(self._gru_last(x, types))) + pooled
+        else:
+            h = self.enc(x, mask=self._mask(types))
+        return self.out(self.norm(h[:, -1])) + pooled
+
+    def _gru_last(self, x: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        """GRU over the real events + query token only (left padding must not be read)."""
+        n = x.shape[1]
+        lengths = (types != 0).sum(1) + 1  # + the query token
+        start = n - lengths
+        idx = (start[:, None] + torch.arange(n, device=x.device)[None]).clamp(max=n - 1)
+        right = x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[2]))  # right-aligned
+        packed = nn.utils.rnn.pack_padded_sequence(right, lengths.cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        _, h_n = self.enc(packed)
+        return h_n[-1]
+
+    def _recency_pool(self, seq: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        """sum_t w_t v_t with w ∝ exp(-decay·age) over real (non-pad) positions."""
+        L = seq.shape[1]
+        age = torch.arange(L - 1, -1, -1, device=seq.device, dtype=seq.dtype)
+        logw = (-F.softplus(self.decay) * age)[None].expand(seq.shape[0], L)
+        # padding and dislikes are not "more like this"
+        logw = logw.masked_fill((types == 0) | (types == EVENT_TYPE_IDS["dislike"]), float("-inf"))
+        w = torch.nan_to_num(torch.softmax(logw, dim=1))  # all-pad rows -> zeros
+        return self.pool_scale * torch.einsum("bl,bld->bd", w, seq)
+
+    def _mask(self, types: torch.Tensor) -> torch.Tensor:
+        """Causal + padding mask (B·heads, L+1, L+1). The diagonal is always open so no row is
+        fully masked (a fully masked row turns into NaN in the next layer)."""
+        B, L = types.shape
+        n = L + 1
+        pad = torch.cat([types == 0, torch.zeros(B, 1, dtype=torch.bool, device=types.device)], 1)
+        future = torch.triu(torch.ones(n, n, dtype=torch.bool, device=types.device), 1)
+        blocked = future[None] | pad[:, None, :]
+        blocked = blocked & ~torch.eye(n, dtype=torch.bool, device=types.device)[None]
+        mask = torch.zeros(B, n, n, device=types.device).masked_fill(blocked, float("-inf"))
+        return mask.repeat_interleave(self.n_heads, dim=0)

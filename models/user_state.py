@@ -1,0 +1,119 @@
+"""Everything streamrec remembers about one user, bounded in size, and its wire form.
+
+Bounded: the history is a ring of the last H events; the residual is one `dim` vector; the
+rest are scalars. The state also carries the last applied offset per source partition, so a
+replayed event (at-least-once delivery) is recognised and skipped: the offsets are written in
+the same changelog record as the effect they guard.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+_F32 = np.dtype("<f4")
+_F16 = np.dtype("<f2")
+
+
+def _b64(arr: np.ndarray, dtype: np.dtype) -> str:
+    return base64.b64encode(np.ascontiguousarray(arr, dtype=dtype).tobytes()).decode("ascii")
+
+
+def _unb64(text: str, dtype: np.dtype) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=dtype).astype(np.float32)
+
+
+@dataclass
+class UserState:
+    """Per-user state. `items[i]` is None for text-only events (search); their text vector is
+    kept (float16) in `texts[i]` so the sequence encoder can see what the user searched for."""
+
+    items: list[str | None] = field(default_factory=list)
+    types: list[int] = field(default_factory=list)
+    ts: list[int] = field(default_factory=list)
+    texts: list[str | None] = field(default_factory=list)
+    residual: np.ndarray | None = None
+    alpha: float | None = None
+    accum: float = 0.0
+    loss_ema: float | None = None
+    loss_var: float = 0.0
+    steps: int = 0
+    n_events: int = 0
+    offsets: dict[str, int] = field(default_factory=dict)
+
+    def append(
+        self, item_id: str | None, etype: int, ts: int, text_vec: np.ndarray | None, max_len: int
+    ) -> None:
+        """Add one event to the ring, dropping the oldest beyond `max_len`."""
+        self.items.append(item_id)
+        self.types.append(etype)
+        self.ts.append(ts)
+        self.texts.append(None if text_vec is None else _b64(text_vec, _F16))
+        if len(self.items) > max_len:
+            cut = len(self.items) - max_len
+            del self.items[:cut], self.types[:cut], self.ts[:cut], self.texts[:cut]
+        self.n_events += 1
+
+    def text_vector(self, i: int) -> np.ndarray | None:
+        t = self.texts[i]
+        return None if t is None else _unb64(t, _F16)
+
+    @property
+    def last_ts(self) -> int:
+        return self.ts[-1] if self.ts else 0
+
+    def seen_items(self) -> set[str]:
+        return {i for i in self.items if i is not None}
+
+    # -- exactly-once effect -------------------------------------------------------------
+    def already_applied(self, partition: int, offset: int) -> bool:
+        last = self.offsets.get(str(partition))
+        return last is not None and offset <= last
+
+    def mark_applied(self, partition: int, offset: int) -> None:
+        key = str(partition)
+        if offset > self.offsets.get(key, -1):
+            self.offsets[key] = offset
+
+    # -- wire form -------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        d = {
+            "v": 1,
+            "items": self.items,
+            "types": self.types,
+            "ts": self.ts,
+            "texts": self.texts,
+            "residual": None if self.residual is None else _b64(self.residual, _F32),
+            "alpha": self.alpha,
+            "accum": self.accum,
+            "loss_ema": self.loss_ema,
+            "loss_var": self.loss_var,
+            "steps": self.steps,
+            "n_events": self.n_events,
+            "offsets": self.offsets,
+        }
+        return orjson.dumps(d)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | None) -> UserState:
+        if not raw:
+            return cls()
+        d = orjson.loads(raw)
+        res = d.get("residual")
+        return cls(
+            items=d["items"],
+            types=d["types"],
+            ts=d["ts"],
+            texts=d["texts"],
+            residual=None if res is None else _unb64(res, _F32).copy(),
+            alpha=d["alpha"],
+            accum=d["accum"],
+            loss_ema=d["loss_ema"],
+            loss_var=d["loss_var"],
+            steps=d["steps"],
+            n_events=d["n_events"],
+            offsets=d["offsets"],
+        )

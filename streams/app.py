@@ -1,0 +1,150 @@
+"""The Faust app: topics, the user-state table, the two agents, timers and /metrics.
+
+Agents
+- `catalog`: item-catalog -> validate + embed (once per item, cluster-wide) -> item-vectors.
+- `events`: behavior-events in micro-batches (`take_events`) -> Runtime.process_events ->
+  table writes (one per user per batch), one recommendation per user, DLQ records.
+Every record a batch rejects goes to its DLQ with a reason; nothing raises out of an agent
+for bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import faust
+from faust.sensors.prometheus import setup_prometheus_sensors
+
+from models.user_state import UserState
+from streams import metrics as m
+from streams.catalog import RawRecord
+from streams.clients import faust_credentials
+from streams.dead_letters import dlq_headers
+from streams.runtime import Runtime
+from streams.schemas import InvalidRecord
+from streams.settings import Settings
+from streams.table_context import current_event
+from streams.topics import ensure_topics
+
+log = logging.getLogger("streamrec.app")
+
+
+def _record(ev: Any) -> RawRecord:
+    msg = ev.message
+    return RawRecord(ev.key, ev.value, msg.partition, msg.offset,
+                     int((msg.timestamp or 0) * 1000), ev)
+
+
+def create_app(settings: Settings, runtime: Runtime) -> faust.App:
+    s = settings
+    app = faust.App(
+        s.app_id,
+        broker=s.broker,
+        broker_credentials=faust_credentials(s),
+        store="rocksdb://" if s.store == "rocksdb" else "memory://",
+        datadir=str(s.data_dir),
+        topic_partitions=s.partitions,
+        topic_replication_factor=s.replication_factor,
+        table_standby_replicas=0,
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        broker_session_timeout=s.session_timeout_s,
+        broker_heartbeat_interval=s.heartbeat_s,
+        broker_rebalance_timeout=max(30.0, 3 * s.session_timeout_s),
+        web_enabled=True,
+        web_bind=s.metrics_host,
+        web_port=s.metrics_port,
+        web_host=s.metrics_host,
+        autodiscover=False,
+    )
+    setup_prometheus_sensors(app, pattern="/metrics", name_prefix="streamrec_faust")
+
+    def topic(name: str, **kw: Any) -> Any:
+        return app.topic(s.topic(name), key_type=bytes, value_type=bytes, **kw)
+
+    events_t = topic(s.events_topic)
+    catalog_t = topic(s.catalog_topic)
+    vectors_t = topic(s.item_vectors_topic)
+    recs_t = topic(s.recommendations_topic)
+    events_dlq = topic(s.events_dlq_topic)
+    catalog_dlq = topic(s.catalog_dlq_topic)
+    checkpoints_t = topic(s.checkpoints_topic)
+    users = app.Table("user-state", default=None, partitions=s.partitions,
+                      key_type=bytes, value_type=bytes)
+
+    async def send_acked(t: Any, key: bytes | None, value: bytes | None, **kw: Any) -> None:
+        fut = await t.send(key=key, value=value, force=True, **kw)
+        await fut
+
+    async def dead_letter(t: Any, source: str,
+                          rejected: list[tuple[RawRecord, InvalidRecord]]) -> None:
+        for rec, exc in rejected:
+            headers = dlq_headers(exc.reason, exc.detail, source, rec.partition, rec.offset)
+            await t.send(key=rec.key, value=rec.value, headers=headers, force=True)
+            m.DLQ.labels(topic=source, reason=exc.reason.value).inc()
+
+    def load_state(user: str, rec: RawRecord) -> UserState:
+        with current_event(rec.ref):
+            return UserState.from_bytes(users.get(user.encode()))
+
+    @app.agent(catalog_t)
+    async def catalog(stream: Any) -> None:
+        async for events in stream.take_events(256, within=0.5):
+            records = [_record(ev) for ev in events]
+            out = await asyncio.to_thread(runtime.catalog.process, records)
+            for key, value in out.vectors:
+                await vectors_t.send(key=key, value=value, force=True)
+            await dead_letter(catalog_dlq, s.topic(s.catalog_topic), out.rejected)
+            m.CATALOG_ITEMS.labels(outcome="rejected").inc(len(out.rejected))
+
+    @app.agent(events_t)
+    async def events(stream: Any) -> None:
+        await runtime.ready.wait()
+        async for batch in stream.take_events(s.batch_size, within=s.batch_wait_s):
+            out = await runtime.process_events([_record(ev) for ev in batch], load_state)
+            with m.STAGE_SECONDS.labels(stage="emit").time():
+                for user, upd in out.users.items():
+                    if upd.recommendation is not None:
+                        await recs_t.send(key=user.encode(), value=upd.recommendation,
+                                          force=True)
+                await dead_letter(events_dlq, s.topic(s.events_topic), out.rejected)
+            runtime.observe_emit(out)
+            runtime.processor.learn(out)  # serve first, then learn: latency excludes training
+            for user, upd in out.users.items():  # state incl. applied offsets, one write per user
+                with current_event(upd.record.ref):
+                    users[user.encode()] = upd.state.to_bytes()
+
+    @app.task
+    async def start_runtime() -> None:
+        await runtime.start(lambda k, v: send_acked(checkpoints_t, k, v))
+
+    @app.timer(s.checkpoint_interval_s)
+    async def checkpoint() -> None:
+        await runtime.save_checkpoint()
+
+    @app.timer(10.0)
+    async def users_active() -> None:
+        runtime.processor.prune_active()
+
+    @app.on_before_shutdown.connect
+    async def final_checkpoint(app: Any, **_: Any) -> None:
+        try:
+            await runtime.save_checkpoint()
+        except Exception as exc:  # noqa: BLE001 - shutdown must go on
+            log.error("final checkpoint failed: %r", exc)
+        await runtime.stop()
+
+    return app
+
+
+def run_worker(settings: Settings) -> None:
+    """Create topics, load the encoder and learner, and run a Faust worker until stopped."""
+    ensure_topics(settings)
+    runtime = Runtime(settings)
+    app = create_app(settings, runtime)
+    worker = faust.Worker(app, loglevel=settings.log_level, override_logging=False)
+    worker.execute_from_commandline()

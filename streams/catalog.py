@@ -1,0 +1,183 @@
+"""Catalog path: item-catalog -> (validate, embed once) -> item-vectors -> every worker.
+
+The catalog agent is partitioned like any agent, so each item is validated (bad ones to the
+DLQ once, not once per worker) and embedded once cluster-wide. `item-vectors` is compacted and
+every worker reads all of it (no consumer group) into its learner and index: items are
+global, users are partitioned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from streams.clients import reached, wait_assignment
+from streams.schemas import InvalidRecord, Reason, parse_item
+
+log = logging.getLogger("streamrec.catalog")
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """A consumed Kafka record, independent of the client library that fetched it."""
+
+    key: bytes | None
+    value: bytes | None
+    partition: int
+    offset: int
+    timestamp_ms: int = 0
+    ref: Any = None  # the Faust event, for table routing
+
+
+# ------------------------------------------------------------------ item-vectors wire form
+def encode_item_vector(item_id: str, title: str, vec: np.ndarray) -> bytes:
+    v = base64.b64encode(np.ascontiguousarray(vec, dtype="<f4").tobytes()).decode("ascii")
+    return orjson.dumps({"item_id": item_id, "title": title, "v": v})
+
+
+def decode_item_vector(raw: bytes) -> tuple[str, np.ndarray]:
+    d = orjson.loads(raw)
+    return d["item_id"], np.frombuffer(base64.b64decode(d["v"]), dtype="<f4")
+
+
+# ------------------------------------------------------------------ the catalog agent's work
+@dataclass
+class CatalogOutput:
+    vectors: list[tuple[bytes, bytes | None]]  # (item key, item-vector record or None = delete)
+    rejected: list[tuple[RawRecord, InvalidRecord]]
+
+
+def isolate_failures(fn: Callable[[list], list], items: list) -> tuple[list, list[tuple]]:
+    """Run `fn` on `items` as one batch; if it raises, bisect until the poison items are alone.
+
+    Returns (results for the good items in order, [(item, exception)] for the bad ones); a
+    single poison record costs log2(n) extra calls, and the rest of the batch still goes through.
+    """
+    try:
+        return list(zip(items, fn(items), strict=True)), []
+    except Exception as exc:  # noqa: BLE001 - any failure of the batch is isolated
+        if len(items) == 1:
+            return [], [(items[0], exc)]
+    mid = len(items) // 2
+    good_a, bad_a = isolate_failures(fn, items[:mid])
+    good_b, bad_b = isolate_failures(fn, items[mid:])
+    return good_a + good_b, bad_a + bad_b
+
+
+class CatalogEncoder:
+    """Validates catalog records and embeds their text in one encoder call per batch."""
+
+    def __init__(self, encode: Callable[[Sequence[str]], np.ndarray], max_item_bytes: int):
+        self.encode = encode
+        self.max_item_bytes = max_item_bytes
+
+    def process(self, records: Sequence[RawRecord]) -> CatalogOutput:
+        out = CatalogOutput([], [])
+        todo: list[tuple[RawRecord, Any]] = []
+        for rec in records:
+            if rec.value is None:  # tombstone: the key is the item id
+                if rec.key:
+                    out.vectors.append((rec.key, None))
+                else:
+                    out.rejected.append((rec, InvalidRecord(Reason.MISSING_FIELD,
+                                                            "tombstone without a key")))
+                continue
+            try:
+                item = parse_item(rec.value, self.max_item_bytes)
+            except InvalidRecord as exc:
+                out.rejected.append((rec, exc))
+                continue
+            if item.deleted:
+                out.vectors.append((item.item_id.encode(), None))
+            else:
+                todo.append((rec, item))
+        good, bad = isolate_failures(
+            lambda batch: list(self.encode([it.embedding_text() for _, it in batch])), todo
+        )
+        for (_, item), vec in good:
+            out.vectors.append((item.item_id.encode(),
+                                encode_item_vector(item.item_id, item.title, vec)))
+        for (rec, _), exc in bad:
+            out.rejected.append((rec, InvalidRecord(Reason.PROCESSING_ERROR,
+                                                    f"encoder failed: {exc!r}"[:300])))
+        return out
+
+
+# ------------------------------------------------------------------ every worker's replica
+class CatalogReplica:
+    """Reads all of item-vectors (every partition, no group) and applies it, in order.
+
+    `apply(upserts: dict[item_id, vector], deletes: list[item_id])` is called on the event loop
+    once per fetched chunk; only the last change of an item within a chunk matters.
+    """
+
+    def __init__(self, consumer_factory: Callable[[str], Any], topic: str,
+                 apply: Callable[[dict[str, np.ndarray], list[str]], None]):
+        self._factory = consumer_factory
+        self.topic = topic
+        self.apply = apply
+        self.consumer: Any = None
+        self.caught_up = asyncio.Event()
+        self.records = 0
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.consumer = self._factory(self.topic)
+        await self.consumer.start()
+        self.tps = sorted(await wait_assignment(self.consumer))
+        self._target = await self.consumer.end_offsets(self.tps)
+        self._task = asyncio.create_task(self._run(), name="catalog-replica")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.consumer:
+            await self.consumer.stop()
+
+    async def _run(self) -> None:
+        while True:
+            batches = await self.consumer.getmany(timeout_ms=200, max_records=5000)
+            upserts: dict[str, np.ndarray] = {}
+            deletes: dict[str, None] = {}
+            for msgs in batches.values():
+                for m in msgs:
+                    self._collect(m, upserts, deletes)
+            if upserts or deletes:
+                self.apply(upserts, list(deletes))
+            if not self.caught_up.is_set() and await reached(self.consumer, self._target):
+                log.info("catalog replica caught up: %d records", self.records)
+                self.caught_up.set()
+
+    def _collect(self, m: Any, upserts: dict, deletes: dict) -> None:
+        self.records += 1
+        item_id = m.key.decode("utf-8", "replace") if m.key else None
+        if m.value is None:
+            if item_id is not None:
+                upserts.pop(item_id, None)
+                deletes[item_id] = None
+            return
+        try:
+            item_id, vec = decode_item_vector(m.value)
+        except (ValueError, KeyError, orjson.JSONDecodeError) as exc:  # written by us; log only
+            log.error("unreadable item-vector record at %s:%s: %r", m.partition, m.offset, exc)
+            return
+        deletes.pop(item_id, None)
+        upserts[item_id] = vec
+
+    async def sync(self, timeout: float = 2.0) -> bool:
+        """Wait (bounded) until everything written to item-vectors so far is applied."""
+        target = await self.consumer.end_offsets(self.tps)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not await reached(self.consumer, target):
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True

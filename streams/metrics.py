@@ -1,0 +1,45 @@
+"""Prometheus metrics of a worker (prefix `streamrec_`, base units: seconds, items).
+
+They live in the default registry, which Faust's own Prometheus sensors also use, so one
+`/metrics` page (served by the worker's Faust web server) carries both.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
+                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+_LR_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
+
+EVENTS = Counter(
+    "streamrec_events", "Behavior events consumed, by type and outcome "
+    "(applied, dlq, duplicate = replayed and skipped)", ["event_type", "outcome"]
+)
+DLQ = Counter("streamrec_dlq", "Records sent to a dead-letter topic", ["topic", "reason"])
+BATCH_SIZE = Histogram("streamrec_batch_size", "Events per micro-batch", buckets=_BATCH_BUCKETS)
+STAGE_SECONDS = Histogram(
+    "streamrec_stage_seconds", "Time per micro-batch stage", ["stage"], buckets=_LATENCY_BUCKETS
+)
+EVENT_TO_REC = Histogram(
+    "streamrec_event_to_recommendation_seconds",
+    "From an event's timestamp to the emit of the recommendation it produced",
+    buckets=_LATENCY_BUCKETS,
+)
+RECOMMENDATIONS = Counter("streamrec_recommendations", "Recommendations emitted")
+LEARNING_RATE = Histogram(
+    "streamrec_learning_rate", "Per-user learning rate α after each step", buckets=_LR_BUCKETS
+)
+ONLINE_LOSS = Gauge("streamrec_online_loss", "EMA of the online next-item loss")
+INDEX_ITEMS = Gauge("streamrec_index_items", "Items in the serving FAISS index")
+INDEX_VERSION = Gauge("streamrec_index_version", "Version of the serving FAISS index")
+USERS_ACTIVE = Gauge("streamrec_users_active", "Users with an event in the last 5 minutes")
+CATALOG_ITEMS = Counter(
+    "streamrec_catalog_items", "Catalog records processed, by outcome", ["outcome"]
+)
+CHECKPOINTS = Counter("streamrec_checkpoints", "Shared-parameter checkpoints", ["outcome"])
+
+STAGES = ("decode", "encode", "learn", "search", "emit")
+for _stage in STAGES:  # make every stage series exist from the start (dashboards, alerts)
+    STAGE_SECONDS.labels(stage=_stage)

@@ -1,0 +1,191 @@
+"""One micro-batch of behavior events: decode -> dedupe -> encode -> search -> (emit) -> learn.
+
+Kafka-agnostic on purpose (records in, records to write out), so the agent stays a thin loop
+and this is testable without a broker. Emitting (table writes, sends) is the agent's job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from models.encoder import TextEncoder
+from models.learner import Interaction, OnlineLearner, Pending
+from models.serving import Server
+from models.user_state import UserState
+from streams import metrics as m
+from streams.catalog import RawRecord
+from streams.schemas import (
+    BehaviorEvent,
+    InvalidRecord,
+    ModelInfo,
+    Reason,
+    Recommendation,
+    RecommendedItem,
+    dumps,
+    parse_event,
+)
+from streams.settings import Settings
+
+log = logging.getLogger("streamrec.processor")
+
+Decoded = tuple[RawRecord, BehaviorEvent]
+Rejected = tuple[RawRecord, InvalidRecord]
+
+
+@dataclass
+class UserUpdate:
+    """What the agent writes for one user after a batch."""
+
+    state: UserState
+    record: RawRecord  # the user's newest record: routes the table write to its partition
+    recommendation: bytes | None = None
+    newest_kafka_ts: int = 0
+
+
+@dataclass
+class BatchOutput:
+    rejected: list[Rejected] = field(default_factory=list)
+    users: dict[str, UserUpdate] = field(default_factory=dict)
+    applied: int = 0
+    duplicates: int = 0
+    loss: float = float("nan")
+    pending: Pending | None = None
+
+
+class EventProcessor:
+    def __init__(self, settings: Settings, learner: OnlineLearner, server: Server,
+                 encoder: TextEncoder):
+        self.s = settings
+        self.learner = learner
+        self.server = server
+        self.encoder = encoder
+        self.last_seen: dict[str, float] = {}  # user -> monotonic time (users_active gauge)
+        self._loss_ema: float | None = None
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, records: Sequence[RawRecord]) -> tuple[list[Decoded], list[Rejected]]:
+        good, bad = [], []
+        with m.STAGE_SECONDS.labels(stage="decode").time():
+            for rec in records:
+                try:
+                    good.append((rec, parse_event(rec.value, self.s.max_event_bytes)))
+                except InvalidRecord as exc:
+                    bad.append((rec, exc))
+        return good, bad
+
+    def unknown_items(self, events: Sequence[Decoded]) -> bool:
+        return any(e.item_id is not None and not self.learner.has_item(e.item_id)
+                   for _, e in events)
+
+    # ------------------------------------------------------------------ the batch
+    def process(self, events: Sequence[Decoded],
+                rejected: list[Rejected],
+                load_state: Callable[[str, RawRecord], UserState]) -> BatchOutput:
+        out = BatchOutput(rejected=list(rejected))
+        m.BATCH_SIZE.observe(len(events) + len(rejected))
+        for _ in rejected:
+            m.EVENTS.labels(event_type="invalid", outcome="dlq").inc()
+        todo = self._dedupe(events, load_state, out)
+        if todo:
+            inters = self._encode(todo)
+            states = {u: upd.state for u, upd in out.users.items()}
+            out.pending = self.learner.observe(inters, states)
+            self._mark(todo, out)
+            self._recommend(todo, out)
+        return out
+
+    def learn(self, out: BatchOutput) -> None:
+        """The batch's gradient step: after its recommendations are out (serve, then learn)."""
+        if out.pending is None:
+            return
+        with m.STAGE_SECONDS.labels(stage="learn").time():
+            result = self.learner.train(out.pending)
+        out.loss = result.loss
+        for alpha in result.alphas.values():
+            m.LEARNING_RATE.observe(alpha)
+        if result.loss == result.loss:  # not NaN
+            self._loss_ema = result.loss if self._loss_ema is None else \
+                0.95 * self._loss_ema + 0.05 * result.loss
+            m.ONLINE_LOSS.set(self._loss_ema)
+
+    def _dedupe(self, events: Sequence[Decoded], load_state: Callable[[str, RawRecord], UserState],
+                out: BatchOutput) -> list[Decoded]:
+        """Drop replays (offset at or below the user's last applied one) and unknown items."""
+        todo = []
+        for rec, ev in events:
+            upd = out.users.get(ev.user_id)
+            if upd is None:
+                upd = out.users[ev.user_id] = UserUpdate(load_state(ev.user_id, rec), rec)
+            if upd.state.already_applied(rec.partition, rec.offset):
+                out.duplicates += 1
+                outcome = "duplicate"
+            elif ev.item_id is not None and not self.learner.has_item(ev.item_id):
+                out.rejected.append((rec, InvalidRecord(
+                    Reason.UNKNOWN_ITEM, f"item_id {ev.item_id[:100]!r} is not in the catalog")))
+                outcome = "dlq"
+            else:
+                todo.append((rec, ev))
+                outcome = "applied"
+            m.EVENTS.labels(event_type=ev.event_type, outcome=outcome).inc()
+        touched = {ev.user_id for _, ev in todo}
+        out.users = {u: upd for u, upd in out.users.items() if u in touched}
+        return todo
+
+    def _encode(self, todo: list[Decoded]) -> list[Interaction]:
+        """Text-only events (a search query) get their text embedded, one encoder call."""
+        with m.STAGE_SECONDS.labels(stage="encode").time():
+            texts = [ev.text for _, ev in todo if ev.item_id is None and ev.text]
+            vecs = iter(self.encoder.encode(texts)) if texts else iter(())
+            return [
+                Interaction(ev.user_id, ev.item_id, ev.event_type, ev.ts, ev.value,
+                            next(vecs) if ev.item_id is None and ev.text else None)
+                for _, ev in todo
+            ]
+
+    def _mark(self, todo: list[Decoded], out: BatchOutput) -> None:
+        """Record each applied offset in its user's state (same changelog write as the effect)."""
+        now = time.monotonic()
+        for rec, ev in todo:
+            upd = out.users[ev.user_id]
+            upd.state.mark_applied(rec.partition, rec.offset)
+            upd.record = rec
+            upd.newest_kafka_ts = max(upd.newest_kafka_ts, rec.timestamp_ms)
+            self.last_seen[ev.user_id] = now
+        out.applied = len(todo)
+
+    def _recommend(self, todo, out: BatchOutput) -> None:
+        with m.STAGE_SECONDS.labels(stage="search").time():
+            self.server.maybe_refresh()
+            users = list(out.users)
+            states = [out.users[u].state for u in users]
+            vecs = self.learner.user_vectors(states)
+            lists, version = self.server.recommend(states, vecs, self.s.top_k,
+                                                   self.s.reason_window)
+            scenario = {ev.user_id: ev.scenario for _, ev in todo}
+            now_ms = int(time.time() * 1000)
+            for user, st, recs in zip(users, states, lists, strict=True):
+                rec = Recommendation(
+                    user_id=user,
+                    scenario=scenario[user],
+                    items=[RecommendedItem(item_id=r.item_id, score=r.score,
+                                           reason_item_id=r.reason_item_id) for r in recs],
+                    generated_at=now_ms,
+                    source_event_ts=st.last_ts,
+                    model=ModelInfo(encoder=self.encoder.name, index_version=version),
+                    learning_rate=self.learner.cfg.alpha0 if st.alpha is None else st.alpha,
+                )
+                out.users[user].recommendation = dumps(rec)
+        m.INDEX_ITEMS.set(self.server.n_items)
+        m.INDEX_VERSION.set(self.server.version)
+
+    def prune_active(self, window_s: float = 300.0) -> int:
+        """Forget users idle for `window_s`; returns how many are active (the gauge)."""
+        cutoff = time.monotonic() - window_s
+        for user in [u for u, t in self.last_seen.items() if t < cutoff]:
+            del self.last_seen[user]
+        m.USERS_ACTIVE.set(len(self.last_seen))
+        return len(self.last_seen)
+

@@ -1,0 +1,193 @@
+"""Wire schemas (JSON, UTF-8) and the one place that turns raw Kafka bytes into them.
+
+Every rejection carries a *reason* from a small fixed set (it becomes a Prometheus label and
+a DLQ header, so its cardinality must stay bounded) and a human-readable *detail*.
+Unknown fields are ignored so producers can add fields without breaking consumers.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+EventType = Literal[
+    "view", "click", "add_to_cart", "purchase", "rate", "search", "comment", "dislike"
+]
+EVENT_TYPES: tuple[str, ...] = EventType.__args__  # type: ignore[attr-defined]
+
+#: 2100-01-01 in epoch ms: later timestamps are almost certainly seconds-vs-ms mix-ups.
+MAX_TS_MS = 4_102_444_800_000
+
+#: Ids are printable: control characters in an id are a producer bug, not an identity.
+_ID_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+UserId = Annotated[str, Field(min_length=1, max_length=256, pattern=_ID_PATTERN)]
+ItemId = Annotated[str, Field(min_length=1, max_length=256, pattern=_ID_PATTERN)]
+
+
+class Reason(StrEnum):
+    """Why a record went to a dead-letter topic (a bounded label set)."""
+
+    OVERSIZE = "oversize"  # raw record above the configured byte limit, rejected before parsing
+    INVALID_UTF8 = "invalid_utf8"
+    INVALID_JSON = "invalid_json"  # not JSON, truncated, NaN/Infinity literals, too deep
+    NOT_OBJECT = "not_object"  # valid JSON but not an object
+    MISSING_FIELD = "missing_field"
+    WRONG_TYPE = "wrong_type"
+    INVALID_VALUE = "invalid_value"  # right type, value out of range or not allowed
+    TOO_LONG = "too_long"  # a string field over its limit (ids, text)
+    EMPTY_ID = "empty_id"
+    BAD_TIMESTAMP = "bad_timestamp"
+    UNKNOWN_ITEM = "unknown_item"  # valid event naming an item the catalog does not hold
+    ID_COLLISION = "id_collision"  # two item ids with the same 63-bit hash (astronomically rare)
+    PROCESSING_ERROR = "processing_error"  # a record that made the encoder/index fail alone
+
+
+class InvalidRecord(ValueError):
+    """A record that cannot be used; `reason` is a :class:`Reason`, `detail` says what exactly."""
+
+    def __init__(self, reason: Reason, detail: str):
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+
+
+class BehaviorEvent(_Wire):
+    """One user action. `item_id` may be null only for text events (search/comment)."""
+
+    user_id: UserId
+    item_id: ItemId | None = None
+    event_type: EventType
+    ts: int = Field(strict=True, ge=0, le=MAX_TS_MS, description="epoch milliseconds")
+    value: float | None = Field(default=None, description="rating or other magnitude")
+    text: str | None = Field(default=None, max_length=2000)
+    scenario: str = Field(default="default", min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _item_or_text(self) -> BehaviorEvent:
+        if self.item_id is None and not self.text:
+            raise PydanticCustomError("missing", "item_id is null and no text is given")
+        return self
+
+
+class Item(_Wire):
+    """A catalog entry; `deleted: true` (or a tombstone) removes it."""
+
+    item_id: ItemId
+    title: str = Field(default="", max_length=1000)
+    text: str | None = Field(default=None, max_length=10_000)
+    tags: list[Annotated[str, Field(max_length=100)]] = Field(default_factory=list, max_length=100)
+    category: str | None = Field(default=None, max_length=200)
+    deleted: bool = False
+
+    @field_validator("title")
+    @classmethod
+    def _strip(cls, v: str) -> str:
+        return v.strip()
+
+    def embedding_text(self) -> str:
+        """The text the encoder sees: title, text, tags and category, one recipe everywhere."""
+        parts = [self.title]
+        if self.text:
+            parts.append(self.text)
+        if self.tags:
+            parts.append(", ".join(self.tags))
+        if self.category:
+            parts.append(self.category)
+        return ". ".join(p for p in parts if p)
+
+
+class RecommendedItem(_Wire):
+    item_id: str
+    score: float
+    reason_item_id: str | None = None
+
+
+class ModelInfo(_Wire):
+    encoder: str
+    index_version: int
+
+
+class Recommendation(_Wire):
+    user_id: str
+    scenario: str = "default"
+    items: list[RecommendedItem]
+    generated_at: int
+    source_event_ts: int
+    model: ModelInfo
+    learning_rate: float
+
+
+_TYPE_ERRORS = ("_type", "_parsing", "is_instance_of", "literal_error", "enum", "bool_")
+
+
+def _reason_for(err: dict[str, Any]) -> Reason:
+    """Map one pydantic error to a reason; the order of the checks matters."""
+    etype: str = err["type"]
+    field = str(err["loc"][0]) if err["loc"] else ""
+    if etype == "missing":
+        return Reason.MISSING_FIELD
+    if field == "ts":
+        return Reason.BAD_TIMESTAMP if etype.startswith(("greater", "less")) else Reason.WRONG_TYPE
+    if etype == "string_too_short" and field in ("user_id", "item_id"):
+        return Reason.EMPTY_ID
+    if etype in ("string_too_long", "too_long"):
+        return Reason.TOO_LONG
+    if etype == "literal_error":
+        return Reason.INVALID_VALUE
+    if any(t in etype for t in _TYPE_ERRORS):
+        return Reason.WRONG_TYPE
+    return Reason.INVALID_VALUE
+
+
+def loads_object(raw: bytes | None, max_bytes: int) -> dict[str, Any]:
+    """Size check, UTF-8 check and JSON parse, in that order (cheap checks first)."""
+    if raw is None:
+        raise InvalidRecord(Reason.INVALID_JSON, "empty record (null value)")
+    if len(raw) > max_bytes:
+        raise InvalidRecord(Reason.OVERSIZE, f"{len(raw)} bytes > limit {max_bytes}")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as uexc:
+            raise InvalidRecord(Reason.INVALID_UTF8, str(uexc)[:200]) from None
+        raise InvalidRecord(Reason.INVALID_JSON, str(exc)[:200]) from None
+    if not isinstance(obj, dict):
+        raise InvalidRecord(Reason.NOT_OBJECT, f"top-level JSON is {type(obj).__name__}")
+    return obj
+
+
+def _validate(model: type[_Wire], obj: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False, include_input=False)[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "(record)"
+        raise InvalidRecord(_reason_for(err), f"{loc}: {err['msg']}"[:300]) from None
+
+
+def parse_event(raw: bytes | None, max_bytes: int) -> BehaviorEvent:
+    """Raw Kafka value -> BehaviorEvent, or :class:`InvalidRecord` with a specific reason."""
+    event = _validate(BehaviorEvent, loads_object(raw, max_bytes))
+    if event.value is not None and not math.isfinite(event.value):  # belt and braces
+        raise InvalidRecord(Reason.INVALID_VALUE, "value: not finite")
+    return event
+
+
+def parse_item(raw: bytes | None, max_bytes: int) -> Item:
+    """Raw Kafka value -> Item, or :class:`InvalidRecord` with a specific reason."""
+    return _validate(Item, loads_object(raw, max_bytes))
+
+
+def dumps(model: BaseModel) -> bytes:
+    return orjson.dumps(model.model_dump(mode="json"))

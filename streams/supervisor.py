@@ -1,0 +1,134 @@
+"""Run a worker as a child process and watch it through its /metrics page.
+
+The demo, the tests and the benchmarks all need "start a worker with these settings, wait
+until it is ready, read its counters, stop or kill it": this is that, once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from streams.settings import Settings
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def settings_env(s: Settings) -> dict[str, str]:
+    """The STREAMREC_* environment that reproduces `s` in a child process."""
+    env = {}
+    for name, value in s.model_dump(mode="json").items():
+        if value is None:
+            continue
+        text = orjson.dumps(value).decode() if isinstance(value, dict | list) else str(value)
+        env[f"STREAMREC_{name.upper()}"] = text
+    return env
+
+
+def scrape(url: str, timeout: float = 5.0) -> Samples:
+    """Parse a Prometheus text page into {(sample name, sorted labels): value}."""
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - our own page
+        text = resp.read().decode()
+    out: Samples = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            out[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+    return out
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include `labels`."""
+    want = set(labels.items())
+    return sum(v for (n, lab), v in samples.items() if n == name and want <= set(lab))
+
+
+class WorkerProcess:
+    def __init__(self, settings: Settings, log_path: str | Path, extra_env: dict | None = None):
+        self.settings = settings
+        self.log_path = Path(log_path)
+        self.extra_env = extra_env or {}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.settings.metrics_host}:{self.settings.metrics_port}/metrics"
+
+    def start(self) -> WorkerProcess:
+        env = {**os.environ, **settings_env(self.settings), **self.extra_env,
+               "PYTHONUNBUFFERED": "1"}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env,
+                                     stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        log.close()
+        return self
+
+    def metrics(self) -> Samples:
+        return scrape(self.metrics_url)
+
+    def wait_ready(self, timeout: float = 180.0) -> Samples:
+        """Until the worker serves an index (catalog loaded); raises with the log tail."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                samples = self.metrics()
+                if total(samples, "streamrec_index_version") >= 1:
+                    return samples
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"worker not ready after {timeout}s\n{self.log_tail()}")
+
+    def wait_for(self, name: str, at_least: float, timeout: float = 120.0, **labels: str
+                 ) -> Samples:
+        """Until `sum(name{labels}) >= at_least` on the worker's /metrics."""
+        deadline = time.monotonic() + timeout
+        value = 0.0
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                samples = self.metrics()
+                value = total(samples, name, **labels)
+                if value >= at_least:
+                    return samples
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"{name}{labels} = {value} < {at_least} after {timeout}s\n"
+                           f"{self.log_tail()}")
+
+    def _check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {self.proc.returncode}\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no worker log)"
+
+    def stop(self, grace: float = 30.0) -> int | None:
+        """SIGTERM (Faust stops cleanly: final checkpoint, commit), SIGKILL after `grace`."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()

@@ -1,0 +1,71 @@
+"""Test helpers (imported by tests as `helpers`): isolated settings, reading topics back."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import orjson
+from kafka import KafkaConsumer
+
+from models.user_state import UserState
+from streams.dead_letters import read_headers
+from streams.settings import Settings
+
+_ids = itertools.count()
+
+
+def make_settings(kafka, tmp: Path, **overrides: object) -> Settings:
+    """Settings with topics and consumer group of their own, so tests do not see each other."""
+    from streams.demo import free_port
+
+    n = next(_ids)
+    base = dict(
+        broker=kafka.url,
+        app_id=f"t{os.getpid()}-{n}",
+        topic_prefix=f"t{os.getpid()}-{n}.",
+        data_dir=tmp / f"worker-{n}",
+        metrics_port=free_port(),
+        session_timeout_s=6.0,
+        checkpoint_interval_s=2.0,
+        index_refresh_s=1.0,
+    )
+    base.update(overrides)
+    return Settings(**base)
+
+
+def read_all(settings: Settings, topic: str, idle_ms: int = 3000) -> list:
+    """Every record of `topic` (all partitions, from the beginning) until `idle_ms` of silence."""
+    consumer = KafkaConsumer(topic, bootstrap_servers=settings.bootstrap,
+                             auto_offset_reset="earliest", enable_auto_commit=False,
+                             consumer_timeout_ms=idle_ms)
+    try:
+        return list(consumer)
+    finally:
+        consumer.close()
+
+
+def latest_recommendations(settings: Settings) -> dict[str, dict]:
+    """The newest recommendation per user (by source_event_ts, then arrival)."""
+    latest: dict[str, dict] = {}
+    for msg in read_all(settings, settings.topic(settings.recommendations_topic)):
+        rec = orjson.loads(msg.value)
+        prev = latest.get(rec["user_id"])
+        if prev is None or rec["source_event_ts"] >= prev["source_event_ts"]:
+            latest[rec["user_id"]] = rec
+    return latest
+
+
+def user_states(settings: Settings, idle_ms: int = 3000) -> dict[str, UserState]:
+    """User states as the changelog holds them (what a recovering worker would load)."""
+    topic = f"{settings.app_id}-user-state-changelog"
+    out = {}
+    for msg in read_all(settings, topic, idle_ms):
+        out[msg.key.decode()] = UserState.from_bytes(msg.value)
+    return out
+
+
+def dead_letters(settings: Settings, topic: str) -> list[tuple[bytes | None, dict[str, str]]]:
+    """(original value, headers) of every DLQ record."""
+    return [(m.value, read_headers(m.headers)) for m in read_all(settings, topic)]

@@ -1,0 +1,600 @@
+"""Tests for models/learner.py (OnlineLearner) and the towers in models/two_tower.py.
+
+Real classes only, CPU, fixed seeds. Item text vectors are random unit vectors around a few
+topic centroids, so the catalog has learnable structure without loading the text encoder.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from models.config import EVENT_TYPE_IDS, LearnerConfig
+from models.learner import Interaction, OnlineLearner, Pending
+from models.synthetic import SyntheticStream, make_world
+from models.two_tower import UserTower
+from models.user_state import UserState
+
+TEXT_DIM = 32
+T0 = 1_700_000_000_000
+
+
+def topic_catalog(n_items: int = 200, n_topics: int = 8, seed: int = 0, noise: float = 0.3):
+    """Item ids, unit text vectors (topic centroid + noise) and each item's topic."""
+    rng = np.random.default_rng(seed)
+    centroids = rng.standard_normal((n_topics, TEXT_DIM))
+    topic = np.arange(n_items) % n_topics
+    vecs = centroids[topic] + noise * rng.standard_normal((n_items, TEXT_DIM))
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    return [f"item-{i:06d}" for i in range(n_items)], vecs.astype(np.float32), topic
+
+
+def make_learner(capacity: int = 256, **kw) -> OnlineLearner:
+    kw = {"dim": 16, "history_len": 10, "device": "cpu", "seed": 0} | kw
+    return OnlineLearner(LearnerConfig(**kw), text_dim=TEXT_DIM, capacity=capacity)
+
+
+def synthetic_batches(n_batches: int, batch: int = 32, n_items: int = 200, seed: int = 0):
+    """Batches of Interactions from models.synthetic (no search / dislike events)."""
+    world = make_world(n_items=n_items, n_topics=8, seed=seed)
+    stream = SyntheticStream(world, n_users=30, seed=seed, noise=0.05, drift_prob=0.0,
+                             search_prob=0.0, dislike_prob=0.0, step_ms=1000)
+    ids = [it["item_id"] for it in world.items]
+    rng = np.random.default_rng(seed)
+    centroids = rng.standard_normal((world.n_topics, TEXT_DIM))
+    vecs = np.stack([centroids[world.item_topic[i]] + 0.3 * rng.standard_normal(TEXT_DIM)
+                     for i in ids])
+    vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
+    evs = [Interaction(e["user_id"], e["item_id"], e["event_type"], e["ts"], e["value"])
+           for e in stream.events(n_batches * batch)]
+    return ids, vecs, [evs[i : i + batch] for i in range(0, len(evs), batch)]
+
+
+def run_stream(learner: OnlineLearner, batches, states=None) -> list[float]:
+    states = {} if states is None else states
+    losses = []
+    for b in batches:
+        for ev in b:
+            states.setdefault(ev.user_id, UserState())
+        losses.append(learner.learn_batch(b, states).loss)
+    return losses
+
+
+@torch.no_grad()
+def pair_losses_and_u(learner: OnlineLearner, pend: Pending) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pair losses and user-tower outputs of `pend` (no residual), via the learner."""
+    seqs = learner._pad(pend.hists)
+    live = np.flatnonzero(learner.live)
+    V, need = learner._item_table(np.concatenate([live, seqs.rows.ravel()]))
+    u = learner._encode(seqs, V, need)
+    loss = learner._pair_losses(u, np.array(pend.targets), np.array(pend.weights), live, V,
+                                need)
+    return loss.numpy(), u.numpy()
+
+
+# --------------------------------------------------------------------------- learning
+
+
+def test_next_item_loss_falls_on_synthetic_stream():
+    ids, vecs, batches = synthetic_batches(60)
+    learner = make_learner()
+    learner.upsert_items(ids, vecs)
+    losses = run_stream(learner, batches)
+    assert all(math.isfinite(x) for x in losses)
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < first - 0.5, (first, last)
+    assert last < math.log(len(ids)) - 1.0, (last, math.log(len(ids)))
+
+
+def test_deterministic_cycle_is_learned():
+    """i -> i+1 (mod n): after training, the top-1 prediction is the next item."""
+    n = 20
+    ids, vecs, _ = topic_catalog(n_items=n, n_topics=3)
+    learner = make_learner(dim=16, history_len=3, lr=2e-2)
+    learner.upsert_items(ids, vecs)
+    states = {f"u{k}": UserState() for k in range(6)}
+    pos = {u: k * 5 for k, u in enumerate(states)}
+    ts = T0
+    losses = []
+    for _ in range(300):
+        evs = []
+        for u in states:
+            ts += 1000
+            evs.append(Interaction(u, ids[pos[u] % n], "view", ts))
+            pos[u] += 1
+        losses.append(learner.learn_batch(evs, states).loss)
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    # predict at the moment of each user's next event (same gap as in training)
+    now = [st.last_ts + 1000 * len(states) for st in states.values()]
+    u = learner.user_vectors(list(states.values()), now_ts=now)
+    names, V = learner.item_vectors()
+    top = [names[j] for j in (u @ V.T).argmax(1)]
+    hits = sum(t == ids[pos[u] % n] for t, u in zip(top, states, strict=True))
+    assert hits >= 5, (hits, len(states))
+
+
+# --------------------------------------------------------------------------- no leakage
+
+
+def _leaky_observe(learner: OnlineLearner, events, states) -> Pending:
+    """What observe() must NOT do: append the event to the history before cutting its pair."""
+    pend = Pending(states)
+    for ev in events:
+        st = states[ev.user_id]
+        owner = pend.users.setdefault(ev.user_id, len(pend.users))
+        st.append(ev.item_id, EVENT_TYPE_IDS[ev.event_type], ev.ts, ev.text_vec,
+                  learner.cfg.history_len)
+        target = learner._target_row(ev)
+        if target is not None:
+            pend.hists.append(learner._history(st, ev.ts))
+            pend.targets.append(target)
+            pend.weights.append(learner._weight(ev))
+            pend.owners.append(owner)
+    return pend
+
+
+def _check_no_leak(learner: OnlineLearner, observe) -> None:
+    """Batch [e1, e2, e3] of one user: each pair sees only earlier events, and changing e3
+    changes neither e1's nor e2's pair history, user vector or loss (but does change e3's)."""
+    ids = learner.ids[1:]
+    a, b, c, c2 = ids[0], ids[1], ids[2], ids[3]
+    row = learner.rows
+
+    def batch(last: str):
+        return [Interaction("u", a, "view", T0 + 1000), Interaction("u", b, "click", T0 + 2000),
+                Interaction("u", last, "view", T0 + 3000)]
+
+    p1 = observe(learner, batch(c), {"u": UserState()})
+    p2 = observe(learner, batch(c2), {"u": UserState()})
+    assert p1.targets == [row[a], row[b], row[c]]
+    hist_rows = [h[0] for h in p1.hists]
+    assert hist_rows == [[], [row[a]], [row[a], row[b]]]
+    for k, h in enumerate(hist_rows):  # the target and later items are never in the history
+        assert not set(h) & set(p1.targets[k:])
+    assert [h[2] for h in p1.hists] == [[], [T0 + 1000], [T0 + 1000, T0 + 2000]]
+    assert p1.hists[:2] == p2.hists[:2]
+    l1, u1 = pair_losses_and_u(learner, p1)
+    l2, u2 = pair_losses_and_u(learner, p2)
+    np.testing.assert_array_equal(u1[:2], u2[:2])
+    np.testing.assert_array_equal(l1[:2], l2[:2])
+    assert l1[2] != l2[2]  # sanity: the comparison does see e3
+
+
+def test_pair_histories_contain_only_earlier_events():
+    ids, vecs, _ = topic_catalog(n_items=20)
+    learner = make_learner()
+    learner.upsert_items(ids, vecs)
+    _check_no_leak(learner, OnlineLearner.observe)
+
+
+def test_no_leak_check_catches_a_leaky_learner():
+    """The check above is not vacuous: a learner that appends before cutting fails it."""
+    ids, vecs, _ = topic_catalog(n_items=20)
+    learner = make_learner()
+    learner.upsert_items(ids, vecs)
+    with pytest.raises(AssertionError):
+        _check_no_leak(learner, _leaky_observe)
+
+
+def test_trained_pairs_are_the_unleaked_ones():
+    """learn_batch stores (in replay) the same pre-event histories observe() cut."""
+    ids, vecs, _ = topic_catalog(n_items=20)
+    learner = make_learner(history_len=4)
+    learner.upsert_items(ids, vecs)
+    st = {"u": UserState()}
+    evs = [Interaction("u", ids[k], "view", T0 + 1000 * k) for k in range(3)]
+    res = learner.learn_batch(evs, st)
+    assert res.n_pairs == 3
+    r = learner.rows
+    rep = learner._replay
+    assert rep.n == 3
+    assert rep.rows[:3].tolist() == [[0, 0, 0, 0], [0, 0, 0, r[ids[0]]],
+                                     [0, 0, r[ids[0]], r[ids[1]]]]
+    assert rep.target[:3].tolist() == [r[i] for i in ids[:3]]
+    assert st["u"].items == ids[:3]  # and afterwards every event is in the history
+
+
+def _enc_outputs(tower: UserTower, seq, types, gaps, q_gap) -> torch.Tensor:
+    """Per-position encoder outputs (B, L+1, d) of a real forward pass (forward hook)."""
+    out = {}
+    h = tower.enc.register_forward_hook(lambda m, i, o: out.__setitem__("h", o))
+    try:
+        with torch.no_grad():
+            tower(seq, types, gaps, q_gap)
+    finally:
+        h.remove()
+    return out["h"]
+
+
+class _NonCausalTower(UserTower):
+    """Deliberately leaky control: padding mask only, every position sees the future."""
+
+    def _mask(self, types: torch.Tensor) -> torch.Tensor:
+        B, L = types.shape
+        pad = torch.cat([types == 0, torch.zeros(B, 1, dtype=torch.bool)], 1)
+        blocked = pad[:, None, :].expand(B, L + 1, L + 1)
+        blocked = blocked & ~torch.eye(L + 1, dtype=torch.bool)[None]
+        mask = torch.zeros(B, L + 1, L + 1).masked_fill(blocked, float("-inf"))
+        return mask.repeat_interleave(self.n_heads, dim=0)
+
+
+def _causality_violations(tower: UserTower) -> list[int]:
+    """Positions t whose encoder output changes when only events after t change."""
+    torch.manual_seed(3)
+    B, L, d = 1, 8, 16
+    n_pad = 2
+    seq = torch.randn(B, L, d)
+    types = torch.randint(1, 8, (B, L))
+    types[:, :n_pad] = 0
+    seq[:, :n_pad] = 0
+    gaps = torch.randint(0, 10, (B, L))
+    q_gap = torch.tensor([3])
+    base = _enc_outputs(tower, seq, types, gaps, q_gap)
+    bad = []
+    for t in range(n_pad, L - 1):
+        seq2, types2, gaps2 = seq.clone(), types.clone(), gaps.clone()
+        seq2[:, t + 1 :] = torch.randn(B, L - t - 1, d) * 5
+        types2[:, t + 1 :] = torch.randint(1, 8, (B, L - t - 1))
+        gaps2[:, t + 1 :] = torch.randint(0, 20, (B, L - t - 1))
+        other = _enc_outputs(tower, seq2, types2, gaps2, q_gap)
+        if not torch.allclose(base[:, n_pad : t + 1], other[:, n_pad : t + 1], atol=1e-6):
+            bad.append(t)
+        # the query token reads the whole history: it must see the change
+        assert not torch.allclose(base[:, -1], other[:, -1], atol=1e-4)
+    return bad
+
+
+def test_user_tower_mask_is_causal():
+    torch.manual_seed(0)
+    tower = UserTower(16, 10, "transformer", n_layers=2, n_heads=2, dropout=0.0).eval()
+    assert _causality_violations(tower) == []
+    # the mask itself: no position attends to a later one or to padding (but itself)
+    types = torch.tensor([[0, 0, 1, 2, 3]])
+    m = tower._mask(types)[0]
+    assert m.shape == (6, 6)
+    for i in range(6):
+        for j in range(6):
+            blocked = j != i and (j > i or j < 2)
+            assert (m[i, j] == float("-inf")) == blocked, (i, j)
+
+
+def test_causality_check_catches_a_non_causal_tower():
+    torch.manual_seed(0)
+    leaky = _NonCausalTower(16, 10, "transformer", n_layers=2, n_heads=2, dropout=0.0).eval()
+    assert _causality_violations(leaky) != []
+
+
+def _padding_gap(user_tower: str) -> float:
+    """Max |u(short alone) - u(short batched with a long history)| after some training."""
+    ids, vecs, batches = synthetic_batches(6, batch=16)
+    learner = make_learner(user_tower=user_tower)
+    learner.upsert_items(ids, vecs)
+    run_stream(learner, batches)  # the encoder's output layer starts at zero: train it first
+    assert learner.users.out.weight.abs().max() > 0
+    short, long_ = UserState(), UserState()
+    for k in range(2):
+        short.append(ids[k], 1, T0 + 1000 * k, None, 10)
+    for k in range(8):
+        long_.append(ids[10 + k], 2, T0 + 5000 * k, None, 10)
+    alone = learner.user_vectors([short])
+    together = learner.user_vectors([short, long_])
+    return float(np.abs(alone[0] - together[0]).max())
+
+
+def test_user_vector_does_not_depend_on_batch_padding():
+    """Left padding (to the longest history in the batch) must not change a user's vector."""
+    assert _padding_gap("transformer") < 1e-5
+
+
+# --------------------------------------------------------------------------- event kinds
+
+
+def _dislike_vs_view(etype: str) -> tuple[float, float, float]:
+    ids, vecs, _ = topic_catalog(n_items=80, n_topics=4)
+    learner = make_learner(capacity=128, replay_ratio=0.0)
+    learner.upsert_items(ids, vecs)
+    rng = np.random.default_rng(0)
+    st = {"u": UserState()}
+    x = ids[8]
+    ts = T0
+    for _ in range(15):  # the user likes x: its score gets high
+        evs = []
+        for k in range(4):
+            ts += 1000
+            item = x if k % 2 == 0 else ids[4 * int(rng.integers(20))]
+            evs.append(Interaction("u", item, "view", ts))
+        learner.learn_batch(evs, st)
+
+    def score() -> float:
+        u = learner.user_vectors([st["u"]])[0]
+        names, V = learner.item_vectors()
+        return float(V[names.index(x)] @ u)
+
+    before = score()
+    count = learner.counts[learner.rows[x]]
+    for _ in range(10):
+        ts += 1000
+        res = learner.learn_batch([Interaction("u", x, etype, ts)], st)
+        assert res.n_pairs == 1 and math.isfinite(res.loss)
+    return before, score(), learner.counts[learner.rows[x]] - count
+
+
+def test_dislike_scores_below_the_same_events_as_views():
+    before, after, counted = _dislike_vs_view("dislike")
+    v_before, v_after, v_counted = _dislike_vs_view("view")
+    assert v_before == before  # same start (deterministic)
+    assert v_after > before  # the control: the same events as views push it up
+    assert after < v_after - 1.0  # the dislikes push it (relatively) down
+    assert counted == 0 and v_counted == 10  # a dislike is not popularity
+
+
+def test_dislike_pushes_the_item_down():
+    before, after, _ = _dislike_vs_view("dislike")
+    assert after < before
+
+
+def test_search_events_are_history_not_targets():
+    ids, vecs, _ = topic_catalog(n_items=30)
+    learner = make_learner()
+    learner.upsert_items(ids, vecs)
+    q = np.random.default_rng(1).standard_normal(TEXT_DIM).astype(np.float32)
+    q /= np.linalg.norm(q)
+    evs = [Interaction("u", ids[0], "view", T0),
+           Interaction("u", None, "search", T0 + 1000, text_vec=q),
+           Interaction("u", ids[1], "click", T0 + 2000),
+           Interaction("u", None, "search", T0 + 3000, text_vec=-q)]
+    st = UserState()
+    pend = learner.observe(evs, {"u": st})
+    r = learner.rows
+    assert pend.targets == [r[ids[0]], r[ids[1]]]  # searches are never a target
+    rows, types, _ts, texts, _now = pend.hists[1]
+    assert rows == [r[ids[0]], 0]
+    assert types == [EVENT_TYPE_IDS["view"], EVENT_TYPE_IDS["search"]]
+    assert len(texts) == 1 and texts[0][0] == 1
+    np.testing.assert_allclose(texts[0][1], q, atol=1e-3)  # stored as float16
+    # stored in the user's history with its text vector
+    assert st.items == [ids[0], None, ids[1], None]
+    assert st.texts[0] is None and st.texts[2] is None
+    np.testing.assert_allclose(st.text_vector(1), q, atol=1e-3)
+    np.testing.assert_allclose(st.text_vector(3), -q, atol=1e-3)
+    res = learner.train(pend)
+    assert res.n_pairs == 2 and math.isfinite(res.loss)
+    assert learner.counts.sum() == 2
+    # a batch of searches only: accepted, nothing to learn
+    only = learner.learn_batch([Interaction("v", None, "search", T0, text_vec=q)],
+                               {"v": UserState()})
+    assert only.n_pairs == 0 and math.isnan(only.loss) and only.users == ["v"]
+    # the encoder sees the query text: different text -> different user vector
+    a, b = UserState(), UserState()
+    a.append(ids[0], 1, T0, None, 10)
+    b.append(ids[0], 1, T0, None, 10)
+    a.append(None, EVENT_TYPE_IDS["search"], T0 + 1000, q, 10)
+    b.append(None, EVENT_TYPE_IDS["search"], T0 + 1000, -q, 10)
+    ua, ub = learner.user_vectors([a, b])
+    assert np.abs(ua - ub).max() > 1e-3
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_restore_round_trip():
+    ids, vecs, batches = synthetic_batches(12, batch=16)
+    learner = make_learner()
+    learner.upsert_items(ids, vecs)
+    states: dict[str, UserState] = {}
+    run_stream(learner, batches[:10], states)
+    data = learner.checkpoint()
+    assert isinstance(data, bytes)
+
+    fresh = make_learner()
+    fresh.restore(data)
+    assert fresh.n_items == 0  # items come back not-live until the catalog re-upserts
+    fresh.upsert_items(ids, vecs)
+    assert fresh.steps == learner.steps
+    np.testing.assert_array_equal(fresh.counts, learner.counts)
+    sts = list(states.values())
+    np.testing.assert_array_equal(fresh.user_vectors(sts), learner.user_vectors(sts))
+    n1, v1 = learner.item_vectors()
+    n2, v2 = fresh.item_vectors()
+    assert n1 == n2
+    np.testing.assert_array_equal(v1, v2)
+    # optimizer moments came back
+    p_old = dict(learner.named_parameters())["users.out.weight"]
+    p_new = dict(fresh.named_parameters())["users.out.weight"]
+    np.testing.assert_array_equal(learner.dense_opt.state[p_old]["exp_avg"].numpy(),
+                                  fresh.dense_opt.state[p_new]["exp_avg"].numpy())
+    np.testing.assert_array_equal(
+        learner.sparse_opt.state[learner.items.E]["exp_avg"].numpy(),
+        fresh.sparse_opt.state[fresh.items.E]["exp_avg"].numpy())
+    # training continues
+    losses = run_stream(fresh, batches[10:], states)
+    assert all(math.isfinite(x) for x in losses)
+
+
+def test_restore_rejects_other_shapes_and_used_learners():
+    ids, vecs, _ = topic_catalog(n_items=20)
+    learner = make_learner()
+    learner.upsert_items(ids, vecs)
+    data = learner.checkpoint()
+    with pytest.raises(ValueError):
+        make_learner(dim=32).restore(data)
+    with pytest.raises(ValueError):
+        OnlineLearner(LearnerConfig(dim=16, history_len=10, device="cpu"), text_dim=64,
+                      capacity=256).restore(data)
+    used = make_learner()
+    used.upsert_items(ids[:3], vecs[:3])
+    with pytest.raises(RuntimeError):
+        used.restore(data)
+    with pytest.raises(ValueError):  # a safetensors file that is no learner checkpoint
+        make_learner().restore(st_save({"x": torch.zeros(1)}, metadata={"format": "other"}))
+
+
+def test_restore_into_learner_with_larger_capacity():
+    ids, vecs, _ = topic_catalog(n_items=20)
+    small = make_learner(capacity=8)  # grows to 32 rows
+    small.upsert_items(ids, vecs)
+    data = small.checkpoint()
+    big = make_learner(capacity=256)
+    big.restore(data)
+    big.upsert_items(ids, vecs)
+    np.testing.assert_array_equal(big.item_vectors()[1], small.item_vectors()[1])
+
+
+# --------------------------------------------------------------------------- catalog
+
+
+def test_capacity_growth_keeps_rows_and_optimizer():
+    ids, vecs, topic = topic_catalog(n_items=100)
+    learner = make_learner(capacity=8)
+    rng = np.random.default_rng(0)
+    states: dict[str, UserState] = {}
+    ts = T0
+    caps = []
+    added_at: dict[int, torch.Tensor] = {}
+    for start in range(0, 100, 20):
+        n_old = len(learner.ids)
+        E_before = learner.items.E.detach().clone()
+        iv_before = learner.item_vectors()[1] if n_old > 1 else None
+        m_before = learner.sparse_opt.state.get(learner.items.E, {}).get("exp_avg")
+        m_before = None if m_before is None else m_before.clone()
+        learner.upsert_items(ids[start : start + 20], vecs[start : start + 20])
+        caps.append(learner.items.capacity)
+        for i in ids[start : start + 20]:
+            added_at[learner.rows[i]] = learner.items.E[learner.rows[i]].detach().clone()
+        # growth copies the existing rows, their vectors and their Adam moments
+        torch.testing.assert_close(learner.items.E[:n_old].detach(), E_before[:n_old],
+                                   rtol=0, atol=0)
+        if iv_before is not None:
+            np.testing.assert_array_equal(learner.item_vectors()[1][: n_old - 1], iv_before)
+        if m_before is not None:
+            m_after = learner.sparse_opt.state[learner.items.E]["exp_avg"]
+            torch.testing.assert_close(m_after[: m_before.shape[0]], m_before, rtol=0, atol=0)
+        assert learner.sparse_opt.param_groups[0]["params"][0] is learner.items.E
+        assert learner.live.shape[0] == learner.counts.shape[0] == learner.items.capacity
+        # train on the items known so far
+        known = start + 20
+        for _ in range(3):
+            evs = []
+            for u in range(4):
+                ts += 1000
+                states.setdefault(f"u{u}", UserState())
+                evs.append(Interaction(f"u{u}", ids[int(rng.integers(known))], "view", ts))
+            res = learner.learn_batch(evs, states)
+            assert res.n_pairs == 4 and math.isfinite(res.loss)
+    assert caps[0] == 32 and caps[-1] == 128
+    assert learner.n_items == 100
+    # SparseAdam kept stepping after every growth: rows added late moved too
+    moved = {r: bool((learner.items.E[r].detach() != e0).any()) for r, e0 in added_at.items()}
+    assert sum(moved.values()) > 50
+    assert any(m for r, m in moved.items() if r > 64)
+    assert torch.isfinite(learner.items.E).all()
+
+
+def test_delete_items_and_readd():
+    ids, vecs, _ = topic_catalog(n_items=30)
+    learner = make_learner(replay_ratio=0.0)
+    learner.upsert_items(ids, vecs)
+    x = ids[5]
+    states = {"a": UserState(), "b": UserState()}
+    learner.learn_batch([Interaction("a", x, "view", T0)], states)  # x gets trained
+    row = learner.rows[x]
+    learner.delete_items([x, "never-existed"])
+    assert not learner.has_item(x) and learner.n_items == 29
+    names, _ = learner.item_vectors()
+    assert x not in names and len(names) == 29
+    # events on a deleted item are history, never a target
+    pend = learner.observe([Interaction("b", x, "view", T0 + 1000),
+                            Interaction("b", ids[1], "view", T0 + 2000)], states)
+    assert pend.targets == [learner.rows[ids[1]]]
+    assert states["b"].items == [x, ids[1]]
+    learner.train(pend)  # x is in b's history (so its row may move), not a target
+    E_x = learner.items.E[row].detach().clone()
+    for k in range(5):  # other users, other items: x's row must not move
+        learner.learn_batch([Interaction(f"c{k}", ids[k + 10], "view", T0 + 5000 + k)],
+                            {f"c{k}": UserState()})
+    torch.testing.assert_close(learner.items.E[row].detach(), E_x, rtol=0, atol=0)
+    # re-adding brings it back in the same row with its old E row
+    learner.upsert_items([x], vecs[5:6])
+    assert learner.has_item(x) and learner.rows[x] == row
+    torch.testing.assert_close(learner.items.E[row].detach(), E_x, rtol=0, atol=0)
+    names, V = learner.item_vectors()
+    assert x in names
+    with torch.no_grad():
+        expect = (E_x + learner.items.proj(torch.as_tensor(vecs[5]))).numpy()
+    np.testing.assert_allclose(V[names.index(x)], expect, atol=1e-6)
+    res = learner.learn_batch([Interaction("a", x, "view", T0 + 9000)], states)
+    assert res.n_pairs == 1
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["full-softmax", "sampled-softmax"])
+def test_deleted_item_is_never_a_target_even_from_replay(sampled):
+    ids, vecs, _ = topic_catalog(n_items=30)
+    kw = {"full_softmax_max_items": 10, "n_negatives": 8} if sampled else {}
+    learner = make_learner(replay_ratio=1.0, **kw)
+    learner.upsert_items(ids, vecs)
+    x = ids[-1]  # highest row
+    # user "a" has only this event: x is a target, but in no history
+    learner.learn_batch([Interaction("a", x, "view", T0)], {"a": UserState()})
+    row = learner.rows[x]
+    E_x = learner.items.E[row].detach().clone()
+    learner.delete_items([x])
+    # the replay buffer holds exactly the x pair, so this step replays it
+    learner.learn_batch([Interaction("b", ids[3], "view", T0 + 1000)], {"b": UserState()})
+    torch.testing.assert_close(learner.items.E[row].detach(), E_x, rtol=0, atol=0)
+
+
+def test_sampled_softmax_path_learns():
+    ids, vecs, batches = synthetic_batches(60)
+    learner = make_learner(full_softmax_max_items=50, n_negatives=64)
+    learner.upsert_items(ids, vecs)
+    losses = run_stream(learner, batches)
+    assert learner._neg.shape == (64,)  # the sampled path was taken
+    assert all(math.isfinite(x) for x in losses)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.5
+    assert learner.counts.sum() == sum(len(b) for b in batches)
+
+
+# --------------------------------------------------------------------------- ablations
+
+
+@pytest.mark.parametrize("kw", [
+    {"user_tower": "none"},
+    {"user_tower": "gru"},
+    {"item_tower": "id"},
+    {"item_tower": "text"},
+    {"use_residual": False},
+    {"user_tower": "none", "item_tower": "text"},
+    {"lr_rule": "fixed"},
+    {"lr_rule": "adagrad"},
+], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_ablations_train(kw):
+    ids, vecs, batches = synthetic_batches(8, batch=16)
+    learner = make_learner(**kw)
+    learner.upsert_items(ids, vecs)
+    states: dict[str, UserState] = {}
+    losses = run_stream(learner, batches, states)
+    assert all(math.isfinite(x) for x in losses)
+    u = learner.user_vectors(list(states.values()))
+    assert u.shape == (len(states), 16) and np.isfinite(u).all()
+    if kw.get("use_residual", True):
+        assert all(s.residual is not None and s.residual.shape == (16,)
+                   for s in states.values())
+    else:
+        assert all(s.residual is None for s in states.values())
+
+
+def test_gru_user_vector_does_not_depend_on_batch_padding():
+    assert _padding_gap("gru") < 1e-5
+
+
+def test_zero_weight_batch_does_not_poison_parameters():
+    ids, vecs, _ = topic_catalog(n_items=20)
+    learner = make_learner(dislike_weight=0.0)
+    learner.upsert_items(ids, vecs)
+    learner.learn_batch([Interaction("u", ids[1], "dislike", T0)], {"u": UserState()})
+    for name, p in learner.named_parameters():
+        assert torch.isfinite(p).all(), name

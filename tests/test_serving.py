@@ -1,0 +1,306 @@
+"""Tests for models/serving.py (Server): versioned refreshes, top-k with reasons, catalog
+changes between refreshes. Real learner, real FAISS, fixed seeds."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from index.faiss_index import FaissIndex, IndexConfig
+from models.config import LearnerConfig
+from models.learner import Interaction, OnlineLearner
+from models.serving import Scored, Server
+from models.user_state import UserState
+
+TEXT_DIM = 32
+T0 = 1_700_000_000_000
+
+
+def catalog(n: int, seed: int = 0, n_topics: int = 6):
+    rng = np.random.default_rng(seed)
+    centroids = rng.standard_normal((n_topics, TEXT_DIM))
+    vecs = centroids[np.arange(n) % n_topics] + 0.4 * rng.standard_normal((n, TEXT_DIM))
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    return [f"item-{i:05d}" for i in range(n)], vecs.astype(np.float32)
+
+
+def make_learner(n_items: int = 120, seed: int = 0) -> tuple[OnlineLearner, list[str], np.ndarray]:
+    cfg = LearnerConfig(dim=16, history_len=12, device="cpu", seed=seed)
+    learner = OnlineLearner(cfg, text_dim=TEXT_DIM, capacity=256)
+    ids, vecs = catalog(n_items, seed)
+    learner.upsert_items(ids, vecs)
+    return learner, ids, vecs
+
+
+def train(learner: OnlineLearner, ids: list[str], n_users: int = 8, n_batches: int = 15,
+          seed: int = 0, states: dict[str, UserState] | None = None) -> dict[str, UserState]:
+    rng = np.random.default_rng(seed)
+    states = {} if states is None else states
+    ts = T0
+    for _ in range(n_batches):
+        evs = []
+        for _ in range(16):
+            u = f"user-{int(rng.integers(n_users))}"
+            states.setdefault(u, UserState())
+            ts += 1000
+            evs.append(Interaction(u, ids[int(rng.integers(len(ids)))], "view", ts))
+        learner.learn_batch(evs, states)
+    return states
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _trained():
+    learner, ids, _ = make_learner()
+    states = train(learner, ids)
+    server = Server(learner, IndexConfig(), refresh_batches=1000, refresh_s=1e9)
+    server.refresh()
+    return learner, ids, states, server
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A trained learner, its users and a refreshed server: read-only for the tests."""
+    return _trained()
+
+
+@pytest.fixture
+def own_trained():
+    """Same, but private to one test (which may change the catalog)."""
+    return _trained()
+
+
+# --------------------------------------------------------------------------- refresh
+
+
+def test_refresh_increments_version_and_keeps_old_snapshots_consistent():
+    learner, ids, _ = make_learner()
+    server = Server(learner, IndexConfig(), refresh_batches=1000, refresh_s=1e9)
+    assert server.version == 0 and server.n_items == 0
+    assert server.index.current() == (None, 0)
+    v1 = server.refresh()
+    assert v1 == 1 == server.version
+    assert server.n_items == len(ids)
+    old_idx, old_v = server.index.current()  # a reader takes (index, version) once
+    names, old_vecs = learner.item_vectors()
+    keys = np.array([server.ids.to_int(i) for i in names])
+    states = train(learner, ids, n_batches=5)  # the item tower moves
+    _, new_vecs = learner.item_vectors()
+    assert not np.allclose(old_vecs, new_vecs)
+    learner.upsert_items(["brand-new"], catalog(1, seed=9)[1])
+    assert server.refresh() == 2 and server.version == 2
+    new_idx, new_v = server.index.current()
+    assert new_idx is not old_idx and new_v == old_v + 1
+    # the old snapshot is untouched: same items, same vectors as when it was built
+    assert old_v == 1 and len(old_idx) == len(ids)
+    np.testing.assert_array_equal(old_idx.vectors(keys), old_vecs)
+    assert server.ids.to_int("brand-new") not in old_idx
+    # the new one has the new vectors and the new item
+    np.testing.assert_allclose(new_idx.vectors(keys), new_vecs, rtol=1e-6, atol=1e-6)
+    assert server.ids.to_int("brand-new") in new_idx and len(new_idx) == len(ids) + 1
+    assert server.refresh() == 3
+    u = learner.user_vectors(list(states.values()))
+    recs, version = server.recommend(list(states.values()), u, k=5)
+    assert version == 3 and all(len(r) == 5 for r in recs)
+
+
+def test_concurrent_readers_never_see_a_mixed_version():
+    learner, ids, _ = make_learner(n_items=40)
+    server = Server(learner, IndexConfig(), refresh_batches=1000, refresh_s=1e9)
+    extra_ids, extra_vecs = catalog(30, seed=5)
+    extra_ids = [f"x-{i}" for i in extra_ids]
+    expected = {1: 40}
+    server.refresh()
+    stop = threading.Event()
+    errors: list[str] = []
+    seen_versions: list[int] = []
+
+    def reader():
+        last = 0
+        while not stop.is_set():
+            idx, v = server.index.current()
+            if v < last:
+                errors.append(f"version went back {last} -> {v}")
+            last = v
+            n = len(idx)
+            if v in expected and n != expected[v]:
+                errors.append(f"version {v} has {n} items, expected {expected[v]}")
+            seen_versions.append(v)
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for k in range(15):  # each version holds exactly one more item than the last
+            learner.upsert_items(extra_ids[k : k + 1], extra_vecs[k : k + 1])
+            expected[k + 2] = 41 + k
+            assert server.refresh() == k + 2
+            time.sleep(0.001)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert server.version == 16 and len(set(seen_versions)) > 1
+
+
+def test_maybe_refresh_every_n_batches():
+    learner, _, _ = make_learner(n_items=20)
+    server = Server(learner, IndexConfig(), refresh_batches=3, refresh_s=1e9)
+    fired = [server.maybe_refresh() for _ in range(10)]
+    # the first call builds the missing index, then every 3rd batch
+    assert fired == [True, False, False, True, False, False, True, False, False, True]
+    assert server.version == 4
+    server.refresh()  # an explicit refresh restarts the count
+    assert [server.maybe_refresh() for _ in range(3)] == [False, False, True]
+
+
+def test_maybe_refresh_after_t_seconds():
+    learner, _, _ = make_learner(n_items=20)
+    server = Server(learner, IndexConfig(), refresh_batches=10_000, refresh_s=0.2)
+    assert server.maybe_refresh() is True  # no index yet
+    assert server.maybe_refresh() is False
+    time.sleep(0.25)
+    assert server.maybe_refresh() is True
+    assert server.version == 2
+
+
+# --------------------------------------------------------------------------- recommend
+
+
+def test_recommend_excludes_seen_and_returns_exact_top_k(trained):
+    learner, _, states, server = trained
+    sts = list(states.values())
+    u = learner.user_vectors(sts)
+    k = 10
+    recs, version = server.recommend(sts, u, k=k)
+    assert version == server.version
+    names, V = learner.item_vectors()
+    for st, uu, rec in zip(sts, u, recs, strict=True):
+        assert len(st.seen_items()) > 0
+        assert len(rec) == k
+        got = [r.item_id for r in rec]
+        assert len(set(got)) == k
+        assert not set(got) & st.seen_items()
+        # exact (flat) top-k among the unseen live items, scores = inner products
+        scores = V @ uu
+        unseen = [j for j, n in enumerate(names) if n not in st.seen_items()]
+        order = sorted(unseen, key=lambda j: -scores[j])[:k]
+        assert got == [names[j] for j in order]
+        np.testing.assert_allclose([r.score for r in rec], scores[order], rtol=1e-4, atol=1e-4)
+        assert all(isinstance(r, Scored) for r in rec)
+
+
+def test_reason_is_the_most_similar_recent_item(trained):
+    learner, _, states, server = trained
+    sts = list(states.values())
+    u = learner.user_vectors(sts)
+    window = 5
+    recs, _ = server.recommend(sts, u, k=8, reason_window=window)
+    names, V = learner.item_vectors()
+    vec = dict(zip(names, _unit(V), strict=True))
+    for st, rec in zip(sts, recs, strict=True):
+        recent = [i for i in reversed(st.items) if i is not None][:window]
+        assert recent
+        for r in rec:
+            assert r.reason_item_id in recent
+            cos = {i: float(vec[r.item_id] @ vec[i]) for i in recent}
+            assert cos[r.reason_item_id] == pytest.approx(max(cos.values()), abs=1e-5)
+
+
+def test_reason_skips_removed_items_and_none_without_history(own_trained):
+    learner, ids, _, server = own_trained
+    st = UserState()
+    for k, i in enumerate(ids[:4]):
+        st.append(i, 1, T0 + k, None, 12)
+    server.remove_items([ids[3]])  # the newest history item left the index
+    recs, _ = server.recommend([st, UserState()], learner.user_vectors([st, UserState()]), k=5)
+    assert len(recs[0]) == 5
+    assert all(r.reason_item_id in ids[:3] for r in recs[0])
+    assert len(recs[1]) == 5 and all(r.reason_item_id is None for r in recs[1])
+
+
+def test_recommend_returns_fewer_when_catalog_is_short():
+    learner, ids, _ = make_learner(n_items=15)
+    states = {"u": UserState()}
+    evs = [Interaction("u", ids[k], "view", T0 + 1000 * k) for k in range(10)]
+    learner.learn_batch(evs, states)
+    server = Server(learner, IndexConfig())
+    empty, v0 = server.recommend([states["u"]], learner.user_vectors([states["u"]]), k=10)
+    assert empty == [[]] and v0 == 0  # no index yet
+    server.refresh()
+    recs, _ = server.recommend([states["u"]], learner.user_vectors([states["u"]]), k=10)
+    assert sorted(r.item_id for r in recs[0]) == sorted(ids[10:])
+    assert server.recommend([], np.zeros((0, 16), np.float32), k=3) == ([], 1)
+
+
+# --------------------------------------------------------------------------- catalog changes
+
+
+def test_add_items_is_searchable_before_the_next_refresh(own_trained):
+    learner, ids, states, server = own_trained
+    n0 = server.n_items
+    st = next(iter(states.values()))
+    u = learner.user_vectors([st])
+    # a new item whose vector is far in the user's direction: it must come first
+    new_text = _unit(learner.items.proj.weight.detach().numpy().T @ u[0])[None]
+    learner.upsert_items(["new-item"], new_text.astype(np.float32))
+    server.add_items(["new-item"])
+    assert server.version == 1 and server.n_items == n0 + 1
+    idx, _ = server.index.current()
+    key = server.ids.to_int("new-item")
+    assert key in idx
+    np.testing.assert_allclose(idx.vectors([key])[0],
+                               learner.item_vectors(np.array([learner.rows["new-item"]]))[1][0],
+                               atol=1e-6)
+    recs, version = server.recommend([st], u, k=5)
+    assert version == 1
+    assert recs[0][0].item_id == "new-item"
+
+
+def test_add_items_before_first_refresh_is_picked_up_by_it():
+    learner, ids, _ = make_learner(n_items=10)
+    server = Server(learner, IndexConfig())
+    learner.upsert_items(["late"], catalog(1, seed=3)[1])
+    server.add_items(["late"])  # no index yet: only registered
+    assert server.n_items == 0
+    server.refresh()
+    assert server.n_items == 11 and server.ids.to_int("late") in server.index.current()[0]
+
+
+def test_remove_items_disappears_immediately(own_trained):
+    learner, ids, states, server = own_trained
+    sts = list(states.values())
+    u = learner.user_vectors(sts)
+    recs, _ = server.recommend(sts, u, k=5)
+    gone = recs[0][0].item_id
+    n0 = server.n_items
+    server.remove_items([gone, "never-known"])
+    assert server.version == 1 and server.n_items == n0 - 1
+    assert server.ids.to_int(gone) not in server.index.current()[0]
+    recs2, _ = server.recommend(sts, u, k=5)
+    for rec in recs2:
+        assert gone not in {r.item_id for r in rec}
+        assert len(rec) == 5
+        assert all(r.reason_item_id != gone for r in rec)
+    # the learner forgets it too, so the next refresh keeps it out
+    learner.delete_items([gone])
+    assert server.refresh() == 2
+    recs3, _ = server.recommend(sts, u, k=5)
+    assert all(gone not in {r.item_id for r in rec} for rec in recs3)
+
+
+def test_refresh_with_empty_catalog():
+    cfg = LearnerConfig(dim=16, history_len=5, device="cpu")
+    learner = OnlineLearner(cfg, text_dim=TEXT_DIM, capacity=16)
+    server = Server(learner, IndexConfig())
+    assert server.refresh() == 1
+    idx, _ = server.index.current()
+    assert isinstance(idx, FaissIndex) and len(idx) == 0
+    recs, _ = server.recommend([UserState()], np.zeros((1, 16), np.float32), k=3)
+    assert recs == [[]]

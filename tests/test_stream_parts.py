@@ -1,0 +1,170 @@
+"""The Kafka-free parts of streams/: schemas, table routing helper, catalog encoding,
+checkpoint chunking, settings."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+
+import faust.streams
+import numpy as np
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streams.catalog import CatalogEncoder, RawRecord, decode_item_vector, isolate_failures
+from streams.checkpoint import CheckpointStore
+from streams.schemas import InvalidRecord, Item, Reason, parse_event, parse_item
+from streams.settings import Settings
+from streams.supervisor import settings_env
+from streams.table_context import current_event
+
+
+class _Event:  # anything weak-referenceable stands in for a Faust event here
+    pass
+
+
+def test_current_event_sets_and_restores_fausts_context_variable():
+    assert faust.streams.current_event() is None
+    outer, inner = _Event(), _Event()
+    with current_event(outer):
+        assert faust.streams.current_event() is outer
+        with current_event(inner):
+            assert faust.streams.current_event() is inner
+        assert faust.streams.current_event() is outer
+    assert faust.streams.current_event() is None
+    del outer, inner
+    gc.collect()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_parse_event_rejects_any_garbage_with_a_reason(raw):
+    try:
+        parse_event(raw, 200)
+    except InvalidRecord as exc:
+        assert isinstance(exc.reason, Reason) and exc.detail
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["user_id", "item_id", "event_type", "ts", "text",
+                                        "value", "scenario"]),
+                       st.one_of(st.none(), st.integers(), st.text(max_size=20),
+                                 st.floats(allow_nan=False), st.booleans())))
+def test_parse_event_on_random_objects_accepts_or_gives_a_reason(obj):
+    try:
+        ev = parse_event(json.dumps(obj).encode(), 65536)  # json: big ints, Infinity too
+    except InvalidRecord as exc:
+        assert isinstance(exc.reason, Reason)
+    else:
+        assert ev.user_id and (ev.item_id or ev.text) and ev.ts >= 0
+
+
+def test_item_embedding_text_recipe():
+    item = Item(item_id="i", title=" Space ", text="stars", tags=["a", "b"], category="sci")
+    assert item.embedding_text() == "Space. stars. a, b. sci"
+
+
+def test_isolate_failures_finds_every_poison_item_and_keeps_order():
+    items = list(range(20))
+    poison = {3, 11, 12}
+
+    def fn(batch):
+        if poison & set(batch):
+            raise ValueError("poison")
+        return [x * 10 for x in batch]
+
+    good, bad = isolate_failures(fn, items)
+    assert [x for x, _ in good] == [x for x in items if x not in poison]
+    assert all(y == x * 10 for x, y in good)
+    assert sorted(x for x, _ in bad) == sorted(poison)
+
+
+def test_catalog_encoder_with_the_real_encoder(encoder):
+    records = [
+        RawRecord(b"a", orjson.dumps({"item_id": "a", "title": "Galaxy telescope"}), 0, 0),
+        RawRecord(b"b", orjson.dumps({"item_id": "b", "title": "Pasta recipe",
+                                      "tags": ["food"]}), 0, 1),
+        RawRecord(b"c", orjson.dumps({"item_id": "c", "deleted": True}), 0, 2),
+        RawRecord(b"d", None, 0, 3),  # tombstone
+        RawRecord(b"e", b"not json", 0, 4),
+    ]
+    out = CatalogEncoder(encoder.encode, 10_000).process(records)
+    vectors = dict(out.vectors)
+    assert vectors[b"c"] is None and vectors[b"d"] is None
+    item_id, vec = decode_item_vector(vectors[b"a"])
+    assert item_id == "a" and vec.shape == (encoder.dim,)
+    assert abs(np.linalg.norm(vec) - 1) < 1e-4
+    np.testing.assert_allclose(vec, encoder.encode(["Galaxy telescope"])[0], atol=1e-5)
+    assert [(r.offset, e.reason) for r, e in out.rejected] == [(4, Reason.INVALID_JSON)]
+
+
+def test_catalog_encoder_isolates_an_item_that_makes_the_encoder_fail(encoder):
+    def fragile(texts):
+        if any("POISON" in t for t in texts):
+            raise RuntimeError("tokenizer blew up")
+        return encoder.encode(texts)
+
+    records = [RawRecord(str(i).encode(), orjson.dumps({"item_id": str(i), "title": t}), 0, i)
+               for i, t in enumerate(["ok one", "POISON pill", "ok two", "ok three"])]
+    out = CatalogEncoder(fragile, 10_000).process(records)
+    assert sorted(k for k, _ in out.vectors) == [b"0", b"2", b"3"]
+    assert [(r.offset, e.reason) for r, e in out.rejected] == [(1, Reason.PROCESSING_ERROR)]
+
+
+def test_parse_item_rejects_with_reasons():
+    with pytest.raises(InvalidRecord) as exc:
+        parse_item(orjson.dumps({"title": "no id"}), 1000)
+    assert exc.value.reason is Reason.MISSING_FIELD
+    with pytest.raises(InvalidRecord) as exc:
+        parse_item(b"x" * 2000, 1000)
+    assert exc.value.reason is Reason.OVERSIZE
+
+
+def _store_and_topic():
+    topic: dict[bytes, bytes | None] = {}
+
+    async def send(key, value):
+        topic[key] = value
+
+    return CheckpointStore("m", send, chunk_bytes=1000), topic
+
+
+def test_checkpoint_round_trip_chunks_and_tombstones_old_versions():
+    store, topic = _store_and_topic()
+    first = np.random.default_rng(0).bytes(4500)
+    v1 = asyncio.run(store.save(first))
+    assert store.assemble(topic) == first
+    assert sum(1 for k in topic if b"/v" in k) == 5  # 4500 bytes in chunks of 1000
+    second = b"y" * 2500
+    asyncio.run(store.save(second))
+    assert store.assemble(topic) == second
+    old = [k for k in topic if k.startswith(f"m/v{v1}/".encode())]
+    assert old and all(topic[k] is None for k in old)  # tombstoned for compaction
+
+
+def test_checkpoint_ignores_a_corrupt_or_incomplete_one():
+    store, topic = _store_and_topic()
+    asyncio.run(store.save(b"z" * 3000))
+    chunk = next(k for k in topic if k.endswith(b"/1"))
+    topic[chunk] = b"corrupted" + topic[chunk][9:]
+    assert store.assemble(topic) is None
+    topic.pop(chunk)
+    assert store.assemble(topic) is None
+    assert CheckpointStore("other", store.send).assemble(topic) is None
+
+
+def test_settings_from_env_and_back(monkeypatch):
+    monkeypatch.setenv("STREAMREC_BROKER", "10.0.0.1:9093")
+    monkeypatch.setenv("STREAMREC_LEARNER__LR_RULE", "fixed")
+    monkeypatch.setenv("STREAMREC_INDEX__KIND", "hnsw")
+    s = Settings()
+    assert s.broker == "kafka://10.0.0.1:9093" and s.bootstrap == ["10.0.0.1:9093"]
+    assert s.learner.lr_rule == "fixed" and s.index.kind == "hnsw"
+    for key in ("STREAMREC_BROKER", "STREAMREC_LEARNER__LR_RULE", "STREAMREC_INDEX__KIND"):
+        monkeypatch.delenv(key)
+    for key, value in settings_env(s).items():
+        monkeypatch.setenv(key, value)
+    assert Settings() == s
