@@ -10,13 +10,27 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 log = logging.getLogger("streamrec.encoder")
+
+
+def item_text(item: Mapping[str, Any]) -> str:
+    """The text the encoder sees for an item: title, text, tags, category (one recipe for the
+    catalog agent and the offline evaluator)."""
+    parts = [str(item.get("title") or "").strip()]
+    if item.get("text"):
+        parts.append(str(item["text"]))
+    if item.get("tags"):
+        parts.append(", ".join(item["tags"]))
+    if item.get("category"):
+        parts.append(str(item["category"]))
+    return ". ".join(p for p in parts if p)
 
 
 def default_model_path() -> str:

@@ -26,16 +26,18 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from models.config import EVENT_TYPE_IDS, TEXT_ONLY_TYPES, LearnerConfig
+from models.covisit import CoVisitation
 from models.encoder import pick_device
 from models.lr_rules import RuleState, make_rule
-from models.two_tower import ItemTower, UserTower, gap_buckets
+from models.two_tower import ItemTower, PriorHead, UserTower, gap_buckets
 from models.user_state import UserState
 
 log = logging.getLogger("streamrec.learner")
 
 CHECKPOINT_FORMAT = "streamrec-learner-1"
 #: Config fields that change parameter shapes: a checkpoint only loads into the same ones.
-_STRUCTURAL = ("dim", "history_len", "item_tower", "user_tower", "n_layers", "n_heads")
+_STRUCTURAL = ("dim", "history_len", "item_tower", "user_tower", "n_layers", "n_heads",
+               "covisit", "covisit_recencies")
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ class Pending:
 
     states: Mapping[str, UserState]
     users: dict[str, int] = field(default_factory=dict)  # user -> owner index, first-seen order
-    hists: list[tuple] = field(default_factory=list)
+    before: list[tuple] = field(default_factory=list)  # per event: the history just before it
+    hists: list[tuple] = field(default_factory=list)  # per pair
     targets: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)
@@ -77,7 +80,6 @@ class _Seqs:
     rows: np.ndarray  # (P, L) int64 item rows, 0 = pad or text-only event
     types: np.ndarray  # (P, L) int64
     gaps: np.ndarray  # (P, L) int64 gap buckets
-    q_gap: np.ndarray  # (P,) int64
     texts: list[tuple[int, int, np.ndarray]]  # (pair, position, text vector)
 
 
@@ -95,7 +97,16 @@ class OnlineLearner:
         self.items = ItemTower(capacity, text_dim, c.dim, c.item_tower).to(self.device)
         self.users = UserTower(c.dim, c.history_len, c.user_tower, c.n_layers, c.n_heads,
                                c.dropout).to(self.device)
+        self.covis = CoVisitation(c.covisit_window, c.covisit_pair_decay, c.covisit_recencies,
+                                  c.covisit_profile) if c.covisit else None
+        self.head = PriorHead(self.covis.n_features, len(c.covisit_recencies) // 2
+                              ).to(self.device) if self.covis else None
         self.rule = make_rule(c.lr_rule, **c.rule_params())
+        # per-user parameters: the residual p_u and, with the ranker, the user's own
+        # correction of its blend weights (how much *this* user follows co-visitation, the
+        # towers or popularity); both move by the user's adaptive learning rate
+        self.n_head = 0 if self.head is None else self.head.n_params
+        self.n_user = c.dim + self.n_head
         self.ids: list[str] = [""]  # row -> item id; row 0 is padding
         self.rows: dict[str, int] = {}
         self.live = np.zeros(capacity, dtype=bool)
@@ -155,24 +166,51 @@ class OnlineLearner:
 
     def _make_optimizers(self, keep_dense: bool = False) -> None:
         if not keep_dense:
-            dense = [p for n, p in self.named_parameters() if n != "items.E"]
-            self.dense_opt = torch.optim.Adam(dense, lr=self.cfg.lr,
-                                              weight_decay=self.cfg.weight_decay)
+            named = [(n, p) for n, p in self.named_parameters() if n != "items.E"]
+            groups = [{"params": [p for n, p in named if not n.startswith("head.")]},
+                      {"params": [p for n, p in named if n.startswith("head.")],
+                       "lr": self.cfg.head_lr, "weight_decay": 0.0}]
+            self.dense_opt = torch.optim.Adam([g for g in groups if g["params"]],
+                                              lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.sparse_opt = torch.optim.SparseAdam([self.items.E], lr=self.cfg.lr)
 
     def named_parameters(self):
         yield from (("items." + n, p) for n, p in self.items.named_parameters())
         yield from (("users." + n, p) for n, p in self.users.named_parameters())
+        if self.head is not None:
+            yield from (("head." + n, p) for n, p in self.head.named_parameters())
 
     # ---------------------------------------------------------------- learning
     def learn_batch(self, events: Sequence[Interaction],
                     states: Mapping[str, UserState]) -> BatchResult:
         """Learn from one micro-batch (events in stream order); mutates `states`.
 
-        `states` must hold a UserState for every user of the batch. Same as
-        `train(observe(...))`; the agent splits the two to serve before it trains.
+        `states` must hold a UserState for every user of the batch. Same as `observe`,
+        `train` and `apply_covisits(covisit_pairs(...))`; the agent splits them to serve
+        before it trains and to share co-visitation counts between workers.
         """
-        return self.train(self.observe(events, states))
+        pend = self.observe(events, states)
+        result = self.train(pend)
+        self.apply_covisits(self.covisit_pairs(pend))
+        return result
+
+    def covisit_pairs(self, pend: Pending) -> list[tuple[list[str], str]]:
+        """The batch's positive events as (earlier item ids of the user, item id): what every
+        replica needs to update its co-visitation counts (ids, not rows: rows are local)."""
+        if self.covis is None:
+            return []
+        window = self.cfg.covisit_window
+        return [([self.ids[r] for r in hist[0][-window:] if r], self.ids[t])
+                for hist, t, w in zip(pend.hists, pend.targets, pend.weights, strict=True)
+                if w > 0]
+
+    def apply_covisits(self, pairs: Sequence[tuple[Sequence[str], str]]) -> None:
+        """Add co-visitation pairs (from this or any other worker); unknown ids are skipped."""
+        if self.covis is None or not pairs:
+            return
+        rows = self.rows
+        self.covis.learn([([rows.get(i, 0) for i in hist], rows[t]) for hist, t in pairs
+                          if t in rows])
 
     def observe(self, events: Sequence[Interaction], states: Mapping[str, UserState]) -> Pending:
         """Cut each event's (history -> item) pair, then append the event to the history."""
@@ -180,9 +218,11 @@ class OnlineLearner:
         for ev in events:
             st = states[ev.user_id]
             owner = pend.users.setdefault(ev.user_id, len(pend.users))
+            snap = self.history(st)
+            pend.before.append(snap)
             target = self._target_row(ev)
             if target is not None:
-                pend.hists.append(self._history(st, ev.ts))
+                pend.hists.append(snap)
                 pend.targets.append(target)
                 pend.weights.append(self._weight(ev))
                 pend.owners.append(owner)
@@ -214,11 +254,11 @@ class OnlineLearner:
             return -self.cfg.dislike_weight
         return self.cfg.event_weights.get(ev.event_type, 1.0)
 
-    def _history(self, st: UserState, now_ts: int) -> tuple:
-        """Snapshot of the last H events *before* now: (rows, types, ts, text vectors, now)."""
+    def history(self, st: UserState) -> tuple:
+        """Snapshot of the user's last H events: (rows, types, ts, text vectors)."""
         rows = [self.rows.get(i, 0) if i is not None else 0 for i in st.items]
         texts = [(k, st.text_vector(k)) for k, t in enumerate(st.texts) if t is not None]
-        return rows, list(st.types), list(st.ts), texts, now_ts
+        return rows, list(st.types), list(st.ts), texts
 
     def _pad(self, hists: Sequence[tuple]) -> _Seqs:
         L = max(1, max(len(h[0]) for h in hists))
@@ -226,9 +266,8 @@ class OnlineLearner:
         rows = np.zeros((P, L), dtype=np.int64)
         types = np.zeros((P, L), dtype=np.int64)
         gaps = np.zeros((P, L), dtype=np.int64)
-        q_gap = np.zeros(P, dtype=np.int64)
         texts = []
-        for p, (r, t, ts, tx, now) in enumerate(hists):
+        for p, (r, t, ts, tx) in enumerate(hists):
             n = len(r)
             if n == 0:
                 continue
@@ -236,18 +275,27 @@ class OnlineLearner:
             types[p, L - n:] = t
             ts_arr = np.asarray(ts, dtype=np.int64)
             gaps[p, L - n:] = gap_buckets(np.diff(ts_arr, prepend=ts_arr[0]))
-            q_gap[p] = gap_buckets(np.array([now - ts_arr[-1]]))[0]
             texts.extend((p, L - n + k, vec) for k, vec in tx)
-        return _Seqs(rows, types, gaps, q_gap, texts)
+        return _Seqs(rows, types, gaps, texts)
 
     def _item_table(self, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """Item vectors of the unique `rows` (computed once per step) and the sorted rows."""
         need = np.unique(rows)
         return self.items(torch.as_tensor(need, device=self.device)), need
 
+    def _window(self, s: _Seqs) -> _Seqs:
+        """The newest `encoder_window` positions: what the sequence encoder reads (the full
+        history still feeds the co-visitation profile)."""
+        off = max(0, s.rows.shape[1] - self.cfg.encoder_window)
+        if off == 0:
+            return s
+        texts = [(p, pos - off, v) for p, pos, v in s.texts if pos >= off]
+        return _Seqs(s.rows[:, off:], s.types[:, off:], s.gaps[:, off:], texts)
+
     def _encode(self, s: _Seqs, V: torch.Tensor, need: np.ndarray) -> torch.Tensor:
         """User-tower output for padded histories, gathering item vectors from (V, need)."""
         dev = self.device
+        s = self._window(s)
         seq = V[torch.as_tensor(np.searchsorted(need, s.rows), device=dev)]
         if s.texts:
             idx_p = torch.tensor([t[0] for t in s.texts], device=dev)
@@ -255,7 +303,7 @@ class OnlineLearner:
             tv = torch.as_tensor(np.stack([t[2] for t in s.texts]), device=dev)
             seq = seq.index_put((idx_p, idx_l), self.items.project_text(tv))
         return self.users(seq, torch.as_tensor(s.types, device=dev),
-                          torch.as_tensor(s.gaps, device=dev), torch.as_tensor(s.q_gap, device=dev))
+                          torch.as_tensor(s.gaps, device=dev))
 
     def _train(self, hists: list[tuple], targets: np.ndarray, weights: np.ndarray,
                owners: np.ndarray, user_states: list[UserState]) -> float:
@@ -283,11 +331,11 @@ class OnlineLearner:
               user_states: list[UserState], replay: tuple | None) -> float:
         dev, d = self.device, self.cfg.dim
         n_users = len(user_states)
-        resid = torch.zeros(n_users + 1, d, device=dev)  # last row: replay pairs (no residual)
+        resid = torch.zeros(n_users + 1, self.n_user, device=dev)  # last row: replay pairs
         if self.cfg.use_residual:
             for k, st in enumerate(user_states):
                 if st.residual is not None:
-                    resid[k] = torch.as_tensor(st.residual, device=dev)
+                    resid[k, : len(st.residual)] = torch.as_tensor(st.residual, device=dev)
         resid.requires_grad_(True)
         if replay is not None:
             r_seqs, r_targets, r_weights = replay
@@ -306,9 +354,11 @@ class OnlineLearner:
         live = np.flatnonzero(self.live)
         cand = live if len(live) <= self.cfg.full_softmax_max_items else \
             np.concatenate([targets, self._sample_negatives(live)])
-        V, need = self._item_table(np.concatenate([cand, seqs.rows.ravel()]))
-        u = self._encode(seqs, V, need) + resid[torch.as_tensor(owners, device=dev)]
-        pair_loss = self._pair_losses(u, targets, weights, live, V, need)
+        V, need = self._item_table(np.concatenate([cand, self._window(seqs).rows.ravel()]))
+        own = resid[torch.as_tensor(owners, device=dev)]
+        u = self._encode(seqs, V, need) + own[:, :d]
+        pair_loss = self._pair_losses(u, targets, weights, live, V, need, seqs.rows,
+                                      fresh=owners < n_users, theta=own[:, d:])
         w = torch.as_tensor(np.abs(weights), dtype=torch.float32, device=dev)
         loss = (pair_loss * w).sum() / w.sum()
         self.dense_opt.zero_grad(set_to_none=True)
@@ -321,15 +371,57 @@ class OnlineLearner:
         self._update_residuals(resid, pair_loss.detach(), w, owners, user_states)
         return float(loss.detach())
 
+    def _features(self, hist_rows: np.ndarray, cols: np.ndarray
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Co-visitation features (K, P, len(cols)) and log-popularity (len(cols),)."""
+        c = torch.as_tensor(self.covis.features(hist_rows, cols), device=self.device)
+        n = self.covis.n  # global interaction counts (replicated with the pairs)
+        pop = np.where(cols < len(n), n[np.minimum(cols, len(n) - 1)], 0.0)
+        log_pop = torch.as_tensor(np.log1p(pop), dtype=torch.float32, device=self.device)
+        return c, log_pop
+
     def _pair_losses(self, u: torch.Tensor, targets: np.ndarray, weights: np.ndarray,
-                     live: np.ndarray, V: torch.Tensor, need: np.ndarray) -> torch.Tensor:
-        """Per-pair loss: -log p(target) for positives, -log(1 - p(target)) for dislikes."""
+                     live: np.ndarray, V: torch.Tensor, need: np.ndarray,
+                     hist_rows: np.ndarray, fresh: np.ndarray,
+                     theta: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-pair loss of the two-tower scores, plus, with co-visitation, the loss of the
+        ranker that blends the (detached) two-tower score with the co-visitation features:
+        the towers learn on their own, the ranker learns how much to trust each signal. The
+        ranker learns from fresh pairs only: a replayed pair's target is already in the
+        co-visitation counts, which would teach it to over-trust them.
+        -log p(target) for positives, -log(1 - p(target)) for dislikes."""
+        dev = self.device
         if len(live) <= self.cfg.full_softmax_max_items:
-            logits = u @ V[torch.as_tensor(np.searchsorted(need, live), device=self.device)].T
-            pos = torch.as_tensor(np.searchsorted(live, targets), device=self.device)
-            logp = logits.log_softmax(-1)[torch.arange(len(targets)), pos]
-        else:
-            logp = self._sampled_logp(u, targets, live, V, need)
+            cols, logq = live, None
+            pos = torch.as_tensor(np.searchsorted(live, targets), device=dev)
+            logits = u @ V[torch.as_tensor(np.searchsorted(need, live), device=dev)].T
+        else:  # sampled softmax: column 0 is each pair's own target, then shared negatives
+            cols, logq, pos, logits = self._sampled_logits(u, targets, live, V, need)
+        losses = self._nll(self._logp(logits, pos, logq, targets), weights)
+        if self.head is not None:
+            feats, log_pop = self._features(hist_rows, cols if logq is None else self._neg)
+            if logq is not None:  # put each pair's target in front, as in `logits`
+                tf, tp = self._features(hist_rows, targets)
+                diag = torch.arange(len(targets), device=dev)
+                feats = torch.cat([tf[:, diag, diag][:, :, None], feats], 2)
+                log_pop = torch.cat([tp[:1] * 0, log_pop])  # per-pair target pop added below
+                pop_pos = tp
+            blend = self.head(logits.detach(), feats, log_pop, theta)
+            if logq is not None:
+                blend[:, 0] = blend[:, 0] + self.head.pop_w * pop_pos
+            mask = torch.as_tensor(fresh, dtype=torch.float32, device=dev)
+            losses = losses + mask * self._nll(self._logp(blend, pos, logq, targets), weights)
+        return losses
+
+    def _logp(self, logits: torch.Tensor, pos: torch.Tensor, logq: torch.Tensor | None,
+              targets: np.ndarray) -> torch.Tensor:
+        if logq is not None:  # logQ correction; an accidental hit of the target is no negative
+            logits = logits - logq
+            hit = torch.as_tensor(self._neg[None, :] == targets[:, None], device=self.device)
+            logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(hit, float("-inf"))], 1)
+        return logits.log_softmax(-1)[torch.arange(len(targets)), pos]
+
+    def _nll(self, logp: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
         neg = torch.as_tensor(weights < 0, device=self.device)
         p = logp.exp().clamp(max=1 - 1e-6)
         return torch.where(neg, -torch.log1p(-p), -logp)
@@ -340,22 +432,21 @@ class OnlineLearner:
         self._neg = live[self._rng.choice(len(live), size=self.cfg.n_negatives, p=q / q.sum())]
         return self._neg
 
-    def _sampled_logp(self, u: torch.Tensor, targets: np.ndarray, live: np.ndarray,
-                      V: torch.Tensor, need: np.ndarray) -> torch.Tensor:
-        """Sampled softmax over the step's negatives, logits corrected by log Q (Q = S·q)."""
+    def _sampled_logits(self, u: torch.Tensor, targets: np.ndarray, live: np.ndarray,
+                        V: torch.Tensor, need: np.ndarray) -> tuple:
+        """Logits over [own target, shared negatives] and their log Q (Q = S·q)."""
         dev, neg, S = self.device, self._neg, self.cfg.n_negatives
         q_all = self.counts[live].sum() + len(live)
-        logq_pos = torch.as_tensor(np.log(S * (self.counts[targets] + 1) / q_all),
-                                   dtype=torch.float32, device=dev)
-        logq_neg = torch.as_tensor(np.log(S * (self.counts[neg] + 1) / q_all),
-                                   dtype=torch.float32, device=dev)
+        logq_pos = np.log(S * (self.counts[targets] + 1) / q_all)
+        logq_neg = np.log(S * (self.counts[neg] + 1) / q_all)
+        logq = torch.as_tensor(np.concatenate([logq_pos[:, None],
+                                               np.broadcast_to(logq_neg, (len(targets), S))], 1),
+                               dtype=torch.float32, device=dev)
         v_pos = V[torch.as_tensor(np.searchsorted(need, targets), device=dev)]
         v_neg = V[torch.as_tensor(np.searchsorted(need, neg), device=dev)]
-        pos_logit = (u * v_pos).sum(-1) - logq_pos
-        neg_logit = u @ v_neg.T - logq_neg[None]
-        hit = torch.as_tensor(neg[None, :] == targets[:, None], device=dev)
-        neg_logit = neg_logit.masked_fill(hit, float("-inf"))
-        return torch.cat([pos_logit[:, None], neg_logit], 1).log_softmax(-1)[:, 0]
+        logits = torch.cat([(u * v_pos).sum(-1, keepdim=True), u @ v_neg.T], 1)
+        pos = torch.zeros(len(targets), dtype=torch.int64, device=dev)
+        return None, logq, pos, logits
 
     def _update_residuals(self, resid: torch.Tensor, pair_loss: torch.Tensor, w: torch.Tensor,
                           owners: np.ndarray, user_states: list[UserState]) -> None:
@@ -376,28 +467,73 @@ class OnlineLearner:
         delta = self.rule.step(rs, grad[idx].astype(np.float64), loss[idx].astype(np.float64))
         for j, i in enumerate(idx):
             st = user_states[i]
-            base = st.residual if st.residual is not None else np.zeros(self.cfg.dim, np.float32)
+            base = np.zeros(self.n_user, np.float32)
+            if st.residual is not None:
+                base[: len(st.residual)] = st.residual
             st.residual = (base + delta[j]).astype(np.float32)
             st.alpha, st.accum = float(rs.alpha[j]), float(rs.accum[j])
             st.loss_ema, st.loss_var = float(rs.loss_ema[j]), float(rs.loss_var[j])
             st.steps = int(rs.steps[j])
 
     # ---------------------------------------------------------------- serving
-    @torch.no_grad()
-    def user_vectors(self, states: Sequence[UserState], now_ts: Sequence[int] | None = None
-                     ) -> np.ndarray:
+    def user_vectors(self, states: Sequence[UserState]) -> np.ndarray:
         """(n, dim) user vectors u = encoder(history) + p_u, for querying the index."""
-        if not states:
+        return self.history_vectors([self.history(st) for st in states],
+                                    [st.residual for st in states])
+
+    @torch.no_grad()
+    def history_vectors(self, hists: Sequence[tuple],
+                        residuals: Sequence[np.ndarray | None]) -> np.ndarray:
+        """User vectors from history snapshots (e.g. `Pending.hists`: what the user's vector
+        was just before each event of a batch) and the users' residuals."""
+        if not hists:
             return np.zeros((0, self.cfg.dim), dtype=np.float32)
-        hists = [self._history(st, st.last_ts if now_ts is None else now_ts[k])
-                 for k, st in enumerate(states)]
         seqs = self._pad(hists)
-        u = self._encode(seqs, *self._item_table(seqs.rows.ravel())).cpu().numpy()
+        u = self._encode(seqs, *self._item_table(self._window(seqs).rows.ravel())).cpu().numpy()
         if self.cfg.use_residual:
-            for k, st in enumerate(states):
-                if st.residual is not None:
-                    u[k] += st.residual
+            for k, res in enumerate(residuals):
+                if res is not None:
+                    u[k] += res[: self.cfg.dim]
         return u.astype(np.float32)
+
+    def scores(self, hists: Sequence[tuple], residuals: Sequence[np.ndarray | None],
+               rows: np.ndarray) -> np.ndarray:
+        """Final scores (P, len(rows)) of the items `rows` for history snapshots."""
+        return self.blend(hists, self.history_vectors(hists, residuals), rows, residuals)
+
+    @torch.no_grad()
+    def blend(self, hists: Sequence[tuple], U: np.ndarray, rows: np.ndarray,
+              residuals: Sequence[np.ndarray | None] | None = None) -> np.ndarray:
+        """Final scores from user vectors U: u·v alone, or with co-visitation the ranker's
+        learned blend of u·v, the co-visitation features and popularity (with each user's
+        own correction of the blend weights, from their residuals)."""
+        _, V = self.item_vectors(rows)
+        out = U @ V.T
+        if self.head is not None:
+            feats, log_pop = self._features([h[0] for h in hists], rows)
+            theta = self._thetas(residuals, len(hists))
+            out = self.head(torch.as_tensor(out, device=self.device), feats, log_pop, theta)
+            out = out.cpu().numpy()
+        return out
+
+    def _thetas(self, residuals: Sequence[np.ndarray | None] | None, n: int
+                ) -> torch.Tensor | None:
+        if not residuals or not self.cfg.use_residual:
+            return None
+        theta = np.zeros((n, self.n_head), np.float32)
+        for k, res in enumerate(residuals):
+            if res is not None and len(res) > self.cfg.dim:
+                theta[k] = res[self.cfg.dim : self.n_user]
+        return torch.as_tensor(theta, device=self.device)
+
+    def covisit_candidates(self, hist: tuple, recent: int = 10, per_item: int = 50
+                           ) -> np.ndarray:
+        """Live item rows co-visited most with the user's `recent` newest distinct items."""
+        if self.covis is None:
+            return np.zeros(0, dtype=np.int64)
+        newest = list(dict.fromkeys(r for r in reversed(hist[0]) if r))[:recent]
+        rows = self.covis.neighbours(np.asarray(newest, dtype=np.int64), per_item)
+        return rows[self.live[np.minimum(rows, len(self.live) - 1)] & (rows < len(self.live))]
 
     @torch.no_grad()
     def item_vectors(self, rows: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
@@ -408,10 +544,14 @@ class OnlineLearner:
         return [self.ids[r] for r in rows], vecs.cpu().numpy().astype(np.float32)
 
     # ---------------------------------------------------------------- checkpoints
-    def checkpoint(self) -> bytes:
-        """Shared parameters + optimizer moments + item rows, as safetensors bytes (no pickle)."""
+    def checkpoint(self, extra: dict[str, str] | None = None) -> bytes:
+        """Shared parameters, optimizer moments, item rows and co-visitation counts, as
+        safetensors bytes (no pickle); `extra` rides along in the metadata."""
         tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in self.named_parameters()}
         tensors["counts"] = torch.as_tensor(self.counts[: len(self.ids)].copy())
+        if self.covis is not None:
+            for k, v in self.covis.arrays().items():
+                tensors[f"covis.{k}"] = torch.as_tensor(v)
         for n, p in self.named_parameters():
             opt = self.sparse_opt if n == "items.E" else self.dense_opt
             for k, v in opt.state.get(p, {}).items():
@@ -423,16 +563,18 @@ class OnlineLearner:
             "text_dim": str(self.text_dim),
             "ids": json.dumps(self.ids),
             "steps": str(self.steps),
+            **(extra or {}),
         }
         return st_save(tensors, metadata=meta)
 
-    def restore(self, data: bytes) -> None:
+    def restore(self, data: bytes) -> dict[str, str]:
         """Load a checkpoint into this (fresh) learner; rows follow the checkpoint's order.
 
         Items come back not-live: the catalog replica re-upserts their text vectors.
+        Returns the checkpoint's metadata (incl. what was passed as `extra`).
         """
         meta = _read_meta(data)
-        want = {k: getattr(self.cfg, k) for k in _STRUCTURAL}
+        want = json.loads(json.dumps({k: getattr(self.cfg, k) for k in _STRUCTURAL}))
         if json.loads(meta["config"]) != want or int(meta["text_dim"]) != self.text_dim:
             raise ValueError(f"checkpoint shape config {meta['config']} != this learner's {want}")
         if len(self.ids) > 1:
@@ -455,6 +597,10 @@ class OnlineLearner:
         self._make_optimizers()
         self._load_opt_state(tensors, params)
         self.steps = int(meta["steps"])
+        if self.covis is not None and "covis.n" in tensors:
+            self.covis.load_arrays({k[6:]: v.numpy() for k, v in tensors.items()
+                                    if k.startswith("covis.")})
+        return meta
 
     def _load_opt_state(self, tensors: dict, params: dict) -> None:
         for n, p in params.items():
@@ -482,7 +628,6 @@ class _Replay:
         self.rows = np.zeros((capacity, history_len), dtype=np.int64)
         self.types = np.zeros((capacity, history_len), dtype=np.int64)
         self.gaps = np.zeros((capacity, history_len), dtype=np.int64)
-        self.q_gap = np.zeros(capacity, dtype=np.int64)
         self.target = np.zeros(capacity, dtype=np.int64)
         self.weight = np.zeros(capacity, dtype=np.float64)
         self.n = 0
@@ -497,7 +642,7 @@ class _Replay:
             for arr, src in ((self.rows, s.rows), (self.types, s.types), (self.gaps, s.gaps)):
                 arr[i] = 0
                 arr[i, self.H - L:] = src[p]
-            self.q_gap[i], self.target[i], self.weight[i] = s.q_gap[p], targets[p], weights[p]
+            self.target[i], self.weight[i] = targets[p], weights[p]
             self.pos = (self.pos + 1) % self.cap
             self.n = min(self.n + 1, self.cap)
 
@@ -505,7 +650,7 @@ class _Replay:
         if k == 0 or self.n == 0:
             return None
         idx = rng.choice(self.n, size=min(k, self.n), replace=False)
-        seqs = _Seqs(self.rows[idx], self.types[idx], self.gaps[idx], self.q_gap[idx], [])
+        seqs = _Seqs(self.rows[idx], self.types[idx], self.gaps[idx], [])
         return seqs, self.target[idx], self.weight[idx]
 
 
@@ -522,7 +667,7 @@ def _rule_state(states: list[UserState], alpha0: float) -> RuleState:
 def _take(s: _Seqs, idx: np.ndarray) -> _Seqs:
     pos = {int(p): k for k, p in enumerate(idx)}
     texts = [(pos[p], at, v) for p, at, v in s.texts if p in pos]
-    return _Seqs(s.rows[idx], s.types[idx], s.gaps[idx], s.q_gap[idx], texts)
+    return _Seqs(s.rows[idx], s.types[idx], s.gaps[idx], texts)
 
 
 def _concat(a: _Seqs, b: _Seqs) -> _Seqs:
@@ -538,7 +683,6 @@ def _concat(a: _Seqs, b: _Seqs) -> _Seqs:
         np.concatenate([lpad(a.rows), lpad(b.rows)]),
         np.concatenate([lpad(a.types), lpad(b.types)]),
         np.concatenate([lpad(a.gaps), lpad(b.gaps)]),
-        np.concatenate([a.q_gap, b.q_gap]),
         texts,
     )
 

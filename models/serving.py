@@ -30,15 +30,41 @@ class Scored:
     reason_item_id: str | None
 
 
+def rank_candidates(learner: OnlineLearner, hists: Sequence[tuple], U: np.ndarray,
+                    tower_rows: Sequence[np.ndarray], seen_rows: Sequence[set[int]],
+                    residuals: Sequence[np.ndarray | None] | None = None
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The serving ranker: the index's (two-tower) candidates plus, with co-visitation, the
+    items co-visited most with the user's recent ones; live and unseen only; scored by the
+    learner's blend. Returns (item rows, scores) per user, best first. The offline evaluator
+    ranks through this same function, so it measures what the agent serves."""
+    cands = []
+    for hist, rows, seen in zip(hists, tower_rows, seen_rows, strict=True):
+        c = np.union1d(rows, learner.covisit_candidates(hist)).astype(np.int64)
+        keep = learner.live[c] & ~np.isin(c, np.fromiter(seen, dtype=np.int64, count=len(seen)))
+        cands.append(c[keep])
+    cols = np.unique(np.concatenate(cands + [np.zeros(0, np.int64)]))
+    if len(cols) == 0:
+        return [(c, np.zeros(0, np.float32)) for c in cands]
+    S = learner.blend(hists, U, cols, residuals)
+    out = []
+    for p, c in enumerate(cands):
+        s = S[p, np.searchsorted(cols, c)]
+        order = np.argsort(-s, kind="stable")
+        out.append((c[order], s[order]))
+    return out
+
+
 class Server:
     """Owns the id map and the versioned index for one learner."""
 
     def __init__(self, learner: OnlineLearner, config: IndexConfig | None = None,
-                 refresh_batches: int = 20, refresh_s: float = 5.0):
+                 refresh_batches: int = 20, refresh_s: float = 5.0, candidates: int = 200):
         self.learner = learner
         self.config = config or IndexConfig()
         self.refresh_batches = refresh_batches
         self.refresh_s = refresh_s
+        self.candidates = candidates
         self.ids = IdMap()
         self.index = VersionedIndex()
         self._batches_since = 0
@@ -101,12 +127,30 @@ class Server:
         if idx is None or len(states) == 0:
             return [[] for _ in states], version
         seen = [{self.ids.to_int(i) for i in st.seen_items()} - {None} for st in states]
-        scores, keys = idx.search(user_vecs, k, exclude=seen)
-        out = []
-        for st, srow, krow in zip(states, scores, keys, strict=True):
-            valid = krow >= 0
-            out.append(self._with_reasons(idx, st, krow[valid], srow[valid], reason_window))
+        if self.learner.head is None:  # two-tower alone: the index's ranking is final
+            scores, keys = idx.search(user_vecs, k, exclude=seen)
+            ranked = [(krow[krow >= 0], srow[krow >= 0]) for srow, krow in zip(scores, keys,
+                                                                                strict=True)]
+        else:
+            ranked = self._rerank(idx, states, user_vecs, seen, k)
+        out = [self._with_reasons(idx, st, keys, scores, reason_window)
+               for st, (keys, scores) in zip(states, ranked, strict=True)]
         return out, version
+
+    def _rerank(self, idx: FaissIndex, states: Sequence[UserState], user_vecs: np.ndarray,
+                seen: list[set[int]], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Index candidates + co-visitation candidates, ordered by the learned ranker."""
+        _, keys = idx.search(user_vecs, self.candidates, exclude=seen)
+        rows = self.learner.rows
+        tower_rows = [np.array([rows[self.ids.to_str(int(kk))] for kk in krow if kk >= 0],
+                               dtype=np.int64) for krow in keys]
+        seen_rows = [{rows[i] for i in st.seen_items() if i in rows} for st in states]
+        hists = [self.learner.history(st) for st in states]
+        ranked = rank_candidates(self.learner, hists, user_vecs, tower_rows, seen_rows,
+                                 [st.residual for st in states])
+        ids = self.learner.ids
+        return [(np.array([self.ids.add(ids[r]) for r in c[:k]], dtype=np.int64), s[:k])
+                for c, s in ranked]
 
     def _with_reasons(self, idx: FaissIndex, st: UserState, keys: np.ndarray,
                       scores: np.ndarray, window: int) -> list[Scored]:

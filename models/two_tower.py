@@ -4,8 +4,9 @@ Item tower:  v_i = E[i] + W·t_i   (learned ID embedding + learned projection of
              text embedding t_i; a new item starts from its text alone, E[i] ≈ 0).
 User tower:  u = f(last H events) (+ p_u, added by the learner), where f is a small causal
              sequence encoder over [item vector + event-type embedding + time-gap embedding +
-             position] of each past event, read out at a final query token. The query token
-             carries the gap between the newest event and the moment of prediction.
+             position] of each past event, read out at a final query token. (The query token
+             carries no time: when a recommendation is served, the time of the next event is
+             unknown, so training must not see it either.)
 """
 
 from __future__ import annotations
@@ -96,17 +97,16 @@ class UserTower(nn.Module):
         self.decay = nn.Parameter(torch.tensor(-2.0))  # softplus -> ~0.13 per step back
         self.pool_scale = nn.Parameter(torch.tensor(1.0))
 
-    def forward(
-        self, seq: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, q_gap: torch.Tensor
-    ) -> torch.Tensor:
-        """seq (B, L, d) item vectors, types/gaps (B, L) ids, q_gap (B,) -> u (B, d)."""
+    def forward(self, seq: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor
+                ) -> torch.Tensor:
+        """seq (B, L, d) item vectors, types/gaps (B, L) ids -> u (B, d)."""
+        if self.kind == "none":  # no sequence information: u is the per-user residual alone
+            return torch.zeros(seq.shape[0], seq.shape[2], device=seq.device)
         pooled = self._recency_pool(seq, types)
-        if self.kind == "none":
-            return pooled
         B, L, _ = seq.shape
         x = seq + self.type_emb(types) + self.gap_emb(gaps)
-        q = self.type_emb.weight[QUERY_TYPE] + self.gap_emb(q_gap)
-        x = torch.cat([x, q[:, None, :]], dim=1)
+        q = self.type_emb.weight[QUERY_TYPE].expand(B, 1, -1)
+        x = torch.cat([x, q], dim=1)
         # positions count back from the query token, so "newest" always has the same index
         pos = torch.arange(self.pos_emb.num_embeddings - L - 1, self.pos_emb.num_embeddings,
                            device=seq.device)
@@ -150,3 +150,32 @@ class UserTower(nn.Module):
         blocked = blocked & ~torch.eye(n, dtype=torch.bool, device=types.device)[None]
         mask = torch.zeros(B, n, n, device=types.device).masked_fill(blocked, float("-inf"))
         return mask.repeat_interleave(self.n_heads, dim=0)
+
+
+class PriorHead(nn.Module):
+    """The ranker: a learned blend of the two-tower score, co-visitation features and
+    log-popularity. Starts as "two-tower score + the classic sequence-aware item-kNN blend"
+    (one co-visitation feature, 0.05 popularity, scaled to softmax logits); learned online."""
+
+    def __init__(self, n_covis: int, init_feature: int, scale: float = 5.0):
+        super().__init__()
+        w = torch.zeros(n_covis)
+        w[init_feature] = scale
+        self.tower_w = nn.Parameter(torch.tensor(1.0))
+        self.covis_w = nn.Parameter(w)
+        self.pop_w = nn.Parameter(torch.tensor(0.05 * scale))
+
+    @property
+    def n_params(self) -> int:
+        return 2 + self.covis_w.numel()
+
+    def forward(self, tower: torch.Tensor, covis: torch.Tensor, log_pop: torch.Tensor,
+                theta: torch.Tensor | None = None) -> torch.Tensor:
+        """tower (P, N) two-tower scores, covis (K, P, N), log_pop (N,) -> (P, N).
+        `theta` (P, 2 + K): per-row corrections of [tower_w, covis_w..., pop_w]."""
+        w = torch.cat([self.tower_w[None], self.covis_w, self.pop_w[None]])[None, :]
+        if theta is not None:
+            w = w + theta
+        K = self.covis_w.numel()
+        return (w[:, :1] * tower + torch.einsum("pk,kpn->pn", w[:, 1 : 1 + K], covis)
+                + w[:, 1 + K :] * log_pop[None, :])

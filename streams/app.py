@@ -37,6 +37,21 @@ def _record(ev: Any) -> RawRecord:
                      int((msg.timestamp or 0) * 1000), ev)
 
 
+async def deliver(app: faust.App) -> None:
+    """Wait until the broker has acknowledged everything produced so far.
+
+    Table writes only enqueue changelog records in Faust's producer buffer. Faust's own
+    pre-commit flush gives up after 0.1 s without progress, so it can commit source offsets
+    whose state never reached the changelog; a crash then loses those events (seen in
+    tests/test_restart.py before this). Waiting here, before `take_events` acks the batch,
+    makes the order state-durable -> offsets-committable.
+    """
+    producer = app.producer
+    while producer.buffer.size:
+        await producer.buffer.flush()
+    await producer.flush()
+
+
 def create_app(settings: Settings, runtime: Runtime) -> faust.App:
     s = settings
     app = faust.App(
@@ -73,6 +88,7 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
     events_dlq = topic(s.events_dlq_topic)
     catalog_dlq = topic(s.catalog_dlq_topic)
     checkpoints_t = topic(s.checkpoints_topic)
+    covisits_t = topic(s.covisits_topic)
     users = app.Table("user-state", default=None, partitions=s.partitions,
                       key_type=bytes, value_type=bytes)
 
@@ -114,17 +130,25 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
                 await dead_letter(events_dlq, s.topic(s.events_topic), out.rejected)
             runtime.observe_emit(out)
             runtime.processor.learn(out)  # serve first, then learn: latency excludes training
+            await runtime.publish_covisits(out)
             for user, upd in out.users.items():  # state incl. applied offsets, one write per user
                 with current_event(upd.record.ref):
                     users[user.encode()] = upd.state.to_bytes()
+            await deliver(app)  # before the batch is acked, so its offsets become committable
+
 
     @app.task
     async def start_runtime() -> None:
-        await runtime.start(lambda k, v: send_acked(checkpoints_t, k, v))
+        await runtime.start(lambda k, v: send_acked(checkpoints_t, k, v),
+                            lambda k, v: covisits_t.send(key=k, value=v, force=True))
 
     @app.timer(s.checkpoint_interval_s)
     async def checkpoint() -> None:
-        await runtime.save_checkpoint()
+        try:
+            await runtime.save_checkpoint()
+        except Exception as exc:  # noqa: BLE001 - retried next interval; visible in metrics
+            m.CHECKPOINTS.labels(outcome="failed").inc()
+            log.error("checkpoint failed (retrying in %.0f s): %r", s.checkpoint_interval_s, exc)
 
     @app.timer(10.0)
     async def users_active() -> None:

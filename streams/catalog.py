@@ -8,7 +8,6 @@ global, users are partitioned.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 from collections.abc import Callable, Sequence
@@ -18,7 +17,6 @@ from typing import Any
 import numpy as np
 import orjson
 
-from streams.clients import reached, wait_assignment
 from streams.schemas import InvalidRecord, Reason, parse_item
 
 log = logging.getLogger("streamrec.catalog")
@@ -110,74 +108,23 @@ class CatalogEncoder:
         return out
 
 
-# ------------------------------------------------------------------ every worker's replica
-class CatalogReplica:
-    """Reads all of item-vectors (every partition, no group) and applies it, in order.
-
-    `apply(upserts: dict[item_id, vector], deletes: list[item_id])` is called on the event loop
-    once per fetched chunk; only the last change of an item within a chunk matters.
-    """
-
-    def __init__(self, consumer_factory: Callable[[str], Any], topic: str,
-                 apply: Callable[[dict[str, np.ndarray], list[str]], None]):
-        self._factory = consumer_factory
-        self.topic = topic
-        self.apply = apply
-        self.consumer: Any = None
-        self.caught_up = asyncio.Event()
-        self.records = 0
-        self._task: asyncio.Task | None = None
-
-    async def start(self) -> None:
-        self.consumer = self._factory(self.topic)
-        await self.consumer.start()
-        self.tps = sorted(await wait_assignment(self.consumer))
-        self._target = await self.consumer.end_offsets(self.tps)
-        self._task = asyncio.create_task(self._run(), name="catalog-replica")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self.consumer:
-            await self.consumer.stop()
-
-    async def _run(self) -> None:
-        while True:
-            batches = await self.consumer.getmany(timeout_ms=200, max_records=5000)
-            upserts: dict[str, np.ndarray] = {}
-            deletes: dict[str, None] = {}
-            for msgs in batches.values():
-                for m in msgs:
-                    self._collect(m, upserts, deletes)
-            if upserts or deletes:
-                self.apply(upserts, list(deletes))
-            if not self.caught_up.is_set() and await reached(self.consumer, self._target):
-                log.info("catalog replica caught up: %d records", self.records)
-                self.caught_up.set()
-
-    def _collect(self, m: Any, upserts: dict, deletes: dict) -> None:
-        self.records += 1
+# ------------------------------------------------------------------ every worker's copy
+def collapse_item_vectors(messages: list[Any]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """item-vectors records (in order) -> the last change per item: (upserts, deletes)."""
+    upserts: dict[str, np.ndarray] = {}
+    deletes: dict[str, None] = {}
+    for m in messages:
         item_id = m.key.decode("utf-8", "replace") if m.key else None
         if m.value is None:
             if item_id is not None:
                 upserts.pop(item_id, None)
                 deletes[item_id] = None
-            return
+            continue
         try:
             item_id, vec = decode_item_vector(m.value)
         except (ValueError, KeyError, orjson.JSONDecodeError) as exc:  # written by us; log only
             log.error("unreadable item-vector record at %s:%s: %r", m.partition, m.offset, exc)
-            return
+            continue
         deletes.pop(item_id, None)
         upserts[item_id] = vec
-
-    async def sync(self, timeout: float = 2.0) -> bool:
-        """Wait (bounded) until everything written to item-vectors so far is applied."""
-        target = await self.consumer.end_offsets(self.tps)
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not await reached(self.consumer, target):
-            if asyncio.get_running_loop().time() > deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
+    return upserts, list(deletes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from pathlib import Path
 
 import click
 import orjson
@@ -130,6 +131,47 @@ def demo(n_events: int, exit_: bool, rate: float, n_items: int, n_users: int,
                        n_items=n_items, n_users=n_users)
     if summary is not None:
         click.echo(orjson.dumps(summary).decode())
+
+
+@main.command("eval")
+@click.option("--movielens-100k", "ml_dir", type=click.Path(exists=True, file_okay=False),
+              help="MovieLens 100K directory (u.data + u.item).")
+@click.option("--events", "events_path", type=click.Path(exists=True), help="BehaviorEvent JSONL.")
+@click.option("--items", "items_path", type=click.Path(exists=True), help="Item JSONL.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--models", "model_list", default=None,
+              help="Comma-separated model names (default: streamrec, its ablations, all peers).")
+@click.option("--no-ablations", is_flag=True, help="Only streamrec and the peers.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write figures here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG here.")
+@click.option("--jobs", type=int, default=2, show_default=True, help="Models run in parallel.")
+@click.option("--limit", type=int, default=None, help="Only the first N events (smoke runs).")
+def eval_(ml_dir: str | None, events_path: str | None, items_path: str | None,
+          batch_size: int, model_list: str | None, no_ablations: bool, json_path: str | None,
+          plot_path: str | None, jobs: int, limit: int | None) -> None:
+    """Prequential (test-then-train) evaluation with full ranking; no Kafka involved."""
+    from models import comparison as cmp
+    from models.datasets import load_events, load_items, movielens_events, movielens_items
+    from models.encoder import TextEncoder
+
+    if ml_dir:
+        name, items, events = "ml-100k", movielens_items(ml_dir), movielens_events(ml_dir)
+    elif events_path and items_path:
+        name, items, events = Path(events_path).stem, load_items(items_path), \
+            load_events(events_path)
+    else:
+        raise click.UsageError("give --movielens-100k DIR, or --events FILE and --items FILE")
+    s = Settings()
+    encoder = TextEncoder(s.encoder_path, device="cpu", batch_size=s.encoder_batch_size)
+    data = cmp.make_dataset(name, items, events[:limit] if limit else events, encoder.encode)
+    names = model_list.split(",") if model_list else cmp.model_names(ablations=not no_ablations)
+    results = cmp.run_comparison(data, names, batch_size, s.learner, jobs=jobs)
+    doc = cmp.to_json(data, results, batch_size)
+    cmp.print_table(doc)
+    if json_path:
+        cmp.write_json(json_path, doc)
+    if plot_path:
+        cmp.plot(results, plot_path, f"{name}: NDCG@10 over the stream (batch {batch_size})")
 
 
 @main.command()

@@ -17,7 +17,8 @@ EVENTS = Counter(
     "streamrec_events", "Behavior events consumed, by type and outcome "
     "(applied, dlq, duplicate = replayed and skipped)", ["event_type", "outcome"]
 )
-DLQ = Counter("streamrec_dlq", "Records sent to a dead-letter topic", ["topic", "reason"])
+DLQ = Counter("streamrec_dlq", "Records sent to a dead-letter topic, by source topic and reason",
+              ["topic", "reason"])
 BATCH_SIZE = Histogram("streamrec_batch_size", "Events per micro-batch", buckets=_BATCH_BUCKETS)
 STAGE_SECONDS = Histogram(
     "streamrec_stage_seconds", "Time per micro-batch stage", ["stage"], buckets=_LATENCY_BUCKETS

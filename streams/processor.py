@@ -113,7 +113,11 @@ class EventProcessor:
 
     def _dedupe(self, events: Sequence[Decoded], load_state: Callable[[str, RawRecord], UserState],
                 out: BatchOutput) -> list[Decoded]:
-        """Drop replays (offset at or below the user's last applied one) and unknown items."""
+        """Drop replays (offset at or below the user's last applied one) and unknown items.
+
+        An accepted event marks its offset at once: after a rebalance the consumer may hand the
+        same record to one batch twice (seen in tests/test_restart.py as a double count).
+        """
         todo = []
         for rec, ev in events:
             upd = out.users.get(ev.user_id)
@@ -128,6 +132,7 @@ class EventProcessor:
                 outcome = "dlq"
             else:
                 todo.append((rec, ev))
+                upd.state.mark_applied(rec.partition, rec.offset)
                 outcome = "applied"
             m.EVENTS.labels(event_type=ev.event_type, outcome=outcome).inc()
         touched = {ev.user_id for _, ev in todo}
@@ -146,11 +151,10 @@ class EventProcessor:
             ]
 
     def _mark(self, todo: list[Decoded], out: BatchOutput) -> None:
-        """Record each applied offset in its user's state (same changelog write as the effect)."""
+        """Note each user's newest record: its changelog write carries the applied offsets."""
         now = time.monotonic()
         for rec, ev in todo:
             upd = out.users[ev.user_id]
-            upd.state.mark_applied(rec.partition, rec.offset)
             upd.record = rec
             upd.newest_kafka_ts = max(upd.newest_kafka_ts, rec.timestamp_ms)
             self.last_seen[ev.user_id] = now

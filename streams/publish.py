@@ -36,15 +36,20 @@ def _paced(records: Iterable[Any], rate: float | None) -> Iterator[Any]:
 def publish(settings: Settings, topic: str, records: Iterable[tuple[bytes | None, bytes | None]],
             total: int | None = None, rate: float | None = None, label: str = "publish",
             quiet: bool = False, producer: Any = None) -> int:
-    """Send (key, value) records to `topic`; returns how many were acknowledged."""
+    """Send (key, value) records to `topic`; returns how many were acknowledged.
+
+    Raises PublishError if the broker refused any record (after the producer's retries), so
+    a caller never believes records landed that did not.
+    """
     own = producer is None
     producer = producer or kafka_producer(settings)
     sent = 0
+    failures: list[BaseException] = []
     start = time.monotonic()
     with progress(quiet) as bar:
         task = bar.add_task(label, total=total, rate="")
         for key, value in _paced(records, rate):
-            producer.send(topic, key=key, value=value)
+            producer.send(topic, key=key, value=value).add_errback(failures.append)
             sent += 1
             if sent % 500 == 0:
                 eps = sent / max(time.monotonic() - start, 1e-9)
@@ -54,7 +59,13 @@ def publish(settings: Settings, topic: str, records: Iterable[tuple[bytes | None
         bar.update(task, completed=sent, rate=f"{eps:,.0f}/s")
     if own:
         producer.close()
+    if failures:
+        raise PublishError(f"{len(failures)} of {sent} records to {topic} failed: {failures[0]!r}")
     return sent
+
+
+class PublishError(RuntimeError):
+    """The broker did not acknowledge some records."""
 
 
 def item_records(items: Iterable[dict]) -> Iterator[tuple[bytes, bytes]]:

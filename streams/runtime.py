@@ -1,8 +1,14 @@
 """A worker's live parts and their start-up order, apart from Faust's wiring.
 
 Start-up: restore shared parameters from the last checkpoint -> replay item-vectors until
-caught up (learner rows + text vectors) -> build the first index -> `ready`. The event agent
-waits for `ready`, so no event is judged against a half-loaded catalog.
+caught up (learner rows + text vectors) -> replay the co-visitation pairs since the
+checkpoint -> build the first index -> `ready`. The event agent waits for `ready`, so no
+event is judged against a half-loaded catalog.
+
+Co-visitation counts are global state built from every worker's events: each worker
+publishes its batches' pairs to the covisits topic and every worker (itself included)
+applies all of them from there, in the same order, so all workers hold the same counts and
+a checkpoint taken by any of them (counts + the topic positions they include) serves all.
 """
 
 from __future__ import annotations
@@ -10,21 +16,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
+import orjson
 
 from models.encoder import TextEncoder
 from models.learner import OnlineLearner
 from models.serving import Server
 from streams import metrics as m
-from streams.catalog import CatalogEncoder, CatalogReplica, RawRecord
+from streams.catalog import CatalogEncoder, RawRecord, collapse_item_vectors
 from streams.checkpoint import CheckpointStore, read_topic
 from streams.clients import aio_options
 from streams.processor import BatchOutput, EventProcessor
+from streams.replica import TopicReplica
 from streams.settings import Settings
 
 log = logging.getLogger("streamrec.runtime")
+
+Send = Callable[[bytes | None, bytes | None], Awaitable[None]]
+PAIRS_PER_RECORD = 200  # keeps a covisits record well below Kafka's 1 MB default
 
 
 class Runtime:
@@ -33,12 +45,16 @@ class Runtime:
         self.encoder = encoder or TextEncoder(s.encoder_path, s.encoder_device,
                                               s.encoder_batch_size)
         self.learner = OnlineLearner(s.learner, text_dim=self.encoder.dim)
-        self.server = Server(self.learner, s.index, s.index_refresh_batches, s.index_refresh_s)
+        self.server = Server(self.learner, s.index, s.index_refresh_batches, s.index_refresh_s,
+                             s.serving_candidates)
         self.processor = EventProcessor(s, self.learner, self.server, self.encoder)
         self.catalog = CatalogEncoder(self.encoder.encode, s.max_item_bytes)
-        self.replica = CatalogReplica(self._consumer, s.topic(s.item_vectors_topic),
-                                      self.apply_catalog)
+        self.items = TopicReplica(self._consumer, s.topic(s.item_vectors_topic),
+                                  self._apply_item_vectors)
+        self.covisits = TopicReplica(self._consumer, s.topic(s.covisits_topic),
+                                     self._apply_covisits)
         self.checkpoints: CheckpointStore | None = None
+        self.send_covisits: Send | None = None
         self.ready = asyncio.Event()
         self._saved_steps = -1
 
@@ -50,34 +66,41 @@ class Runtime:
                                 auto_offset_reset="earliest", **aio_options(self.s))
 
     # ------------------------------------------------------------------ start-up
-    async def start(self, send_checkpoint_record: Any) -> None:
+    async def start(self, send_checkpoint_record: Send, send_covisits: Send) -> None:
         s = self.s
         self.checkpoints = CheckpointStore(s.app_id, send_checkpoint_record,
                                            s.checkpoint_chunk_bytes)
-        await self.restore_checkpoint()
-        await self.replica.start()
-        await self.replica.caught_up.wait()
+        self.send_covisits = send_covisits
+        meta = await self.restore_checkpoint()
+        await self.items.start()
+        await self.items.caught_up.wait()
+        if self.learner.covis is not None:
+            offsets = orjson.loads(meta.get("covisit_offsets", "{}"))
+            await self.covisits.start({int(p): o for p, o in offsets.items()})
+            await self.covisits.caught_up.wait()
         self.server.refresh()
         m.INDEX_ITEMS.set(self.server.n_items)
         m.INDEX_VERSION.set(self.server.version)
         log.info("worker ready: %d items, index v%d", self.server.n_items, self.server.version)
         self.ready.set()
 
-    async def restore_checkpoint(self) -> None:
+    async def restore_checkpoint(self) -> dict[str, str]:
         assert self.checkpoints is not None
         records = await read_topic(self._consumer(self.s.topic(self.s.checkpoints_topic)))
         data = self.checkpoints.assemble(records)
         if data is None:
             log.info("no checkpoint found: starting from fresh shared parameters")
-            return
+            return {}
         try:
-            self.learner.restore(data)
-            self._saved_steps = self.learner.steps
-            m.CHECKPOINTS.labels(outcome="restored").inc()
-            log.info("restored checkpoint (%d bytes, %d steps)", len(data), self.learner.steps)
+            meta = self.learner.restore(data)
         except ValueError as exc:  # shape config changed: start fresh, loudly
             m.CHECKPOINTS.labels(outcome="incompatible").inc()
             log.error("checkpoint not restored: %s", exc)
+            return {}
+        self._saved_steps = self.learner.steps
+        m.CHECKPOINTS.labels(outcome="restored").inc()
+        log.info("restored checkpoint (%d bytes, %d steps)", len(data), self.learner.steps)
+        return meta
 
     async def save_checkpoint(self, force: bool = False) -> int | None:
         """Checkpoint if anything was learned since the last one."""
@@ -86,18 +109,25 @@ class Runtime:
         if self.learner.steps == self._saved_steps and not force:
             return None
         steps = self.learner.steps
-        version = await self.checkpoints.save(self.learner.checkpoint())
+        extra = {}
+        if self.learner.covis is not None:  # the counts include everything before these
+            positions = {str(p): o for p, o in (await self.covisits.positions()).items()}
+            extra["covisit_offsets"] = orjson.dumps(positions).decode()
+        data = self.learner.checkpoint(extra)  # synchronous: counts and positions agree
+        version = await self.checkpoints.save(data)
         self._saved_steps = steps
         m.CHECKPOINTS.labels(outcome="saved").inc()
-        log.info("checkpoint v%d saved (%d steps)", version, steps)
+        log.info("checkpoint v%d saved (%d steps, %d bytes)", version, steps, len(data))
         return version
 
     async def stop(self) -> None:
-        await self.replica.stop()
+        await self.items.stop()
+        await self.covisits.stop()
 
-    # ------------------------------------------------------------------ catalog
-    def apply_catalog(self, upserts: dict[str, np.ndarray], deletes: list[str]) -> None:
-        """Called by the replica: catalog changes reach learner and serving index together."""
+    # ------------------------------------------------------------------ replicated state
+    def _apply_item_vectors(self, messages: list[Any]) -> None:
+        """Catalog changes reach learner and serving index together."""
+        upserts, deletes = collapse_item_vectors(messages)
         if upserts:
             ids = list(upserts)
             self.learner.upsert_items(ids, np.stack([upserts[i] for i in ids]))
@@ -109,11 +139,29 @@ class Runtime:
         m.CATALOG_ITEMS.labels(outcome="deleted").inc(len(deletes))
         m.INDEX_ITEMS.set(self.server.n_items)
 
+    def _apply_covisits(self, messages: list[Any]) -> None:
+        pairs = []
+        for msg in messages:
+            try:
+                pairs.extend(orjson.loads(msg.value)["pairs"])
+            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:  # written by us
+                log.error("unreadable covisits record at %s:%s: %r", msg.partition,
+                          msg.offset, exc)
+        self.learner.apply_covisits(pairs)
+
+    async def publish_covisits(self, out: BatchOutput) -> None:
+        """This batch's pairs, for every worker (this one too) to apply from the topic."""
+        if out.pending is None or self.send_covisits is None:
+            return
+        pairs = self.learner.covisit_pairs(out.pending)
+        for i in range(0, len(pairs), PAIRS_PER_RECORD):
+            await self.send_covisits(None, orjson.dumps({"pairs": pairs[i:i + PAIRS_PER_RECORD]}))
+
     # ------------------------------------------------------------------ events
     async def process_events(self, records: list[RawRecord], load_state: Any) -> BatchOutput:
         good, bad = self.processor.decode(records)
         if self.processor.unknown_items(good):
-            await self.replica.sync(timeout=2.0)  # an item published just before its events
+            await self.items.sync(timeout=2.0)  # an item published just before its events
         return self.processor.process(good, bad, load_state)
 
     @staticmethod

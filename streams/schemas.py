@@ -15,6 +15,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from models.encoder import item_text
+
 EventType = Literal[
     "view", "click", "add_to_cart", "purchase", "rate", "search", "comment", "dislike"
 ]
@@ -94,15 +96,8 @@ class Item(_Wire):
         return v.strip()
 
     def embedding_text(self) -> str:
-        """The text the encoder sees: title, text, tags and category, one recipe everywhere."""
-        parts = [self.title]
-        if self.text:
-            parts.append(self.text)
-        if self.tags:
-            parts.append(", ".join(self.tags))
-        if self.category:
-            parts.append(self.category)
-        return ". ".join(p for p in parts if p)
+        """The text the encoder sees (models.encoder.item_text: one recipe everywhere)."""
+        return item_text(self.model_dump())
 
 
 class RecommendedItem(_Wire):

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     recommendations_topic: str = Field("recommendations", description="Output: top-K per user.")
     events_dlq_topic: str = Field("behavior-events-dlq", description="Rejected events.")
     catalog_dlq_topic: str = Field("item-catalog-dlq", description="Rejected catalog items.")
+    covisits_topic: str = Field(
+        "item-covisits",
+        description="Co-visitation pairs of every worker's batches, read in full by every "
+        "worker: the ranker's co-visitation counts are global, users are partitioned.",
+    )
     checkpoints_topic: str = Field(
         "model-checkpoints", description="Shared model parameters (compacted, chunked)."
     )
@@ -77,6 +82,12 @@ class Settings(BaseSettings):
 
     # -- recommendations -------------------------------------------------------------------------
     top_k: int = Field(10, ge=1, le=1000, description="Items per recommendation.")
+    serving_candidates: int = Field(
+        200,
+        ge=1,
+        description="Items the FAISS index returns per user for the ranker (plus the "
+        "co-visitation neighbours of the user's recent items); the ranker keeps top_k.",
+    )
     reason_window: int = Field(
         10, ge=1, description="Most recent history items considered for `reason_item_id`."
     )

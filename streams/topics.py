@@ -32,6 +32,7 @@ def topic_specs(s: Settings) -> dict[str, dict[str, Any]]:
                                            "config": keep},
         s.topic(s.events_dlq_topic): {"partitions": parts, "replication": rf, "config": keep},
         s.topic(s.catalog_dlq_topic): {"partitions": parts, "replication": rf, "config": keep},
+        s.topic(s.covisits_topic): {"partitions": parts, "replication": rf, "config": keep},
         s.topic(s.checkpoints_topic): {"partitions": 1, "replication": rf,
                                        "config": {**_COMPACT, **big}},
     }

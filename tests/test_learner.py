@@ -34,7 +34,9 @@ def topic_catalog(n_items: int = 200, n_topics: int = 8, seed: int = 0, noise: f
 
 
 def make_learner(capacity: int = 256, **kw) -> OnlineLearner:
-    kw = {"dim": 16, "history_len": 10, "device": "cpu", "seed": 0} | kw
+    """The towers alone (no co-visitation ranker) unless a test asks for it: these tests
+    check the two-tower loss, whose figures the ranker's loss would add to."""
+    kw = {"dim": 16, "history_len": 10, "device": "cpu", "seed": 0, "covisit": False} | kw
     return OnlineLearner(LearnerConfig(**kw), text_dim=TEXT_DIM, capacity=capacity)
 
 
@@ -72,7 +74,7 @@ def pair_losses_and_u(learner: OnlineLearner, pend: Pending) -> tuple[np.ndarray
     V, need = learner._item_table(np.concatenate([live, seqs.rows.ravel()]))
     u = learner._encode(seqs, V, need)
     loss = learner._pair_losses(u, np.array(pend.targets), np.array(pend.weights), live, V,
-                                need)
+                                need, seqs.rows, np.ones(len(pend.targets), dtype=bool))
     return loss.numpy(), u.numpy()
 
 
@@ -108,9 +110,7 @@ def test_deterministic_cycle_is_learned():
             pos[u] += 1
         losses.append(learner.learn_batch(evs, states).loss)
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
-    # predict at the moment of each user's next event (same gap as in training)
-    now = [st.last_ts + 1000 * len(states) for st in states.values()]
-    u = learner.user_vectors(list(states.values()), now_ts=now)
+    u = learner.user_vectors(list(states.values()))
     names, V = learner.item_vectors()
     top = [names[j] for j in (u @ V.T).argmax(1)]
     hits = sum(t == ids[pos[u] % n] for t, u in zip(top, states, strict=True))
@@ -130,7 +130,7 @@ def _leaky_observe(learner: OnlineLearner, events, states) -> Pending:
                   learner.cfg.history_len)
         target = learner._target_row(ev)
         if target is not None:
-            pend.hists.append(learner._history(st, ev.ts))
+            pend.hists.append(learner.history(st))
             pend.targets.append(target)
             pend.weights.append(learner._weight(ev))
             pend.owners.append(owner)
@@ -198,13 +198,13 @@ def test_trained_pairs_are_the_unleaked_ones():
     assert st["u"].items == ids[:3]  # and afterwards every event is in the history
 
 
-def _enc_outputs(tower: UserTower, seq, types, gaps, q_gap) -> torch.Tensor:
+def _enc_outputs(tower: UserTower, seq, types, gaps) -> torch.Tensor:
     """Per-position encoder outputs (B, L+1, d) of a real forward pass (forward hook)."""
     out = {}
     h = tower.enc.register_forward_hook(lambda m, i, o: out.__setitem__("h", o))
     try:
         with torch.no_grad():
-            tower(seq, types, gaps, q_gap)
+            tower(seq, types, gaps)
     finally:
         h.remove()
     return out["h"]
@@ -232,15 +232,14 @@ def _causality_violations(tower: UserTower) -> list[int]:
     types[:, :n_pad] = 0
     seq[:, :n_pad] = 0
     gaps = torch.randint(0, 10, (B, L))
-    q_gap = torch.tensor([3])
-    base = _enc_outputs(tower, seq, types, gaps, q_gap)
+    base = _enc_outputs(tower, seq, types, gaps)
     bad = []
     for t in range(n_pad, L - 1):
         seq2, types2, gaps2 = seq.clone(), types.clone(), gaps.clone()
         seq2[:, t + 1 :] = torch.randn(B, L - t - 1, d) * 5
         types2[:, t + 1 :] = torch.randint(1, 8, (B, L - t - 1))
         gaps2[:, t + 1 :] = torch.randint(0, 20, (B, L - t - 1))
-        other = _enc_outputs(tower, seq2, types2, gaps2, q_gap)
+        other = _enc_outputs(tower, seq2, types2, gaps2)
         if not torch.allclose(base[:, n_pad : t + 1], other[:, n_pad : t + 1], atol=1e-6):
             bad.append(t)
         # the query token reads the whole history: it must see the change
@@ -351,7 +350,7 @@ def test_search_events_are_history_not_targets():
     pend = learner.observe(evs, {"u": st})
     r = learner.rows
     assert pend.targets == [r[ids[0]], r[ids[1]]]  # searches are never a target
-    rows, types, _ts, texts, _now = pend.hists[1]
+    rows, types, _ts, texts = pend.hists[1]
     assert rows == [r[ids[0]], 0]
     assert types == [EVENT_TYPE_IDS["view"], EVENT_TYPE_IDS["search"]]
     assert len(texts) == 1 and texts[0][0] == 1

@@ -11,10 +11,12 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
+import orjson
 import pytest
 from helpers import latest_recommendations, make_settings, user_states
 
 from models.synthetic import SyntheticStream, make_world
+from models.user_state import UserState
 from streams.publish import publish_events, publish_items
 from streams.supervisor import WorkerProcess, total
 from streams.topics import ensure_topics
@@ -60,6 +62,8 @@ def test_kill_mid_stream_and_recover_on_a_new_worker(kafka, tmp_path):
         first.wait_for("streamrec_events_total", N_EVENTS // 3, timeout=300)
     finally:
         first.kill()  # SIGKILL mid-stream: no clean shutdown, no final commit or checkpoint
+    killed_at = int(time.time() * 1000)
+    committed = _committed(s)
     before = user_states(s)
     assert 0 < sum(st.n_events for st in before.values()) < N_EVENTS, "not killed mid-stream"
 
@@ -78,7 +82,8 @@ def test_kill_mid_stream_and_recover_on_a_new_worker(kafka, tmp_path):
     # recovered + continued: every user's history and applied-event count is exact
     for user, (items, n) in expected.items():
         st = after[user]
-        assert st.n_events == n, (user, st.n_events, n)  # no loss, no double application
+        assert st.n_events == n, _explain(s, user, st, n) + \
+            f" killed at {killed_at}, committed then {committed}"  # no loss, no double count
         assert st.items == items, user
     # what the new worker applied is exactly what the dead one had not
     applied_first = sum(st.n_events for st in before.values())
@@ -88,3 +93,34 @@ def test_kill_mid_stream_and_recover_on_a_new_worker(kafka, tmp_path):
     last_ts = {ev["user_id"]: ev["ts"] for ev in events}
     for user, ts in last_ts.items():
         assert recs[user]["source_event_ts"] == ts, user
+
+
+def _explain(s, user: str, st, n: int) -> str:
+    """What the events topic holds for `user`, to tell a pipeline fault from a publish fault."""
+    from helpers import read_all
+
+    recs = [(m.partition, m.offset, orjson.loads(m.value)["ts"])
+            for m in read_all(s, s.topic(s.events_topic)) if m.key == user.encode()]
+    dup_ts = len(recs) - len({ts for *_, ts in recs})
+    changelog = [(m.offset, m.timestamp, UserState.from_bytes(m.value))
+                 for m in read_all(s, f"{s.app_id}-user-state-changelog")
+                 if m.key == user.encode()]
+    history = [(off, ts, st.n_events, st.offsets) for off, ts, st in changelog]
+    return (f"{user}: applied {st.n_events}, published {n}, topic has {len(recs)} records "
+            f"({dup_ts} duplicated), state offsets {st.offsets}, records {recs}, "
+            f"changelog (offset, n_events, offsets) {history}")
+
+
+def _committed(s) -> dict[int, int]:
+    """The consumer group's committed offsets on the events topic (None: nothing committed)."""
+    from kafka import TopicPartition
+
+    from streams.clients import kafka_consumer
+
+    consumer = kafka_consumer(s, group_id=s.app_id, enable_auto_commit=False)
+    try:
+        topic = s.topic(s.events_topic)
+        return {p: consumer.committed(TopicPartition(topic, p))
+                for p in sorted(consumer.partitions_for_topic(topic) or ())}
+    finally:
+        consumer.close()

@@ -28,7 +28,7 @@ def catalog(n: int, seed: int = 0, n_topics: int = 6):
 
 
 def make_learner(n_items: int = 120, seed: int = 0) -> tuple[OnlineLearner, list[str], np.ndarray]:
-    cfg = LearnerConfig(dim=16, history_len=12, device="cpu", seed=seed)
+    cfg = LearnerConfig(dim=16, history_len=12, device="cpu", seed=seed, covisit=False)
     learner = OnlineLearner(cfg, text_dim=TEXT_DIM, capacity=256)
     ids, vecs = catalog(n_items, seed)
     learner.upsert_items(ids, vecs)

@@ -168,3 +168,35 @@ def test_settings_from_env_and_back(monkeypatch):
     for key, value in settings_env(s).items():
         monkeypatch.setenv(key, value)
     assert Settings() == s
+
+
+def test_processor_applies_a_record_delivered_twice_in_one_batch_once(encoder, tmp_path):
+    """After a rebalance one batch can hold the same record twice; its effect counts once."""
+    from models.config import LearnerConfig
+    from models.learner import OnlineLearner
+    from models.serving import Server
+    from models.user_state import UserState
+    from streams.processor import EventProcessor
+
+    learner = OnlineLearner(LearnerConfig(dim=16, history_len=8, device="cpu"),
+                            text_dim=encoder.dim, capacity=64)
+    ids = [f"item-{i}" for i in range(20)]
+    learner.upsert_items(ids, encoder.encode([f"movie number {i}" for i in range(20)]))
+    server = Server(learner)
+    server.add_items(ids)
+    proc = EventProcessor(Settings(data_dir=tmp_path), learner, server, encoder)
+
+    def rec(offset: int, item: str) -> RawRecord:
+        ev = {"user_id": "u1", "item_id": item, "event_type": "view", "ts": 1_700_000_000_000}
+        return RawRecord(b"u1", orjson.dumps(ev), partition=0, offset=offset)
+
+    state = UserState()
+    state.mark_applied(0, 4)  # offsets up to 4 were applied by an earlier batch
+    batch = [rec(4, "item-0"), rec(5, "item-1"), rec(6, "item-2"), rec(5, "item-1"),
+             rec(6, "item-2"), rec(7, "item-3")]
+    good, bad = proc.decode(batch)
+    out = proc.process(good, bad, lambda user, r: state)
+    assert (out.applied, out.duplicates) == (3, 3)
+    assert out.users["u1"].state.items[-3:] == ["item-1", "item-2", "item-3"]
+    assert out.users["u1"].state.n_events == 3
+    assert out.users["u1"].state.offsets == {"0": 7}

@@ -1,0 +1,51 @@
+"""Quality benchmark: streamrec, its ablations and the streaming peers on MovieLens 100K.
+
+    .venv/bin/python bench/quality.py [ML_100K_DIR] [--batch-size 64] [--out bench/out]
+
+Prints the table, writes quality-ml100k.json and quality-ml100k.png under --out, and the
+wall time. The data is not shipped (licence): pass its directory (default: ../shared/data/
+ml-100k next to the checkout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from models import comparison as cmp
+from models.config import LearnerConfig
+from models.datasets import movielens_events, movielens_items
+from models.encoder import TextEncoder
+
+DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("ml_dir", nargs="?", default=str(DEFAULT_DIR))
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--jobs", type=int, default=cmp.cpu_jobs())
+    args = ap.parse_args()
+    start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    items, events = movielens_items(args.ml_dir), movielens_events(args.ml_dir)
+    data = cmp.make_dataset("ml-100k", items, events, TextEncoder(device="cpu").encode)
+    results = cmp.run_comparison(data, cmp.model_names(), args.batch_size, LearnerConfig(),
+                                 jobs=args.jobs)
+    doc = cmp.to_json(data, results, args.batch_size)
+    cmp.print_table(doc)
+    cmp.write_json(out / "quality-ml100k.json", doc)
+    cmp.plot(results, out / "quality-ml100k.png",
+             f"MovieLens 100K: NDCG@10 over the stream (batch {args.batch_size})")
+    best_peer = max((n for n in doc["models"] if not n.startswith("streamrec")),
+                    key=lambda n: doc["models"][n]["ndcg@10"])
+    ratio = doc["models"]["streamrec"]["ndcg@10"] / doc["models"][best_peer]["ndcg@10"]
+    print(f"streamrec NDCG@10 / best peer ({best_peer}): {ratio:.3f}")
+    print(f"wall time: {time.perf_counter() - start:.0f} s; results in {out}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The full quality comparison: streamrec, its ablations and the streaming peers, side by side.
+
+Each model runs the same prequential protocol (models/evaluate.py) in its own process (two
+at a time on two cores, one torch thread each); item texts are embedded once with the
+agent's encoder and recipe. Results come back as a table, a JSON document and a plot.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from models.baselines import BASELINES, make_baseline
+from models.config import LearnerConfig
+from models.evaluate import Event, Result, StreamrecModel, moving_ndcg, prequential
+
+#: Ablations of the default learner: name suffix -> overrides of LearnerConfig.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "adaptive": {"lr_rule": "adaptive"},
+    "fixed": {"lr_rule": "fixed"},
+    "adagrad": {"lr_rule": "adagrad"},
+    "text": {"item_tower": "text"},
+    "id": {"item_tower": "id"},
+    "noseq": {"user_tower": "none"},
+    "noreplay": {"replay_ratio": 0.0},
+    "nocovisit": {"covisit": False},
+}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    item_ids: list[str]
+    text_vectors: np.ndarray
+    events: list[Event]
+
+
+def make_dataset(name: str, items: Sequence[dict], events: Sequence[dict],
+                 encode: Any) -> Dataset:
+    """Items embedded with `encode` (the agent's recipe); events in time order (stable)."""
+    from models.encoder import item_text
+
+    item_ids = [str(it["item_id"]) for it in items]
+    index = {i: n for n, i in enumerate(item_ids)}
+    ordered = sorted(events, key=lambda e: e["ts"])  # sorted() is stable: ties keep file order
+    evs = [(str(e["user_id"]), index[str(e["item_id"])], int(e["ts"])) for e in ordered
+           if e.get("item_id") is not None and str(e["item_id"]) in index]
+    vectors = encode([item_text(it) for it in items])
+    return Dataset(name, item_ids, np.asarray(vectors, dtype=np.float32), evs)
+
+
+def model_names(peers: bool = True, ablations: bool = True) -> list[str]:
+    names = ["streamrec"]
+    if ablations:
+        default = LearnerConfig()
+        names += [f"streamrec-{a}" for a, o in ABLATIONS.items()
+                  if any(getattr(default, k) != v for k, v in o.items())]
+    if peers:
+        names += list(BASELINES)
+    return names
+
+
+def build_model(name: str, data: Dataset, base: LearnerConfig) -> Any:
+    if name == "streamrec":
+        return StreamrecModel(data.item_ids, data.text_vectors, base)
+    if name.startswith("streamrec-"):
+        cfg = base.model_copy(update=ABLATIONS[name.split("-", 1)[1]])
+        return StreamrecModel(data.item_ids, data.text_vectors, cfg, name=name)
+    return make_baseline(name, len(data.item_ids))
+
+
+def _run_one(name: str, data: Dataset, base: LearnerConfig, batch_size: int,
+             progress: Any) -> Result:
+    import torch
+
+    torch.set_num_threads(1)
+    model = build_model(name, data, base)
+    report = (lambda n: progress.put((name, n))) if progress is not None else None
+    return prequential(model, data.events, batch_size, on_batch=report)
+
+
+def run_comparison(data: Dataset, names: Sequence[str], batch_size: int = 64,
+                   base: LearnerConfig | None = None, jobs: int = 2,
+                   show_progress: bool = True) -> dict[str, Result]:
+    """Every model over the same stream; returns {name: Result} in `names` order."""
+    base = base or LearnerConfig()
+    ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch/faiss thread state
+    with ctx.Manager() as manager:
+        queue = manager.Queue() if show_progress else None
+        with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            futures = {n: pool.submit(_run_one, n, data, base, batch_size, queue) for n in names}
+            if show_progress:
+                _progress(futures, queue, len(data.events))
+            return {n: f.result() for n, f in futures.items()}
+
+
+def _progress(futures: dict, queue: Any, total: int) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    cols = (TextColumn("{task.description:<22}"), BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn())
+    with Progress(*cols) as bar:
+        tasks = {n: bar.add_task(n, total=total) for n in futures}
+        while not all(f.done() for f in futures.values()):
+            try:
+                name, n = queue.get(timeout=0.5)
+                bar.advance(tasks[name], n)
+            except Exception:  # noqa: BLE001 - queue.Empty from a manager proxy
+                continue
+
+
+def to_json(data: Dataset, results: dict[str, Result], batch_size: int) -> dict:
+    models = {}
+    for name, res in results.items():
+        models[name] = {k: round(v, 5) if isinstance(v, float) else v
+                        for k, v in res.summary().items()}
+        models[name]["last_half"] = {k: round(v, 5) for k, v in res.last_half.items()}
+    return {"dataset": data.name, "batch_size": batch_size, "events": len(data.events),
+            "items": len(data.item_ids), "models": models}
+
+
+def write_json(path: str | Path, doc: dict) -> None:
+    Path(path).write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+
+
+def print_table(doc: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{doc['dataset']}: prequential, full ranking, batch "
+                        f"{doc['batch_size']} ({doc['events']:,} events, {doc['items']:,} items)")
+    for col in ("model", "HR@10", "NDCG@10", "MRR", "Recall@50", "evaluated", "events/s",
+                "NDCG@10 last half"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, m in sorted(doc["models"].items(), key=lambda kv: -kv[1]["ndcg@10"]):
+        table.add_row(name, f"{m['hr@10']:.4f}", f"{m['ndcg@10']:.4f}", f"{m['mrr']:.4f}",
+                      f"{m['recall@50']:.4f}", f"{m['evaluated']:,}",
+                      f"{m['events_per_s']:,.0f}", f"{m['last_half']['ndcg@10']:.4f}")
+    Console().print(table)
+
+
+def plot(results: dict[str, Result], path: str | Path, title: str, window: int = 5000) -> None:
+    """NDCG@10 over the stream (moving window of evaluated events), one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    for name, res in sorted(results.items(), key=lambda kv: -kv[1].metrics["ndcg@10"]):
+        x, y = moving_ndcg(res, window)
+        style = "-" if name == "streamrec" else (":" if name.startswith("streamrec-") else "--")
+        ax.plot(x, y, style, linewidth=2.2 if name == "streamrec" else 1.2, label=name)
+    ax.set_xlabel("stream position (events)")
+    ax.set_ylabel(f"NDCG@10 (moving window of {window:,} evaluated events)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cpu_jobs() -> int:
+    return max(1, min(2, os.cpu_count() or 1))

@@ -1,0 +1,151 @@
+"""Co-visitation statistics: which items follow which in users' sequences.
+
+The sequence-aware item-kNN signal (session-kNN style) as features of the ranker. When a user
+interacts with item i, each of their last `window` earlier events j adds `pair_decay^(k-1)`
+(k = distance in the sequence, 1 = the previous event) to the symmetric counts c_ij and c_ji
+and to the directed count f_ji ("i followed j"); n_i += 1.
+
+Features for a user and item i, one per profile recency r (profile = the user's last
+`profile` distinct items p, age 0 = newest):
+  sym_r(i) = Σ_p r^age(p) · c_pi / sqrt(n_p · n_i)      for r in `recencies`
+  fwd(i)   = Σ_p r0^age(p) · f_pi / sqrt(n_p · n_i)     (r0 = the middle recency)
+Several recencies let the ranker weigh "what you did just now" against "what you like";
+the weights are learned online (models/two_tower.PriorHead), not fixed per data set.
+
+Storage is sparse (scipy CSR over item rows): memory grows with the pairs actually seen, not
+with the square of the catalog. Increments are buffered and merged once per batch (`learn`).
+Counts only ever grow, so replicas that apply the same pairs in any order agree exactly.
+
+>>> cv = CoVisitation(recencies=(0.8,))
+>>> cv.learn([([], 1), ([1], 2), ([1, 2], 3)])    # one user: item 1, then 2, then 3
+>>> sym, fwd = cv.features([[2]], np.array([1, 3]))  # a user who just saw item 2
+>>> sym.round(3).tolist(), fwd.round(3).tolist()    # both co-occurred; only 3 came after 2
+([[1.0, 1.0]], [[0.0, 1.0]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+
+class CoVisitation:
+    def __init__(self, window: int = 50, pair_decay: float = 0.9,
+                 recencies: Sequence[float] = (0.5, 0.8, 0.95), profile: int = 50):
+        self.window, self.pair_decay, self.profile = window, pair_decay, profile
+        self.recencies = tuple(recencies)
+        self.C = sp.csr_matrix((1, 1), dtype=np.float32)
+        self.F = sp.csr_matrix((1, 1), dtype=np.float32)
+        self.n = np.zeros(1)
+        self._pair_w = pair_decay ** np.arange(window)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.recencies) + 1
+
+    @property
+    def size(self) -> int:
+        return len(self.n)
+
+    def _ensure(self, rows: int) -> None:
+        if rows <= self.size:
+            return
+        cap = max(rows, 2 * self.size)
+        self.C.resize((cap, cap))
+        self.F.resize((cap, cap))
+        self.n = np.concatenate([self.n, np.zeros(cap - self.size)])
+
+    def learn(self, pairs: Sequence[tuple[Sequence[int], int]]) -> None:
+        """Events as (earlier item rows of the user, oldest first; 0 = none, item row)."""
+        rows, cols, vals = [], [], []
+        targets = []
+        for history, target in pairs:
+            recent = np.asarray(history[-self.window:], dtype=np.int64)[::-1]
+            w = self._pair_w[: len(recent)]
+            keep = (recent != 0) & (recent != target)
+            rows.append(recent[keep])
+            cols.append(np.full(int(keep.sum()), target, dtype=np.int64))
+            vals.append(w[keep])
+            targets.append(target)
+        if not targets:
+            return
+        r, c, v = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+        self._ensure(int(max(r.max(initial=0), max(targets))) + 1)
+        shape = (self.size, self.size)
+        fwd = sp.csr_matrix((v.astype(np.float32), (r, c)), shape=shape)  # f[j, i]: i after j
+        self.F = self.F + fwd
+        self.C = self.C + fwd + fwd.T
+        np.add.at(self.n, np.asarray(targets), 1.0)
+
+    def _profile(self, history: Sequence[int]) -> np.ndarray:
+        """Last `profile` distinct item rows, newest first."""
+        seen: dict[int, None] = {}
+        for r in reversed(history):
+            if r != 0 and r not in seen:
+                seen[r] = None
+                if len(seen) == self.profile:
+                    break
+        return np.fromiter(seen, dtype=np.int64, count=len(seen))
+
+    def features(self, histories: Sequence[Sequence[int]], cols: np.ndarray) -> np.ndarray:
+        """(n_features, len(histories), len(cols)) co-visitation features of item rows `cols`."""
+        out = np.zeros((self.n_features, len(histories), len(cols)), dtype=np.float32)
+        profiles = [self._profile(h) for h in histories]
+        items = np.concatenate(profiles + [np.zeros(0, np.int64)])
+        if len(items) == 0:
+            return out
+        self._ensure(int(max(items.max(), cols.max(initial=0))) + 1)
+        inv = np.zeros(self.size)
+        np.divide(1.0, np.sqrt(self.n), out=inv, where=self.n > 0)
+        owner = np.repeat(np.arange(len(profiles)), [len(p) for p in profiles])
+        age = np.concatenate([np.arange(len(p)) for p in profiles])
+        inv_cols = inv[cols].astype(np.float32)
+        shape = (len(profiles), self.size)
+        for k, r in enumerate(self.recencies):
+            W = sp.csr_matrix(((inv[items] * r**age).astype(np.float32), (owner, items)), shape)
+            out[k] = _columns(W @ self.C, cols) * inv_cols
+            if k == len(self.recencies) // 2:
+                out[-1] = _columns(W @ self.F, cols) * inv_cols
+        return out
+
+    def neighbours(self, rows: np.ndarray, k: int) -> np.ndarray:
+        """The union of each row's `k` strongest co-visited items (serving candidates)."""
+        C = self.C
+        out = []
+        for r in rows:
+            if r >= self.size:
+                continue
+            lo, hi = C.indptr[r], C.indptr[r + 1]
+            if hi - lo > k:
+                top = np.argpartition(-C.data[lo:hi], k)[:k]
+                out.append(C.indices[lo:hi][top])
+            elif hi > lo:
+                out.append(C.indices[lo:hi])
+        return np.unique(np.concatenate(out)).astype(np.int64) if out else \
+            np.zeros(0, dtype=np.int64)
+
+    # ---------------------------------------------------------------- persistence
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The counts as plain arrays (for safetensors checkpoints)."""
+        out = {"n": self.n.copy()}
+        for name, M in (("C", self.C), ("F", self.F)):
+            M = M.tocsr()
+            out[f"{name}.data"], out[f"{name}.indices"], out[f"{name}.indptr"] = \
+                M.data.copy(), M.indices.astype(np.int64), M.indptr.astype(np.int64)
+        return out
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        self.n = np.asarray(arrays["n"], dtype=np.float64).copy()
+        shape = (len(self.n), len(self.n))
+        for name in ("C", "F"):
+            setattr(self, name, sp.csr_matrix((arrays[f"{name}.data"], arrays[f"{name}.indices"],
+                                               arrays[f"{name}.indptr"]), shape=shape))
+
+
+def _columns(M: sp.csr_matrix, cols: np.ndarray) -> np.ndarray:
+    """Dense M[:, cols]: densify first when most columns are wanted (cheaper than slicing)."""
+    if len(cols) * 4 > M.shape[1]:
+        return M.toarray()[:, cols]
+    return M.tocsc()[:, cols].toarray()

@@ -1,0 +1,122 @@
+"""The prequential protocol on hand-checked streams, and the comparison runner end to end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import orjson
+import pytest
+
+from models import comparison as cmp
+from models.baselines import ItemKNNSeq
+from models.config import LearnerConfig
+from models.evaluate import StreamrecModel, metrics_of, prequential, rank_of
+
+
+class FixedScores:
+    """Scores every item the same way, always; records what the evaluator asked."""
+
+    name = "fixed"
+
+    def __init__(self, scores: list[float]):
+        self.scores = np.array(scores)
+        self.calls: list[tuple[int, list[int]]] = []
+
+    def step(self, batch, which):
+        self.calls.append((len(batch), list(which)))
+        return np.tile(self.scores, (len(which), 1))
+
+
+# items 0..4 score 5, 4, 4, 4, 1
+STREAM = [("a", 0, 1), ("a", 1, 2), ("a", 2, 3), ("b", 4, 4), ("b", 3, 5), ("a", 4, 6)]
+# (a,1): excluded {0}; ties with 2 and 3 -> 0 above + floor(2/2) = 1
+# (a,2): excluded {0,1}; tie with 3 -> floor(1/2) = 0
+# (b,3): excluded {4}; item 0 above, ties 1 and 2 -> 1 + 1 = 2
+# (a,4): excluded {0,1,2}; item 3 above -> 1
+EXPECTED_RANKS = [1, 0, 2, 1]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 64])
+def test_ranks_on_a_hand_checked_stream(batch_size):
+    res = prequential(FixedScores([5, 4, 4, 4, 1]), STREAM, batch_size)
+    assert res.ranks.tolist() == EXPECTED_RANKS
+    assert res.positions.tolist() == [1, 2, 4, 5]
+    assert res.metrics["hr@10"] == 1.0
+    ndcg = (2 / math.log2(3) + 1 + 1 / math.log2(4)) / 4
+    assert res.metrics["ndcg@10"] == pytest.approx(ndcg)
+    assert res.metrics["mrr"] == pytest.approx((1 / 2 + 1 + 1 / 3 + 1 / 2) / 4)
+    assert res.metrics["recall@50"] == 1.0
+    assert res.last_half["mrr"] == pytest.approx((1 / 3 + 1 / 2) / 2)  # positions >= 3
+    assert res.summary()["evaluated"] == 4
+
+
+def test_only_first_time_items_of_returning_users_are_evaluated():
+    model = FixedScores([1, 1, 1])
+    prequential(model, [("a", 0, 1), ("a", 0, 2), ("a", 1, 3), ("b", 1, 4)], batch_size=4)
+    assert model.calls == [(4, [2])]  # a's repeat of 0 and b's first event are not scored
+
+
+def test_rank_of_splits_ties_and_ignores_excluded_items():
+    scores = np.array([3.0, 3.0, 3.0, 3.0, 9.0])
+    assert rank_of(scores, 0, []) == 1 + 3 // 2
+    assert rank_of(scores, 0, [4]) == 3 // 2
+    assert rank_of(scores, 0, [1, 2, 3, 4]) == 0
+
+
+def test_metrics_of_ranks():
+    m = metrics_of(np.array([0, 9, 10, 49, 50]))
+    assert m["hr@10"] == pytest.approx(2 / 5)
+    assert m["recall@50"] == pytest.approx(4 / 5)
+    assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(11)) / 5)
+    assert m["mrr"] == pytest.approx((1 + 1 / 10 + 1 / 11 + 1 / 50 + 1 / 51) / 5)
+
+
+def test_within_a_batch_each_event_sees_the_users_own_earlier_events():
+    """a's second event is predicted from a's first even when both share a batch: 1 follows 0
+    for user b earlier, so item 1 must rank first for a once a has touched 0."""
+    events = [("b", 0, 1), ("b", 1, 2), ("a", 0, 3), ("a", 1, 4)]
+    res = prequential(ItemKNNSeq(n_items=5), events, batch_size=2)
+    assert res.ranks.tolist() == [1, 0]  # (b,1): b's profile {0} has no co-counts yet
+
+
+def _tiny_stream(n_items=30, n_users=12, length=400, seed=0):
+    rng = np.random.default_rng(seed)
+    events, pos = [], dict.fromkeys(range(n_users), 0)
+    for t in range(length):
+        u = int(rng.integers(n_users))
+        events.append((f"u{u}", (u * 3 + pos[u]) % n_items, t * 1000))  # a cycle per user
+        pos[u] += 1
+    return events
+
+
+def test_streamrec_learner_under_the_protocol_beats_random_at_batch_1_and_64():
+    events = _tiny_stream()
+    ids = [f"i{k}" for k in range(30)]
+    text = np.random.default_rng(1).normal(size=(30, 16)).astype(np.float32)
+    cfg = LearnerConfig(dim=16, history_len=10, covisit=True, seed=0)
+    for batch_size in (1, 64):
+        res = prequential(StreamrecModel(ids, text, cfg), events, batch_size)
+        assert res.metrics["hr@10"] > 2 * (10 / 30), (batch_size, res.metrics)  # random: 1/3
+
+
+@pytest.mark.slow
+def test_comparison_runs_peers_and_streamrec_in_processes_and_writes_outputs(tmp_path):
+    items = [{"item_id": f"i{k}", "title": f"item number {k}"} for k in range(30)]
+    events = [{"user_id": u, "item_id": f"i{i}", "ts": ts} for u, i, ts in _tiny_stream()]
+    data = cmp.make_dataset("tiny", items, events,
+                            lambda texts: np.random.default_rng(0).normal(
+                                size=(len(texts), 16)).astype(np.float32))
+    base = LearnerConfig(dim=16, history_len=10)
+    results = cmp.run_comparison(data, ["streamrec", "itemknn_seq", "pop"], 8, base, jobs=2,
+                                 show_progress=False)
+    doc = cmp.to_json(data, results, 8)
+    assert set(doc["models"]) == {"streamrec", "itemknn_seq", "pop"}
+    for m in doc["models"].values():
+        assert set(m) >= {"hr@10", "ndcg@10", "mrr", "recall@50", "evaluated", "events_per_s"}
+        assert m["evaluated"] > 300
+    cmp.write_json(tmp_path / "q.json", doc)
+    assert orjson.loads((tmp_path / "q.json").read_bytes())["batch_size"] == 8
+    cmp.plot(results, tmp_path / "q.png", "tiny")
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "streamrec-fixed" in cmp.model_names() and "itemknn_seq" in cmp.model_names()
