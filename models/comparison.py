@@ -144,7 +144,7 @@ def print_table(doc: dict) -> None:
         table.add_row(name, f"{m['hr@10']:.4f}", f"{m['ndcg@10']:.4f}", f"{m['mrr']:.4f}",
                       f"{m['recall@50']:.4f}", f"{m['evaluated']:,}",
                       f"{m['events_per_s']:,.0f}", f"{m['last_half']['ndcg@10']:.4f}")
-    Console().print(table)
+    Console(width=max(Console().width, 130)).print(table)  # full names when piped
 
 
 def plot(results: dict[str, Result], path: str | Path, title: str, window: int = 5000) -> None:

@@ -140,6 +140,8 @@ class StreamrecModel:
         self.learner = OnlineLearner(config or LearnerConfig(), text_dim=text_vectors.shape[1])
         self.learner.upsert_items(list(item_ids), text_vectors)
         self.rows = np.array([self.learner.rows[i] for i in item_ids], dtype=np.int64)
+        self.col_of = np.full(int(self.rows.max(initial=0)) + 1, -1, dtype=np.int64)
+        self.col_of[self.rows] = np.arange(len(self.rows))  # learner row -> output column
         self.item_ids = list(item_ids)
         self.candidates = candidates
         self.states: dict[str, UserState] = {}
@@ -165,15 +167,15 @@ class StreamrecModel:
         _, V = self.learner.item_vectors(self.rows)
         tower = U @ V.T
         seen = [{r for r in h[0] if r} for h in hists]
-        col = {int(r): k for k, r in enumerate(self.rows)}
+        k = min(self.candidates, tower.shape[1] - 1)
         tower_rows = []
         for t, s in zip(tower, seen, strict=True):
-            t = t.copy()
-            t[[col[r] for r in s if r in col]] = -np.inf
-            top = np.argpartition(-t, min(self.candidates, len(t) - 1))[: self.candidates]
-            tower_rows.append(self.rows[top])
+            rows = np.fromiter(s, dtype=np.int64, count=len(s))
+            cols = self.col_of[rows[rows < len(self.col_of)]]
+            t[cols[cols >= 0]] = -np.inf
+            tower_rows.append(self.rows[np.argpartition(-t, k)[: self.candidates]])
         ranked = rank_candidates(self.learner, hists, U, tower_rows, seen, residuals)
         out = np.full((len(hists), len(self.rows)), -np.inf)
         for p, (rows, scores) in enumerate(ranked):
-            out[p, [col[int(r)] for r in rows]] = scores
+            out[p, self.col_of[rows]] = scores
         return out

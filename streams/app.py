@@ -23,7 +23,7 @@ from streams.catalog import RawRecord
 from streams.clients import faust_credentials
 from streams.dead_letters import dlq_headers
 from streams.runtime import Runtime
-from streams.schemas import InvalidRecord
+from streams.schemas import InvalidRecord, Reason
 from streams.settings import Settings
 from streams.table_context import current_event
 from streams.topics import ensure_topics
@@ -117,25 +117,45 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
             await dead_letter(catalog_dlq, s.topic(s.catalog_topic), out.rejected)
             m.CATALOG_ITEMS.labels(outcome="rejected").inc(len(out.rejected))
 
+    async def handle(out: Any) -> None:
+        """Emit, learn, share co-visitation pairs, persist state: one processed batch."""
+        with m.STAGE_SECONDS.labels(stage="emit").time():
+            for user, upd in out.users.items():
+                if upd.recommendation is not None:
+                    await recs_t.send(key=user.encode(), value=upd.recommendation, force=True)
+            await dead_letter(events_dlq, s.topic(s.events_topic), out.rejected)
+        runtime.observe_emit(out)
+        runtime.processor.learn(out)  # serve first, then learn: latency excludes training
+        await runtime.publish_covisits(out)
+        for user, upd in out.users.items():  # state incl. applied offsets, one write per user
+            with current_event(upd.record.ref):
+                users[user.encode()] = upd.state.to_bytes()
+        await deliver(app)  # before the batch is acked, so its offsets become committable
+
+    async def one_by_one(records: list[RawRecord], exc: Exception) -> None:
+        """A batch that raised is retried record by record; a record that raises alone goes
+        to the DLQ (`processing_error`). Never re-raise: Faust acks a batch even when its
+        agent crashes, so raising would lose the batch."""
+        log.error("batch of %d events failed (%r); retrying one by one", len(records), exc)
+        for rec in records:
+            try:
+                await handle(await runtime.process_events([rec], load_state))
+            except Exception as exc1:  # noqa: BLE001 - isolated to the DLQ below
+                log.error("event %s:%s failed alone: %r", rec.partition, rec.offset, exc1)
+                m.EVENTS.labels(event_type="unknown", outcome="dlq").inc()
+                await dead_letter(events_dlq, s.topic(s.events_topic), [(rec, InvalidRecord(
+                    Reason.PROCESSING_ERROR, f"processing this event raised: {exc1!r}"[:500]))])
+                await deliver(app)
+
     @app.agent(events_t)
     async def events(stream: Any) -> None:
         await runtime.ready.wait()
         async for batch in stream.take_events(s.batch_size, within=s.batch_wait_s):
-            out = await runtime.process_events([_record(ev) for ev in batch], load_state)
-            with m.STAGE_SECONDS.labels(stage="emit").time():
-                for user, upd in out.users.items():
-                    if upd.recommendation is not None:
-                        await recs_t.send(key=user.encode(), value=upd.recommendation,
-                                          force=True)
-                await dead_letter(events_dlq, s.topic(s.events_topic), out.rejected)
-            runtime.observe_emit(out)
-            runtime.processor.learn(out)  # serve first, then learn: latency excludes training
-            await runtime.publish_covisits(out)
-            for user, upd in out.users.items():  # state incl. applied offsets, one write per user
-                with current_event(upd.record.ref):
-                    users[user.encode()] = upd.state.to_bytes()
-            await deliver(app)  # before the batch is acked, so its offsets become committable
-
+            records = [_record(ev) for ev in batch]
+            try:
+                await handle(await runtime.process_events(records, load_state))
+            except Exception as exc:  # noqa: BLE001 - no input may stop the worker
+                await one_by_one(records, exc)
 
     @app.task
     async def start_runtime() -> None:

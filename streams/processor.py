@@ -16,7 +16,7 @@ from models.learner import Interaction, OnlineLearner, Pending
 from models.serving import Server
 from models.user_state import UserState
 from streams import metrics as m
-from streams.catalog import RawRecord
+from streams.catalog import RawRecord, isolate_failures
 from streams.schemas import (
     BehaviorEvent,
     InvalidRecord,
@@ -84,13 +84,18 @@ class EventProcessor:
     def process(self, events: Sequence[Decoded],
                 rejected: list[Rejected],
                 load_state: Callable[[str, RawRecord], UserState]) -> BatchOutput:
+        if self.s.fault_user_id is not None and any(
+                ev.user_id == self.s.fault_user_id for _, ev in events):
+            raise RuntimeError(f"injected fault: an event of user {self.s.fault_user_id!r}")
         out = BatchOutput(rejected=list(rejected))
         m.BATCH_SIZE.observe(len(events) + len(rejected))
         for _ in rejected:
             m.EVENTS.labels(event_type="invalid", outcome="dlq").inc()
         todo = self._dedupe(events, load_state, out)
+        todo, inters = self._encode(todo, out)
+        for _, ev in todo:
+            m.EVENTS.labels(event_type=ev.event_type, outcome="applied").inc()
         if todo:
-            inters = self._encode(todo)
             states = {u: upd.state for u, upd in out.users.items()}
             out.pending = self.learner.observe(inters, states)
             self._mark(todo, out)
@@ -133,22 +138,36 @@ class EventProcessor:
             else:
                 todo.append((rec, ev))
                 upd.state.mark_applied(rec.partition, rec.offset)
-                outcome = "applied"
+                continue  # counted as applied once its text (if any) is encoded
             m.EVENTS.labels(event_type=ev.event_type, outcome=outcome).inc()
         touched = {ev.user_id for _, ev in todo}
         out.users = {u: upd for u, upd in out.users.items() if u in touched}
         return todo
 
-    def _encode(self, todo: list[Decoded]) -> list[Interaction]:
-        """Text-only events (a search query) get their text embedded, one encoder call."""
+    def _encode(self, todo: list[Decoded], out: BatchOutput
+                ) -> tuple[list[Decoded], list[Interaction]]:
+        """Text-only events (a search query) get their text embedded in one encoder call. If
+        that call fails, the texts are bisected until the poison ones are alone: those go to
+        the DLQ (`processing_error`; their offsets count as handled), the rest is applied."""
         with m.STAGE_SECONDS.labels(stage="encode").time():
-            texts = [ev.text for _, ev in todo if ev.item_id is None and ev.text]
-            vecs = iter(self.encoder.encode(texts)) if texts else iter(())
-            return [
-                Interaction(ev.user_id, ev.item_id, ev.event_type, ev.ts, ev.value,
-                            next(vecs) if ev.item_id is None and ev.text else None)
-                for _, ev in todo
-            ]
+            texts = [d for d in todo if d[1].item_id is None and d[1].text]
+            ok, failed = isolate_failures(
+                lambda batch: list(self.encoder.encode([ev.text for _, ev in batch])), texts
+            ) if texts else ([], [])
+        vecs = {id(ev): vec for (_, ev), vec in ok}
+        for (rec, ev), exc in failed:
+            log.error("text encoder failed on %s:%s: %r", rec.partition, rec.offset, exc)
+            out.rejected.append((rec, InvalidRecord(
+                Reason.PROCESSING_ERROR, f"the text encoder failed on this event: {exc!r}"[:500])))
+            m.EVENTS.labels(event_type=ev.event_type, outcome="dlq").inc()
+        poison = {id(ev) for (_, ev), _ in failed}
+        todo = [d for d in todo if id(d[1]) not in poison]
+        if poison:  # a user left with no event this batch gets no state write, no recommendation
+            users = {ev.user_id for _, ev in todo}
+            out.users = {u: upd for u, upd in out.users.items() if u in users}
+        inters = [Interaction(ev.user_id, ev.item_id, ev.event_type, ev.ts, ev.value,
+                              vecs.get(id(ev))) for _, ev in todo]
+        return todo, inters
 
     def _mark(self, todo: list[Decoded], out: BatchOutput) -> None:
         """Note each user's newest record: its changelog write carries the applied offsets."""

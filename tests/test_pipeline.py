@@ -52,6 +52,8 @@ BAD_INPUT: list[tuple[bytes, str | None]] = [
     (orjson.dumps(_event(item_id="no-such-item")), "unknown_item"),
     (orjson.dumps(_event(user_id="")), "empty_id"),
     (orjson.dumps(_event(ts=-5)), "bad_timestamp"),
+    # a valid event whose processing raises (the fault hook): isolated, its batch still applied
+    (orjson.dumps(_event(user_id="poison-user")), "processing_error"),
     # extra fields are ignored, not rejected: producers may add fields (DESIGN: schemas)
     (orjson.dumps(_event(user_id="extra-user", extra_field={"nested": [1, 2]})), None),
 ]
@@ -60,7 +62,7 @@ BAD_INPUT: list[tuple[bytes, str | None]] = [
 @pytest.fixture(scope="module")
 def run(kafka, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
-    s = make_settings(kafka, tmp, max_event_bytes=MAX_EVENT_BYTES)
+    s = make_settings(kafka, tmp, max_event_bytes=MAX_EVENT_BYTES, fault_user_id="poison-user")
     ensure_topics(s)
     world = make_world(480, n_topics=8, seed=3)
     stream = SyntheticStream(world, n_users=80, seed=4, drift_prob=0.01, noise=0.05)
@@ -83,9 +85,16 @@ def run(kafka, tmp_path_factory):
         publish_events(s, second, quiet=True)
         worker.wait_for("streamrec_events_total", expected + len(second), timeout=300)
         time.sleep(2)
+        readded_at = _readd(s, worker, world, deleted)
+        third = list(stream.events(N_SECOND_WAVE))  # may name the re-added items again
+        publish_events(s, third, quiet=True)
+        worker.wait_for("streamrec_events_total", expected + len(second) + len(third),
+                        timeout=300)
+        time.sleep(2)
         yield dict(settings=s, world=world, stream=stream, events=events, sent_bad=sent_bad,
                    sent_bad_items=sent_bad_items, samples=samples, worker=worker,
-                   deleted=deleted, deleted_at=deleted_at, second=second)
+                   deleted=deleted, deleted_at=deleted_at, second=second,
+                   readded_at=readded_at, third=third)
     finally:
         worker.stop()
 
@@ -123,7 +132,7 @@ def _delete_popular(s, worker: WorkerProcess, n_items: int) -> tuple[set[str], i
 
 
 def test_every_user_gets_recommendations_without_seen_items(run):
-    s, events = run["settings"], run["events"] + run["second"]
+    s, events = run["settings"], run["events"] + run["second"] + run["third"]
     recs = latest_recommendations(s)
     by_user: dict[str, list[str | None]] = defaultdict(list)
     for ev in events:
@@ -142,7 +151,7 @@ def test_every_user_gets_recommendations_without_seen_items(run):
 def test_last_recommendation_comes_after_last_event(run):
     recs = latest_recommendations(run["settings"])
     last_ts = {}
-    for ev in run["events"] + run["second"]:
+    for ev in run["events"] + run["second"] + run["third"]:
         last_ts[ev["user_id"]] = ev["ts"]
     for user, ts in last_ts.items():
         assert recs[user]["source_event_ts"] == ts, user
@@ -151,7 +160,7 @@ def test_last_recommendation_comes_after_last_event(run):
 def test_reasons_are_recent_items_and_the_model_is_named(run):
     recs = latest_recommendations(run["settings"])
     history = defaultdict(list)
-    for ev in run["events"] + run["second"]:
+    for ev in run["events"] + run["second"] + run["third"]:
         if ev["item_id"]:
             history[ev["user_id"]].append(ev["item_id"])
     window = run["settings"].reason_window
@@ -238,10 +247,30 @@ def test_invalid_catalog_items_go_to_their_dlq(run):
         assert dlq_value == value
 
 
+def _readd(s, worker: WorkerProcess, world, deleted: set[str]) -> int:
+    """Publish the deleted items again; returns when the index holds the whole catalog."""
+    publish_items(s, [it for it in world.items if it["item_id"] in deleted], quiet=True)
+    worker.wait_for("streamrec_index_items", len(world.items), timeout=60)
+    return int(time.time() * 1000)
+
+
 def test_deleted_items_are_never_recommended_after_the_delete(run):
     s, deleted = run["settings"], run["deleted"]
     after = [orjson.loads(m.value) for m in read_all(s, s.topic(s.recommendations_topic))]
-    after = [r for r in after if r["generated_at"] > run["deleted_at"]]
+    after = [r for r in after if run["deleted_at"] < r["generated_at"] < run["readded_at"]]
     assert len(after) > 100  # the second wave was served
     for rec in after:
         assert not deleted & {it["item_id"] for it in rec["items"]}, rec["user_id"]
+
+
+def test_re_added_items_come_back(run):
+    s, deleted = run["settings"], run["deleted"]
+    recs = [orjson.loads(m.value) for m in read_all(s, s.topic(s.recommendations_topic))]
+    later = [r for r in recs if r["generated_at"] > run["readded_at"]]
+    assert len(later) > 50  # the third wave was served
+    back = deleted & {it["item_id"] for r in later for it in r["items"]}
+    assert back, "no re-added item was recommended again"
+    # and events naming them are applied, not dead-lettered as unknown items: the only
+    # unknown_item record is the one BAD_INPUT sent on purpose
+    dlq = dead_letters(s, s.topic(s.events_dlq_topic))
+    assert sum(h["streamrec.reason"] == "unknown_item" for _, h in dlq) == 1

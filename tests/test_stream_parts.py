@@ -200,3 +200,46 @@ def test_processor_applies_a_record_delivered_twice_in_one_batch_once(encoder, t
     assert out.users["u1"].state.items[-3:] == ["item-1", "item-2", "item-3"]
     assert out.users["u1"].state.n_events == 3
     assert out.users["u1"].state.offsets == {"0": 7}
+
+
+class _FragileEncoder:
+    """The real encoder, except that it raises on one text: a poison search query."""
+
+    def __init__(self, encoder, poison: str):
+        self.encoder, self.poison, self.name, self.dim = encoder, poison, encoder.name, encoder.dim
+
+    def encode(self, texts):
+        if self.poison in texts:
+            raise RuntimeError("tokenizer exploded")
+        return self.encoder.encode(texts)
+
+
+def test_processor_isolates_a_search_text_that_makes_the_encoder_fail(encoder, tmp_path):
+    from models.config import LearnerConfig
+    from models.learner import OnlineLearner
+    from models.serving import Server
+    from models.user_state import UserState
+    from streams.processor import EventProcessor
+
+    learner = OnlineLearner(LearnerConfig(dim=16, history_len=8, device="cpu"),
+                            text_dim=encoder.dim, capacity=64)
+    ids = [f"item-{i}" for i in range(20)]
+    learner.upsert_items(ids, encoder.encode([f"movie number {i}" for i in range(20)]))
+    server = Server(learner)
+    server.add_items(ids)
+    proc = EventProcessor(Settings(data_dir=tmp_path), learner, server,
+                          _FragileEncoder(encoder, "poison query"))
+    evs = [("u1", None, "space movies"), ("u2", None, "poison query"), ("u1", "item-3", None),
+           ("u3", None, "poison query"), ("u3", None, "comedy"), ("u2", "item-4", None)]
+    batch = [RawRecord(u.encode(), orjson.dumps({
+        "user_id": u, "item_id": item, "text": text, "ts": 1_700_000_000_000,
+        "event_type": "search" if text else "view"}), partition=0, offset=k)
+        for k, (u, item, text) in enumerate(evs)]
+    states: dict[str, UserState] = {}
+    good, bad = proc.decode(batch)
+    out = proc.process(good, bad, lambda user, r: states.setdefault(user, UserState()))
+    assert sorted(rec.offset for rec, _ in out.rejected) == [1, 3]
+    assert {exc.reason for _, exc in out.rejected} == {Reason.PROCESSING_ERROR}
+    assert out.applied == 4
+    assert {u: upd.state.n_events for u, upd in out.users.items()} == {"u1": 2, "u2": 1, "u3": 1}
+    assert all(upd.recommendation is not None for upd in out.users.values())
