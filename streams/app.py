@@ -22,6 +22,7 @@ from streams import metrics as m
 from streams.catalog import RawRecord
 from streams.clients import faust_credentials
 from streams.dead_letters import dlq_headers
+from streams.gaps import acknowledge, commit_past, progress, progress_key
 from streams.runtime import Runtime
 from streams.schemas import InvalidRecord, Reason
 from streams.settings import Settings
@@ -117,8 +118,19 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
             await dead_letter(catalog_dlq, s.topic(s.catalog_topic), out.rejected)
             m.CATALOG_ITEMS.labels(outcome="rejected").inc(len(out.rejected))
 
-    async def handle(out: Any) -> None:
-        """Emit, learn, share co-visitation pairs, persist state: one processed batch."""
+    def last_done(partition: int, ref: Any) -> int | None:
+        with current_event(ref):
+            value = users.get(progress_key(partition))
+        return None if value is None else int(value)
+
+    def mark_progress(records: list[RawRecord]) -> None:
+        for p, rec in progress(records).items():
+            with current_event(rec.ref):
+                users[progress_key(p)] = str(rec.offset).encode()
+
+    async def handle(out: Any, records: list[RawRecord]) -> None:
+        """Emit, learn, share co-visitation pairs, persist state and the partitions'
+        progress: one processed batch."""
         with m.STAGE_SECONDS.labels(stage="emit").time():
             for user, upd in out.users.items():
                 if upd.recommendation is not None:
@@ -130,6 +142,7 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
         for user, upd in out.users.items():  # state incl. applied offsets, one write per user
             with current_event(upd.record.ref):
                 users[user.encode()] = upd.state.to_bytes()
+        mark_progress(records)
         await deliver(app)  # before the batch is acked, so its offsets become committable
 
     async def one_by_one(records: list[RawRecord], exc: Exception) -> None:
@@ -139,23 +152,28 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
         log.error("batch of %d events failed (%r); retrying one by one", len(records), exc)
         for rec in records:
             try:
-                await handle(await runtime.process_events([rec], load_state))
+                await handle(await runtime.process_events([rec], load_state), [rec])
             except Exception as exc1:  # noqa: BLE001 - isolated to the DLQ below
                 log.error("event %s:%s failed alone: %r", rec.partition, rec.offset, exc1)
                 m.EVENTS.labels(event_type="unknown", outcome="dlq").inc()
                 await dead_letter(events_dlq, s.topic(s.events_topic), [(rec, InvalidRecord(
                     Reason.PROCESSING_ERROR, f"processing this event raised: {exc1!r}"[:500]))])
+                mark_progress([rec])
                 await deliver(app)
 
     @app.agent(events_t)
     async def events(stream: Any) -> None:
         await runtime.ready.wait()
         async for batch in stream.take_events(s.batch_size, within=s.batch_wait_s):
-            records = [_record(ev) for ev in batch]
+            records = await runtime.gaps.complete([_record(ev) for ev in batch], last_done)
             try:
-                await handle(await runtime.process_events(records, load_state))
+                await handle(await runtime.process_events(records, load_state), records)
             except Exception as exc:  # noqa: BLE001 - no input may stop the worker
                 await one_by_one(records, exc)
+            # applied and durable by now: acknowledge what Faust skipped, commit what we know
+            acknowledge(app.consumer, runtime.gaps.filled)
+            runtime.gaps.filled.clear()
+            await commit_past(app.consumer, records, runtime.gaps.contiguous)
 
     @app.task
     async def start_runtime() -> None:
@@ -185,9 +203,29 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
     return app
 
 
+def _ensure_topics_waiting(settings: Settings, wait_s: float = 300.0) -> None:
+    """ensure_topics, retried while the broker is unreachable (a worker started before its
+    broker, e.g. by an orchestrator, must wait for it instead of exiting after the admin
+    client's 30 s bootstrap timeout)."""
+    import time
+
+    from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            ensure_topics(settings)
+            return
+        except (KafkaTimeoutError, KafkaConnectionError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("broker %s not reachable yet (%r); retrying", settings.broker, exc)
+            time.sleep(2.0)
+
+
 def run_worker(settings: Settings) -> None:
     """Create topics, load the encoder and learner, and run a Faust worker until stopped."""
-    ensure_topics(settings)
+    _ensure_topics_waiting(settings)
     runtime = Runtime(settings)
     app = create_app(settings, runtime)
     worker = faust.Worker(app, loglevel=settings.log_level, override_logging=False)

@@ -19,6 +19,10 @@ EVENTS = Counter(
 )
 DLQ = Counter("streamrec_dlq", "Records sent to a dead-letter topic, by source topic and reason",
               ["topic", "reason"])
+REFETCHED = Counter(
+    "streamrec_refetched_records", "Records the stream skipped (e.g. across a rebalance) and "
+    "the agent read back from Kafka before going on", ["topic"]
+)
 BATCH_SIZE = Histogram("streamrec_batch_size", "Events per micro-batch", buckets=_BATCH_BUCKETS)
 STAGE_SECONDS = Histogram(
     "streamrec_stage_seconds", "Time per micro-batch stage", ["stage"], buckets=_LATENCY_BUCKETS

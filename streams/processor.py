@@ -71,9 +71,20 @@ class EventProcessor:
         with m.STAGE_SECONDS.labels(stage="decode").time():
             for rec in records:
                 try:
-                    good.append((rec, parse_event(rec.value, self.s.max_event_bytes)))
+                    ev = parse_event(rec.value, self.s.max_event_bytes)
                 except InvalidRecord as exc:
                     bad.append((rec, exc))
+                    continue
+                # The user-state table is co-partitioned with this topic by *record* partition:
+                # an event keyed by anything but its user id sits on a foreign partition, where
+                # its user's state would be read as empty and written as a second copy.
+                if rec.key != ev.user_id.encode():
+                    bad.append((rec, InvalidRecord(
+                        Reason.MISROUTED, f"record key {rec.key[:60]!r} is not the user_id "
+                        f"{ev.user_id[:60]!r} (events must be keyed by user_id)"
+                        if rec.key is not None else "record has no key (must be the user_id)")))
+                    continue
+                good.append((rec, ev))
         return good, bad
 
     def unknown_items(self, events: Sequence[Decoded]) -> bool:

@@ -29,6 +29,7 @@ from streams import metrics as m
 from streams.catalog import CatalogEncoder, RawRecord, collapse_item_vectors
 from streams.checkpoint import CheckpointStore, read_topic
 from streams.clients import aio_options
+from streams.gaps import GapFiller
 from streams.processor import BatchOutput, EventProcessor
 from streams.replica import TopicReplica
 from streams.settings import Settings
@@ -53,16 +54,17 @@ class Runtime:
                                   self._apply_item_vectors)
         self.covisits = TopicReplica(self._consumer, s.topic(s.covisits_topic),
                                      self._apply_covisits)
+        self.gaps = GapFiller(lambda: self._consumer(), s.topic(s.events_topic))
         self.checkpoints: CheckpointStore | None = None
         self.send_covisits: Send | None = None
         self.ready = asyncio.Event()
         self._saved_steps = -1
 
-    def _consumer(self, topic: str) -> Any:
-        """Group-less consumer of a whole topic from its beginning."""
+    def _consumer(self, *topics: str) -> Any:
+        """Group-less consumer of whole topics from their beginning (none: assign later)."""
         from aiokafka import AIOKafkaConsumer
 
-        return AIOKafkaConsumer(topic, group_id=None, enable_auto_commit=False,
+        return AIOKafkaConsumer(*topics, group_id=None, enable_auto_commit=False,
                                 auto_offset_reset="earliest", **aio_options(self.s))
 
     # ------------------------------------------------------------------ start-up

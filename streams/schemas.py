@@ -47,6 +47,7 @@ class Reason(StrEnum):
     UNKNOWN_ITEM = "unknown_item"  # valid event naming an item the catalog does not hold
     ID_COLLISION = "id_collision"  # two item ids with the same 63-bit hash (astronomically rare)
     PROCESSING_ERROR = "processing_error"  # a record that made the encoder/index fail alone
+    MISROUTED = "misrouted"  # Kafka key is not the event's user_id: wrong partition for its state
 
 
 class InvalidRecord(ValueError):

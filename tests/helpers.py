@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import orjson
@@ -62,8 +64,35 @@ def user_states(settings: Settings, idle_ms: int = 3000) -> dict[str, UserState]
     topic = f"{settings.app_id}-user-state-changelog"
     out = {}
     for msg in read_all(settings, topic, idle_ms):
-        out[msg.key.decode()] = UserState.from_bytes(msg.value)
+        if not msg.key.startswith(b"\x00"):  # streams/gaps.py: partition progress records
+            out[msg.key.decode()] = UserState.from_bytes(msg.value)
     return out
+
+
+def expected_states(events: list[dict], history_len: int) -> dict[str, tuple[list, int]]:
+    """What a no-fault run stores per user: the last H item ids (None for text) and the count."""
+    hist: dict[str, list] = defaultdict(list)
+    for ev in events:
+        hist[ev["user_id"]].append(ev["item_id"])
+    return {u: (h[-history_len:], len(h)) for u, h in hist.items()}
+
+
+def wait_states(settings: Settings, expected: dict, timeout: float,
+                stall_s: float = 60.0) -> dict[str, UserState]:
+    """Poll the changelog until every user's applied count reaches the expected one; give up
+    after `timeout`, or once nothing changed for `stall_s` (stuck: no point waiting on)."""
+    deadline = time.monotonic() + timeout
+    last, stalled_since = -1, time.monotonic()
+    while True:
+        states = user_states(settings, idle_ms=1500)
+        if all(u in states and states[u].n_events >= n for u, (_, n) in expected.items()):
+            return states
+        applied = sum(st.n_events for st in states.values())
+        if applied != last:
+            last, stalled_since = applied, time.monotonic()
+        if time.monotonic() > deadline or time.monotonic() - stalled_since > stall_s:
+            return states
+        time.sleep(1)
 
 
 def dead_letters(settings: Settings, topic: str) -> list[tuple[bytes | None, dict[str, str]]]:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import make_settings, user_states
+from helpers import expected_states, make_settings, wait_states
 
 from models.synthetic import SyntheticStream, make_world
 from streams.publish import publish_events, publish_items
@@ -47,23 +46,8 @@ def broker(tmp_path) -> Iterator:
         kafka.stop(grace=10)
 
 
-def _expected(events: list[dict], history_len: int) -> dict[str, tuple[list, int]]:
-    """What each user's state must hold: the last H item ids (None for text) and the count."""
-    hist: dict[str, list] = defaultdict(list)
-    for ev in events:
-        hist[ev["user_id"]].append(ev["item_id"])
-    return {u: (h[-history_len:], len(h)) for u, h in hist.items()}
 
 
-def _wait_states(s, expected: dict, timeout: float) -> dict:
-    """Poll the changelog until every user's applied count reaches the expected one."""
-    deadline = time.monotonic() + timeout
-    while True:
-        states = user_states(s, idle_ms=1500)
-        done = all(u in states and states[u].n_events >= n for u, (_, n) in expected.items())
-        if done or time.monotonic() > deadline:
-            return states
-        time.sleep(1)
 
 
 def _scenario(tmp_path: Path, kafka, seed: int):
@@ -89,8 +73,8 @@ def _applied(worker: WorkerProcess) -> float:
 
 def _check_exact(s, worker: WorkerProcess, pid: int, events: list[dict]) -> None:
     """Every user's state is exact, the applied counter equals the events, same process."""
-    expected = _expected(events, s.learner.history_len)
-    states = _wait_states(s, expected, timeout=180)
+    expected = expected_states(events, s.learner.history_len)
+    states = wait_states(s, expected, timeout=180)
     bad = [(u, states[u].n_events if u in states else None, n)
            for u, (_, n) in expected.items() if u not in states or states[u].n_events != n]
     assert not bad, f"{len(bad)} users with wrong applied counts (user, got, want): {bad[:5]}"

@@ -18,13 +18,13 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
-from helpers import dead_letters, make_settings, user_states
+from helpers import dead_letters, expected_states, make_settings, wait_states
 
 from models.synthetic import SyntheticStream, bad_events, make_world
 from streams.clients import kafka_producer
@@ -278,21 +278,8 @@ def _user_key(raw: bytes | None) -> bytes | None:
     return None
 
 
-def _expected(events: list[dict], history_len: int) -> dict[str, tuple[list, int]]:
-    hist: dict[str, list] = defaultdict(list)
-    for ev in events:
-        hist[ev["user_id"]].append(ev["item_id"])
-    return {u: (h[-history_len:], len(h)) for u, h in hist.items()}
 
 
-def _wait_states(s, expected: dict, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        states = user_states(s, idle_ms=1500)
-        done = all(u in states and states[u].n_events >= n for u, (_, n) in expected.items())
-        if done or time.monotonic() > deadline:
-            return states
-        time.sleep(1)
 
 
 def rss_mb(pid: int) -> float:
@@ -391,8 +378,8 @@ def test_hostile_events_go_to_the_dlq_and_good_ones_are_applied(kafka, tmp_path)
         n_total = N_WARMUP + len(records)
         worker.wait_for("streamrec_events_total", n_total, timeout=600)
         proc_s = time.monotonic() - t_pub
-        expected = _expected(warmup + good, s.learner.history_len)
-        states = _wait_states(s, expected, timeout=120)
+        expected = expected_states(warmup + good, s.learner.history_len)
+        states = wait_states(s, expected, timeout=120)
         time.sleep(1)
         samples = worker.metrics()
         sampler.stop_event.set()
@@ -463,14 +450,11 @@ def test_hostile_events_go_to_the_dlq_and_good_ones_are_applied(kafka, tmp_path)
     assert rss_max < 1.5 * rss_warm + 200, (rss_warm, rss_max)
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: a valid event whose Kafka key is not its "
-                   "user_id is applied to a state read from (and written to) the wrong "
-                   "partition; see the fault-injection report")
 def test_misrouted_event_does_not_fork_or_reset_user_state(kafka, tmp_path):
     """An event keyed by something else than its user id lands on a foreign partition. The
     user-state table is co-partitioned with the events topic by *record* partition, so such an
-    event must either be dead-lettered or reach the user's one state; it must never start a
-    second, empty state on another changelog partition (nor reset the real one)."""
+    event goes to the DLQ (`misrouted`); it never starts a second, empty state on another
+    changelog partition, nor resets the real one (before the fix: both happened)."""
     s = make_settings(kafka, tmp_path)
     ensure_topics(s)
     world = make_world(100, n_topics=4, seed=5)
@@ -509,4 +493,9 @@ def test_misrouted_event_does_not_fork_or_reset_user_state(kafka, tmp_path):
     print(f"\n[faults-input] misrouted: home partition {home}, stray on {foreign}; newest "
           f"n_events per changelog partition: {by_partition}")
     assert set(by_partition) == {home}, f"user state forked across partitions: {by_partition}"
-    assert by_partition[home] in (40, 41), by_partition
+    assert by_partition[home] == 40, by_partition
+    from helpers import dead_letters
+
+    dlq = [h for _, h in dead_letters(s, s.topic(s.events_dlq_topic))]
+    assert [(h["streamrec.reason"], h["streamrec.source.partition"]) for h in dlq] == \
+        [("misrouted", str(foreign))]

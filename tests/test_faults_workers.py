@@ -15,7 +15,13 @@ import time
 from collections import defaultdict
 
 import pytest
-from helpers import latest_recommendations, make_settings, user_states
+from helpers import (
+    expected_states,
+    latest_recommendations,
+    make_settings,
+    user_states,
+    wait_states,
+)
 
 from models.synthetic import SyntheticStream, make_world
 from streams.demo import free_port
@@ -38,27 +44,6 @@ def _histories(events: list[dict]) -> dict[str, list]:
     for ev in events:
         hist[ev["user_id"]].append(ev["item_id"])
     return hist
-
-
-def _expected(events: list[dict], history_len: int) -> dict[str, tuple[list, int]]:
-    """What a no-fault run stores per user: the last H item ids (None for text) and the count."""
-    return {u: (h[-history_len:], len(h)) for u, h in _histories(events).items()}
-
-
-def _wait_states(s, expected: dict, timeout: float) -> dict:
-    """Poll the changelog until every user's applied count reaches the expected one."""
-    deadline = time.monotonic() + timeout
-    last, stalled_since = -1, time.monotonic()
-    while True:
-        states = user_states(s, idle_ms=1500)
-        done = all(u in states and states[u].n_events >= n for u, (_, n) in expected.items())
-        applied = sum(st.n_events for st in states.values())
-        if applied != last:
-            last, stalled_since = applied, time.monotonic()
-        stalled = time.monotonic() - stalled_since > 60  # no progress for a minute: stuck
-        if done or stalled or time.monotonic() > deadline:
-            return states
-        time.sleep(1)
 
 
 def _audit(states: dict, hist: dict[str, list], history_len: int) -> dict:
@@ -93,8 +78,15 @@ def _explain(s, user: str, hist: dict[str, list]) -> str:
                                   strict=False) if a != b))
            for m in read_all(s, f"{s.app_id}-user-state-changelog") if m.key == user.encode()
            for st in [UserState.from_bytes(m.value)]]
+    from helpers import dead_letters
+
+    from streams.dead_letters import H_DETAIL, H_OFFSET, H_PARTITION, H_REASON
+
+    dlq = [tuple(h.get(k) for k in (H_REASON, H_PARTITION, H_OFFSET, H_DETAIL))
+           for _, h in dead_letters(s, s.topic(s.events_dlq_topic))]
     return (f"{user}: {len(hist[user])} events at (partition, offset) {recs}; changelog "
-            f"(partition, offset, n_events, applied offsets, items off-prefix) {log}")
+            f"(partition, offset, n_events, applied offsets, items off-prefix) {log}; "
+            f"events DLQ ({len(dlq)} records) {dlq[:50]}")
 
 
 def _applied(worker: WorkerProcess) -> float:
@@ -227,7 +219,7 @@ def test_random_sigkills_lose_and_double_nothing(kafka, tmp_path):
                 settings = s.model_copy(update={"data_dir": tmp_path / f"disk-{k + 1}"})
             worker = WorkerProcess(settings, tmp_path / f"life-{k + 1}.log").start()
             worker.wait_ready()
-        final = _wait_states(s, _expected(events, H), timeout=300)
+        final = wait_states(s, expected_states(events, H), timeout=300)
         time.sleep(2)
     finally:
         worker.stop()
@@ -268,7 +260,7 @@ def test_rebalance_two_workers_stop_and_rejoin(kafka, tmp_path):
         # ... then B rejoins on its old disk and takes partitions back
         b2 = WorkerProcess(sb, tmp_path / "b-1.log").start()
         b2.wait_ready()
-        final = _wait_states(sa, _expected(events, H), timeout=300)
+        final = wait_states(sa, expected_states(events, H), timeout=300)
         committed, ends = _wait_committed(sa, timeout=90)
         a_total, b2_total = _applied(a), _applied(b2)
     finally:

@@ -161,8 +161,8 @@ def run(kafka, tmp_path_factory):
         worker.wait_ready()
         worker.wait_for("streamrec_index_items", len(world.items), timeout=120)
         producer = kafka_producer(s)
-        for value, _ in BAD_EVENTS:
-            producer.send(s.topic(s.events_topic), key=b"bad", value=value).get(timeout=30)
+        for value, _ in BAD_EVENTS:  # keyed by their user id, as producers must
+            producer.send(s.topic(s.events_topic), key=b"bad-user", value=value).get(timeout=30)
         producer.close()
         publish_events(s, events, quiet=True)
         sent = len(events) + len(BAD_EVENTS)

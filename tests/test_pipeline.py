@@ -54,6 +54,9 @@ BAD_INPUT: list[tuple[bytes, str | None]] = [
     (orjson.dumps(_event(ts=-5)), "bad_timestamp"),
     # a valid event whose processing raises (the fault hook): isolated, its batch still applied
     (orjson.dumps(_event(user_id="poison-user")), "processing_error"),
+    # keyed by something else than its user id (`_send` keys this one "bad-user"): its
+    # user's state lives on another partition
+    (orjson.dumps(_event(user_id="someone-else")), "misrouted"),
     # extra fields are ignored, not rejected: producers may add fields (DESIGN: schemas)
     (orjson.dumps(_event(user_id="extra-user", extra_field={"nested": [1, 2]})), None),
 ]
@@ -105,10 +108,20 @@ def _send(s, topic: str, records: list[tuple[bytes, str | None]]
     producer = kafka_producer(s)
     out = []
     for value, reason in records:
-        md = producer.send(topic, key=b"bad", value=value).get(timeout=30)
+        md = producer.send(topic, key=_user_key(value), value=value).get(timeout=30)
         out.append((md.partition, md.offset, value, reason))
     producer.close()
     return out
+
+
+def _user_key(value: bytes) -> bytes:
+    """Key a record by its user id, as every producer must (a foreign key is `misrouted`)."""
+    try:
+        user = orjson.loads(value).get("user_id")
+    except (orjson.JSONDecodeError, AttributeError):
+        user = None
+    return user.encode() if isinstance(user, str) and user and user != "someone-else" \
+        else b"bad-user"
 
 
 def _delete_popular(s, worker: WorkerProcess, n_items: int) -> tuple[set[str], int]:

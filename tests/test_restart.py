@@ -9,11 +9,16 @@ event.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 
 import orjson
 import pytest
-from helpers import latest_recommendations, make_settings, user_states
+from helpers import (
+    expected_states,
+    latest_recommendations,
+    make_settings,
+    user_states,
+    wait_states,
+)
 
 from models.synthetic import SyntheticStream, make_world
 from models.user_state import UserState
@@ -26,23 +31,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 N_EVENTS = 6000
 
 
-def _expected(events: list[dict], history_len: int) -> dict[str, tuple[list, int]]:
-    """What each user's state must hold: the last H item ids (None for text) and the count."""
-    hist: dict[str, list] = defaultdict(list)
-    for ev in events:
-        hist[ev["user_id"]].append(ev["item_id"])
-    return {u: (h[-history_len:], len(h)) for u, h in hist.items()}
 
 
-def _wait_states(s, expected: dict, timeout: float) -> dict:
-    """Poll the changelog until every user's applied count reaches the expected one."""
-    deadline = time.monotonic() + timeout
-    while True:
-        states = user_states(s, idle_ms=1500)
-        done = all(u in states and states[u].n_events >= n for u, (_, n) in expected.items())
-        if done or time.monotonic() > deadline:
-            return states
-        time.sleep(1)
 
 
 def test_kill_mid_stream_and_recover_on_a_new_worker(kafka, tmp_path):
@@ -50,7 +40,7 @@ def test_kill_mid_stream_and_recover_on_a_new_worker(kafka, tmp_path):
     ensure_topics(s)
     world = make_world(300, n_topics=6, seed=7)
     events = list(SyntheticStream(world, n_users=150, seed=8).events(N_EVENTS))
-    expected = _expected(events, s.learner.history_len)
+    expected = expected_states(events, s.learner.history_len)
 
     first = WorkerProcess(s, tmp_path / "first.log").start()
     try:
@@ -73,7 +63,7 @@ def test_kill_mid_stream_and_recover_on_a_new_worker(kafka, tmp_path):
         second.wait_ready()
         samples = second.metrics()
         assert total(samples, "streamrec_checkpoints_total", outcome="restored") == 1
-        after = _wait_states(s, expected, timeout=300)
+        after = wait_states(s, expected, timeout=300)
         time.sleep(2)
         samples = second.metrics()
     finally:

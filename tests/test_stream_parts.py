@@ -170,12 +170,11 @@ def test_settings_from_env_and_back(monkeypatch):
     assert Settings() == s
 
 
-def test_processor_applies_a_record_delivered_twice_in_one_batch_once(encoder, tmp_path):
-    """After a rebalance one batch can hold the same record twice; its effect counts once."""
+def _processor(encoder, tmp_path, batch_encoder):
+    """A real batch processor over a 20-item catalog (real learner, FAISS, encoder)."""
     from models.config import LearnerConfig
     from models.learner import OnlineLearner
     from models.serving import Server
-    from models.user_state import UserState
     from streams.processor import EventProcessor
 
     learner = OnlineLearner(LearnerConfig(dim=16, history_len=8, device="cpu"),
@@ -184,7 +183,14 @@ def test_processor_applies_a_record_delivered_twice_in_one_batch_once(encoder, t
     learner.upsert_items(ids, encoder.encode([f"movie number {i}" for i in range(20)]))
     server = Server(learner)
     server.add_items(ids)
-    proc = EventProcessor(Settings(data_dir=tmp_path), learner, server, encoder)
+    return EventProcessor(Settings(data_dir=tmp_path), learner, server, batch_encoder)
+
+
+def test_processor_applies_a_record_delivered_twice_in_one_batch_once(encoder, tmp_path):
+    """After a rebalance one batch can hold the same record twice; its effect counts once."""
+    from models.user_state import UserState
+
+    proc = _processor(encoder, tmp_path, encoder)
 
     def rec(offset: int, item: str) -> RawRecord:
         ev = {"user_id": "u1", "item_id": item, "event_type": "view", "ts": 1_700_000_000_000}
@@ -215,20 +221,9 @@ class _FragileEncoder:
 
 
 def test_processor_isolates_a_search_text_that_makes_the_encoder_fail(encoder, tmp_path):
-    from models.config import LearnerConfig
-    from models.learner import OnlineLearner
-    from models.serving import Server
     from models.user_state import UserState
-    from streams.processor import EventProcessor
 
-    learner = OnlineLearner(LearnerConfig(dim=16, history_len=8, device="cpu"),
-                            text_dim=encoder.dim, capacity=64)
-    ids = [f"item-{i}" for i in range(20)]
-    learner.upsert_items(ids, encoder.encode([f"movie number {i}" for i in range(20)]))
-    server = Server(learner)
-    server.add_items(ids)
-    proc = EventProcessor(Settings(data_dir=tmp_path), learner, server,
-                          _FragileEncoder(encoder, "poison query"))
+    proc = _processor(encoder, tmp_path, _FragileEncoder(encoder, "poison query"))
     evs = [("u1", None, "space movies"), ("u2", None, "poison query"), ("u1", "item-3", None),
            ("u3", None, "poison query"), ("u3", None, "comedy"), ("u2", "item-4", None)]
     batch = [RawRecord(u.encode(), orjson.dumps({

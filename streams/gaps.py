@@ -1,0 +1,133 @@
+"""Fill holes in what Faust delivers, so every offset of a partition reaches the learner.
+
+faust-streaming can skip records of a partition across a rebalance (records it had fetched
+are dropped while its fetch position moves on; cf. faust-streaming issues #216/#221), and
+its commit then passes them: those events would be lost (tests/test_faults_workers.py saw
+20-440 of 20,000 lost per stop/rejoin before this). The events agent knows each partition's
+next expected offset; when a batch starts past it, the missing range is read straight from
+Kafka with a group-less consumer and processed first. Re-reading is always safe: the per-user
+applied offsets in the state skip whatever was applied already.
+
+The expected offset must survive a partition moving to another worker (the new owner is the
+one that would miss the records), so it lives in the user-state table itself: one progress
+record per partition (`progress_key`), written with the batch's user states to the same
+changelog partition and restored with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from streams import metrics as m
+from streams.catalog import RawRecord
+
+log = logging.getLogger("streamrec.gaps")
+
+
+def progress_key(partition: int) -> bytes:
+    """Table key of a partition's progress record (NUL-prefixed: never a valid user id)."""
+    return b"\x00progress/%d" % partition
+
+
+def progress(records: list[RawRecord]) -> dict[int, RawRecord]:
+    """Each partition's newest record of a batch: its offset is the partition's progress."""
+    out: dict[int, RawRecord] = {}
+    for rec in records:
+        if rec.partition not in out or rec.offset > out[rec.partition].offset:
+            out[rec.partition] = rec
+    return out
+
+
+class GapFiller:
+    def __init__(self, consumer_factory: Callable[[], Any], topic: str, timeout_s: float = 60.0):
+        self._factory = consumer_factory
+        self.topic = topic
+        self.timeout_s = timeout_s
+        self.filled: list[RawRecord] = []  # read by `complete`, to acknowledge once applied
+        self.contiguous: set[int] = set()  # partitions of the last batch checked against progress
+
+    async def complete(self, records: list[RawRecord],
+                       last_done: Callable[[int, Any], int | None]) -> list[RawRecord]:
+        """`records` plus any records the stream skipped before them, in offset order per
+        partition (partitions hold disjoint users, so their relative order is free).
+        `last_done(partition, ref)` is the partition's stored progress (None: unknown)."""
+        by_partition: dict[int, list[RawRecord]] = defaultdict(list)
+        for rec in records:
+            by_partition[rec.partition].append(rec)
+        out: list[RawRecord] = []
+        self.contiguous = set()
+        for p, recs in by_partition.items():
+            recs.sort(key=lambda r: r.offset)
+            done = last_done(p, recs[0].ref)
+            expected = None if done is None else done + 1
+            if done is not None:
+                self.contiguous.add(p)
+            for rec in recs:
+                if expected is not None and rec.offset > expected:
+                    got = await self._read(p, expected, rec.offset, rec.ref)
+                    self.filled += got
+                    out += got
+                out.append(rec)
+                expected = rec.offset + 1 if expected is None else max(expected, rec.offset + 1)
+        return out
+
+    async def _read(self, partition: int, start: int, end: int, ref: Any) -> list[RawRecord]:
+        """Records [start, end) of one partition. `ref` (a Faust event of the same partition)
+        routes their table reads and writes to that partition's state."""
+        from aiokafka import TopicPartition
+
+        log.warning("%s[%d]: offsets %d..%d were not delivered; reading them from Kafka",
+                    self.topic, partition, start, end - 1)
+        tp = TopicPartition(self.topic, partition)
+        consumer = self._factory()
+        await consumer.start()
+        try:
+            consumer.assign([tp])
+            consumer.seek(tp, start)
+            got: list[RawRecord] = []
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.timeout_s
+            while await consumer.position(tp) < end:
+                if loop.time() > deadline:
+                    raise TimeoutError(f"could not read {tp} {start}..{end - 1}")
+                for msg in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
+                    if msg.offset < end:
+                        got.append(RawRecord(msg.key, msg.value, partition, msg.offset,
+                                             msg.timestamp or 0, ref))
+        finally:
+            await consumer.stop()
+        m.REFETCHED.labels(topic=self.topic).inc(len(got))
+        return got
+
+
+def acknowledge(consumer: Any, records: list[RawRecord]) -> None:
+    """Tell Faust's consumer that records it never delivered have been processed, so its
+    commit can move past them (it commits the longest run of acknowledged offsets). Call
+    only once their effect is durable. Mirrors `faust.transport.consumer.Consumer.ack` on its
+    private bookkeeping, the one place outside streams/table_context.py that touches it;
+    tests/test_faults_workers.py checks that committed offsets reach the end."""
+    for rec in records:
+        tp = rec.ref.message.tp  # ref: a Faust event of the same partition
+        committed = consumer._committed_offset[tp]
+        index = consumer._acked_index[tp]
+        if (committed is None or rec.offset >= committed) and rec.offset not in index:
+            index.add(rec.offset)
+            consumer._acked[tp].append(rec.offset)
+            consumer._n_acked += 1
+
+
+async def commit_past(consumer: Any, records: list[RawRecord], partitions: set[int]) -> None:
+    """Commit `partitions` past their newest record of `records`, through Faust's consumer
+    (so its own bookkeeping knows). Faust's commit follows the offsets its stream acked, and
+    the records it skipped are never acked by it: left alone it would stall at the first of
+    them for good. Safe because each of `partitions` was applied contiguously from its stored
+    progress and the batch's effects are durable before this is called; never backwards."""
+    newest = progress([r for r in records if r.partition in partitions])
+    offsets = {rec.ref.message.tp: rec.offset + 1 for rec in newest.values()}
+    offsets = {tp: o for tp, o in offsets.items() if consumer._should_commit(tp, o)}
+    if offsets:
+        await consumer._commit_offsets(offsets)
