@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import orjson
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rich.progress import (  # noqa: E402
+from rich.progress import (
     BarColumn,
     Progress,
     TextColumn,
@@ -31,14 +27,14 @@ from rich.progress import (  # noqa: E402
     TimeRemainingColumn,
 )
 
-from models.synthetic import SyntheticStream, make_world  # noqa: E402
-from streams.broker import EmbeddedKafka  # noqa: E402
-from streams.clients import kafka_producer  # noqa: E402
-from streams.demo import free_port  # noqa: E402
-from streams.publish import publish_items  # noqa: E402
-from streams.settings import Settings  # noqa: E402
-from streams.supervisor import WorkerProcess, total  # noqa: E402
-from streams.topics import ensure_topics  # noqa: E402
+from models.synthetic import SyntheticStream, make_world
+from streams.broker import EmbeddedKafka
+from streams.clients import kafka_producer
+from streams.demo import free_port
+from streams.publish import publish_items
+from streams.settings import Settings
+from streams.supervisor import WorkerProcess, total
+from streams.topics import ensure_topics
 
 
 def rss_mb(pid: int) -> float:
