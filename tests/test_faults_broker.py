@@ -162,20 +162,27 @@ def test_broker_frozen_for_10s_mid_stream(broker, tmp_path):
         print(f"\n[faults-broker] frozen 10s: applied {at_fault:.0f} at freeze, {during:.0f} "
               f"after 10s frozen (of {N_FIRST})")
         assert at_fault < N_FIRST, "the fault did not hit mid-stream (worker too fast)"
-        t_thaw = time.monotonic()
-        worker.wait_for("streamrec_events_total", N_FIRST, timeout=300, outcome="applied")
-        recovered = time.monotonic() - t_thaw
-        publish_events(s, second, quiet=True)
-        worker.wait_for("streamrec_events_total", N_FIRST + N_SECOND, timeout=300,
-                        outcome="applied")
-        _check_exact(s, worker, pid, first + second)
-        dup = total(worker.metrics(), "streamrec_events_total", outcome="duplicate")
+        recovered, dup = _finish(s, worker, pid, first, second, since=time.monotonic())
         print(f"[faults-broker] frozen 10s: first slice done {recovered:.0f}s after thaw, "
               f"{dup:.0f} replays skipped, same pid {pid}; test {time.monotonic() - t0:.0f}s")
         print(f"[faults-broker] worker log, notable: "
               f"{_log_lines(tmp_path / 'worker.log', 'ERROR', 'rebalance', 'Rebalanc')}")
     finally:
         worker.stop()
+
+
+def _finish(s, worker: WorkerProcess, pid: int, first: list, second: list,
+            since: float) -> tuple[float, float]:
+    """After the fault: the first slice is applied, a second slice published and applied,
+    every state exact. Returns (seconds from `since` to the first slice done, replays
+    skipped)."""
+    worker.wait_for("streamrec_events_total", N_FIRST, timeout=300, outcome="applied")
+    recovered = time.monotonic() - since
+    publish_events(s, second, quiet=True)
+    worker.wait_for("streamrec_events_total", N_FIRST + N_SECOND, timeout=300,
+                    outcome="applied")
+    _check_exact(s, worker, pid, first + second)
+    return recovered, total(worker.metrics(), "streamrec_events_total", outcome="duplicate")
 
 
 def test_broker_killed_and_restarted_on_the_same_log_dir(broker, tmp_path):
@@ -195,13 +202,7 @@ def test_broker_killed_and_restarted_on_the_same_log_dir(broker, tmp_path):
         print(f"\n[faults-broker] killed: applied {at_fault:.0f} of {N_FIRST} at the kill; "
               f"broker back after {time.monotonic() - t_restart:.0f}s")
         assert at_fault < N_FIRST, "the fault did not hit mid-stream (worker too fast)"
-        worker.wait_for("streamrec_events_total", N_FIRST, timeout=300, outcome="applied")
-        recovered = time.monotonic() - t_restart
-        publish_events(s, second, quiet=True)
-        worker.wait_for("streamrec_events_total", N_FIRST + N_SECOND, timeout=300,
-                        outcome="applied")
-        _check_exact(s, worker, pid, first + second)
-        dup = total(worker.metrics(), "streamrec_events_total", outcome="duplicate")
+        recovered, dup = _finish(s, worker, pid, first, second, since=t_restart)
         print(f"[faults-broker] killed: first slice done {recovered:.0f}s after restart, "
               f"{dup:.0f} replays skipped, same pid {pid}; test {time.monotonic() - t0:.0f}s")
         print(f"[faults-broker] worker log, notable: "
