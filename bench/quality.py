@@ -1,6 +1,6 @@
 """Quality benchmark: streamrec, its ablations and the streaming peers on MovieLens 100K.
 
-    .venv/bin/python bench/quality.py [ML_100K_DIR] [--batch-size 64] [--out bench/out]
+    .venv/bin/python -m bench.quality [ML_100K_DIR] [--batch-size 64] [--out bench/out]
 
 Prints the table, writes quality-ml100k.json and quality-ml100k.png under --out, and the
 wall time. The data is not shipped (licence): pass its directory (default: ../shared/data/

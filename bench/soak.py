@@ -1,6 +1,6 @@
 """Soak benchmark: one worker on the embedded broker under a steady synthetic stream.
 
-    .venv/bin/python bench/soak.py [--minutes 10] [--rate 200] [--out bench/out]
+    .venv/bin/python -m bench.soak [--minutes 10] [--rate 200] [--out bench/out]
 
 Starts the embedded Apache Kafka broker and one worker process, loads a synthetic catalog,
 then replays a synthetic event stream (models/synthetic.py, wall-clock timestamps) at a

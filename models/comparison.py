@@ -25,6 +25,7 @@ from models.evaluate import Event, Result, StreamrecModel, moving_ndcg, prequent
 #: Ablations of the default learner: name suffix -> overrides of LearnerConfig.
 ABLATIONS: dict[str, dict[str, Any]] = {
     "adaptive": {"lr_rule": "adaptive"},
+    "rmsprop": {"lr_rule": "rmsprop"},
     "fixed": {"lr_rule": "fixed"},
     "adagrad": {"lr_rule": "adagrad"},
     "text": {"item_tower": "text"},
@@ -33,6 +34,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "noreplay": {"replay_ratio": 0.0},
     "nocovisit": {"covisit": False},
 }
+#: Run only when named (`--models`): keeps bench/quality.py within its 15-minute budget.
+ON_REQUEST = {"nocovisit"}
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,8 @@ def model_names(peers: bool = True, ablations: bool = True) -> list[str]:
     names = ["streamrec"]
     if ablations:
         default = LearnerConfig()
-        names += [f"streamrec-{a}" for a, o in ABLATIONS.items()
-                  if any(getattr(default, k) != v for k, v in o.items())]
+        names += [f"streamrec-{a}" for a, o in ABLATIONS.items() if a not in ON_REQUEST
+                  and any(getattr(default, k) != v for k, v in o.items())]
     if peers:
         names += list(BASELINES)
     return names

@@ -120,8 +120,13 @@ class LearnerConfig(BaseModel):
         "let the ranker weigh 'just now' against 'long-term'; on ML-100K one measured best).",
     )
     covisit_profile: int = Field(50, ge=1, description="Distinct recent items in the profile.")
-    lr_rule: Literal["fixed", "adagrad", "adaptive"] = Field(
-        "adaptive", description="Per-user LR rule for the residual (see models/lr_rules.py)."
+    lr_rule: Literal["fixed", "adagrad", "rmsprop", "adaptive"] = Field(
+        "rmsprop",
+        description="Per-user LR rule for the residual (models/lr_rules.py): `rmsprop` "
+        "(scale-free steps with a short memory, so a drifting user is followed), `adaptive` "
+        "(the source papers' α ← α / (1 + β·||Δu||)), `adagrad`, `fixed`. On ML-100K the rules "
+        "differ by < 0.001 NDCG@10 (README, Quality): the residual carries little signal next "
+        "to the sequence encoder.",
     )
     alpha0: float = Field(0.05, gt=0, description="Initial per-user step size α0.")
     beta: float = Field(1.0, ge=0, description="`adaptive`: α ← α / (1 + β·||Δu||).")
@@ -131,6 +136,9 @@ class LearnerConfig(BaseModel):
     )
     raise_frac: float = Field(
         0.5, ge=0, le=1, description="`adaptive`: on a jump α moves this share back to α0."
+    )
+    rms_decay: float = Field(
+        0.9, gt=0, lt=1, description="`rmsprop`: decay of the per-user mean of ||g||²."
     )
     loss_decay: float = Field(0.9, gt=0, lt=1, description="Decay of the per-user loss EMA.")
     device: str = Field("auto", description="`auto` (CUDA if present), `cpu` or `cuda[:n]`.")
@@ -144,4 +152,5 @@ class LearnerConfig(BaseModel):
             "jump_z": self.jump_z,
             "raise_frac": self.raise_frac,
             "loss_decay": self.loss_decay,
+            "rms_decay": self.rms_decay,
         }

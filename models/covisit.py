@@ -40,6 +40,7 @@ class CoVisitation:
         self.F = sp.csr_matrix((1, 1), dtype=np.float32)
         self.n = np.zeros(1)
         self._pair_w = pair_decay ** np.arange(window)
+        self._tops: dict[tuple[int, int], np.ndarray] = {}  # neighbour lists until next learn
 
     @property
     def n_features(self) -> int:
@@ -77,6 +78,7 @@ class CoVisitation:
         fwd = sp.csr_matrix((v.astype(np.float32), (r, c)), shape=shape)  # f[j, i]: i after j
         self.F = self.F + fwd
         self.C = self.C + fwd + fwd.T
+        self._tops.clear()
         np.add.at(self.n, np.asarray(targets), 1.0)
 
     def _profile(self, history: Sequence[int]) -> np.ndarray:
@@ -111,20 +113,22 @@ class CoVisitation:
         return out
 
     def neighbours(self, rows: np.ndarray, k: int) -> np.ndarray:
-        """The union of each row's `k` strongest co-visited items (serving candidates)."""
-        C = self.C
-        out = []
-        for r in rows:
-            if r >= self.size:
-                continue
+        """Each row's `k` strongest co-visited items, concatenated (serving candidates; may
+        repeat an item: callers merge them with other candidates and dedupe once). A row's
+        list is computed once between two `learn` calls: the users of a batch share rows."""
+        out = [self._top(int(r), k) for r in rows if r < self.size]
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def _top(self, r: int, k: int) -> np.ndarray:
+        hit = self._tops.get((r, k))
+        if hit is None:
+            C = self.C
             lo, hi = C.indptr[r], C.indptr[r + 1]
+            cols = C.indices[lo:hi]
             if hi - lo > k:
-                top = np.argpartition(-C.data[lo:hi], k)[:k]
-                out.append(C.indices[lo:hi][top])
-            elif hi > lo:
-                out.append(C.indices[lo:hi])
-        return np.unique(np.concatenate(out)).astype(np.int64) if out else \
-            np.zeros(0, dtype=np.int64)
+                cols = cols[np.argpartition(-C.data[lo:hi], k)[:k]]
+            hit = self._tops[(r, k)] = cols.astype(np.int64)
+        return hit
 
     # ---------------------------------------------------------------- persistence
     def arrays(self) -> dict[str, np.ndarray]:
@@ -142,6 +146,7 @@ class CoVisitation:
         for name in ("C", "F"):
             setattr(self, name, sp.csr_matrix((arrays[f"{name}.data"], arrays[f"{name}.indices"],
                                                arrays[f"{name}.indptr"]), shape=shape))
+        self._tops.clear()
 
 
 def _columns(M: sp.csr_matrix, cols: np.ndarray) -> np.ndarray:

@@ -388,7 +388,8 @@ class OnlineLearner:
         ranker that blends the (detached) two-tower score with the co-visitation features:
         the towers learn on their own, the ranker learns how much to trust each signal. The
         ranker learns from fresh pairs only: a replayed pair's target is already in the
-        co-visitation counts, which would teach it to over-trust them.
+        co-visitation counts, which would teach it to over-trust them (and its features are
+        not even computed for replayed pairs).
         -log p(target) for positives, -log(1 - p(target)) for dislikes."""
         dev = self.device
         if len(live) <= self.cfg.full_softmax_max_items:
@@ -398,19 +399,22 @@ class OnlineLearner:
         else:  # sampled softmax: column 0 is each pair's own target, then shared negatives
             cols, logq, pos, logits = self._sampled_logits(u, targets, live, V, need)
         losses = self._nll(self._logp(logits, pos, logq, targets), weights)
-        if self.head is not None:
-            feats, log_pop = self._features(hist_rows, cols if logq is None else self._neg)
+        f = np.flatnonzero(fresh)
+        if self.head is not None and len(f):
+            ft = torch.as_tensor(f, device=dev)
+            feats, log_pop = self._features(hist_rows[f], cols if logq is None else self._neg)
             if logq is not None:  # put each pair's target in front, as in `logits`
-                tf, tp = self._features(hist_rows, targets)
-                diag = torch.arange(len(targets), device=dev)
+                tf, tp = self._features(hist_rows[f], targets[f])
+                diag = torch.arange(len(f), device=dev)
                 feats = torch.cat([tf[:, diag, diag][:, :, None], feats], 2)
                 log_pop = torch.cat([tp[:1] * 0, log_pop])  # per-pair target pop added below
-                pop_pos = tp
-            blend = self.head(logits.detach(), feats, log_pop, theta)
+            blend = self.head(logits.detach()[ft], feats, log_pop,
+                              None if theta is None else theta[ft])
             if logq is not None:
-                blend[:, 0] = blend[:, 0] + self.head.pop_w * pop_pos
-            mask = torch.as_tensor(fresh, dtype=torch.float32, device=dev)
-            losses = losses + mask * self._nll(self._logp(blend, pos, logq, targets), weights)
+                blend[:, 0] = blend[:, 0] + self.head.pop_w * tp
+            head = self._nll(self._logp(blend, pos[ft], None if logq is None else logq[ft],
+                                        targets[f]), weights[f])
+            losses = losses.index_add(0, ft, head)
         return losses
 
     def _logp(self, logits: torch.Tensor, pos: torch.Tensor, logq: torch.Tensor | None,
@@ -528,7 +532,8 @@ class OnlineLearner:
 
     def covisit_candidates(self, hist: tuple, recent: int = 10, per_item: int = 50
                            ) -> np.ndarray:
-        """Live item rows co-visited most with the user's `recent` newest distinct items."""
+        """Live item rows co-visited most with the user's `recent` newest distinct items (an
+        item may appear more than once)."""
         if self.covis is None:
             return np.zeros(0, dtype=np.int64)
         newest = list(dict.fromkeys(r for r in reversed(hist[0]) if r))[:recent]

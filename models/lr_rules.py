@@ -87,6 +87,30 @@ class AdaGradNorm:
         return -state.alpha[:, None] * grad
 
 
+class RMSPropNorm:
+    """RMSProp-Norm: one scalar running average of ||g||² per user, forgetting at `rms_decay`.
+
+    v ← ρ v + (1-ρ) ||g||²;  α = α0 / sqrt(v + ε);  Δ = -α g. Like AdaGrad-Norm it makes the
+    step length independent of the gradient's scale (a fresh user and a settled one both move
+    by ~α0); unlike AdaGrad-Norm its memory is short, so the rate never anneals to nothing and
+    a user whose interests drift is followed as quickly as a new one.
+    """
+
+    name = "rmsprop"
+
+    def __init__(self, alpha0: float, rms_decay: float = 0.9, eps: float = 1e-8,
+                 loss_decay: float = 0.9, **_: float):
+        self.alpha0, self.rho, self.eps, self.loss_decay = alpha0, rms_decay, eps, loss_decay
+
+    def step(self, state: RuleState, grad: np.ndarray, loss: np.ndarray) -> np.ndarray:
+        _update_loss_stats(state, loss, self.loss_decay)
+        sq = np.einsum("ij,ij->i", grad, grad)
+        first = state.steps == 1
+        state.accum = np.where(first, sq, self.rho * state.accum + (1 - self.rho) * sq)
+        state.alpha[:] = self.alpha0 / np.sqrt(state.accum + self.eps)
+        return -state.alpha[:, None] * grad
+
+
 class PaperAdaptive:
     """The source papers' rule, α_{t+1} = max(α_min, α_t / (1 + β·||Δu_t||)), Δu_t = -α_t g_t.
 
@@ -127,10 +151,10 @@ class PaperAdaptive:
         return delta
 
 
-RULES = {r.name: r for r in (Fixed, AdaGradNorm, PaperAdaptive)}
+RULES = {r.name: r for r in (Fixed, AdaGradNorm, RMSPropNorm, PaperAdaptive)}
 
 
-def make_rule(name: str, **params: float) -> Fixed | AdaGradNorm | PaperAdaptive:
+def make_rule(name: str, **params: float) -> Fixed | AdaGradNorm | RMSPropNorm | PaperAdaptive:
     """Build a rule by its settings name (`fixed`, `adagrad`, `adaptive`)."""
     try:
         return RULES[name](**params)

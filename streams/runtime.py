@@ -43,6 +43,8 @@ PAIRS_PER_RECORD = 200  # keeps a covisits record well below Kafka's 1 MB defaul
 class Runtime:
     def __init__(self, settings: Settings, encoder: TextEncoder | None = None):
         s = self.s = settings
+        _limit_threads(s.compute_threads)
+        _return_large_allocations()
         self.encoder = encoder or TextEncoder(s.encoder_path, s.encoder_device,
                                               s.encoder_batch_size)
         self.learner = OnlineLearner(s.learner, text_dim=self.encoder.dim)
@@ -174,3 +176,29 @@ class Runtime:
                 m.RECOMMENDATIONS.inc()
                 if upd.newest_kafka_ts:
                     m.EVENT_TO_REC.observe(max(0.0, now_ms - upd.newest_kafka_ts) / 1000)
+
+
+def _limit_threads(n: int) -> None:
+    """Cap torch's and FAISS's thread pools (both OpenMP-based) at `n`."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+
+
+def _return_large_allocations(threshold: int = 1 << 20) -> None:
+    """glibc only: serve allocations >= `threshold` bytes by mmap, so freeing them gives the
+    memory back to the OS. By default glibc raises this threshold to the largest block freed
+    so far (up to 32 MB), after which the checkpoint's transient copies (several MB, growing
+    with the co-visitation counts) come from the heap and leave it fragmented: in
+    bench/soak.py RSS rose in steps at every checkpoint."""
+    import ctypes
+    import ctypes.util
+
+    m_mmap_threshold = -3  # from malloc.h
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(m_mmap_threshold, threshold)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        log.debug("mallopt not available; allocator left as is")

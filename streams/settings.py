@@ -105,6 +105,14 @@ class Settings(BaseSettings):
     )
     encoder_device: str = Field("auto", description="`auto` (CUDA if present), `cpu`, `cuda`.")
     encoder_batch_size: int = Field(128, ge=1, description="Texts per encoder forward pass.")
+    compute_threads: int = Field(
+        1,
+        ge=1,
+        description="Threads torch and FAISS may use in a worker. One: the worker's event "
+        "loop, its Kafka clients and often the broker share the cores, and on 2 cores two "
+        "compute threads made the learn stage up to 18x slower under load (bench/"
+        "throughput.py); scale out with more workers (partitions) instead.",
+    )
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     index_refresh_batches: int = Field(
@@ -129,6 +137,13 @@ class Settings(BaseSettings):
     )
     store: Literal["rocksdb", "memory"] = Field(
         "rocksdb", description="Faust table store; `memory` recovers fully from the changelog."
+    )
+    rocksdb_write_buffer_mb: int = Field(
+        4, ge=1, description="RocksDB memtable size per table partition (2 are kept). Faust's "
+        "default, 64 MB x 3, let RSS climb by ~30 MB/min for many minutes in bench/soak.py."
+    )
+    rocksdb_block_cache_mb: int = Field(
+        8, ge=1, description="RocksDB block cache per table partition (Faust's default: 2 GB)."
     )
     metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics.")
     metrics_port: int = Field(6066, ge=0, le=65535, description="Port of /metrics (0: any).")

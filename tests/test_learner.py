@@ -569,6 +569,7 @@ def test_sampled_softmax_path_learns():
     {"user_tower": "none", "item_tower": "text"},
     {"lr_rule": "fixed"},
     {"lr_rule": "adagrad"},
+    {"lr_rule": "adaptive"},
 ], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 def test_ablations_train(kw):
     ids, vecs, batches = synthetic_batches(8, batch=16)

@@ -13,7 +13,7 @@ import pytest
 
 from models.config import LearnerConfig
 from models.learner import Interaction, OnlineLearner
-from models.lr_rules import AdaGradNorm, Fixed, PaperAdaptive, RuleState, make_rule
+from models.lr_rules import AdaGradNorm, Fixed, PaperAdaptive, RMSPropNorm, RuleState, make_rule
 from models.user_state import UserState
 
 # Hand-chosen gradients (one user, d = 3) and losses: six steps, varied norms.
@@ -100,6 +100,44 @@ def test_adagrad_norm_accumulates_squared_norms():
     # first step: G = 25 -> α = 0.5 / 5
     assert alphas[0] == pytest.approx(0.1, rel=1e-9)
     assert all(b < a for a, b in zip(alphas, alphas[1:], strict=False))
+
+
+# --------------------------------------------------------------------------- RMSProp-Norm
+
+
+def test_rmsprop_norm_keeps_a_forgetting_mean_of_squared_norms():
+    a0, rho, eps = 0.5, 0.9, 1e-8
+    rule = RMSPropNorm(alpha0=a0, rms_decay=rho, eps=eps)
+    st = RuleState.fresh(1, a0)
+    v = None
+    for g, loss in zip(GRADS, STABLE_LOSSES, strict=True):
+        delta = rule.step(st, _one(g), _loss(loss))
+        sq = _norm(g) ** 2
+        v = sq if v is None else rho * v + (1 - rho) * sq  # the first step starts the mean
+        alpha = a0 / math.sqrt(v + eps)
+        assert st.accum[0] == pytest.approx(v, rel=1e-12)
+        assert st.alpha[0] == pytest.approx(alpha, rel=1e-12)
+        np.testing.assert_allclose(delta[0], [-alpha * x for x in g], rtol=1e-12)
+    # first step: v = 25 -> a step of length exactly α0, whatever the gradient's scale
+    first = RuleState.fresh(1, a0)
+    assert np.linalg.norm(rule.step(first, _one([30.0, 40.0, 0.0]), _loss(1.0))) == \
+        pytest.approx(a0, rel=1e-6)
+
+
+def test_rmsprop_norm_recovers_its_rate_after_large_gradients_unlike_adagrad():
+    """After a burst of large gradients, small ones bring RMSProp-Norm's α back up (short
+    memory); AdaGrad-Norm's α only ever falls."""
+    grads = [[10.0, 0.0, 0.0]] * 5 + [[0.1, 0.0, 0.0]] * 80
+    rms, ada = RMSPropNorm(alpha0=0.1), AdaGradNorm(alpha0=0.1)
+    s_rms, s_ada = RuleState.fresh(1, 0.1), RuleState.fresh(1, 0.1)
+    after_burst = None
+    for k, g in enumerate(grads):
+        rms.step(s_rms, _one(g), _loss(1.0))
+        ada.step(s_ada, _one(g), _loss(1.0))
+        if k == 4:
+            after_burst = (s_rms.alpha[0], s_ada.alpha[0])
+    assert s_rms.alpha[0] > 20 * after_burst[0]
+    assert s_ada.alpha[0] < after_burst[1]
 
 
 # --------------------------------------------------------------------------- PaperAdaptive
@@ -209,7 +247,7 @@ def test_paper_adaptive_loss_drop_is_not_a_jump():
 # --------------------------------------------------------------------------- vectorised
 
 
-@pytest.mark.parametrize("name", ["fixed", "adagrad", "adaptive"])
+@pytest.mark.parametrize("name", ["fixed", "adagrad", "rmsprop", "adaptive"])
 def test_two_users_in_one_call_equal_two_single_calls(name):
     params = dict(alpha0=0.2, beta=2.0, alpha_min=1e-3, jump_z=2.0, raise_frac=0.5,
                   loss_decay=0.9)
@@ -235,11 +273,12 @@ def test_two_users_in_one_call_equal_two_single_calls(name):
 def test_make_rule_by_name_and_unknown_name():
     assert isinstance(make_rule("fixed", alpha0=0.1), Fixed)
     assert isinstance(make_rule("adagrad", alpha0=0.1), AdaGradNorm)
+    assert isinstance(make_rule("rmsprop", alpha0=0.1), RMSPropNorm)
     r = make_rule("adaptive", alpha0=0.1, beta=0.5, alpha_min=0.002)
     assert isinstance(r, PaperAdaptive)
     assert (r.alpha0, r.beta, r.alpha_min) == (0.1, 0.5, 0.002)
     # the learner's config params are accepted by every rule
-    for name in ("fixed", "adagrad", "adaptive"):
+    for name in ("fixed", "adagrad", "rmsprop", "adaptive"):
         make_rule(name, **LearnerConfig().rule_params())
     with pytest.raises(ValueError, match="unknown lr rule"):
         make_rule("sgd", alpha0=0.1)
