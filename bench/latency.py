@@ -62,6 +62,7 @@ from bench._common import (
 )
 from models.synthetic import make_world
 from streams.clients import kafka_consumer, kafka_producer
+from streams.demo import free_port
 from streams.publish import publish_items
 from streams.settings import Settings
 from streams.supervisor import WorkerProcess
@@ -70,14 +71,6 @@ from streams.topics import ensure_topics
 console = Console()
 TARGETS_P99_MS = {0.5: 100.0, 0.75: 250.0}
 DEFAULT_ITEMS, DEFAULT_USERS = 50_000, 100_000
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LatencyTail(threading.Thread):

@@ -69,6 +69,7 @@ from bench._common import (
 )
 from models.synthetic import make_world
 from streams.clients import aio_options, faust_credentials
+from streams.demo import free_port
 from streams.publish import event_records, publish, publish_items
 from streams.settings import Settings
 from streams.supervisor import WorkerProcess, scrape, total
@@ -78,14 +79,6 @@ console = Console()
 TARGET_FAUST = 0.60  # pipeline >= 60 % of Faust consume-only
 STRETCH_RAW = 0.25  # pipeline >= 25 % of the raw aiokafka loop
 STAGE_ORDER = ("decode", "encode", "learn", "search", "emit", "other")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # =========================================================================== child processes
