@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from models.config import EVENT_TYPE_IDS
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
                     1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -48,3 +50,10 @@ CHECKPOINTS = Counter("streamrec_checkpoints", "Shared-parameter checkpoints", [
 STAGES = ("decode", "encode", "learn", "search", "emit")
 for _stage in STAGES:  # make every stage series exist from the start (dashboards, alerts)
     STAGE_SECONDS.labels(stage=_stage)
+# Event counters from 0 as well: a series born at its first increment hides the counts made
+# before Prometheus first saw it, which skews ratios such as the DLQ share right after start.
+for _type in EVENT_TYPE_IDS:
+    for _outcome in ("applied", "dlq", "duplicate"):
+        EVENTS.labels(event_type=_type, outcome=_outcome)
+for _type in ("invalid", "unknown"):  # records that never became a valid event
+    EVENTS.labels(event_type=_type, outcome="dlq")
