@@ -132,6 +132,15 @@ def main() -> None:
     start_rss = post[0][1] if post else float("nan")
     end_rss = samples[-1]["rss_mb"] if samples else float("nan")
     slope = slope_per_hour(post)
+    # co-visitation counts grow with traffic by design (toward the co-visited item pairs):
+    # RSS net of them is what a leak would show in
+    net = [(p["t_s"], p["rss_mb"] - p["covisit_mb"]) for p in samples if p["t_s"] >= warmup_s]
+    net_slope = slope_per_hour(net)
+    covis = [p["covisit_mb"] for p in samples if p["t_s"] >= warmup_s] or [float("nan")]
+    # caches that fill up (RocksDB memtables and block cache, allocator pools) make the early
+    # slope steep; a leak keeps its slope, so the second half is the telling part
+    late = [(t, v) for t, v in post if t >= duration / 2]
+    late_slope = slope_per_hour(late)
     doc = {
         "benchmark": "soak",
         "minutes": args.minutes,
@@ -148,6 +157,11 @@ def main() -> None:
         "rss_end_mb": round(end_rss, 1),
         "rss_max_mb": round(max((p["rss_mb"] for p in samples), default=float("nan")), 1),
         "rss_slope_mb_per_hour": round(slope, 1),
+        "rss_slope_second_half_mb_per_hour": round(late_slope, 1),
+        "rss_second_half_mb": [late[0][1], late[-1][1]] if late else None,
+        "covisit_mb_start": covis[0],
+        "covisit_mb_end": covis[-1],
+        "rss_net_of_covisit_slope_mb_per_hour": round(net_slope, 1),
         "samples": samples,
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
         "wall_s": round(time.monotonic() - t_begin, 1),
@@ -161,6 +175,11 @@ def main() -> None:
     print(f"RSS after warm-up ({warmup_s:.0f}s): {start_rss:.1f} MB; at end: {end_rss:.1f} MB; "
           f"max {doc['rss_max_mb']} MB; slope {slope:+.1f} MB/hour "
           f"({len(post)} samples)")
+    if late:
+        print(f"second half ({late[0][0] / 60:.0f}-{late[-1][0] / 60:.0f} min): RSS "
+              f"{late[0][1]:.1f} -> {late[-1][1]:.1f} MB, slope {late_slope:+.1f} MB/hour")
+    print(f"co-visitation counts: {covis[0]:.1f} MB after warm-up, {covis[-1]:.1f} MB at end; "
+          f"RSS net of them: slope {net_slope:+.1f} MB/hour")
     print(f"wall time {doc['wall_s']:.0f}s; results in {out}/soak.json, {out}/soak.png")
 
 
@@ -182,6 +201,7 @@ def run_stream(s: Settings, worker: WorkerProcess, stream: SyntheticStream, n_ev
             "sent": sent,
             "consumed": total(m, "streamrec_events_total"),
             "applied": total(m, "streamrec_events_total", outcome="applied"),
+            "covisit_mb": round(total(m, "streamrec_covisit_bytes") / 2**20, 2),
         })
 
     columns = (TextColumn("soak"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

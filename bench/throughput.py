@@ -70,6 +70,7 @@ from bench._common import (
 from models.synthetic import make_world
 from streams.clients import aio_options, faust_credentials
 from streams.demo import free_port
+from streams.metrics import STAGES
 from streams.publish import event_records, publish, publish_items
 from streams.settings import Settings
 from streams.supervisor import WorkerProcess, scrape, total
@@ -78,7 +79,7 @@ from streams.topics import create_topics, ensure_topics
 console = Console()
 TARGET_FAUST = 0.60  # pipeline >= 60 % of Faust consume-only
 STRETCH_RAW = 0.25  # pipeline >= 25 % of the raw aiokafka loop
-STAGE_ORDER = ("decode", "encode", "learn", "search", "emit", "other")
+STAGE_ORDER = (*STAGES, "other")
 
 
 # =========================================================================== child processes

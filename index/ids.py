@@ -89,6 +89,11 @@ class IdMap:
         """String id that owns ``key``, or ``None`` (e.g. for FAISS's ``-1`` padding)."""
         return self._to_str.get(int(key))
 
+    def to_strs(self, keys: np.ndarray) -> list[str | None]:
+        """`to_str` of many keys at once (one Python list pass, no numpy scalars)."""
+        get = self._to_str.get
+        return [get(k) for k in np.asarray(keys, dtype=np.int64).tolist()]
+
     def remove(self, item_id: str) -> None:
         """Forget ``item_id``; unknown ids are ignored because deletes may be replayed."""
         with self._lock:

@@ -66,11 +66,12 @@ class LearnerConfig(BaseModel):
         "several steps, so how much is learned per event does not depend on the batch size.",
     )
     max_steps_per_batch: int = Field(
-        8,
+        2,
         ge=1,
         description="Compute budget per micro-batch: above max_steps_per_batch × "
         "max_pairs_per_step pairs, a random subset trains (the rest only enters the replay), "
-        "so an overloaded worker catches up instead of falling further behind.",
+        "so an overloaded worker (large batches) catches up instead of falling further behind; "
+        "every event is still served and stored. Batches up to 128 events train on every pair.",
     )
     replay_ratio: float = Field(
         1.0,

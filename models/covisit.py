@@ -50,6 +50,12 @@ class CoVisitation:
     def size(self) -> int:
         return len(self.n)
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the counts (both sparse matrices and n)."""
+        return self.n.nbytes + sum(M.data.nbytes + M.indices.nbytes + M.indptr.nbytes
+                                   for M in (self.C, self.F))
+
     def _ensure(self, rows: int) -> None:
         if rows <= self.size:
             return

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from index.faiss_index import FaissIndex, IndexConfig, VersionedIndex
 from index.ids import IdMap
-from models.learner import OnlineLearner
+from models.learner import OnlineLearner, unique_ints
 from models.user_state import UserState
 
 log = logging.getLogger("streamrec.serving")
@@ -37,22 +38,36 @@ def rank_candidates(learner: OnlineLearner, hists: Sequence[tuple], U: np.ndarra
     """The serving ranker: the index's (two-tower) candidates plus, with co-visitation, the
     items co-visited most with the user's recent ones; live and unseen only; scored by the
     learner's blend. Returns (item rows, scores) per user, best first. The offline evaluator
-    ranks through this same function, so it measures what the agent serves."""
-    cands = []
-    for hist, rows, seen in zip(hists, tower_rows, seen_rows, strict=True):
-        c = np.union1d(rows, learner.covisit_candidates(hist)).astype(np.int64)
-        keep = learner.live[c] & ~np.isin(c, np.fromiter(seen, dtype=np.int64, count=len(seen)))
-        cands.append(c[keep])
-    cols = np.unique(np.concatenate(cands + [np.zeros(0, np.int64)]))
+    ranks through this same function, so it measures what the agent serves.
+
+    One flat array of (user, row) pairs for the whole batch, not a loop per user: the
+    agent ranks ~500 users per micro-batch under load."""
+    n = len(hists)
+    parts = [x for hist, rows in zip(hists, tower_rows, strict=True)
+             for x in (np.asarray(rows, dtype=np.int64), learner.covisit_candidates(hist))]
+    owner = np.repeat(np.arange(n), [len(parts[2 * p]) + len(parts[2 * p + 1])
+                                     for p in range(n)])
+    base = len(learner.live)
+    code = unique_ints(owner * base + np.concatenate(parts + [np.zeros(0, np.int64)]))
+    owner, rows = np.divmod(code, base)
+    keep = learner.live[rows] & ~np.isin(code, _pair_codes(seen_rows, base))
+    owner, rows = owner[keep], rows[keep]
+    cols = unique_ints(rows)
     if len(cols) == 0:
-        return [(c, np.zeros(0, np.float32)) for c in cands]
+        return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(n)]
     S = learner.blend(hists, U, cols, residuals)
-    out = []
-    for p, c in enumerate(cands):
-        s = S[p, np.searchsorted(cols, c)]
-        order = np.argsort(-s, kind="stable")
-        out.append((c[order], s[order]))
-    return out
+    scores = S[owner, np.searchsorted(cols, rows)]
+    order = np.lexsort((-scores, owner))  # per user best first; ties keep row order
+    splits = np.cumsum(np.bincount(owner, minlength=n))[:-1]
+    return list(zip(np.split(rows[order], splits), np.split(scores[order], splits),
+                    strict=True))
+
+
+def _pair_codes(sets: Sequence[Iterable[int]], base: int) -> np.ndarray:
+    """user * base + row for every (user, row) in per-user collections of rows."""
+    flat = [np.fromiter(s, dtype=np.int64) for s in sets]
+    owner = np.repeat(np.arange(len(flat)), [len(f) for f in flat])
+    return owner * base + np.concatenate(flat + [np.zeros(0, np.int64)])
 
 
 class Server:
@@ -67,45 +82,93 @@ class Server:
         self.candidates = candidates
         self.ids = IdMap()
         self.index = VersionedIndex()
+        self.key_rows = KeyRows()
         self._batches_since = 0
         self._last_refresh = 0.0
+        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-build")
+        self._build: Future[FaissIndex] | None = None
+        self._changes: list[tuple[bool, list[str]]] = []  # catalog changes since the snapshot
 
     # ------------------------------------------------------------------ catalog changes
     def add_items(self, item_ids: Sequence[str]) -> None:
         """Register ids (collision-checked) and put their current vectors in the index."""
         keys = np.array([self.ids.add(i) for i in item_ids], dtype=np.int64)
+        rows = np.array([self.learner.rows[i] for i in item_ids], dtype=np.int64)
+        self.key_rows.add(keys, rows)
+        self._changes.append((True, list(item_ids)))
         idx, _ = self.index.current()
         if idx is not None and len(keys):
-            rows = np.array([self.learner.rows[i] for i in item_ids], dtype=np.int64)
             idx.upsert(keys, self.learner.item_vectors(rows)[1])
 
     def remove_items(self, item_ids: Sequence[str]) -> None:
         keys = [k for k in (self.ids.to_int(i) for i in item_ids) if k is not None]
+        self._changes.append((False, list(item_ids)))
         idx, _ = self.index.current()
         if idx is not None and keys:
             idx.remove(keys)
 
     # ------------------------------------------------------------------ refresh
     def maybe_refresh(self) -> bool:
-        """Call once per batch: rebuild when N batches or T seconds have passed."""
+        """Call once per batch: rebuild when N batches or T seconds have passed; True when a
+        new index was swapped in. An HNSW index (large catalogs: seconds to build) is built
+        in a background thread while the current one keeps serving, and swapped in at the
+        first batch after it is done, with the catalog changes made meanwhile applied."""
         self._batches_since += 1
+        if self._build is not None:
+            return self._finish_build()
+        idx = self.index.current()[0]
         due = (self._batches_since >= self.refresh_batches
                or time.monotonic() - self._last_refresh >= self.refresh_s
-               or self.index.current()[0] is None)
-        if due:
-            self.refresh()
-        return due
+               or idx is None)
+        if not due:
+            return False
+        if idx is not None and idx.kind == "hnsw":
+            self._start_build()
+            return False
+        self.refresh()
+        return True
 
     def refresh(self) -> int:
         """Build a new index from the current item tower and swap it in; returns its version."""
-        item_ids, vecs = self.learner.item_vectors()
-        keys = np.array([self.ids.add(i) for i in item_ids], dtype=np.int64)
+        self._build = None  # a background build still running is superseded by this one
+        keys, vecs = self._snapshot()
         new = FaissIndex.build(keys, vecs, self.config) if len(keys) else \
             FaissIndex(self.learner.cfg.dim, self.config)
-        version = self.index.swap(new)
+        return self.index.swap(new)
+
+    def _snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        item_ids, vecs = self.learner.item_vectors()
+        keys = np.array([self.ids.add(i) for i in item_ids], dtype=np.int64)
+        self.key_rows.add(keys, np.array([self.learner.rows[i] for i in item_ids], np.int64))
+        self._changes = []
         self._batches_since = 0
         self._last_refresh = time.monotonic()
-        return version
+        return keys, vecs
+
+    def _start_build(self) -> None:
+        keys, vecs = self._snapshot()
+        self._build = self._builder.submit(FaissIndex.build, keys, vecs, self.config)
+
+    def _finish_build(self) -> bool:
+        build = self._build
+        if build is None or not build.done():
+            return False
+        self._build = None
+        try:
+            new = build.result()
+        except Exception:  # noqa: BLE001 - keep serving the current index; retried when due
+            log.exception("background index build failed")
+            return False
+        for added, item_ids in self._changes:  # what changed since the snapshot, in order
+            if added:
+                rows = np.array([self.learner.rows[i] for i in item_ids], dtype=np.int64)
+                new.upsert(np.array([self.ids.add(i) for i in item_ids], dtype=np.int64),
+                           self.learner.item_vectors(rows)[1])
+            else:
+                new.remove([k for k in (self.ids.to_int(i) for i in item_ids) if k is not None])
+        self._changes = []
+        self.index.swap(new)
+        return True
 
     @property
     def version(self) -> int:
@@ -126,45 +189,107 @@ class Server:
         idx, version = self.index.current()
         if idx is None or len(states) == 0:
             return [[] for _ in states], version
-        seen = [{self.ids.to_int(i) for i in st.seen_items()} - {None} for st in states]
         if self.learner.head is None:  # two-tower alone: the index's ranking is final
+            seen = [{self.ids.to_int(i) for i in st.seen_items()} - {None} for st in states]
             scores, keys = idx.search(user_vecs, k, exclude=seen)
             ranked = [(krow[krow >= 0], srow[krow >= 0]) for srow, krow in zip(scores, keys,
                                                                                 strict=True)]
         else:
-            ranked = self._rerank(idx, states, user_vecs, seen, k)
-        out = [self._with_reasons(idx, st, keys, scores, reason_window)
-               for st, (keys, scores) in zip(states, ranked, strict=True)]
+            ranked = self._rerank(idx, states, user_vecs, k)
+        reasons = self._reasons(idx, states, [keys for keys, _ in ranked], reason_window)
+        out = [[Scored(i, s, r) for i, s, r in zip(self.ids.to_strs(keys), scores.tolist(), why,
+                                                   strict=True)]
+               for (keys, scores), why in zip(ranked, reasons, strict=True)]
         return out, version
 
     def _rerank(self, idx: FaissIndex, states: Sequence[UserState], user_vecs: np.ndarray,
-                seen: list[set[int]], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Index candidates + co-visitation candidates, ordered by the learned ranker."""
-        _, keys = idx.search(user_vecs, self.candidates, exclude=seen)
-        rows = self.learner.rows
-        tower_rows = [np.array([rows[self.ids.to_str(int(kk))] for kk in krow if kk >= 0],
-                               dtype=np.int64) for krow in keys]
-        seen_rows = [{rows[i] for i in st.seen_items() if i in rows} for st in states]
+                k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Index candidates + co-visitation candidates, ordered by the learned ranker.
+
+        The index is asked for `candidates` + (most seen items of a user) and the seen ones
+        are masked for the whole batch at once: the same candidates as an exclude-list search,
+        without a Python pass per user."""
+        rows_of, base = self.learner.rows, len(self.learner.live)
+        seen_rows = [{rows_of[i] for i in st.seen_items() if i in rows_of} for st in states]
+        fetch = self.candidates + max(map(len, seen_rows), default=0)
+        _, keys = idx.search(user_vecs, fetch)
+        cand = self.key_rows.rows_of(keys)
+        users = np.arange(len(cand))[:, None]
+        ok = (cand >= 0) & ~np.isin(users * base + cand, _pair_codes(seen_rows, base))
+        ok &= np.cumsum(ok, axis=1) <= self.candidates
+        tower_rows = [c[m] for c, m in zip(cand, ok, strict=True)]
         hists = [self.learner.history(st) for st in states]
         ranked = rank_candidates(self.learner, hists, user_vecs, tower_rows, seen_rows,
                                  [st.residual for st in states])
-        ids = self.learner.ids
-        return [(np.array([self.ids.add(ids[r]) for r in c[:k]], dtype=np.int64), s[:k])
-                for c, s in ranked]
+        return [(self.key_rows.keys_of(c[:k]), s[:k]) for c, s in ranked]
 
-    def _with_reasons(self, idx: FaissIndex, st: UserState, keys: np.ndarray,
-                      scores: np.ndarray, window: int) -> list[Scored]:
-        recent = [i for i in reversed(st.items) if i is not None][:window]
-        keyed = (self.ids.to_int(i) for i in recent)
-        recent_keys = [k for k in keyed if k is not None and k in idx]
-        reasons: list[str | None] = [None] * len(keys)
-        if recent_keys and len(keys):
-            R = _unit(idx.vectors(recent_keys))
-            C = _unit(idx.vectors(keys))
-            best = (C @ R.T).argmax(axis=1)
-            reasons = [self.ids.to_str(recent_keys[b]) for b in best]
-        return [Scored(self.ids.to_str(int(kk)), float(s), r)
-                for kk, s, r in zip(keys, scores, reasons, strict=True)]
+    def _reasons(self, idx: FaissIndex, states: Sequence[UserState],
+                 keys: Sequence[np.ndarray], window: int) -> list[list[str | None]]:
+        """Per recommended item, the user's recent item (of the last `window`) whose index
+        vector is most similar (cosine): one batched product for all users."""
+        recent = []
+        for st in states:
+            newest = [i for i in reversed(st.items) if i is not None][:window]
+            keyed = (self.ids.to_int(i) for i in newest)
+            recent.append([kk for kk in keyed if kk is not None and kk in idx])
+        W, K = max(map(len, recent), default=0), max(map(len, keys), default=0)
+        if W == 0 or K == 0:
+            return [[None] * len(kk) for kk in keys]
+        R, C = _padded_keys(recent, W), _padded_keys(keys, K)
+        known = unique_ints(np.concatenate([R[R >= 0], C[C >= 0]]))
+        V = _unit(idx.vectors(known))
+        sims = np.einsum("nkd,nwd->nkw", V[np.searchsorted(known, C)],
+                         V[np.searchsorted(known, R)])
+        sims[np.broadcast_to(R[:, None, :] < 0, sims.shape)] = -np.inf
+        best = np.take_along_axis(R, sims.argmax(axis=2), axis=1)  # (n, K) keys
+        return [self.ids.to_strs(row[: len(kk)]) if len(r) else [None] * len(kk)
+                for row, kk, r in zip(best, keys, recent, strict=True)]
+
+
+class KeyRows:
+    """Index key <-> learner row, both ways vectorised (the reranker maps ~100k candidate
+    keys per micro-batch). Items only ever gain a key and a row, never change them."""
+
+    def __init__(self) -> None:
+        self._map: dict[int, int] = {}
+        self._keys = self._rows = self._row_keys = np.zeros(0, np.int64)
+        self._dirty = False
+
+    def add(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        for key, row in zip(keys.tolist(), rows.tolist(), strict=True):
+            if self._map.get(key) != row:
+                self._map[key] = row
+                self._dirty = True
+
+    def _sync(self) -> None:
+        if not self._dirty:
+            return
+        keys = np.fromiter(self._map, np.int64, len(self._map))
+        rows = np.fromiter(self._map.values(), np.int64, len(self._map))
+        order = np.argsort(keys)
+        self._keys, self._rows = keys[order], rows[order]
+        self._row_keys = np.full(int(rows.max(initial=-1)) + 1, -1, np.int64)
+        self._row_keys[rows] = keys
+        self._dirty = False
+
+    def rows_of(self, keys: np.ndarray) -> np.ndarray:
+        """Learner rows of index keys; -1 for FAISS padding and unknown keys."""
+        self._sync()
+        if not len(self._keys):
+            return np.full(np.shape(keys), -1, np.int64)
+        pos = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
+        return np.where(self._keys[pos] == keys, self._rows[pos], -1)
+
+    def keys_of(self, rows: np.ndarray) -> np.ndarray:
+        self._sync()
+        return self._row_keys[rows]
+
+
+def _padded_keys(lists: Sequence[Sequence[int]], width: int) -> np.ndarray:
+    out = np.full((len(lists), width), -1, np.int64)
+    for p, keys in enumerate(lists):
+        out[p, : len(keys)] = keys
+    return out
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

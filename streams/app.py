@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import faust
@@ -22,7 +23,7 @@ from streams import metrics as m
 from streams.catalog import RawRecord
 from streams.clients import faust_credentials
 from streams.dead_letters import dlq_headers
-from streams.gaps import acknowledge, commit_past, progress, progress_key
+from streams.gaps import Committer, acknowledge, progress, progress_key
 from streams.runtime import Runtime
 from streams.schemas import InvalidRecord, Reason
 from streams.settings import Settings
@@ -48,8 +49,16 @@ async def deliver(app: faust.App) -> None:
     makes the order state-durable -> offsets-committable.
     """
     producer = app.producer
-    while producer.buffer.size:
-        await producer.buffer.flush()
+    buffer, pending = producer.buffer, producer.buffer.pending
+    # Hand the buffered records to the Kafka client here, in one pass: Faust's own drain
+    # (`buffer.flush`) waits on an event per record (~500 per batch). Its background drain
+    # task may hold one record; the yield lets it finish handing that one over.
+    while not pending.empty():
+        await buffer._send_pending(pending.get_nowait())
+        buffer.message_sent.set()  # as Faust's drain does: its waiters (flow control) go on
+    await asyncio.sleep(0)
+    while buffer.size:
+        await buffer.flush()
     await producer.flush()
 
 
@@ -96,11 +105,11 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
     events_t = topic(s.events_topic)
     catalog_t = topic(s.catalog_topic)
     vectors_t = topic(s.item_vectors_topic)
-    recs_t = topic(s.recommendations_topic)
     events_dlq = topic(s.events_dlq_topic)
     catalog_dlq = topic(s.catalog_dlq_topic)
     checkpoints_t = topic(s.checkpoints_topic)
     covisits_t = topic(s.covisits_topic)
+    committer = Committer(s.commit_interval_s)
     users = app.Table("user-state", default=None, partitions=s.partitions,
                       key_type=bytes, value_type=bytes, options=rocksdb_options(s))
 
@@ -143,18 +152,24 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
         """Emit, learn, share co-visitation pairs, persist state and the partitions'
         progress: one processed batch."""
         with m.STAGE_SECONDS.labels(stage="emit").time():
+            # straight to the Kafka producer: Faust's Topic.send wraps every record in
+            # futures and callbacks, which cost more than the record itself at ~500 per batch
+            recs_topic = s.topic(s.recommendations_topic)
             for user, upd in out.users.items():
                 if upd.recommendation is not None:
-                    await recs_t.send(key=user.encode(), value=upd.recommendation, force=True)
+                    await app.producer.send(recs_topic, user.encode(), upd.recommendation,
+                                            None, None, None)
             await dead_letter(events_dlq, s.topic(s.events_topic), out.rejected)
         runtime.observe_emit(out)
         runtime.processor.learn(out)  # serve first, then learn: latency excludes training
         await runtime.publish_covisits(out)
-        for user, upd in out.users.items():  # state incl. applied offsets, one write per user
-            with current_event(upd.record.ref):
-                users[user.encode()] = upd.state.to_bytes()
-        mark_progress(records)
-        await deliver(app)  # before the batch is acked, so its offsets become committable
+        with m.STAGE_SECONDS.labels(stage="state").time():
+            for user, upd in out.users.items():  # state incl. applied offsets, one write/user
+                with current_event(upd.record.ref):
+                    users[user.encode()] = upd.state.to_bytes()
+            mark_progress(records)
+        with m.STAGE_SECONDS.labels(stage="commit").time():
+            await deliver(app)  # before the batch is acked, so its offsets become committable
 
     async def one_by_one(records: list[RawRecord], exc: Exception) -> None:
         """A batch that raised is retried record by record; a record that raises alone goes
@@ -182,9 +197,17 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
             except Exception as exc:  # noqa: BLE001 - no input may stop the worker
                 await one_by_one(records, exc)
             # applied and durable by now: acknowledge what Faust skipped, commit what we know
-            acknowledge(app.consumer, runtime.gaps.filled)
-            runtime.gaps.filled.clear()
-            await commit_past(app.consumer, records, runtime.gaps.contiguous)
+            with m.STAGE_SECONDS.labels(stage="commit").time():
+                acknowledge(app.consumer, runtime.gaps.filled)
+                runtime.gaps.filled.clear()
+                committer.note(records, runtime.gaps.contiguous)
+                await committer.maybe_commit(app.consumer, time.monotonic())
+
+    @app.timer(s.commit_interval_s)
+    async def commit_idle() -> None:
+        """What the last batches noted, once the stream goes quiet."""
+        if committer.pending:
+            await committer.commit(app.consumer, time.monotonic())
 
     @app.task
     async def start_runtime() -> None:
@@ -206,6 +229,7 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
     @app.on_before_shutdown.connect
     async def final_checkpoint(app: Any, **_: Any) -> None:
         try:
+            await committer.commit(app.consumer, time.monotonic())
             await runtime.save_checkpoint()
         except Exception as exc:  # noqa: BLE001 - shutdown must go on
             log.error("final checkpoint failed: %r", exc)
@@ -218,8 +242,6 @@ def _ensure_topics_waiting(settings: Settings, wait_s: float = 300.0) -> None:
     """ensure_topics, retried while the broker is unreachable (a worker started before its
     broker, e.g. by an orchestrator, must wait for it instead of exiting after the admin
     client's 30 s bootstrap timeout)."""
-    import time
-
     from kafka.errors import KafkaConnectionError, KafkaTimeoutError
 
     deadline = time.monotonic() + wait_s

@@ -45,9 +45,14 @@ USERS_ACTIVE = Gauge("streamrec_users_active", "Users with an event in the last 
 CATALOG_ITEMS = Counter(
     "streamrec_catalog_items", "Catalog records processed, by outcome", ["outcome"]
 )
+COVISIT_BYTES = Gauge(
+    "streamrec_covisit_bytes", "Memory of the co-visitation counts: the one part of a worker's "
+    "memory that grows with traffic (toward the item pairs users actually co-visit)"
+)
 CHECKPOINTS = Counter("streamrec_checkpoints", "Shared-parameter checkpoints", ["outcome"])
 
-STAGES = ("decode", "encode", "learn", "search", "emit")
+# state: user-state table writes; commit: changelog delivery + offset commit (per batch)
+STAGES = ("decode", "encode", "learn", "search", "emit", "state", "commit")
 for _stage in STAGES:  # make every stage series exist from the start (dashboards, alerts)
     STAGE_SECONDS.labels(stage=_stage)
 # Event counters from 0 as well: a series born at its first increment hides the counts made

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,10 +23,8 @@ from streams.schemas import (
     InvalidRecord,
     ModelInfo,
     Reason,
-    Recommendation,
-    RecommendedItem,
-    dumps,
     parse_event,
+    recommendation_bytes,
 )
 from streams.settings import Settings
 
@@ -100,12 +99,13 @@ class EventProcessor:
             raise RuntimeError(f"injected fault: an event of user {self.s.fault_user_id!r}")
         out = BatchOutput(rejected=list(rejected))
         m.BATCH_SIZE.observe(len(events) + len(rejected))
-        for _ in rejected:
-            m.EVENTS.labels(event_type="invalid", outcome="dlq").inc()
-        todo = self._dedupe(events, load_state, out)
-        todo, inters = self._encode(todo, out)
-        for _, ev in todo:
-            m.EVENTS.labels(event_type=ev.event_type, outcome="applied").inc()
+        counts = Counter({("invalid", "dlq"): len(rejected)})
+        todo = self._dedupe(events, load_state, out, counts)
+        todo, inters = self._encode(todo, out, counts)
+        counts.update((ev.event_type, "applied") for _, ev in todo)
+        for (event_type, outcome), n in counts.items():  # one update per label set
+            if n:
+                m.EVENTS.labels(event_type=event_type, outcome=outcome).inc(n)
         if todo:
             states = {u: upd.state for u, upd in out.users.items()}
             out.pending = self.learner.observe(inters, states)
@@ -128,7 +128,7 @@ class EventProcessor:
             m.ONLINE_LOSS.set(self._loss_ema)
 
     def _dedupe(self, events: Sequence[Decoded], load_state: Callable[[str, RawRecord], UserState],
-                out: BatchOutput) -> list[Decoded]:
+                out: BatchOutput, counts: Counter) -> list[Decoded]:
         """Drop replays (offset at or below the user's last applied one) and unknown items.
 
         An accepted event marks its offset at once: after a rebalance the consumer may hand the
@@ -150,12 +150,12 @@ class EventProcessor:
                 todo.append((rec, ev))
                 upd.state.mark_applied(rec.partition, rec.offset)
                 continue  # counted as applied once its text (if any) is encoded
-            m.EVENTS.labels(event_type=ev.event_type, outcome=outcome).inc()
+            counts[(ev.event_type, outcome)] += 1
         touched = {ev.user_id for _, ev in todo}
         out.users = {u: upd for u, upd in out.users.items() if u in touched}
         return todo
 
-    def _encode(self, todo: list[Decoded], out: BatchOutput
+    def _encode(self, todo: list[Decoded], out: BatchOutput, counts: Counter
                 ) -> tuple[list[Decoded], list[Interaction]]:
         """Text-only events (a search query) get their text embedded in one encoder call. If
         that call fails, the texts are bisected until the poison ones are alone: those go to
@@ -170,7 +170,7 @@ class EventProcessor:
             log.error("text encoder failed on %s:%s: %r", rec.partition, rec.offset, exc)
             out.rejected.append((rec, InvalidRecord(
                 Reason.PROCESSING_ERROR, f"the text encoder failed on this event: {exc!r}"[:500])))
-            m.EVENTS.labels(event_type=ev.event_type, outcome="dlq").inc()
+            counts[(ev.event_type, "dlq")] += 1
         poison = {id(ev) for (_, ev), _ in failed}
         todo = [d for d in todo if id(d[1]) not in poison]
         if poison:  # a user left with no event this batch gets no state write, no recommendation
@@ -200,18 +200,12 @@ class EventProcessor:
                                                    self.s.reason_window)
             scenario = {ev.user_id: ev.scenario for _, ev in todo}
             now_ms = int(time.time() * 1000)
+            model = ModelInfo(encoder=self.encoder.name, index_version=version)
+            alpha0 = self.learner.cfg.alpha0
             for user, st, recs in zip(users, states, lists, strict=True):
-                rec = Recommendation(
-                    user_id=user,
-                    scenario=scenario[user],
-                    items=[RecommendedItem(item_id=r.item_id, score=r.score,
-                                           reason_item_id=r.reason_item_id) for r in recs],
-                    generated_at=now_ms,
-                    source_event_ts=st.last_ts,
-                    model=ModelInfo(encoder=self.encoder.name, index_version=version),
-                    learning_rate=self.learner.cfg.alpha0 if st.alpha is None else st.alpha,
-                )
-                out.users[user].recommendation = dumps(rec)
+                out.users[user].recommendation = recommendation_bytes(
+                    user, scenario[user], [(r.item_id, r.score, r.reason_item_id) for r in recs],
+                    now_ms, st.last_ts, model, alpha0 if st.alpha is None else st.alpha)
         m.INDEX_ITEMS.set(self.server.n_items)
         m.INDEX_VERSION.set(self.server.version)
 

@@ -187,3 +187,20 @@ def parse_item(raw: bytes | None, max_bytes: int) -> Item:
 
 def dumps(model: BaseModel) -> bytes:
     return orjson.dumps(model.model_dump(mode="json"))
+
+
+def recommendation_bytes(user_id: str, scenario: str, items: list[tuple[str, float, str | None]],
+                         generated_at: int, source_event_ts: int, model: ModelInfo,
+                         learning_rate: float) -> bytes:
+    """The wire form of a Recommendation, written directly: the agent emits one per user per
+    micro-batch, and building 1 + top_k pydantic models each time cost more than the index
+    search. Same JSON as `dumps(Recommendation(...))` (tests/test_schemas.py checks)."""
+    return orjson.dumps({
+        "user_id": user_id,
+        "scenario": scenario,
+        "items": [{"item_id": i, "score": s, "reason_item_id": r} for i, s, r in items],
+        "generated_at": generated_at,
+        "source_event_ts": source_event_ts,
+        "model": {"encoder": model.encoder, "index_version": model.index_version},
+        "learning_rate": learning_rate,
+    })

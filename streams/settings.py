@@ -122,6 +122,12 @@ class Settings(BaseSettings):
     index_refresh_s: float = Field(
         5.0, gt=0, description="...or every T seconds, whichever comes first."
     )
+    commit_interval_s: float = Field(
+        1.0,
+        gt=0,
+        description="Source offsets are committed at most this often (a broker round trip; "
+        "exactly-once effect does not depend on it, it bounds what a restart re-reads).",
+    )
     checkpoint_interval_s: float = Field(
         60.0,
         gt=0,

@@ -304,3 +304,20 @@ def test_refresh_with_empty_catalog():
     assert isinstance(idx, FaissIndex) and len(idx) == 0
     recs, _ = server.recommend([UserState()], np.zeros((1, 16), np.float32), k=3)
     assert recs == [[]]
+
+
+def test_hnsw_rebuilds_in_the_background_and_keeps_catalog_changes_made_meanwhile():
+    learner, ids, _ = make_learner(n_items=60)
+    server = Server(learner, IndexConfig(kind="hnsw"), refresh_batches=1, refresh_s=1e9)
+    assert server.maybe_refresh() is True and server.version == 1  # first build: synchronous
+    assert server.maybe_refresh() is False  # due again: a background build starts...
+    assert server._build is not None and server.version == 1  # ...the old index serves
+    learner.upsert_items(["during"], catalog(1, seed=5)[1])
+    server.add_items(["during"])
+    learner.delete_items([ids[0]])
+    server.remove_items([ids[0]])
+    server._build.result(timeout=60)
+    assert server.maybe_refresh() is True and server.version == 2
+    idx, _ = server.index.current()
+    assert server.ids.to_int("during") in idx and server.ids.to_int(ids[0]) not in idx
+    assert len(idx) == 60  # 60 - 1 deleted + 1 added

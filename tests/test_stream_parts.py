@@ -16,7 +16,18 @@ from hypothesis import strategies as st
 
 from streams.catalog import CatalogEncoder, RawRecord, decode_item_vector, isolate_failures
 from streams.checkpoint import CheckpointStore
-from streams.schemas import InvalidRecord, Item, Reason, parse_event, parse_item
+from streams.schemas import (
+    InvalidRecord,
+    Item,
+    ModelInfo,
+    Reason,
+    Recommendation,
+    RecommendedItem,
+    dumps,
+    parse_event,
+    parse_item,
+    recommendation_bytes,
+)
 from streams.settings import Settings
 from streams.supervisor import settings_env
 from streams.table_context import current_event
@@ -61,6 +72,25 @@ def test_parse_event_on_random_objects_accepts_or_gives_a_reason(obj):
     else:
         assert ev.user_id and (ev.item_id or ev.text) and ev.ts >= 0
 
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=30),
+       st.lists(st.tuples(st.text(min_size=1, max_size=20),
+                          st.floats(allow_nan=False, allow_infinity=False),
+                          st.none() | st.text(min_size=1, max_size=20)), max_size=12),
+       st.integers(0, 2**53), st.floats(0.0001, 1.0))
+def test_recommendation_writer_matches_the_schema(user, items, ts, alpha):
+    """The agent's direct writer emits exactly the JSON of the pydantic Recommendation."""
+    model = ModelInfo(encoder="enc", index_version=7)
+    fast = recommendation_bytes(user, "home", items, ts, ts - 1, model, alpha)
+    slow = dumps(Recommendation(
+        user_id=user, scenario="home", generated_at=ts, source_event_ts=ts - 1, model=model,
+        learning_rate=alpha, items=[RecommendedItem(item_id=i, score=s, reason_item_id=r)
+                                    for i, s, r in items]))
+    assert fast == slow
+    assert Recommendation.model_validate_json(fast).items == \
+        Recommendation.model_validate_json(slow).items
 
 def test_item_embedding_text_recipe():
     item = Item(item_id="i", title=" Space ", text="stars", tags=["a", "b"], category="sci")
