@@ -1,7 +1,8 @@
 """Serving: the FAISS index of item-tower vectors, kept fresh, and top-K with reasons.
 
-The index is rebuilt from the current item tower every N batches or T seconds and swapped
-atomically (`index_version` goes up by one); between rebuilds, catalog changes are applied to
+The index is rebuilt from the current item tower every N batches or T seconds (an HNSW index,
+seconds to build, in a background thread) and swapped atomically (`index_version` goes up
+by one); between rebuilds, catalog changes are applied to
 the serving index at once, so a deleted item is never recommended after its delete is
 processed and a new item is recommendable immediately (from its text).
 """
