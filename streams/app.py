@@ -49,16 +49,12 @@ async def deliver(app: faust.App) -> None:
     makes the order state-durable -> offsets-committable.
     """
     producer = app.producer
-    buffer, pending = producer.buffer, producer.buffer.pending
-    # Hand the buffered records to the Kafka client here, in one pass: Faust's own drain
-    # (`buffer.flush`) waits on an event per record (~500 per batch). Its background drain
-    # task may hold one record; the yield lets it finish handing that one over.
-    while not pending.empty():
-        await buffer._send_pending(pending.get_nowait())
-        buffer.message_sent.set()  # as Faust's drain does: its waiters (flow control) go on
-    await asyncio.sleep(0)
-    while buffer.size:
-        await buffer.flush()
+    # Faust's own drain, record by record: each wait returns only once its background task
+    # has handed a record to the Kafka client. Draining the queue here in one pass was ~35 ms
+    # per batch faster but raced with a record that task had already taken: a SIGKILL test
+    # lost 2 of 20,000 events (its state write was not in the flush below).
+    while producer.buffer.size:
+        await producer.buffer.flush()
     await producer.flush()
 
 
