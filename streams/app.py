@@ -23,7 +23,7 @@ from streams import metrics as m
 from streams.catalog import RawRecord
 from streams.clients import faust_credentials
 from streams.dead_letters import dlq_headers
-from streams.gaps import Committer, acknowledge, progress, progress_key
+from streams.gaps import acknowledge, commit_past, progress, progress_key
 from streams.runtime import Runtime
 from streams.schemas import InvalidRecord, Reason
 from streams.settings import Settings
@@ -127,7 +127,6 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
     checkpoints_t = topic(s.checkpoints_topic)
     covisits_t = topic(s.covisits_topic)
     shorten_fetch_wait(s.fetch_max_wait_ms)
-    committer = Committer(s.commit_interval_s)
     users = app.Table("user-state", default=None, partitions=s.partitions,
                       key_type=bytes, value_type=bytes, options=rocksdb_options(s))
 
@@ -218,14 +217,7 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
             with m.STAGE_SECONDS.labels(stage="commit").time():
                 acknowledge(app.consumer, runtime.gaps.filled)
                 runtime.gaps.filled.clear()
-                committer.note(records, runtime.gaps.contiguous)
-                await committer.maybe_commit(app.consumer, time.monotonic())
-
-    @app.timer(s.commit_interval_s)
-    async def commit_idle() -> None:
-        """What the last batches noted, once the stream goes quiet."""
-        if committer.pending:
-            await committer.commit(app.consumer, time.monotonic())
+                await commit_past(app.consumer, records, runtime.gaps.contiguous)
 
     @app.task
     async def start_runtime() -> None:
@@ -247,7 +239,6 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
     @app.on_before_shutdown.connect
     async def final_checkpoint(app: Any, **_: Any) -> None:
         try:
-            await committer.commit(app.consumer, time.monotonic())
             await runtime.save_checkpoint()
         except Exception as exc:  # noqa: BLE001 - shutdown must go on
             log.error("final checkpoint failed: %r", exc)

@@ -120,32 +120,14 @@ def acknowledge(consumer: Any, records: list[RawRecord]) -> None:
             consumer._n_acked += 1
 
 
-class Committer:
-    """Commits partitions past the newest applied record, through Faust's consumer (so its
-    own bookkeeping knows), at most every `interval_s`. Faust's commit follows the offsets
-    its stream acked, and the records it skipped are never acked by it: left alone it would
-    stall at the first of them for good. Safe because a partition is only noted once it was
-    applied contiguously from its stored progress and the batch's effects are durable;
-    never backwards. Not every batch: a commit is a broker round trip (~20 ms here) and
-    exactly-once effect does not depend on it (a replayed tail is skipped by stored offsets);
-    it only bounds how much a restarted worker re-reads."""
-
-    def __init__(self, interval_s: float):
-        self.interval_s = interval_s
-        self.pending: dict[Any, int] = {}  # TopicPartition -> next offset to consume
-        self._last = 0.0
-
-    def note(self, records: list[RawRecord], partitions: set[int]) -> None:
-        for rec in progress([r for r in records if r.partition in partitions]).values():
-            self.pending[rec.ref.message.tp] = rec.offset + 1
-
-    async def maybe_commit(self, consumer: Any, now: float) -> None:
-        if now - self._last >= self.interval_s:
-            await self.commit(consumer, now)
-
-    async def commit(self, consumer: Any, now: float) -> None:
-        offsets, self.pending = self.pending, {}
-        self._last = now
-        offsets = {tp: o for tp, o in offsets.items() if consumer._should_commit(tp, o)}
-        if offsets:
-            await consumer._commit_offsets(offsets)
+async def commit_past(consumer: Any, records: list[RawRecord], partitions: set[int]) -> None:
+    """Commit `partitions` past their newest record of `records`, through Faust's consumer
+    (so its own bookkeeping knows). Faust's commit follows the offsets its stream acked, and
+    the records it skipped are never acked by it: left alone it would stall at the first of
+    them for good. Safe because each of `partitions` was applied contiguously from its stored
+    progress and the batch's effects are durable before this is called; never backwards."""
+    newest = progress([r for r in records if r.partition in partitions])
+    offsets = {rec.ref.message.tp: rec.offset + 1 for rec in newest.values()}
+    offsets = {tp: o for tp, o in offsets.items() if consumer._should_commit(tp, o)}
+    if offsets:
+        await consumer._commit_offsets(offsets)

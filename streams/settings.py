@@ -129,12 +129,6 @@ class Settings(BaseSettings):
         "its partitions have nothing new (Faust hard-codes 1,500 ms, which showed as 1-s "
         "stalls: streams/app.py shorten_fetch_wait).",
     )
-    commit_interval_s: float = Field(
-        1.0,
-        gt=0,
-        description="Source offsets are committed at most this often (a broker round trip; "
-        "exactly-once effect does not depend on it, it bounds what a restart re-reads).",
-    )
     checkpoint_interval_s: float = Field(
         60.0,
         gt=0,
