@@ -23,6 +23,7 @@ from streams import metrics as m
 from streams.catalog import RawRecord
 from streams.clients import faust_credentials
 from streams.dead_letters import dlq_headers
+from streams.durable_table import DurableTable
 from streams.gaps import acknowledge, commit_past, progress, progress_key
 from streams.runtime import Runtime
 from streams.schemas import InvalidRecord, Reason
@@ -39,23 +40,21 @@ def _record(ev: Any) -> RawRecord:
                      int((msg.timestamp or 0) * 1000), ev)
 
 
-async def deliver(app: faust.App) -> None:
+async def deliver(app: faust.App, table: DurableTable) -> None:
     """Wait until the broker has acknowledged everything produced so far.
 
     Table writes only enqueue changelog records in Faust's producer buffer. Faust's own
     pre-commit flush gives up after 0.1 s without progress, so it can commit source offsets
     whose state never reached the changelog; a crash then loses those events (seen in
     tests/test_restart.py before this). Waiting here, before `take_events` acks the batch,
-    makes the order state-durable -> offsets-committable.
+    makes the order state-durable -> offsets-committable. The buffer and client flushes send
+    everything promptly; `wait_acked` then covers a record Faust's drain task still holds.
     """
     producer = app.producer
-    # Faust's own drain, record by record: each wait returns only once its background task
-    # has handed a record to the Kafka client. Draining the queue here in one pass was ~35 ms
-    # per batch faster but raced with a record that task had already taken: a SIGKILL test
-    # lost 2 of 20,000 events (its state write was not in the flush below).
     while producer.buffer.size:
         await producer.buffer.flush()
     await producer.flush()
+    await table.wait_acked()
 
 
 def rocksdb_options(s: Settings) -> dict[str, Any] | None:
@@ -92,6 +91,7 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
         web_port=s.metrics_port,
         web_host=s.metrics_host,
         autodiscover=False,
+        Table=DurableTable,
     )
     setup_prometheus_sensors(app, pattern="/metrics", name_prefix="streamrec_faust")
 
@@ -164,7 +164,7 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
                     users[user.encode()] = upd.state.to_bytes()
             mark_progress(records)
         with m.STAGE_SECONDS.labels(stage="commit").time():
-            await deliver(app)  # before the batch is acked, so its offsets become committable
+            await deliver(app, users)  # before the batch is acked: offsets become committable
 
     async def one_by_one(records: list[RawRecord], exc: Exception) -> None:
         """A batch that raised is retried record by record; a record that raises alone goes
@@ -180,7 +180,7 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
                 await dead_letter(events_dlq, s.topic(s.events_topic), [(rec, InvalidRecord(
                     Reason.PROCESSING_ERROR, f"processing this event raised: {exc1!r}"[:500]))])
                 mark_progress([rec])
-                await deliver(app)
+                await deliver(app, users)
 
     @app.agent(events_t)
     async def events(stream: Any) -> None:
