@@ -57,6 +57,27 @@ async def deliver(app: faust.App, table: DurableTable) -> None:
     await table.wait_acked()
 
 
+def shorten_fetch_wait(ms: int) -> None:
+    """Make the stream consumer's broker-side fetch wait `ms` instead of Faust's hard-coded
+    1,500 ms. aiokafka leaves a partition whose records are still buffered out of the next
+    fetch request, and waits for the request in flight, which the broker holds up to this
+    long when its other partitions have nothing new: records behind it waited up to 1.5 s
+    (measured: 1.0-1.3 s gaps between batches with events waiting, p99 ~1.8 s at a quarter
+    of the maximum rate)."""
+    from faust.transport.drivers import aiokafka as driver
+
+    cls = driver.AIOKafkaConsumerThread
+    original = getattr(cls._create_worker_consumer, "__wrapped__", cls._create_worker_consumer)
+
+    def create(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = ms  # read by the consumer's fetcher at start()
+        return consumer
+
+    create.__wrapped__ = original  # type: ignore[attr-defined]
+    cls._create_worker_consumer = create
+
+
 def rocksdb_options(s: Settings) -> dict[str, Any] | None:
     """Per-partition RocksDB memory bounds: worker memory for table state is then at most
     partitions x (2 memtables + block cache), instead of growing toward Faust's defaults
@@ -105,6 +126,7 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
     catalog_dlq = topic(s.catalog_dlq_topic)
     checkpoints_t = topic(s.checkpoints_topic)
     covisits_t = topic(s.covisits_topic)
+    shorten_fetch_wait(s.fetch_max_wait_ms)
     users = app.Table("user-state", default=None, partitions=s.partitions,
                       key_type=bytes, value_type=bytes, options=rocksdb_options(s))
 

@@ -122,6 +122,13 @@ class Settings(BaseSettings):
     index_refresh_s: float = Field(
         5.0, gt=0, description="...or every T seconds, whichever comes first."
     )
+    fetch_max_wait_ms: int = Field(
+        100,
+        ge=1,
+        description="How long the broker may hold a fetch of the events topic when some of "
+        "its partitions have nothing new (Faust hard-codes 1,500 ms, which showed as 1-s "
+        "stalls: streams/app.py shorten_fetch_wait).",
+    )
     checkpoint_interval_s: float = Field(
         60.0,
         gt=0,
