@@ -268,3 +268,24 @@ def test_processor_isolates_a_search_text_that_makes_the_encoder_fail(encoder, t
     assert out.applied == 4
     assert {u: upd.state.n_events for u, upd in out.users.items()} == {"u1": 2, "u2": 1, "u3": 1}
     assert all(upd.recommendation is not None for upd in out.users.values())
+
+
+def test_stream_consumer_fetch_wait_is_the_setting(encoder, tmp_path):
+    """Faust hard-codes a 1,500 ms fetch wait for the stream consumer; the app must replace
+    it with `fetch_max_wait_ms` (1-s stalls between batches otherwise). The consumer is built
+    as a worker builds it, without connecting, so this also catches a Faust upgrade that
+    renames the method the patch wraps."""
+    from streams.app import create_app
+    from streams.runtime import Runtime
+
+    s = Settings(broker="kafka://127.0.0.1:9", fetch_max_wait_ms=77, data_dir=tmp_path)
+    app = create_app(s, Runtime(s, encoder=encoder))
+
+    async def build() -> int:
+        consumer = app.consumer._thread._create_worker_consumer(app.transport)
+        try:
+            return consumer._fetch_max_wait_ms
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(build()) == 77
