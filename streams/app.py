@@ -11,6 +11,7 @@ for bad input.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from typing import Any
@@ -181,7 +182,8 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
         runtime.processor.learn(out)  # serve first, then learn: latency excludes training
         await runtime.publish_covisits(out)
         with m.STAGE_SECONDS.labels(stage="state").time():
-            for user, upd in out.users.items():  # state incl. applied offsets, one write/user
+            # state incl. applied offsets, one write per user (replayed ones: see BatchOutput)
+            for user, upd in itertools.chain(out.users.items(), out.replayed.items()):
                 with current_event(upd.record.ref):
                     users[user.encode()] = upd.state.to_bytes()
             mark_progress(records)

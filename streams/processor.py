@@ -48,6 +48,12 @@ class UserUpdate:
 class BatchOutput:
     rejected: list[Rejected] = field(default_factory=list)
     users: dict[str, UserUpdate] = field(default_factory=dict)
+    # Users whose every event in the batch was a replay: their state is written again as it
+    # is. A worker killed between its local store write and the changelog's ack restarts on
+    # its disk with state the changelog lacks; the batch was not committed, so it comes back
+    # as replays, and this write puts that state in the changelog before the offsets move on
+    # (otherwise a later restart from the changelog alone loses the event).
+    replayed: dict[str, UserUpdate] = field(default_factory=dict)
     applied: int = 0
     duplicates: int = 0
     loss: float = float("nan")
@@ -134,13 +140,14 @@ class EventProcessor:
         An accepted event marks its offset at once: after a rebalance the consumer may hand the
         same record to one batch twice (seen in tests/test_restart.py as a double count).
         """
-        todo = []
+        todo, replays = [], set()
         for rec, ev in events:
             upd = out.users.get(ev.user_id)
             if upd is None:
                 upd = out.users[ev.user_id] = UserUpdate(load_state(ev.user_id, rec), rec)
             if upd.state.already_applied(rec.partition, rec.offset):
                 out.duplicates += 1
+                replays.add(ev.user_id)
                 outcome = "duplicate"
             elif ev.item_id is not None and not self.learner.has_item(ev.item_id):
                 out.rejected.append((rec, InvalidRecord(
@@ -152,6 +159,7 @@ class EventProcessor:
                 continue  # counted as applied once its text (if any) is encoded
             counts[(ev.event_type, outcome)] += 1
         touched = {ev.user_id for _, ev in todo}
+        out.replayed = {u: out.users[u] for u in replays - touched}
         out.users = {u: upd for u, upd in out.users.items() if u in touched}
         return todo
 

@@ -84,9 +84,13 @@ def _explain(s, user: str, hist: dict[str, list]) -> str:
 
     dlq = [tuple(h.get(k) for k in (H_REASON, H_PARTITION, H_OFFSET, H_DETAIL))
            for _, h in dead_letters(s, s.topic(s.events_dlq_topic))]
+    progress = {m.key[1:].decode(): int(m.value)
+                for m in read_all(s, f"{s.app_id}-user-state-changelog") if m.key[:1] == b"\x00"}
+    committed, ends = _offsets(s)
     return (f"{user}: {len(hist[user])} events at (partition, offset) {recs}; changelog "
             f"(partition, offset, n_events, applied offsets, items off-prefix) {log}; "
-            f"events DLQ ({len(dlq)} records) {dlq[:50]}")
+            f"events DLQ ({len(dlq)} records) {dlq[:50]}; stored progress {progress}; "
+            f"committed {committed}; end offsets {ends}")
 
 
 def _applied(worker: WorkerProcess) -> float:
@@ -224,7 +228,7 @@ def test_random_sigkills_lose_and_double_nothing(kafka, tmp_path):
     finally:
         worker.stop()
 
-    audit = _check_final(s, events, final, f"{N_KILLS} SIGKILLs")
+    audit = _check_final(s, events, final, f"{N_KILLS} SIGKILLs ({'; '.join(lives)})")
     print(f"\n[faults] sigkills: {len(events)} events, {len(hist)} users, {N_KILLS} kills "
           f"({', '.join(lives)}), lost {audit['lost']}, duplicated {audit['duplicated']}, "
           f"{time.monotonic() - started:.0f}s")

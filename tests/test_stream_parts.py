@@ -238,6 +238,31 @@ def test_processor_applies_a_record_delivered_twice_in_one_batch_once(encoder, t
     assert out.users["u1"].state.offsets == {"0": 7}
 
 
+def test_processor_hands_back_users_whose_events_were_all_replays(encoder, tmp_path):
+    """A worker killed after its local store write but before the changelog's ack restarts
+    with state the changelog lacks; the uncommitted batch comes back as replays only, and
+    those users' states must be written again (tests/test_faults_workers.py lost events
+    when they were not)."""
+    from models.user_state import UserState
+
+    proc = _processor(encoder, tmp_path, encoder)
+    states = {u: UserState() for u in ("u1", "u2")}
+    for state in states.values():
+        state.mark_applied(0, 10)
+
+    def rec(user: str, offset: int) -> RawRecord:
+        ev = {"user_id": user, "item_id": "item-1", "event_type": "view", "ts": 1_700_000_000_000}
+        return RawRecord(user.encode(), orjson.dumps(ev), partition=0, offset=offset)
+
+    good, bad = proc.decode([rec("u1", 9), rec("u1", 10), rec("u2", 10), rec("u2", 11)])
+    out = proc.process(good, bad, lambda user, r: states[user])
+    assert (out.applied, out.duplicates) == (1, 3)
+    assert list(out.users) == ["u2"]  # u2 has a new event: written with it, as always
+    assert list(out.replayed) == ["u1"]
+    assert out.replayed["u1"].state is states["u1"] and out.replayed["u1"].recommendation is None
+    assert out.replayed["u1"].record.offset == 9  # routes the write to u1's partition
+
+
 class _FragileEncoder:
     """The real encoder, except that it raises on one text: a poison search query."""
 
