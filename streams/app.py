@@ -29,7 +29,7 @@ from streams.gaps import acknowledge, commit_past, progress, progress_key
 from streams.runtime import Runtime
 from streams.schemas import InvalidRecord, Reason
 from streams.settings import Settings
-from streams.table_context import current_event
+from streams.table_context import current_event, partition_event
 from streams.topics import ensure_topics
 
 log = logging.getLogger("streamrec.app")
@@ -159,7 +159,9 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
     def last_done(partition: int, ref: Any) -> int | None:
         with current_event(ref):
             value = users.get(progress_key(partition))
-        return None if value is None else int(value)
+        committed = app.consumer._committed_offset.get(ref.message.tp)  # Faust's, see gaps.py
+        return runtime.gaps.last_durable(partition, None if value is None else int(value),
+                                         committed)
 
     def mark_progress(records: list[RawRecord]) -> None:
         for p, rec in progress(records).items():
@@ -206,20 +208,55 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
                 mark_progress([rec])
                 await deliver(app, users)
 
+    batch_lock = asyncio.Lock()  # one batch at a time: the agent's, or a skipped tail's
+    last_delivery = [time.monotonic()]  # when the stream last handed the agent a batch
+
+    async def run_batch(records: list[RawRecord]) -> None:
+        """Fill what the stream skipped, process, make durable, then commit. Hold batch_lock."""
+        records = await runtime.gaps.complete(records, last_done)
+        try:
+            await handle(await runtime.process_events(records, load_state), records)
+        except Exception as exc:  # noqa: BLE001 - no input may stop the worker
+            await one_by_one(records, exc)
+        # applied and durable by now: acknowledge what Faust skipped, commit what we know
+        runtime.gaps.made_durable(records)
+        with m.STAGE_SECONDS.labels(stage="commit").time():
+            acknowledge(app.consumer, runtime.gaps.filled)
+            runtime.gaps.filled.clear()
+            await commit_past(app.consumer, records, runtime.gaps.contiguous)
+
     @app.agent(events_t)
     async def events(stream: Any) -> None:
         await runtime.ready.wait()
         async for batch in stream.take_events(s.batch_size, within=s.batch_wait_s):
-            records = await runtime.gaps.complete([_record(ev) for ev in batch], last_done)
-            try:
-                await handle(await runtime.process_events(records, load_state), records)
-            except Exception as exc:  # noqa: BLE001 - no input may stop the worker
-                await one_by_one(records, exc)
-            # applied and durable by now: acknowledge what Faust skipped, commit what we know
-            with m.STAGE_SECONDS.labels(stage="commit").time():
-                acknowledge(app.consumer, runtime.gaps.filled)
-                runtime.gaps.filled.clear()
-                await commit_past(app.consumer, records, runtime.gaps.contiguous)
+            last_delivery[0] = time.monotonic()
+            async with batch_lock:
+                await run_batch([_record(ev) for ev in batch])
+
+    @app.timer(s.skipped_tail_check_s)
+    async def skipped_tails() -> None:
+        """When the stream has been quiet, compare each assigned partition's stored progress
+        with its end: records below the end that it has not delivered over two checks are
+        read from Kafka and run as a batch (streams/gaps.py GapFiller.stalled, .tail). Not
+        while it delivers: under a backlog a partition can wait its turn for seconds."""
+        quiet = time.monotonic() - last_delivery[0] >= s.skipped_tail_check_s
+        if not (quiet and runtime.ready.is_set()) or app.rebalancing:
+            return
+        async with batch_lock:
+            for tp in app.consumer.assignment():
+                if tp.topic != events_t.get_topic_name():
+                    continue
+                ref = partition_event(app, tp)
+                done, end = last_done(tp.partition, ref), app.consumer.highwater(tp)
+                if not runtime.gaps.stalled(tp.partition, done, end):
+                    continue
+                try:
+                    records = await runtime.gaps.tail(tp.partition, done + 1,
+                                                      min(end, done + 1 + s.batch_size), ref)
+                except Exception as exc:  # noqa: BLE001 - retried at the next check
+                    log.error("reading %s's skipped tail failed: %r", tp, exc)
+                    continue
+                await run_batch(records)
 
     @app.task
     async def start_runtime() -> None:

@@ -49,6 +49,40 @@ class GapFiller:
         self.timeout_s = timeout_s
         self.filled: list[RawRecord] = []  # read by `complete`, to acknowledge once applied
         self.contiguous: set[int] = set()  # partitions of the last batch checked against progress
+        self._behind: dict[int, tuple[int, int]] = {}  # partition -> (progress, end) last check
+        self._durable: dict[int, int] = {}  # partition -> newest offset this process made durable
+
+    def made_durable(self, records: list[RawRecord]) -> None:
+        """Note a batch whose effects the broker has acknowledged."""
+        for p, rec in progress(records).items():
+            self._durable[p] = max(rec.offset, self._durable.get(p, -1))
+
+    def last_durable(self, partition: int, stored: int | None, committed: int | None
+                     ) -> int | None:
+        """The partition's last offset whose effect the changelog surely has.
+
+        `stored` (the progress record in the worker's store) can be ahead of the changelog: a
+        worker killed between its local write and the changelog's ack restarts on its disk
+        with it. The committed offset (`committed`, next to read; None: nothing committed)
+        never is ahead, since a batch is committed only once durable; so everything from it
+        on is read again, and the replays put the lost writes back in the changelog (see
+        streams/processor.py BatchOutput.replayed). What this process made durable itself is
+        known without the commit, which lags on a partition's first batches."""
+        if stored is None:
+            return None
+        done = min(stored, (committed or 0) - 1)
+        return max(done, self._durable.get(partition, done))
+
+    def stalled(self, partition: int, done: int | None, end: int | None) -> bool:
+        """True when a partition was behind its end (stored progress `done`, end offset `end`)
+        at this check and the one before, with neither moving: what the stream still had to
+        deliver would have come by now. Two checks, so a record that is on its way through
+        Faust's queues when the first check runs is not read twice."""
+        behind = done is not None and end is not None and done + 1 < end
+        seen = self._behind.pop(partition, None)
+        if behind:
+            self._behind[partition] = (done, end)
+        return behind and seen == (done, end)
 
     async def complete(self, records: list[RawRecord],
                        last_done: Callable[[int, Any], int | None]) -> list[RawRecord]:
@@ -75,13 +109,22 @@ class GapFiller:
                 expected = rec.offset + 1 if expected is None else max(expected, rec.offset + 1)
         return out
 
-    async def _read(self, partition: int, start: int, end: int, ref: Any) -> list[RawRecord]:
+    async def tail(self, partition: int, start: int, end: int, ref: Any) -> list[RawRecord]:
+        """Records [start, end) of a partition whose stream went quiet below its end: Faust
+        skipped them (after a restart it can drop what it fetched before seeking) and there is
+        no later record whose batch would reveal the hole to `complete`."""
+        got = await self._read(partition, start, end, ref, "were skipped at the partition's end")
+        self.filled += got
+        return got
+
+    async def _read(self, partition: int, start: int, end: int, ref: Any,
+                    why: str = "were not delivered") -> list[RawRecord]:
         """Records [start, end) of one partition. `ref` (a Faust event of the same partition)
         routes their table reads and writes to that partition's state."""
         from aiokafka import TopicPartition
 
-        log.warning("%s[%d]: offsets %d..%d were not delivered; reading them from Kafka",
-                    self.topic, partition, start, end - 1)
+        log.warning("%s[%d]: offsets %d..%d %s; reading them from Kafka",
+                    self.topic, partition, start, end - 1, why)
         tp = TopicPartition(self.topic, partition)
         consumer = self._factory()
         await consumer.start()

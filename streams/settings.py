@@ -129,6 +129,14 @@ class Settings(BaseSettings):
         "its partitions have nothing new (Faust hard-codes 1,500 ms, which showed as 1-s "
         "stalls: streams/app.py shorten_fetch_wait).",
     )
+    skipped_tail_check_s: float = Field(
+        2.0,
+        gt=0,
+        description="A worker whose stream has been quiet this long checks (this often) "
+        "whether a partition's stored progress is behind its end: Faust can skip the last "
+        "records of a partition after a restart and then deliver nothing that would reveal "
+        "the hole (streams/gaps.py).",
+    )
     checkpoint_interval_s: float = Field(
         60.0,
         gt=0,

@@ -14,8 +14,9 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import faust
 from faust import streams as _faust_streams
-from faust.types import EventT
+from faust.types import TP, EventT, Message
 
 
 @contextmanager
@@ -26,3 +27,10 @@ def current_event(event: EventT) -> Iterator[None]:
         yield
     finally:
         _faust_streams._current_event.reset(token)
+
+
+def partition_event(app: faust.App, tp: TP) -> EventT:
+    """An event of partition `tp` that Faust never delivered, for `current_event` when the
+    records at hand were read from Kafka directly (streams/gaps.py)."""
+    msg = Message(tp.topic, tp.partition, -1, 0.0, 0, None, None, None, None, tp=tp)
+    return faust.Event(app, None, None, None, msg)

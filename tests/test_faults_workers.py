@@ -205,7 +205,13 @@ def test_random_sigkills_lose_and_double_nothing(kafka, tmp_path):
         settings = s
         for k, point in enumerate(kill_points):
             need = max(1, point - durable)  # this lifetime applies about this many, then dies
-            worker.wait_for("streamrec_events_total", need, timeout=300, **APPLIED)
+            samples = worker.wait_for("streamrec_events_total", need, timeout=300, **APPLIED)
+            # the batch that got there counts its events before they are durable; after a
+            # restart it can hold ~1,000 refetched records and take seconds: wait for its
+            # delivery, so each lifetime leaves durable progress to check
+            commits = total(samples, "streamrec_stage_seconds_count", stage="commit")
+            worker.wait_for("streamrec_stage_seconds_count", commits + 1, timeout=120,
+                            stage="commit")
             time.sleep(rng.uniform(0.0, 0.4))  # anywhere in a batch: decode, emit, deliver
             worker.kill()
             states = user_states(s)

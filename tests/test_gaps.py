@@ -51,3 +51,41 @@ def test_progress_is_the_newest_record_per_partition_and_keys_never_collide_with
     recs = [RawRecord(None, None, p, o) for p, o in [(0, 5), (1, 2), (0, 9), (1, 1)]]
     assert {p: r.offset for p, r in progress(recs).items()} == {0: 9, 1: 2}
     assert progress_key(3) == b"\x00progress/3" and progress_key(3) != progress_key(13)
+
+
+def test_a_tail_is_read_only_after_two_checks_that_saw_it_stuck(kafka, tmp_path):
+    """Faust can skip a partition's last records and then deliver nothing more of it; the
+    worker's timer reads such a tail once two checks saw the same (progress, end) behind."""
+    s = make_settings(kafka, tmp_path, partitions=1)
+    ensure_topics(s)
+    topic = s.topic(s.events_topic)
+    producer = kafka_producer(s)
+    for k in range(6):
+        producer.send(topic, key=b"u", value=b"%d" % k, partition=0)
+    producer.flush()
+    producer.close()
+    filler = _filler(s)
+    assert not filler.stalled(0, 2, 6)  # first sight: may still be on its way
+    assert not filler.stalled(0, 3, 6)  # progress moved: the stream is delivering
+    assert filler.stalled(0, 3, 6)  # the same twice: stuck
+    assert not filler.stalled(0, 5, 6) and not filler.stalled(0, 5, 6)  # caught up
+    assert not filler.stalled(0, None, 6) and not filler.stalled(0, None, 6)  # no progress
+    got = asyncio.run(filler.tail(0, 4, 6, "partition-ref"))
+    assert [(r.offset, r.value, r.ref) for r in got] == [(4, b"4", "partition-ref"),
+                                                        (5, b"5", "partition-ref")]
+    assert filler.filled == got  # acknowledged to Faust once applied, like any skipped record
+
+
+def test_last_durable_trusts_the_commit_over_a_store_that_may_be_ahead():
+    """After a SIGKILL the worker's own store can hold progress the changelog never got;
+    the committed offset (next to read) bounds it, except where this process made a batch
+    durable itself (commits lag on a partition's first batches)."""
+    filler = GapFiller(lambda: None, "events")
+    assert filler.last_durable(0, None, 50) is None  # no progress: nothing to check against
+    assert filler.last_durable(0, 80, 51) == 50  # store ahead of the commit: re-read 51..80
+    assert filler.last_durable(0, 80, None) == -1  # nothing committed: re-read from the start
+    assert filler.last_durable(0, 40, 51) == 40  # progress behind the commit: progress
+    filler.made_durable([RawRecord(None, None, 0, 79), RawRecord(None, None, 0, 80),
+                         RawRecord(None, None, 1, 7)])
+    assert filler.last_durable(0, 80, None) == 80  # made durable here: the commit lags
+    assert filler.last_durable(1, 7, 3) == 7 and filler.last_durable(2, 9, 3) == 2
