@@ -272,7 +272,9 @@ def test_deleted_items_are_never_recommended_after_the_delete(run):
     s, deleted = run["settings"], run["deleted"]
     after = [orjson.loads(m.value) for m in read_all(s, s.topic(s.recommendations_topic))]
     after = [r for r in after if run["deleted_at"] < r["generated_at"] < run["readded_at"]]
-    assert len(after) > 100  # the second wave was served
+    # the second wave was served: each of its users got a recommendation (how many each got
+    # depends on how the wave was cut into batches)
+    assert {r["user_id"] for r in after} >= {e["user_id"] for e in run["second"]}
     for rec in after:
         assert not deleted & {it["item_id"] for it in rec["items"]}, rec["user_id"]
 
@@ -281,7 +283,7 @@ def test_re_added_items_come_back(run):
     s, deleted = run["settings"], run["deleted"]
     recs = [orjson.loads(m.value) for m in read_all(s, s.topic(s.recommendations_topic))]
     later = [r for r in recs if r["generated_at"] > run["readded_at"]]
-    assert len(later) > 50  # the third wave was served
+    assert {r["user_id"] for r in later} >= {e["user_id"] for e in run["third"]}  # served
     back = deleted & {it["item_id"] for r in later for it in r["items"]}
     assert back, "no re-added item was recommended again"
     # and events naming them are applied, not dead-lettered as unknown items: the only

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 
 import faust.streams
 import numpy as np
@@ -303,7 +304,8 @@ def test_stream_consumer_fetch_wait_is_the_setting(encoder, tmp_path):
     from streams.app import create_app
     from streams.runtime import Runtime
 
-    s = Settings(broker="kafka://127.0.0.1:9", fetch_max_wait_ms=77, data_dir=tmp_path)
+    s = Settings(broker="kafka://127.0.0.1:9", fetch_max_wait_ms=77, data_dir=tmp_path,
+                 compute_threads=os.cpu_count() or 1)  # Runtime caps this process's threads
     app = create_app(s, Runtime(s, encoder=encoder))
 
     async def build() -> int:
