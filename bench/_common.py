@@ -254,8 +254,9 @@ class Drain:
                          * 100, 1) for k in self.first.cpu}
 
     def stages(self) -> dict[str, dict[str, float]]:
-        """Per stage: mean seconds per batch that ran it, and its share of the window's wall
-        time; `other` is the unstaged rest (Faust, table writes, delivery, idle)."""
+        """Per stage: seconds per batch (a stage timed twice in a batch, like `commit`:
+        delivery, then the offset commit, counts both) and its share of the window's wall
+        time; `other` is the unstaged rest (Faust's take and acks, state reads, idle)."""
         f, la = self.first, self.last
         batches = max(la.batches - f.batches, 1.0)
         out: dict[str, dict[str, float]] = {}
@@ -264,7 +265,7 @@ class Drain:
             secs = la.stage_sum[s] - f.stage_sum[s]
             runs = la.stage_count[s] - f.stage_count[s]
             staged += secs
-            out[s] = {"seconds_per_batch": round(secs / runs, 5) if runs else 0.0,
+            out[s] = {"seconds_per_batch": round(secs / batches, 5),
                       "share": round(secs / max(self.seconds, 1e-9), 4),
                       "seconds": round(secs, 3), "batches": int(runs)}
         other = max(self.seconds - staged, 0.0)

@@ -48,14 +48,12 @@ async def deliver(app: faust.App, table: DurableTable) -> None:
     pre-commit flush gives up after 0.1 s without progress, so it can commit source offsets
     whose state never reached the changelog; a crash then loses those events (seen in
     tests/test_restart.py before this). Waiting here, before `take_events` acks the batch,
-    makes the order state-durable -> offsets-committable. The buffer and client flushes send
-    everything promptly; `wait_acked` then covers a record Faust's drain task still holds.
+    makes the order state-durable -> offsets-committable. The changelog records are awaited
+    through their futures (see streams/durable_table.py); a flush of the producer then
+    covers what went straight to the Kafka client (recommendations, DLQ records).
     """
-    producer = app.producer
-    while producer.buffer.size:
-        await producer.buffer.flush()
-    await producer.flush()
     await table.wait_acked()
+    await app.producer.flush()
 
 
 def shorten_fetch_wait(ms: int) -> None:
