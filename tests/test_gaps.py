@@ -23,15 +23,20 @@ def _filler(s) -> GapFiller:
                                               **aio_options(s)), s.topic(s.events_topic))
 
 
-def test_complete_reads_back_the_skipped_range_before_the_batch(kafka, tmp_path):
+def _topic_with(kafka, tmp_path, n: int):
+    """Settings of a 1-partition events topic holding records 0..n-1 (value = offset)."""
     s = make_settings(kafka, tmp_path, partitions=1)
     ensure_topics(s)
-    topic = s.topic(s.events_topic)
     producer = kafka_producer(s)
-    for k in range(10):
-        producer.send(topic, key=b"u", value=b"%d" % k, partition=0)
+    for k in range(n):
+        producer.send(s.topic(s.events_topic), key=b"u", value=b"%d" % k, partition=0)
     producer.flush()
     producer.close()
+    return s
+
+
+def test_complete_reads_back_the_skipped_range_before_the_batch(kafka, tmp_path):
+    s = _topic_with(kafka, tmp_path, 10)
     delivered = [RawRecord(b"u", b"%d" % k, 0, k, ref="event-ref") for k in (7, 8, 2, 3)]
     filler = _filler(s)
     # progress says offsets up to 1 were done: 2, 3 came, 4..6 were skipped, 7, 8 came
@@ -56,14 +61,7 @@ def test_progress_is_the_newest_record_per_partition_and_keys_never_collide_with
 def test_a_tail_is_read_only_after_two_checks_that_saw_it_stuck(kafka, tmp_path):
     """Faust can skip a partition's last records and then deliver nothing more of it; the
     worker's timer reads such a tail once two checks saw the same (progress, end) behind."""
-    s = make_settings(kafka, tmp_path, partitions=1)
-    ensure_topics(s)
-    topic = s.topic(s.events_topic)
-    producer = kafka_producer(s)
-    for k in range(6):
-        producer.send(topic, key=b"u", value=b"%d" % k, partition=0)
-    producer.flush()
-    producer.close()
+    s = _topic_with(kafka, tmp_path, 6)
     filler = _filler(s)
     assert not filler.stalled(0, 2, 6)  # first sight: may still be on its way
     assert not filler.stalled(0, 3, 6)  # progress moved: the stream is delivering
