@@ -330,3 +330,13 @@ def drain(worker: WorkerProcess, target: float, max_seconds: float,
             raise TimeoutError(f"worker consumed nothing for {idle_timeout:.0f}s (at "
                                f"{s.events:.0f} of {target:.0f} events)\n{worker.log_tail()}")
         prev = s
+
+
+def save_figure(fig, path: Path | str) -> None:
+    """Every benchmark's plot ends the same way: laid out, written as a 120-dpi PNG, closed
+    (a long run draws no more figures, but pyplot would keep them all alive otherwise)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

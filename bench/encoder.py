@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bench._common import save_figure
 from models.encoder import TextEncoder, item_text
 from models.synthetic import make_world
 
@@ -166,9 +167,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     twin.set_ylabel("ms per batch")
     fig.legend(loc="upper left", bbox_to_anchor=(0.1, 0.9))
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args() -> argparse.Namespace:

@@ -52,6 +52,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from bench._common import save_figure
 from index.faiss_index import FaissIndex, IndexConfig
 from models.config import LearnerConfig
 
@@ -460,9 +461,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- main

@@ -56,6 +56,7 @@ from bench._common import (
     hist_quantile,
     machine,
     rss_mb,
+    save_figure,
     start_worker,
     take_sample,
     worker_env,
@@ -312,9 +313,7 @@ def plot(doc: dict, path: Path) -> None:
     ax.set_xticks(x, [f"{lv['load']:.0%}\n{lv['eps']:,.0f}/s" for lv in levels])
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- main

@@ -39,7 +39,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench._common import BenchEvents, machine, peak_rss_mb, rss_mb, worker_env
+from bench._common import BenchEvents, machine, peak_rss_mb, rss_mb, save_figure, worker_env
 from models.config import EVENT_TYPE_IDS, LearnerConfig
 from models.synthetic import make_world
 from models.user_state import UserState
@@ -375,9 +375,7 @@ def plot(doc: dict, path: Path) -> None:
                  f"({doc['index_kind']}), then {doc['events_sent']:,} events")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- main

@@ -27,6 +27,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from bench._common import save_figure
 from models.synthetic import SyntheticStream, make_world
 from streams.broker import EmbeddedKafka
 from streams.clients import kafka_producer
@@ -74,9 +75,7 @@ def plot(samples: list[dict], warmup_s: float, path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -64,6 +64,7 @@ from bench._common import (
     machine,
     peak_rss_mb,
     rss_mb,
+    save_figure,
     start_worker,
     worker_env,
 )
@@ -415,9 +416,7 @@ def plot(doc: dict, path: Path) -> None:
         ax2.grid(axis="x", alpha=0.3)
     else:
         ax2.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # =========================================================================== main
