@@ -48,7 +48,7 @@ class Harness:
         self.encoder = TextEncoder(s.encoder_path, s.encoder_device, s.encoder_batch_size)
         self.learner = OnlineLearner(s.learner, text_dim=self.encoder.dim)
         self.server = Server(self.learner, s.index, s.index_refresh_batches, s.index_refresh_s,
-                             s.serving_candidates)
+                             s.serving_candidates, s.exclude_seen)
         self.proc = EventProcessor(s, self.learner, self.server, self.encoder)
         world = make_world(n_items, n_topics=16, seed=1)
         ids = [it["item_id"] for it in world.items]

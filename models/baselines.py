@@ -1,12 +1,13 @@
 """Streaming peer recommenders for the prequential (test-then-train) evaluator.
 
 Every peer follows the evaluator's protocol (models/evaluate.py, :class:`StreamModel`):
-``step(batch, which)`` returns one row of scores over the whole catalog (items
+``step(batch, which, excluded)`` returns one row of scores over the whole catalog (items
 ``0..n_items-1``) for each event ``batch[j]``, j in ``which`` — user-side state (the profile
 of recent items) as it was just before that event, shared state (counts, factors) as of the
 start of the micro-batch — and then learns the batch's events ``(user, item, ts_ms)`` in
 stream order. Every event is an implicit positive interaction. Unknown users always get a
-valid row (zeros, or the popularity term where the model has one).
+valid row (zeros, or the popularity term where the model has one). Peers score every item,
+so they ignore ``excluded``: the evaluator drops those items from the ranking itself.
 
 Peers (``BASELINES`` maps each ``name`` to its class; ``make_baseline`` builds one by name):
 
@@ -40,7 +41,8 @@ class StreamModel(Protocol):
 
     name: str
 
-    def step(self, batch: Sequence[Event], which: Sequence[int]) -> np.ndarray: ...
+    def step(self, batch: Sequence[Event], which: Sequence[int],
+             excluded: Sequence[Any] | None = None) -> np.ndarray: ...
 
 
 class _RecentDistinct:
@@ -64,7 +66,8 @@ class _RecentDistinct:
 class _StateAtBatchStart:
     """Peers whose only user-side state is learnt: score everybody, then learn the batch."""
 
-    def step(self, batch: Sequence[Event], which: Sequence[int]) -> np.ndarray:
+    def step(self, batch: Sequence[Event], which: Sequence[int],
+             excluded: Sequence[Any] | None = None) -> np.ndarray:
         out = self.score([batch[j][0] for j in which])  # type: ignore[attr-defined]
         self.learn(batch)  # type: ignore[attr-defined]
         return out
@@ -82,7 +85,8 @@ class _ProfileBeforeEvent:
         return self._score_profiles([self._profile[u].items() if u in self._profile else empty
                                      for u in users])
 
-    def step(self, batch: Sequence[Event], which: Sequence[int]) -> np.ndarray:
+    def step(self, batch: Sequence[Event], which: Sequence[int],
+             excluded: Sequence[Any] | None = None) -> np.ndarray:
         out = self._score_profiles(self._profiles_before(batch, which))
         self.learn(batch)  # type: ignore[attr-defined]
         return out

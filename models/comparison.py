@@ -21,6 +21,7 @@ import orjson
 from models.baselines import BASELINES, make_baseline
 from models.config import LearnerConfig
 from models.evaluate import Event, Result, StreamrecModel, moving_ndcg, prequential
+from models.seen import ExcludeSeen
 
 #: Ablations of the default learner: name suffix -> overrides of LearnerConfig.
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -81,25 +82,30 @@ def build_model(name: str, data: Dataset, base: LearnerConfig) -> Any:
 
 
 def _run_one(name: str, data: Dataset, base: LearnerConfig, batch_size: int,
-             progress: Any) -> Result:
+             progress: Any, exclude_seen: ExcludeSeen = "all") -> Result:
     import torch
 
     torch.set_num_threads(1)
     model = build_model(name, data, base)
     report = (lambda n: progress.put((name, n))) if progress is not None else None
-    return prequential(model, data.events, batch_size, on_batch=report)
+    return prequential(model, data.events, batch_size, on_batch=report,
+                       item_ids=data.item_ids, exclude_seen=exclude_seen,
+                       history_len=base.history_len)
 
 
 def run_comparison(data: Dataset, names: Sequence[str], batch_size: int = 64,
                    base: LearnerConfig | None = None, jobs: int = 2,
-                   show_progress: bool = True) -> dict[str, Result]:
-    """Every model over the same stream; returns {name: Result} in `names` order."""
+                   show_progress: bool = True, exclude_seen: ExcludeSeen = "all"
+                   ) -> dict[str, Result]:
+    """Every model over the same stream; returns {name: Result} in `names` order.
+    `exclude_seen` is the serving rule of what a user is not recommended (models/seen.py)."""
     base = base or LearnerConfig()
     ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch/faiss thread state
     with ctx.Manager() as manager:
         queue = manager.Queue() if show_progress else None
         with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-            futures = {n: pool.submit(_run_one, n, data, base, batch_size, queue) for n in names}
+            futures = {n: pool.submit(_run_one, n, data, base, batch_size, queue, exclude_seen)
+                       for n in names}
             if show_progress:
                 _progress(futures, queue, len(data.events))
             return {n: f.result() for n, f in futures.items()}

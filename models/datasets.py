@@ -8,6 +8,7 @@ the synthetic generator produces, so the demo, benchmarks and evaluator take eit
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -77,24 +78,86 @@ def movielens_items(ml_dir: str | Path) -> list[dict]:
     return [_parse_item_line(line, genres) for line in text.splitlines() if line.strip()]
 
 
+def _parse_rating_line(line: str) -> tuple[int, dict]:
+    """A u.data line "user item rating seconds" -> (seconds, rate event dict)."""
+    parts = line.split()
+    if len(parts) != 4:
+        raise ValueError(f"expected 4 fields (user item rating timestamp), got {len(parts)}")
+    user, item, rating, seconds = parts
+    try:
+        sec = int(seconds)
+        event = {"user_id": str(int(user)), "item_id": str(int(item)), "event_type": "rate",
+                 "ts": sec * 1000, "value": float(rating), "text": None, "scenario": "default"}
+    except ValueError as exc:
+        raise ValueError(f"not a number: {exc}") from None
+    return sec, event
+
+
 def movielens_events(ml_dir: str | Path) -> list[dict]:
     """Rate events from u.data in time order (ties keep file order, so the replay is stable)."""
     rows = []
     with open(Path(ml_dir) / "u.data", encoding=_ENCODING) as fh:
         for lineno, line in enumerate(fh, start=1):
-            parts = line.split()
-            if not parts:
+            if not line.split():
                 continue
-            if len(parts) != 4:
-                raise ValueError(f"u.data:{lineno}: expected 4 fields, got {len(parts)}")
-            user, item, rating, seconds = parts
-            rows.append((int(seconds), str(int(user)), str(int(item)), float(rating)))
+            try:
+                rows.append(_parse_rating_line(line))
+            except ValueError as exc:
+                raise ValueError(f"u.data:{lineno}: {exc}") from None
     rows.sort(key=lambda r: r[0])  # list.sort is stable
-    return [
-        {"user_id": user, "item_id": item, "event_type": "rate", "ts": seconds * 1000,
-         "value": rating, "text": None, "scenario": "default"}
-        for seconds, user, item, rating in rows
-    ]
+    return [event for _, event in rows]
+
+
+@dataclass(frozen=True)
+class SourceLine:
+    """One record of an input file, before validation (the publishing tools check every
+    line first and report each bad one by its number)."""
+
+    number: int  # 1-based line number in the file
+    raw: bytes  # the line as written, without its line break
+    value: bytes | None  # the record as JSON (a JSON Lines line is its own); None: unreadable
+    problem: str = ""  # why `value` is None
+
+
+def source_lines(path: str | Path, what: str) -> Iterator[SourceLine]:
+    """Every non-blank line of a JSON Lines file or a MovieLens u.item/u.data (`what`:
+    items or events) in publishing order: file order, MovieLens ratings by timestamp."""
+    p = Path(path)
+    ml_dir = _movielens_dir(p)
+    if ml_dir is None:
+        _check_jsonl(p, what)
+        with open(p, "rb") as fh:
+            for number, line in enumerate(fh, start=1):
+                raw = line.rstrip(b"\r\n")
+                if raw.strip():
+                    yield SourceLine(number, raw, raw)
+        return
+    name = "u.item" if what == "items" else "u.data"
+    with open(ml_dir / name, "rb") as fh:
+        lines = [(n, ln.rstrip(b"\r\n")) for n, ln in enumerate(fh, start=1) if ln.strip()]
+    if what == "items":
+        genres = _read_genres(ml_dir)
+        yield from (_converted(n, raw, lambda t: _parse_item_line(t, genres)) for n, raw in lines)
+        return
+    out = [_converted(n, raw, lambda t: _parse_rating_line(t)[1]) for n, raw in lines]
+    ts = [orjson.loads(x.value)["ts"] if x.value is not None else 0 for x in out]
+    yield from (out[i] for i in sorted(range(len(out)), key=ts.__getitem__))
+
+
+def _converted(number: int, raw: bytes, parse) -> SourceLine:
+    try:
+        return SourceLine(number, raw, orjson.dumps(parse(raw.decode(_ENCODING))))
+    except ValueError as exc:
+        return SourceLine(number, raw, None, str(exc))
+
+
+def _check_jsonl(p: Path, what: str) -> None:
+    if not p.exists():
+        raise FileNotFoundError(f"no such file or directory: {p}")
+    if not (p.is_file() and p.suffix in _JSONL_SUFFIXES):
+        raise ValueError(
+            f"cannot load {what} from {p}: expected a MovieLens directory (u.item/u.data), "
+            f"u.item/u.data itself, or a {'/'.join(_JSONL_SUFFIXES)} file")
 
 
 def _movielens_dir(path: Path) -> Path | None:
@@ -112,14 +175,8 @@ def _load(path: str | Path, what: str) -> list[dict]:
     ml_dir = _movielens_dir(p)
     if ml_dir is not None:
         return movielens_items(ml_dir) if what == "items" else movielens_events(ml_dir)
-    if p.is_file() and p.suffix in _JSONL_SUFFIXES:
-        return list(read_jsonl(p))
-    if not p.exists():
-        raise FileNotFoundError(f"no such file or directory: {p}")
-    raise ValueError(
-        f"cannot load {what} from {p}: expected a MovieLens directory (u.item/u.data), "
-        f"u.item/u.data itself, or a {'/'.join(_JSONL_SUFFIXES)} file"
-    )
+    _check_jsonl(p, what)
+    return list(read_jsonl(p))
 
 
 def load_items(path: str | Path) -> list[dict]:

@@ -1,9 +1,11 @@
 """Prequential (test-then-train) evaluation with full ranking over the catalog.
 
 Protocol: events in timestamp order (stable for ties), in micro-batches. For an event (u, i)
-whose user has an earlier event and has not interacted with i before, every catalog item is
-scored for u; u's earlier items are excluded; rank = #(remaining items scoring strictly above
-i) + floor(#(other remaining items scoring exactly as i) / 2), so ties do not flatter a model.
+whose user has an earlier event and whose item the serving rule would not exclude
+(models/seen.py `exclusions`, `exclude_seen`: by default every item u interacted with),
+every catalog item is scored for u; the excluded items are dropped; rank = #(remaining items
+scoring strictly above i) + floor(#(other remaining items scoring exactly as i) / 2), so ties
+do not flatter a model.
 Then the model learns the batch. Within a batch, the score of an event uses the user's own
 history up to (not including) that event, and shared state (parameters, co-occurrence
 counts) as of the start of the batch: in the agent a user's next event arrives after the
@@ -27,7 +29,8 @@ import numpy as np
 
 from models.config import LearnerConfig
 from models.learner import Interaction, OnlineLearner
-from models.serving import rank_candidates
+from models.seen import ExcludeSeen, Exclusion, exclusions, item_keys
+from models.serving import rank_candidates, tower_candidates
 from models.user_state import UserState
 
 Event = tuple[str, int, int]  # (user, item index in catalog order, ts ms)
@@ -36,10 +39,12 @@ Event = tuple[str, int, int]  # (user, item index in catalog order, ts ms)
 class StreamModel(Protocol):
     name: str
 
-    def step(self, batch: Sequence[Event], which: Sequence[int]) -> np.ndarray:
+    def step(self, batch: Sequence[Event], which: Sequence[int],
+             excluded: Sequence[Exclusion] | None = None) -> np.ndarray:
         """Scores (len(which), n_items) for the events `batch[j]`, j in `which`, each with
         its user's history strictly before it and shared state from before the batch; then
-        learn the batch."""
+        learn the batch. `excluded[k]`: what event which[k] may not be recommended (a
+        serving path uses it to pick candidates; full-catalog scorers may ignore it)."""
         ...
 
 
@@ -72,11 +77,13 @@ def metrics_of(ranks: np.ndarray) -> dict[str, float]:
     }
 
 
-def rank_of(scores: np.ndarray, target: int, excluded: Sequence[int]) -> int:
-    """Rank of `target` among the items not in `excluded`, ties split in half (rounded down).
-    Scores may be -inf (not retrieved by a serving path); those tie with each other."""
+def rank_of(scores: np.ndarray, target: int, excluded: np.ndarray | Sequence[int]) -> int:
+    """Rank of `target` among the items not `excluded` (a boolean mask over the catalog, or
+    item indexes), ties split in half (rounded down). Scores may be -inf (not retrieved by a
+    serving path); those tie with each other."""
     keep = np.ones(len(scores), dtype=bool)
-    keep[np.asarray(excluded, dtype=np.int64)] = False
+    excluded = np.asarray(excluded)
+    keep[excluded if excluded.dtype == bool else excluded.astype(np.int64)] = False
     s, t = scores[keep], scores[target]
     above = int(np.count_nonzero(s > t))
     ties = int(np.count_nonzero(s == t)) - 1  # the target itself is not "other"
@@ -84,27 +91,36 @@ def rank_of(scores: np.ndarray, target: int, excluded: Sequence[int]) -> int:
 
 
 def prequential(model: StreamModel, events: Sequence[Event], batch_size: int = 64,
-                on_batch: Callable[[int], None] | None = None) -> Result:
-    """Test-then-train over `events` (already in time order)."""
-    seen: dict[str, list[int]] = {}
-    seen_set: dict[str, set[int]] = {}
+                on_batch: Callable[[int], None] | None = None,
+                item_ids: Sequence[str] | None = None, exclude_seen: ExcludeSeen = "all",
+                history_len: int = 50) -> Result:
+    """Test-then-train over `events` (already in time order). What a user may not be
+    recommended comes from the serving rule (models/seen.py) on a UserState kept per user,
+    the same state and rule the agent uses; `item_ids` names the catalog's items (default:
+    their indexes as strings)."""
+    states: dict[str, UserState] = {}
+    ids = list(item_ids) if item_ids is not None else None
+    catalog_keys: np.ndarray | None = None
     ranks, positions = [], []
     start = time.perf_counter()
     for b in range(0, len(events), batch_size):
         batch = events[b : b + batch_size]
-        which, todo = [], []  # todo: (position, item, the user's earlier items)
-        for j, (user, item, _) in enumerate(batch):
-            earlier = seen.setdefault(user, [])
-            items = seen_set.setdefault(user, set())
-            if earlier and item not in items:
+        which, todo, excl = [], [], []  # todo: (position, item)
+        for j, (user, item, ts) in enumerate(batch):
+            st = states.setdefault(user, UserState())
+            item_id = ids[item] if ids is not None else str(item)
+            ex = exclusions(st, exclude_seen)
+            if st.n_events and not ex.contains(item_keys([item_id]))[0]:
                 which.append(j)
-                todo.append((b + j, item, list(earlier)))
-            if item not in items:
-                items.add(item)
-                earlier.append(item)
-        scores = model.step(batch, which)
-        for row, (pos, item, earlier) in zip(scores, todo, strict=True):
-            ranks.append(rank_of(row, item, earlier))
+                todo.append((b + j, item))
+                excl.append(ex)
+            st.append(item_id, 0, ts, None, history_len)
+        scores = model.step(batch, which, excl)
+        if catalog_keys is None and len(scores):
+            catalog_keys = item_keys(ids if ids is not None else
+                                     [str(i) for i in range(scores.shape[1])])
+        for row, (pos, item), ex in zip(scores, todo, excl, strict=True):
+            ranks.append(rank_of(row, item, ex.contains(catalog_keys)))
             positions.append(pos)
         if on_batch:
             on_batch(len(batch))
@@ -146,18 +162,24 @@ class StreamrecModel:
         self.candidates = candidates
         self.states: dict[str, UserState] = {}
 
-    def step(self, batch: Sequence[Event], which: Sequence[int]) -> np.ndarray:
+    def step(self, batch: Sequence[Event], which: Sequence[int],
+             excluded: Sequence[Exclusion] | None = None) -> np.ndarray:
         inters = [Interaction(u, self.item_ids[i], self.event_type, ts) for u, i, ts in batch]
         for u, _, _ in batch:
             self.states.setdefault(u, UserState())
         pend = self.learner.observe(inters, self.states)  # residuals untouched until train
         hists = [pend.before[j] for j in which]
-        scores = self._serve(hists, [self.states[batch[j][0]].residual for j in which])
+        if excluded is None:  # no rule given: the user's history before the event
+            excluded = [Exclusion(recent=self.learner.keys[np.asarray(h[0], np.int64)])
+                        for h in hists]
+        scores = self._serve(hists, [self.states[batch[j][0]].residual for j in which],
+                             excluded)
         self.learner.train(pend)
         self.learner.apply_covisits(self.learner.covisit_pairs(pend))
         return scores
 
-    def _serve(self, hists: list[tuple], residuals: list) -> np.ndarray:
+    def _serve(self, hists: list[tuple], residuals: list, excluded: Sequence[Exclusion]
+               ) -> np.ndarray:
         if not hists:
             return np.zeros((0, len(self.rows)))
         U = self.learner.history_vectors(hists, residuals)
@@ -165,16 +187,10 @@ class StreamrecModel:
                 self.candidates >= len(self.rows):
             return self.learner.blend(hists, U, self.rows, residuals)
         _, V = self.learner.item_vectors(self.rows)
-        tower = U @ V.T
-        seen = [{r for r in h[0] if r} for h in hists]
-        k = min(self.candidates, tower.shape[1] - 1)
-        tower_rows = []
-        for t, s in zip(tower, seen, strict=True):
-            rows = np.fromiter(s, dtype=np.int64, count=len(s))
-            cols = self.col_of[rows[rows < len(self.col_of)]]
-            t[cols[cols >= 0]] = -np.inf
-            tower_rows.append(self.rows[np.argpartition(-t, k)[: self.candidates]])
-        ranked = rank_candidates(self.learner, hists, U, tower_rows, seen, residuals)
+        top = np.argsort(-(U @ V.T), axis=1, kind="stable")  # the exact index's order
+        ok = tower_candidates(self.learner.keys[self.rows[top]], excluded, self.candidates)
+        tower_rows = [self.rows[t[m]] for t, m in zip(top, ok, strict=True)]
+        ranked = rank_candidates(self.learner, hists, U, tower_rows, excluded, residuals)
         out = np.full((len(hists), len(self.rows)), -np.inf)
         for p, (rows, scores) in enumerate(ranked):
             out[p, self.col_of[rows]] = scores

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from index.ids import item_hash
 from models.config import EVENT_TYPE_IDS, TEXT_ONLY_TYPES, LearnerConfig
 from models.covisit import CoVisitation
 from models.encoder import pick_device
@@ -111,6 +112,7 @@ class OnlineLearner:
         self.ids: list[str] = [""]  # row -> item id; row 0 is padding
         self.rows: dict[str, int] = {}
         self.live = np.zeros(capacity, dtype=bool)
+        self.keys = np.zeros(capacity, dtype=np.int64)  # row -> stable item key (index/ids.py)
         self.counts = np.zeros(capacity, dtype=np.float64)
         self._make_optimizers()
         self._replay = _Replay(c.replay_capacity, c.history_len)
@@ -123,6 +125,7 @@ class OnlineLearner:
         self._ensure_capacity(len(self.ids) + len(new))
         for item_id in new:
             self.rows[item_id] = len(self.ids)
+            self.keys[len(self.ids)] = item_hash(item_id)
             self.ids.append(item_id)
         rows = np.fromiter((self.rows[i] for i in item_ids), dtype=np.int64, count=len(item_ids))
         if len(rows):
@@ -155,6 +158,7 @@ class OnlineLearner:
         old_state = self.sparse_opt.state.get(self.items.E)
         self.items.grow(cap)
         self.live = np.concatenate([self.live, np.zeros(cap - len(self.live), dtype=bool)])
+        self.keys = np.concatenate([self.keys, np.zeros(cap - len(self.keys), dtype=np.int64)])
         self.counts = np.concatenate([self.counts, np.zeros(cap - len(self.counts))])
         self._make_optimizers(keep_dense=True)
         if old_state:  # carry SparseAdam moments of the existing rows over
@@ -600,6 +604,8 @@ class OnlineLearner:
             for n, p in params.items():
                 p.copy_(tensors[f"param.{n}"].to(self.device))
         self.live = np.zeros(cap, dtype=bool)
+        self.keys = np.zeros(cap, dtype=np.int64)
+        self.keys[1 : len(ids)] = [item_hash(i) for i in ids[1:]]
         self.counts = np.zeros(cap)
         self.counts[: len(ids)] = tensors["counts"].numpy()
         self._make_optimizers()

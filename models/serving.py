@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,6 +20,7 @@ import numpy as np
 from index.faiss_index import FaissIndex, IndexConfig, VersionedIndex
 from index.ids import IdMap
 from models.learner import OnlineLearner, unique_ints
+from models.seen import ExcludeSeen, Exclusion, exclusions
 from models.user_state import UserState
 
 log = logging.getLogger("streamrec.serving")
@@ -33,25 +34,25 @@ class Scored:
 
 
 def rank_candidates(learner: OnlineLearner, hists: Sequence[tuple], U: np.ndarray,
-                    tower_rows: Sequence[np.ndarray], seen_rows: Sequence[set[int]],
+                    tower_rows: Sequence[np.ndarray], excluded: Sequence[Exclusion],
                     residuals: Sequence[np.ndarray | None] | None = None
                     ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The serving ranker: the index's (two-tower) candidates plus, with co-visitation, the
-    items co-visited most with the user's recent ones; live and unseen only; scored by the
-    learner's blend. Returns (item rows, scores) per user, best first. The offline evaluator
-    ranks through this same function, so it measures what the agent serves.
+    items co-visited most with the user's recent ones; live and not `excluded` only; scored
+    by the learner's blend. Returns (item rows, scores) per user, best first. The offline
+    evaluator ranks through this same function, so it measures what the agent serves.
 
     One flat array of (user, row) pairs for the whole batch, not a loop per user: the
     agent ranks ~500 users per micro-batch under load."""
     n = len(hists)
     parts = [x for hist, rows in zip(hists, tower_rows, strict=True)
              for x in (np.asarray(rows, dtype=np.int64), learner.covisit_candidates(hist))]
+    base = len(learner.live)
     owner = np.repeat(np.arange(n), [len(parts[2 * p]) + len(parts[2 * p + 1])
                                      for p in range(n)])
-    base = len(learner.live)
     code = unique_ints(owner * base + np.concatenate(parts + [np.zeros(0, np.int64)]))
     owner, rows = np.divmod(code, base)
-    keep = learner.live[rows] & ~np.isin(code, _pair_codes(seen_rows, base))
+    keep = learner.live[rows] & ~_excluded(owner, learner.keys[rows], excluded)
     owner, rows = owner[keep], rows[keep]
     cols = unique_ints(rows)
     if len(cols) == 0:
@@ -64,19 +65,61 @@ def rank_candidates(learner: OnlineLearner, hists: Sequence[tuple], U: np.ndarra
                     strict=True))
 
 
-def _pair_codes(sets: Sequence[Iterable[int]], base: int) -> np.ndarray:
-    """user * base + row for every (user, row) in per-user collections of rows."""
-    flat = [np.fromiter(s, dtype=np.int64) for s in sets]
-    owner = np.repeat(np.arange(len(flat)), [len(f) for f in flat])
-    return owner * base + np.concatenate(flat + [np.zeros(0, np.int64)])
+def search_allowed(idx: FaissIndex, U: np.ndarray, excluded: Sequence[Exclusion], want: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The `want` best index neighbours of each user vector that are not excluded: scores
+    and keys (n, fetch) plus the mask of the chosen ones (`tower_candidates`). The index is
+    asked for `want` + the batch's largest exclusion (at most `want` more); the rare user
+    left short by more exclusions than that is searched again alone, deeper, so no user's
+    search depth depends on another's."""
+    fetch = want + min(max(map(len, excluded), default=0), want)
+    scores, keys = idx.search(U, fetch)
+    ok = tower_candidates(keys, excluded, want)
+    short = [p for p, ex in enumerate(excluded)
+             if ok[p].sum() < want and len(ex) > fetch - want and fetch < len(idx)]
+    if short:
+        deep = want + max(len(excluded[p]) for p in short)
+        s2, k2 = idx.search(U[short], deep)
+        pad = ((0, 0), (0, deep - fetch))
+        scores = np.pad(scores, pad, constant_values=-np.inf)
+        keys = np.pad(keys, pad, constant_values=-1)
+        scores[short], keys[short] = s2, k2
+        ok = tower_candidates(keys, excluded, want)
+    return scores, keys, ok
+
+
+def tower_candidates(keys: np.ndarray, excluded: Sequence[Exclusion], candidates: int
+                     ) -> np.ndarray:
+    """Mask over index results `keys` (n, fetch; best first; -1 = padding): the first
+    `candidates` of each row that are real and not excluded. Serving and the evaluator both
+    select tower candidates with this."""
+    ok = keys >= 0
+    for row, ex in enumerate(excluded):
+        if len(ex):
+            ok[row] &= ~ex.contains(keys[row])
+    return ok & (np.cumsum(ok, axis=1) <= candidates)
+
+
+def _excluded(owner: np.ndarray, keys: np.ndarray, excluded: Sequence[Exclusion]
+              ) -> np.ndarray:
+    """Which (owner, key) pairs are excluded; `owner` sorted ascending."""
+    out = np.zeros(len(keys), bool)
+    bounds = np.searchsorted(owner, np.arange(len(excluded) + 1))
+    for p, ex in enumerate(excluded):
+        lo, hi = bounds[p], bounds[p + 1]
+        if hi > lo and len(ex):
+            out[lo:hi] = ex.contains(keys[lo:hi])
+    return out
 
 
 class Server:
     """Owns the id map and the versioned index for one learner."""
 
     def __init__(self, learner: OnlineLearner, config: IndexConfig | None = None,
-                 refresh_batches: int = 20, refresh_s: float = 5.0, candidates: int = 200):
+                 refresh_batches: int = 20, refresh_s: float = 5.0, candidates: int = 200,
+                 exclude_seen: ExcludeSeen = "all"):
         self.learner = learner
+        self.exclude_seen = exclude_seen
         self.config = config or IndexConfig()
         self.refresh_batches = refresh_batches
         self.refresh_s = refresh_s
@@ -183,20 +226,20 @@ class Server:
     # ------------------------------------------------------------------ recommend
     def recommend(self, states: Sequence[UserState], user_vecs: np.ndarray, k: int,
                   reason_window: int = 10) -> tuple[list[list[Scored]], int]:
-        """Top-k unseen items per user, each with the recent item it is most similar to.
+        """Top-k items per user that `exclude_seen` allows (models/seen.py), each with the
+        recent item it is most similar to.
 
         Returns the lists and the index version they came from (one version per batch).
         """
         idx, version = self.index.current()
         if idx is None or len(states) == 0:
             return [[] for _ in states], version
+        excluded = [exclusions(st, self.exclude_seen) for st in states]
         if self.learner.head is None:  # two-tower alone: the index's ranking is final
-            seen = [{self.ids.to_int(i) for i in st.seen_items()} - {None} for st in states]
-            scores, keys = idx.search(user_vecs, k, exclude=seen)
-            ranked = [(krow[krow >= 0], srow[krow >= 0]) for srow, krow in zip(scores, keys,
-                                                                                strict=True)]
+            scores, keys, ok = search_allowed(idx, user_vecs, excluded, k)
+            ranked = [(krow[m], srow[m]) for srow, krow, m in zip(scores, keys, ok, strict=True)]
         else:
-            ranked = self._rerank(idx, states, user_vecs, k)
+            ranked = self._rerank(idx, states, user_vecs, k, excluded)
         reasons = self._reasons(idx, states, [keys for keys, _ in ranked], reason_window)
         out = [[Scored(i, s, r) for i, s, r in zip(self.ids.to_strs(keys), scores.tolist(), why,
                                                    strict=True)]
@@ -204,23 +247,15 @@ class Server:
         return out, version
 
     def _rerank(self, idx: FaissIndex, states: Sequence[UserState], user_vecs: np.ndarray,
-                k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Index candidates + co-visitation candidates, ordered by the learned ranker.
-
-        The index is asked for `candidates` + (most seen items of a user) and the seen ones
-        are masked for the whole batch at once: the same candidates as an exclude-list search,
-        without a Python pass per user."""
-        rows_of, base = self.learner.rows, len(self.learner.live)
-        seen_rows = [{rows_of[i] for i in st.seen_items() if i in rows_of} for st in states]
-        fetch = self.candidates + max(map(len, seen_rows), default=0)
-        _, keys = idx.search(user_vecs, fetch)
+                k: int, excluded: Sequence[Exclusion]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Index candidates + co-visitation candidates, ordered by the learned ranker. The
+        index is asked for more than `candidates` and the excluded ones are masked."""
+        _, keys, ok = search_allowed(idx, user_vecs, excluded, self.candidates)
         cand = self.key_rows.rows_of(keys)
-        users = np.arange(len(cand))[:, None]
-        ok = (cand >= 0) & ~np.isin(users * base + cand, _pair_codes(seen_rows, base))
-        ok &= np.cumsum(ok, axis=1) <= self.candidates
+        ok &= cand >= 0  # (a key the learner lacks: never seen in practice)
         tower_rows = [c[m] for c, m in zip(cand, ok, strict=True)]
         hists = [self.learner.history(st) for st in states]
-        ranked = rank_candidates(self.learner, hists, user_vecs, tower_rows, seen_rows,
+        ranked = rank_candidates(self.learner, hists, user_vecs, tower_rows, excluded,
                                  [st.residual for st in states])
         return [(self.key_rows.keys_of(c[:k]), s[:k]) for c, s in ranked]
 

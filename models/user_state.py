@@ -1,9 +1,10 @@
 """Everything streamrec remembers about one user, bounded in size, and its wire form.
 
-Bounded: the history is a ring of the last H events; the residual is one `dim` vector; the
-rest are scalars. The state also carries the last applied offset per source partition, so a
-replayed event (at-least-once delivery) is recognised and skipped: the offsets are written in
-the same changelog record as the effect they guard.
+Bounded: the history is a ring of the last H events; every item ever interacted with is a
+compact set (models/seen.py: exact keys up to 1,024, then a 16 KB Bloom filter); the residual
+is one `dim` vector; the rest are scalars. The state also carries the last applied offset
+per source partition, so a replayed event (at-least-once delivery) is recognised and
+skipped: the offsets are written in the same changelog record as the effect they guard.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
+from index.ids import item_hash
+from models.seen import SeenItems
+
+#: 1: history, residual, rule state, offsets. 2: + `seen` (every item interacted with).
+FORMAT_VERSION = 2
 _F32 = np.dtype("<f4")
 _F16 = np.dtype("<f2")
 
@@ -43,6 +49,7 @@ class UserState:
     steps: int = 0
     n_events: int = 0
     offsets: dict[str, int] = field(default_factory=dict)
+    seen: SeenItems = field(default_factory=SeenItems)
 
     def append(
         self, item_id: str | None, etype: int, ts: int, text_vec: np.ndarray | None, max_len: int
@@ -52,6 +59,8 @@ class UserState:
         self.types.append(etype)
         self.ts.append(ts)
         self.texts.append(None if text_vec is None else _b64(text_vec, _F16))
+        if item_id is not None:
+            self.seen.add(np.array([item_hash(item_id)], np.int64))
         if len(self.items) > max_len:
             cut = len(self.items) - max_len
             del self.items[:cut], self.types[:cut], self.ts[:cut], self.texts[:cut]
@@ -65,7 +74,8 @@ class UserState:
     def last_ts(self) -> int:
         return self.ts[-1] if self.ts else 0
 
-    def seen_items(self) -> set[str]:
+    def recent_items(self) -> set[str]:
+        """Items of the history ring (the last H events); `seen` holds all of them."""
         return {i for i in self.items if i is not None}
 
     # -- exactly-once effect -------------------------------------------------------------
@@ -81,7 +91,7 @@ class UserState:
     # -- wire form -------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         d = {
-            "v": 1,
+            "v": FORMAT_VERSION,
             "items": self.items,
             "types": self.types,
             "ts": self.ts,
@@ -94,6 +104,7 @@ class UserState:
             "steps": self.steps,
             "n_events": self.n_events,
             "offsets": self.offsets,
+            "seen": self.seen.to_wire(),
         }
         return orjson.dumps(d)
 
@@ -103,6 +114,11 @@ class UserState:
             return cls()
         d = orjson.loads(raw)
         res = d.get("residual")
+        if "seen" in d:
+            seen = SeenItems.from_wire(d["seen"])
+        else:  # version 1 kept no seen set: the history ring is all it knows
+            seen = SeenItems()
+            seen.add(np.array([item_hash(i) for i in d["items"] if i is not None], np.int64))
         return cls(
             items=d["items"],
             types=d["types"],
@@ -116,4 +132,5 @@ class UserState:
             steps=d["steps"],
             n_events=d["n_events"],
             offsets=d["offsets"],
+            seen=seen,
         )

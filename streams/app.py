@@ -13,6 +13,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
+import signal
+import socket
+import threading
 import time
 from typing import Any
 
@@ -22,9 +26,10 @@ from faust.sensors.prometheus import setup_prometheus_sensors
 from models.user_state import UserState
 from streams import metrics as m
 from streams.catalog import RawRecord
-from streams.clients import faust_credentials
+from streams.clients import faust_credentials, wait_for_broker
 from streams.dead_letters import dlq_headers
 from streams.durable_table import DurableTable
+from streams.errors import UserError
 from streams.gaps import acknowledge, commit_past, progress, progress_key
 from streams.runtime import Runtime
 from streams.schemas import InvalidRecord, Reason
@@ -284,28 +289,81 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
     return app
 
 
-def _ensure_topics_waiting(settings: Settings, wait_s: float = 300.0) -> None:
-    """ensure_topics, retried while the broker is unreachable (a worker started before its
-    broker, e.g. by an orchestrator, must wait for it instead of exiting after the admin
-    client's 30 s bootstrap timeout)."""
-    from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+def _data_dir(settings: Settings) -> None:
+    """Create the worker's local state directory, or say in one line why it cannot be."""
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the data directory {settings.data_dir}: "
+                        f"{exc.strerror or exc}. Set --data-dir or STREAMREC_DATA_DIR to a "
+                        f"writable directory") from None
 
-    deadline = time.monotonic() + wait_s
-    while True:
+
+class Worker(faust.Worker):
+    """faust.Worker that exits within `shutdown_timeout_s` of SIGTERM or SIGINT, whether or
+    not the broker answers.
+
+    Faust's stop waits on the broker (final commits, producer flush, consumer leave); with
+    the broker gone it retried for as long as it took (seen: still running 32 minutes after
+    SIGTERM). A watchdog thread, armed by the signal, ends the process when the deadline
+    passes: what was not durable by then is replayed by the partitions' next owner, exactly
+    as after a crash. mode installs its handlers on the loop; ours are installed after
+    them and call mode's own handler (`_on_sigterm`, `_on_sigint`) once armed."""
+
+    def __init__(self, *args: Any, shutdown_timeout_s: float = 30.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self._deadline: threading.Timer | None = None
+
+    def install_signal_handlers(self) -> None:
+        super().install_signal_handlers()
+        self.loop.add_signal_handler(signal.SIGTERM, self._stop_within_deadline, self._on_sigterm)
+        self.loop.add_signal_handler(signal.SIGINT, self._stop_within_deadline, self._on_sigint)
+
+    def _stop_within_deadline(self, stop: Any) -> None:
+        if self._deadline is None:
+            log.info("stopping (at most %.0f s)", self.shutdown_timeout_s)
+            self._deadline = threading.Timer(self.shutdown_timeout_s, self._give_up)
+            self._deadline.daemon = True
+            self._deadline.start()
+        stop()
+
+    def _give_up(self) -> None:
+        log.error("clean stop did not finish within %.0f s (is the broker reachable?): exiting "
+                  "now; events not yet durable will be replayed by the next owner of their "
+                  "partitions", self.shutdown_timeout_s)
+        logging.shutdown()
+        os._exit(EXIT_ABANDONED)
+
+
+#: Exit status when the clean stop was abandoned at its deadline.
+EXIT_ABANDONED = 3
+
+
+def _metrics_port(settings: Settings) -> None:
+    """Fail in one line, not a 45-line traceback from aiohttp, when /metrics cannot bind."""
+    if settings.metrics_port == 0:
+        return
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            ensure_topics(settings)
-            return
-        except (KafkaTimeoutError, KafkaConnectionError) as exc:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("broker %s not reachable yet (%r); retrying", settings.broker, exc)
-            time.sleep(2.0)
+            sock.bind((settings.metrics_host, settings.metrics_port))
+        except OSError as exc:
+            raise UserError(
+                f"cannot serve /metrics on {settings.metrics_host}:{settings.metrics_port}: "
+                f"{exc.strerror or exc} (another worker on this host?). Set "
+                f"STREAMREC_METRICS_PORT to a free port") from None
 
 
 def run_worker(settings: Settings) -> None:
-    """Create topics, load the encoder and learner, and run a Faust worker until stopped."""
-    _ensure_topics_waiting(settings)
+    """Create the data directory and topics, load the encoder and learner, and run a Faust
+    worker until stopped."""
+    _data_dir(settings)
+    _metrics_port(settings)
+    wait_for_broker(settings)
+    ensure_topics(settings)
     runtime = Runtime(settings)
     app = create_app(settings, runtime)
-    worker = faust.Worker(app, loglevel=settings.log_level, override_logging=False)
+    worker = Worker(app, loglevel=settings.log_level, override_logging=False,
+                    shutdown_timeout_s=settings.shutdown_timeout_s)
     worker.execute_from_commandline()

@@ -1,16 +1,52 @@
-"""`streamrec` command line: worker, broker, demo, catalog load, publish, tail, config."""
+"""`streamrec` command line: worker, broker, demo, catalog load, publish, tail, config.
+
+Errors a person can act on (an unreachable broker, a bad setting, a missing file, a data
+directory that cannot be created) print one line naming the cause and exit with code 2;
+tracebacks are for bugs (and for `--verbose`).
+"""
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import orjson
+from pydantic import ValidationError
 
+from streams.errors import UserError, settings_problem
+from streams.logs import configure_logging
 from streams.settings import Settings
+
+log = logging.getLogger("streamrec.cli")
+
+
+class Failure(click.ClickException):
+    """A UserError on its way out: click prints `Error: <message>` on stderr, exit 2."""
+
+    exit_code = 2
+
+
+class _Commands(click.Group):
+    """Turns the errors a person can act on into one line and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ValidationError as exc:
+            if exc.title != "Settings":
+                raise
+            raise Failure(str(settings_problem(exc))) from None
+        except UserError as exc:
+            log.debug("user error", exc_info=True)
+            raise Failure(str(exc)) from None
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            log.debug("file error", exc_info=True)
+            raise Failure(str(exc)) from None
 
 
 def _settings(broker: str | None, **overrides: object) -> Settings:
@@ -25,41 +61,60 @@ broker_option = click.option(
 )
 
 
-@click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.group(cls=_Commands)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, Kafka client lines included.")
 def main(verbose: bool) -> None:
     """streamrec: a real-time streaming recommender on Kafka."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("kafka", "aiokafka"):  # client chatter: connects, resets, metadata
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    configure_logging(verbose)
 
 
 @main.command()
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False),
+              help="Local state directory (default: $STREAMREC_DATA_DIR or var/streamrec); "
+              "created if missing.")
 @broker_option
-def worker(broker: str | None) -> None:
+def worker(data_dir: str | None, broker: str | None) -> None:
     """Run a worker (Faust): consume events and catalog, learn, recommend."""
     from streams.app import run_worker
 
     sys.argv = [sys.argv[0]]  # Faust's worker reads argv; it must not see our options
-    run_worker(_settings(broker))
+    run_worker(_settings(broker, data_dir=data_dir))
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (and SIGHUP: the terminal closed) unwind like Ctrl-C, so `with` blocks and
+    atexit hooks run: the broker's JVM is stopped and its temp directory removed."""
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
 
 
 @main.command()
-@click.option("--port", type=int, default=None, help="Listener port (default: a free one).")
-@click.option("--data-dir", default=None, help="Log directory (default: a temp dir).")
+@click.option("--port", type=int, default=None,
+              help="Listener port (default: 9092, the settings' default, when free; else any).")
+@click.option("--data-dir", default=None,
+              help="Log directory, kept on exit (default: a temp dir, removed on exit).")
 def broker(port: int | None, data_dir: str | None) -> None:
-    """Run the embedded Apache Kafka broker (KRaft) until Ctrl-C."""
-    from streams.broker import EmbeddedKafka
+    """Run the embedded Apache Kafka broker (KRaft) until Ctrl-C or SIGTERM."""
+    from streams.broker import EmbeddedKafka, _port_free
 
-    with EmbeddedKafka(data_dir=data_dir, port=port) as kafka:
-        kafka.start()
-        click.echo(f"Kafka broker ready: {kafka.bootstrap}  (export STREAMREC_BROKER={kafka.url})")
-        try:
+    if port is None and _port_free(9092):
+        port = 9092
+    _exit_on_sigterm()
+    try:
+        with EmbeddedKafka(data_dir=data_dir, port=port) as kafka:
+            where = "removed on exit" if data_dir is None else "kept"
+            click.echo(f"Kafka broker ready at {kafka.bootstrap} (data in {kafka.data_dir}, "
+                       f"{where}). In other shells:")
+            click.echo(f"export STREAMREC_BROKER={kafka.url}", nl=True)
+            sys.stdout.flush()
             while kafka.running:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
+                time.sleep(0.5)
+            raise UserError(f"the broker exited on its own; see {kafka.log_path}")
+    except KeyboardInterrupt:
+        click.echo("broker stopped", err=True)
 
 
 @main.group()
@@ -67,36 +122,71 @@ def catalog() -> None:
     """Catalog commands."""
 
 
-@catalog.command("load")
-@click.argument("path")
-@broker_option
-def catalog_load(path: str, broker: str | None) -> None:
-    """Publish items (JSONL in the Item schema, or a MovieLens u.item) to item-catalog."""
-    from models.datasets import load_items
-    from streams.publish import publish_items
+def _publish_file(path: str, what: str, broker: str | None, skip_invalid: bool,
+                  limit: int | None, rate: float | None = None) -> None:
+    """Validate the whole file, then send all of it, the valid part (--skip-invalid), or
+    nothing; say what the broker acknowledged."""
+    from streams.clients import wait_for_broker
+    from streams.publish import check_file, publish_checked, write_rejected
     from streams.topics import ensure_topics
 
     s = _settings(broker)
+    try:
+        checked = check_file(s, path, what, limit)
+    except ValueError as exc:  # not a file of a kind we read (names the kinds we do)
+        raise UserError(str(exc)) from None
+    for line, reason, detail in checked.bad[:20]:
+        click.echo(f"{path}:{line.number}: {reason}: {detail}", err=True)
+    if len(checked.bad) > 20:
+        click.echo(f"... and {len(checked.bad) - 20:,} more invalid lines", err=True)
+    if checked.bad and not skip_invalid:
+        good = len(checked.good)
+        raise UserError(f"{len(checked.bad):,} of {len(checked.bad) + good:,} lines of {path} "
+                        f"are invalid; nothing was sent (fix them, or pass --skip-invalid to "
+                        f"send the {good:,} valid line{'' if good == 1 else 's'})")
+    if checked.bad:
+        out = write_rejected(path, checked.bad)
+        click.echo(f"skipping {len(checked.bad):,} invalid lines (written to {out})", err=True)
+    wait_for_broker(s)
     ensure_topics(s)
-    items = load_items(path)
-    n = publish_items(s, items)
-    click.echo(f"published {n} items to {s.topic(s.catalog_topic)}")
+    topic = s.topic(s.catalog_topic if what == "items" else s.events_topic)
+    sent, acked = publish_checked(s, topic, checked.good, rate=rate, label=what)
+    click.echo(f"published {sent:,} {what} to {topic}: {acked:,} acknowledged by the broker")
+    if acked < sent:
+        raise click.ClickException(f"{sent - acked:,} of {sent:,} {what} were not "
+                                   f"acknowledged by the broker at {s.broker}")
+
+
+skip_invalid_option = click.option(
+    "--skip-invalid", is_flag=True,
+    help="Send the valid lines and write the invalid ones to <file>.rejected.jsonl beside the "
+    "input (default: send nothing if any line is invalid).")
+limit_option = click.option("--limit", type=click.IntRange(min=1), default=None,
+                            help="Only the first N records of the file.")
+
+
+@catalog.command("load")
+@click.argument("path")
+@skip_invalid_option
+@limit_option
+@broker_option
+def catalog_load(path: str, skip_invalid: bool, limit: int | None, broker: str | None) -> None:
+    """Publish items (JSONL in the Item schema, or a MovieLens u.item) to item-catalog.
+    Every line is checked first, as the worker checks it."""
+    _publish_file(path, "items", broker, skip_invalid, limit)
 
 
 @main.command()
 @click.argument("path")
 @click.option("--rate", type=float, default=None, help="Events per second (default: max).")
+@skip_invalid_option
+@limit_option
 @broker_option
-def publish(path: str, rate: float | None, broker: str | None) -> None:
-    """Replay events (JSONL BehaviorEvents, or a MovieLens u.data in timestamp order)."""
-    from models.datasets import load_events
-    from streams.publish import publish_events
-    from streams.topics import ensure_topics
-
-    s = _settings(broker)
-    ensure_topics(s)
-    n = publish_events(s, load_events(path), rate=rate)
-    click.echo(f"published {n} events to {s.topic(s.events_topic)}")
+def publish(path: str, rate: float | None, skip_invalid: bool, limit: int | None,
+            broker: str | None) -> None:
+    """Replay events (JSONL BehaviorEvents, or a MovieLens u.data in timestamp order).
+    Every line is checked first, as the worker checks it."""
+    _publish_file(path, "events", broker, skip_invalid, limit, rate)
 
 
 @main.command()
@@ -165,7 +255,8 @@ def eval_(ml_dir: str | None, events_path: str | None, items_path: str | None,
     encoder = TextEncoder(s.encoder_path, device="cpu", batch_size=s.encoder_batch_size)
     data = cmp.make_dataset(name, items, events[:limit] if limit else events, encoder.encode)
     names = model_list.split(",") if model_list else cmp.model_names(ablations=not no_ablations)
-    results = cmp.run_comparison(data, names, batch_size, s.learner, jobs=jobs)
+    results = cmp.run_comparison(data, names, batch_size, s.learner, jobs=jobs,
+                                 exclude_seen=s.exclude_seen)
     doc = cmp.to_json(data, results, batch_size)
     cmp.print_table(doc)
     if json_path:

@@ -7,10 +7,16 @@ worker's catalog replica and checkpoint reader) takes an SSLContext; Faust takes
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import ssl
+import time
 from typing import Any
 
+from streams.errors import BrokerUnreachable
 from streams.settings import Settings
+
+log = logging.getLogger("streamrec.clients")
 
 
 def _ssl_context(s: Settings) -> ssl.SSLContext | None:
@@ -81,3 +87,60 @@ async def reached(consumer: Any, target: dict[Any, int]) -> bool:
         if await consumer.position(tp) < end:
             return False
     return True
+
+
+def _tcp_problem(host_port: str, timeout: float) -> str | None:
+    """Why a TCP connection to host:port fails (None: it connects)."""
+    host, _, port = host_port.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return None
+    except socket.gaierror:
+        return f"host name {host!r} does not resolve"
+    except ConnectionRefusedError:
+        return "connection refused (nothing listens on that port)"
+    except TimeoutError:
+        return f"no answer within {timeout:.0f} s"
+    except (OSError, ValueError) as exc:
+        return str(exc) or type(exc).__name__
+
+
+def broker_problem(s: Settings, timeout: float = 5.0) -> str | None:
+    """Why the configured broker cannot be used right now (None: it answers a Kafka
+    request). A TCP probe first, so the common causes (nothing listening, a host name that
+    does not resolve) are named exactly instead of as a client timeout."""
+    problems = [p for p in (_tcp_problem(h, timeout) for h in s.bootstrap) if p is not None]
+    if len(problems) == len(s.bootstrap):
+        return problems[0]
+    from kafka.errors import KafkaError
+
+    from streams.topics import admin_client
+
+    try:
+        admin_client(s.bootstrap, timeout, **s.kafka_security()).close()
+    except KafkaError as exc:
+        return f"a TCP connection opens but no Kafka broker answers ({exc})"
+    return None
+
+
+def wait_for_broker(s: Settings, wait_s: float | None = None) -> None:
+    """Return once the broker answers; raise BrokerUnreachable (naming the address and the
+    setting to check) after `wait_s` (default `s.broker_wait_s`). One log line per retry."""
+    wait_s = s.broker_wait_s if wait_s is None else wait_s
+    deadline = time.monotonic() + wait_s
+    attempt, pause = 0, 1.0
+    while True:
+        attempt += 1
+        problem = broker_problem(s, timeout=min(5.0, max(1.0, wait_s)))
+        if problem is None:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BrokerUnreachable(
+                f"cannot reach the Kafka broker at {','.join(s.bootstrap)}: {problem} "
+                f"({attempt} attempts over {wait_s:.0f} s). Check --broker or STREAMREC_BROKER "
+                f"(now {s.broker}); `streamrec broker` prints the address of the embedded one")
+        pause = min(pause * 2, 5.0, left)
+        log.warning("Kafka broker at %s not reachable: %s; retrying in %.0f s",
+                    ",".join(s.bootstrap), problem, pause)
+        time.sleep(pause)

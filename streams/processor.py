@@ -87,7 +87,8 @@ class EventProcessor:
                     bad.append((rec, InvalidRecord(
                         Reason.MISROUTED, f"record key {rec.key[:60]!r} is not the user_id "
                         f"{ev.user_id[:60]!r} (events must be keyed by user_id)"
-                        if rec.key is not None else "record has no key (must be the user_id)")))
+                        if rec.key is not None else "record has no key (must be the user_id)",
+                        ev.event_type)))
                     continue
                 good.append((rec, ev))
         return good, bad
@@ -105,7 +106,7 @@ class EventProcessor:
             raise RuntimeError(f"injected fault: an event of user {self.s.fault_user_id!r}")
         out = BatchOutput(rejected=list(rejected))
         m.BATCH_SIZE.observe(len(events) + len(rejected))
-        counts = Counter({("invalid", "dlq"): len(rejected)})
+        counts = Counter((exc.event_type or "invalid", "dlq") for _, exc in rejected)
         todo = self._dedupe(events, load_state, out, counts)
         todo, inters = self._encode(todo, out, counts)
         counts.update((ev.event_type, "applied") for _, ev in todo)

@@ -27,13 +27,14 @@ from models.encoder import TextEncoder
 from models.learner import OnlineLearner
 from models.serving import Server
 from streams import metrics as m
-from streams.catalog import CatalogEncoder, RawRecord, collapse_item_vectors
+from streams.catalog import CatalogBacklog, CatalogEncoder, RawRecord, collapse_item_vectors
 from streams.checkpoint import CheckpointStore, read_topic
 from streams.clients import aio_options
 from streams.gaps import GapFiller
 from streams.processor import BatchOutput, EventProcessor
 from streams.replica import TopicReplica
 from streams.settings import Settings
+from streams.topics import admin_client
 
 log = logging.getLogger("streamrec.runtime")
 
@@ -50,7 +51,7 @@ class Runtime:
                                               s.encoder_batch_size)
         self.learner = OnlineLearner(s.learner, text_dim=self.encoder.dim)
         self.server = Server(self.learner, s.index, s.index_refresh_batches, s.index_refresh_s,
-                             s.serving_candidates)
+                             s.serving_candidates, s.exclude_seen)
         self.processor = EventProcessor(s, self.learner, self.server, self.encoder)
         self.catalog = CatalogEncoder(self.encoder.encode, s.max_item_bytes)
         self.items = TopicReplica(self._consumer, s.topic(s.item_vectors_topic),
@@ -58,6 +59,9 @@ class Runtime:
         self.covisits = TopicReplica(self._consumer, s.topic(s.covisits_topic),
                                      self._apply_covisits)
         self.gaps = GapFiller(lambda: self._consumer(), s.topic(s.events_topic))
+        self.catalog_backlog = CatalogBacklog(
+            lambda: admin_client(s.bootstrap, 10, **s.kafka_security()),
+            s.topic(s.catalog_topic), s.app_id)
         self.checkpoints: CheckpointStore | None = None
         self.send_covisits: Send | None = None
         self.ready = asyncio.Event()
@@ -129,6 +133,7 @@ class Runtime:
     async def stop(self) -> None:
         await self.items.stop()
         await self.covisits.stop()
+        self.catalog_backlog.close()
 
     # ------------------------------------------------------------------ replicated state
     def _apply_item_vectors(self, messages: list[Any]) -> None:
@@ -168,8 +173,9 @@ class Runtime:
     # ------------------------------------------------------------------ events
     async def process_events(self, records: list[RawRecord], load_state: Any) -> BatchOutput:
         good, bad = self.processor.decode(records)
-        if self.processor.unknown_items(good):
-            await self.items.sync(timeout=2.0)  # an item published just before its events
+        if self.processor.unknown_items(good):  # published just before its events?
+            await self.catalog_backlog.wait()
+            await self.items.sync(timeout=2.0)
         return self.processor.process(good, bad, load_state)
 
     @staticmethod

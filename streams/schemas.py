@@ -8,6 +8,7 @@ Unknown fields are ignored so producers can add fields without breaking consumer
 from __future__ import annotations
 
 import math
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -51,12 +52,14 @@ class Reason(StrEnum):
 
 
 class InvalidRecord(ValueError):
-    """A record that cannot be used; `reason` is a :class:`Reason`, `detail` says what exactly."""
+    """A record that cannot be used; `reason` is a :class:`Reason`, `detail` says what exactly,
+    `event_type` the type of a valid event rejected for where it came from (metrics label)."""
 
-    def __init__(self, reason: Reason, detail: str):
+    def __init__(self, reason: Reason, detail: str, event_type: str | None = None):
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.event_type = event_type
 
 
 class _Wire(BaseModel):
@@ -122,6 +125,9 @@ class Recommendation(_Wire):
     learning_rate: float
 
 
+#: orjson's "line 1 column 7 (char 6)": a record is one line, its file line is said elsewhere.
+_JSON_POSITION = re.compile(r"line \d+ column (\d+) \(char \d+\)")
+
 _TYPE_ERRORS = ("_type", "_parsing", "is_instance_of", "literal_error", "enum", "bool_")
 
 
@@ -157,7 +163,8 @@ def loads_object(raw: bytes | None, max_bytes: int) -> dict[str, Any]:
             raw.decode("utf-8")
         except UnicodeDecodeError as uexc:
             raise InvalidRecord(Reason.INVALID_UTF8, str(uexc)[:200]) from None
-        raise InvalidRecord(Reason.INVALID_JSON, str(exc)[:200]) from None
+        raise InvalidRecord(Reason.INVALID_JSON, _JSON_POSITION.sub(r"at column \1", str(exc))
+                            [:200]) from None
     if not isinstance(obj, dict):
         raise InvalidRecord(Reason.NOT_OBJECT, f"top-level JSON is {type(obj).__name__}")
     return obj

@@ -54,6 +54,13 @@ class Settings(BaseSettings):
         4, ge=1, description="Partitions of topics streamrec creates (users are spread by key)."
     )
     replication_factor: int = Field(1, ge=1, description="Replication of created topics.")
+    broker_wait_s: float = Field(
+        30.0,
+        ge=0,
+        description="How long a worker or a CLI tool waits for an unreachable broker (one log "
+        "line per retry) before it exits with an error naming the address: a worker started "
+        "before its broker, as orchestrators do, must wait for it.",
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="Kafka security protocol."
     )
@@ -95,6 +102,13 @@ class Settings(BaseSettings):
     )
     reason_window: int = Field(
         10, ge=1, description="Most recent history items considered for `reason_item_id`."
+    )
+    exclude_seen: Literal["all", "recent", "none"] = Field(
+        "all",
+        description="What a user is not recommended again: `all` items they ever interacted "
+        "with (kept per user: exact up to 1,024, then a Bloom filter; models/seen.py), "
+        "`recent` only the last `learner.history_len` (catalogs where repeats are wanted: "
+        "groceries, music), `none`. `streamrec eval` applies the same rule.",
     )
 
     # -- model ---------------------------------------------------------------------------------
@@ -168,6 +182,13 @@ class Settings(BaseSettings):
         "partitions move to the others."
     )
     heartbeat_s: float = Field(1.0, gt=0, description="Consumer group heartbeat interval.")
+    shutdown_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="On SIGTERM/SIGINT a worker stops cleanly (final commit) within this long, "
+        "or exits anyway (status 3): with its broker gone Faust's stop otherwise waits without "
+        "end. What was not durable is replayed by the next owner, as after a crash.",
+    )
     log_level: str = Field("info", description="Worker log level.")
 
     @field_validator("broker")

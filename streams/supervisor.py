@@ -51,10 +51,12 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 
 
 class WorkerProcess:
-    def __init__(self, settings: Settings, log_path: str | Path, extra_env: dict | None = None):
+    def __init__(self, settings: Settings, log_path: str | Path, extra_env: dict | None = None,
+                 cwd: str | Path | None = None):
         self.settings = settings
         self.log_path = Path(log_path)
         self.extra_env = extra_env or {}
+        self.cwd = cwd
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -67,7 +69,7 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env,
-                                     stdout=log, stderr=subprocess.STDOUT,
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
                                      start_new_session=True)
         log.close()
         return self

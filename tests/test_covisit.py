@@ -13,6 +13,7 @@ import models.covisit
 from models.config import LearnerConfig
 from models.covisit import CoVisitation
 from models.learner import Interaction, OnlineLearner
+from models.seen import exclusions
 from models.serving import Server, rank_candidates
 from models.user_state import UserState
 
@@ -102,7 +103,8 @@ def test_ranker_serves_the_co_visited_next_item():
     hists = [learner.history(st) for st in states.values()]
     U = learner.history_vectors(hists, [st.residual for st in states.values()])
     rows = [np.zeros(0, dtype=np.int64)] * len(hists)  # co-visitation candidates only
-    seen = [set(h[0]) - {0} for h in hists]  # as served: the user's own items are excluded
+    # each user cycles through the catalog, so the next item comes back: repeats allowed
+    seen = [exclusions(st, "recent") for st in states.values()]
     ranked = rank_candidates(learner, hists, U, rows, seen)
     top = [learner.ids[int(r[0])] if len(r) else None for r, _ in ranked]
     want = [ids[pos[u] % len(ids)] for u in states]

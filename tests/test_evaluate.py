@@ -23,7 +23,7 @@ class FixedScores:
         self.scores = np.array(scores)
         self.calls: list[tuple[int, list[int]]] = []
 
-    def step(self, batch, which):
+    def step(self, batch, which, excluded=None):
         self.calls.append((len(batch), list(which)))
         return np.tile(self.scores, (len(which), 1))
 
@@ -55,6 +55,22 @@ def test_only_first_time_items_of_returning_users_are_evaluated():
     model = FixedScores([1, 1, 1])
     prequential(model, [("a", 0, 1), ("a", 0, 2), ("a", 1, 3), ("b", 1, 4)], batch_size=4)
     assert model.calls == [(4, [2])]  # a's repeat of 0 and b's first event are not scored
+
+
+@pytest.mark.parametrize(("mode", "scored", "ranks"), [
+    ("all", [1, 2], [0, 0]),  # the return to item 0 is never evaluated: it cannot be served
+    ("recent", [1, 2, 3], [0, 0, 0]),  # history_len 2: by event 3, item 0 has left the ring
+    ("none", [1, 2, 3], [1, 2, 0]),  # nothing excluded: item 0 (score 5) tops every list
+])
+def test_what_is_evaluated_and_excluded_follows_the_serving_rule(mode, scored, ranks):
+    """Which events are evaluated, and which items their ranking drops, is the serving rule
+    (models/seen.py): under `recent` a long-ago item may come back; under `all` it may not,
+    so that event cannot be a hit for any model and is not evaluated."""
+    events = [("a", 0, 1), ("a", 1, 2), ("a", 2, 3), ("a", 0, 4)]
+    res = prequential(FixedScores([5, 4, 3, 2, 1]), events, batch_size=1, exclude_seen=mode,
+                      history_len=2)
+    assert res.positions.tolist() == scored
+    assert res.ranks.tolist() == ranks
 
 
 def test_rank_of_splits_ties_and_ignores_excluded_items():

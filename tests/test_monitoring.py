@@ -160,6 +160,8 @@ def run(kafka, tmp_path_factory):
         publish_items(s, world.items, quiet=True)
         worker.wait_ready()
         worker.wait_for("streamrec_index_items", len(world.items), timeout=120)
+        prom.wait_value('sum(streamrec_index_items{job="streamrec"})', len(world.items))
+        healthy_dlq = prom.query(_panel_expr("Dead letters/s by reason"))  # before any bad one
         producer = kafka_producer(s)
         for value, _ in BAD_EVENTS:  # keyed by their user id, as producers must
             producer.send(s.topic(s.events_topic), key=b"bad-user", value=value).get(timeout=30)
@@ -173,7 +175,8 @@ def run(kafka, tmp_path_factory):
         # The lag series exists only once the first offsets are committed; rules that take its
         # deriv over a subquery need a few evaluation steps of it.
         prom.wait_value(f"count_over_time(({LAG})[1m:]) >= bool 3", 1)
-        yield dict(settings=s, prom=prom, worker=worker, world=world, events=events, sent=sent)
+        yield dict(settings=s, prom=prom, worker=worker, world=world, events=events, sent=sent,
+                   healthy_dlq=healthy_dlq)
     finally:
         worker.stop()
         prom.stop()
@@ -186,6 +189,10 @@ def _dashboard_exprs() -> list[tuple[str, str]]:
     out.append(("variable instance", 'up{job="streamrec"}'))  # label_values(up{...}, instance)
     return [(name, e.replace("$__rate_interval", "1m").replace("$instance", ".*"))
             for name, e in out]
+
+
+def _panel_expr(title: str) -> str:
+    return dict((name.split(" / ")[0], e) for name, e in _dashboard_exprs())[title]
 
 
 def _alert_rules() -> list[dict]:
@@ -246,6 +253,12 @@ def test_every_dashboard_query_returns_data(run):
     prom = run["prom"]
     empty = [name for name, expr in _dashboard_exprs() if not prom.query(expr)]
     assert not empty, f"dashboard queries without data: {empty}"
+
+
+def test_dead_letter_panel_shows_zero_while_nothing_went_to_a_dlq(run):
+    """Without the `or on() vector(0)` the panel was empty on a healthy run, which reads as
+    "no data" (a broken scrape) rather than "no dead letters"."""
+    assert [float(r["value"][1]) for r in run["healthy_dlq"]] == [0.0]
 
 
 def test_every_alert_operand_returns_data_and_a_healthy_run_fires_nothing(run):

@@ -12,6 +12,7 @@ import pytest
 from index.faiss_index import FaissIndex, IndexConfig
 from models.config import LearnerConfig
 from models.learner import Interaction, OnlineLearner
+from models.seen import item_keys
 from models.serving import Scored, Server
 from models.user_state import UserState
 
@@ -182,14 +183,15 @@ def test_recommend_excludes_seen_and_returns_exact_top_k(trained):
     assert version == server.version
     names, V = learner.item_vectors()
     for st, uu, rec in zip(sts, u, recs, strict=True):
-        assert len(st.seen_items()) > 0
+        seen = {n for n in names if st.seen.contains(item_keys([n]))[0]}
+        assert len(seen) > 0
         assert len(rec) == k
         got = [r.item_id for r in rec]
         assert len(set(got)) == k
-        assert not set(got) & st.seen_items()
+        assert not set(got) & seen
         # exact (flat) top-k among the unseen live items, scores = inner products
         scores = V @ uu
-        unseen = [j for j, n in enumerate(names) if n not in st.seen_items()]
+        unseen = [j for j, n in enumerate(names) if n not in seen]
         order = sorted(unseen, key=lambda j: -scores[j])[:k]
         assert got == [names[j] for j in order]
         np.testing.assert_allclose([r.score for r in rec], scores[order], rtol=1e-4, atol=1e-4)
@@ -321,3 +323,56 @@ def test_hnsw_rebuilds_in_the_background_and_keeps_catalog_changes_made_meanwhil
     idx, _ = server.index.current()
     assert server.ids.to_int("during") in idx and server.ids.to_int(ids[0]) not in idx
     assert len(idx) == 60  # 60 - 1 deleted + 1 added
+
+
+# --------------------------------------------------------------------------- the seen rule
+
+
+class _Recorder:
+    """A prequential model that records what the evaluator excludes for each scored event."""
+
+    name = "recorder"
+
+    def __init__(self, n_items: int):
+        self.n_items, self.excluded = n_items, []
+
+    def step(self, batch, which, excluded=None):
+        self.excluded += [(batch[j][0], ex) for j, ex in zip(which, excluded, strict=True)]
+        return np.zeros((len(which), self.n_items))
+
+
+@pytest.mark.parametrize("mode", ["all", "recent", "none"])
+def test_serving_and_the_evaluator_exclude_the_same_items(mode):
+    """What `Server.recommend` will not serve a user (asked for the whole catalog) is
+    exactly what the evaluator drops from that user's ranking at their next event, in every
+    mode: both apply models/seen.py to the same state. Users here have 3x history_len
+    distinct items, so "the history" and "everything seen" differ."""
+    from models.evaluate import prequential
+
+    learner, ids, _ = make_learner(n_items=60)
+    H = learner.cfg.history_len
+    rng = np.random.default_rng(4)
+    users = [f"user-{k}" for k in range(5)]
+    stream = [(u, int(i), T0 + 1000 * n) for n, (u, i) in enumerate(
+        (u, i) for u in users for i in rng.permutation(len(ids))[:3 * H])]
+    stream.sort(key=lambda e: e[2])
+    states = {u: UserState() for u in users}
+    learner.learn_batch([Interaction(u, ids[i], "view", ts) for u, i, ts in stream], states)
+    server = Server(learner, IndexConfig(), exclude_seen=mode)
+    server.refresh()
+    sts = [states[u] for u in users]
+    recs, _ = server.recommend(sts, learner.user_vectors(sts), k=len(ids))
+    served = {u: {r.item_id for r in rec} for u, rec in zip(users, recs, strict=True)}
+
+    touched = {u: {i for v, i, _ in stream if v == u} for u in users}
+    probe = [(u, min(set(range(len(ids))) - touched[u]), T0 + 10**9 + k)  # a new item each:
+             for k, u in enumerate(users)]  # evaluated in every mode, last for its user
+    rec = _Recorder(len(ids))
+    prequential(rec, stream + probe, batch_size=len(stream), item_ids=ids, exclude_seen=mode,
+                history_len=H)
+    last = dict(rec.excluded)  # each user's exclusion at their probe event
+    keys = item_keys(ids)
+    for u in users:
+        dropped = {i for i, x in zip(ids, last[u].contains(keys), strict=True) if x}
+        assert served[u] == set(ids) - dropped, (mode, u)
+        assert len(dropped) == {"all": 3 * H, "recent": H, "none": 0}[mode]

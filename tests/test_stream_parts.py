@@ -264,6 +264,28 @@ def test_processor_hands_back_users_whose_events_were_all_replays(encoder, tmp_p
     assert out.replayed["u1"].record.offset == 9  # routes the write to u1's partition
 
 
+def test_misrouted_and_keyless_events_count_under_their_own_event_type(encoder, tmp_path):
+    """A valid event on the wrong key (or none) goes to the DLQ as `misrouted`, and is
+    counted under its event type: `invalid` is for records that never parsed."""
+    from models.user_state import UserState
+    from streams import metrics as m
+
+    def count(event_type: str) -> float:
+        return m.EVENTS.labels(event_type=event_type, outcome="dlq")._value.get()
+
+    proc = _processor(encoder, tmp_path, encoder)
+    ev = {"user_id": "u1", "item_id": "item-1", "event_type": "purchase", "ts": 1_700_000_000_000}
+    before = {t: count(t) for t in ("purchase", "invalid")}
+    good, bad = proc.decode([RawRecord(b"u2", orjson.dumps(ev), 0, 1),
+                             RawRecord(None, orjson.dumps(ev), 0, 2),
+                             RawRecord(b"u1", b"{not json", 0, 3)])
+    assert good == [] and [exc.reason for _, exc in bad] == [Reason.MISROUTED] * 2 + [
+        Reason.INVALID_JSON]
+    proc.process(good, bad, lambda user, r: UserState())
+    assert count("purchase") - before["purchase"] == 2
+    assert count("invalid") - before["invalid"] == 1
+
+
 class _FragileEncoder:
     """The real encoder, except that it raises on one text: a poison search query."""
 

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from models.seen import item_keys
 from models.user_state import UserState
 
 DIM = 8
@@ -33,6 +34,7 @@ def _assert_same(a: UserState, b: UserState) -> None:
     assert a.steps == b.steps
     assert a.n_events == b.n_events
     assert a.offsets == b.offsets
+    assert a.seen == b.seen
 
 
 def _full_state() -> UserState:
@@ -67,7 +69,7 @@ def test_round_trip_with_residual_texts_and_offsets():
     # stable: encoding the decoded state gives the same bytes
     assert back.to_bytes() != raw  # (residual changed)
     assert UserState.from_bytes(raw).to_bytes() == raw
-    assert orjson.loads(raw)["v"] == 1
+    assert orjson.loads(raw)["v"] == 2
 
 
 def test_empty_and_fresh_state_round_trip():
@@ -77,7 +79,7 @@ def test_empty_and_fresh_state_round_trip():
     back = UserState.from_bytes(fresh.to_bytes())
     _assert_same(fresh, back)
     assert back.residual is None and back.alpha is None and back.loss_ema is None
-    assert back.last_ts == 0 and back.seen_items() == set()
+    assert back.last_ts == 0 and back.recent_items() == set() and len(back.seen) == 0
 
 
 def test_ring_buffer_is_bounded_by_history_len():
@@ -97,7 +99,11 @@ def test_ring_buffer_is_bounded_by_history_len():
     np.testing.assert_array_equal(s.text_vector(0), np.full(TEXT_DIM, 7, np.float32))
     np.testing.assert_array_equal(s.text_vector(4), np.full(TEXT_DIM, 11, np.float32))
     assert s.last_ts == 1011
-    assert s.seen_items() == {"i8", "i9", "i10"}
+    assert s.recent_items() == {"i8", "i9", "i10"}
+    # every item ever seen stays excluded, also the ones the ring dropped
+    every = [f"i{k}" for k in range(12) if k % 4 != 3]
+    assert s.seen.contains(item_keys(every)).all() and len(s.seen) == len(every)
+    assert not s.seen.contains(item_keys(["i3", "i99"])).any()
     _assert_same(s, UserState.from_bytes(s.to_bytes()))
 
 
