@@ -33,10 +33,11 @@ from models.synthetic import make_world
 from models.user_state import UserState
 from streams.catalog import RawRecord
 from streams.processor import EventProcessor
-from streams.runtime import _limit_threads
+from streams.process import configure_process
 from streams.settings import Settings
 
-STEPS = ("decode", "process", "learn", "covisit", "state")
+#: serving worker: decode, process (serve), learn (per-user step), state; the trainer: train
+STEPS = ("decode", "process", "learn", "state", "train")
 
 
 class Harness:
@@ -44,12 +45,12 @@ class Harness:
 
     def __init__(self, n_items: int, n_users: int, batch: int):
         s = Settings()
-        _limit_threads(s.compute_threads)
+        configure_process(s.compute_threads)
         self.encoder = TextEncoder(s.encoder_path, s.encoder_device, s.encoder_batch_size)
         self.learner = OnlineLearner(s.learner, text_dim=self.encoder.dim)
-        self.server = Server(self.learner, s.index, s.index_refresh_batches, s.index_refresh_s,
-                             s.serving_candidates, s.exclude_seen)
-        self.proc = EventProcessor(s, self.learner, self.server, self.encoder)
+        self.server = Server(self.learner.model, s.index, candidates=s.serving_candidates,
+                             exclude_seen=s.exclude_seen)
+        self.proc = EventProcessor(s, self.server, self.learner.personal, self.encoder)
         world = make_world(n_items, n_topics=16, seed=1)
         ids = [it["item_id"] for it in world.items]
         vecs = np.random.default_rng(0).standard_normal((len(ids), self.encoder.dim))
@@ -73,16 +74,17 @@ class Harness:
     def run_batch(self, recs: list[RawRecord]) -> None:
         t = [time.perf_counter()]
         good, bad = self.proc.decode(recs)
+        states = {ev.user_id: UserState.from_bytes(self.store.get(ev.user_id)) for _, ev in good}
         t.append(time.perf_counter())
-        out = self.proc.process(good, bad, lambda u, _: UserState.from_bytes(self.store.get(u)))
+        self.server.maybe_refresh()  # a worker swaps in the trainer's snapshots instead
+        out = self.proc.process(good, bad, states)
         t.append(time.perf_counter())
         self.proc.learn(out)
         t.append(time.perf_counter())
-        if out.pending is not None:
-            self.learner.apply_covisits(self.learner.covisit_pairs(out.pending))
-        t.append(time.perf_counter())
         for user, upd in out.users.items():
             self.store[user] = upd.state.to_bytes()
+        t.append(time.perf_counter())
+        self.learner.trainer.train(out.examples)
         t.append(time.perf_counter())
         for name, a, b in zip(STEPS, t, t[1:], strict=False):
             self.ms[name] += (b - a) * 1000

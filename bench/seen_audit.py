@@ -80,7 +80,7 @@ def main() -> None:
         worker = WorkerProcess(s, Path(tmp) / "worker.log").start()
         try:
             publish_items(s, items, quiet=True)
-            worker.wait_ready()
+            worker.wait_for("streamrec_index_version", 1, timeout=300)
             worker.wait_for("streamrec_index_items", len(items), timeout=300)
             publish_events(s, events)
             worker.wait_for("streamrec_events_total", len(events), timeout=1800)

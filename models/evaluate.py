@@ -26,10 +26,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import xxhash
 
 from models.config import LearnerConfig
-from models.learner import Interaction, OnlineLearner
+from models.learner import Interaction, OnlineLearner, Pending, observe, personal_step
+from models.model import SharedModel
 from models.seen import ExcludeSeen, Exclusion, exclusions, item_keys
+from models.sequences import History
 from models.serving import rank_candidates, tower_candidates
 from models.user_state import UserState
 
@@ -141,56 +144,101 @@ def moving_ndcg(res: Result, window: int = 5000) -> tuple[np.ndarray, np.ndarray
 
 
 class StreamrecModel:
-    """The agent's learner and ranker as a StreamModel.
+    """streamrec as a StreamModel: serving workers and the trainer, as deployed.
 
     Scores come from the serving path (models/serving.rank_candidates): the top
     `candidates` items by u·v (what the FAISS index returns; exact here) plus co-visitation
     candidates, reranked; items the path does not retrieve rank below all it does (ties
-    among them split as the protocol says). `candidates=None` scores the whole catalog."""
+    among them split as the protocol says). `candidates=None` scores the whole catalog.
+
+    `workers` serving shards (users hashed to shards, as Kafka partitions them) serve from a
+    snapshot of the trainer's model that is refreshed every `snapshot_every` events (None:
+    after every batch, the single in-process learner); each shard takes the per-user step
+    for its users, and the trainer trains every example. `independent=True` is the old
+    deployment instead: each shard its own model, trained on its own users' events only."""
 
     def __init__(self, item_ids: Sequence[str], text_vectors: np.ndarray,
                  config: LearnerConfig | None = None, name: str = "streamrec",
-                 event_type: str = "rate", candidates: int | None = 200):
+                 event_type: str = "rate", candidates: int | None = 200, workers: int = 1,
+                 snapshot_every: int | None = None, independent: bool = False):
         self.name = name
         self.event_type = event_type
-        self.learner = OnlineLearner(config or LearnerConfig(), text_dim=text_vectors.shape[1])
-        self.learner.upsert_items(list(item_ids), text_vectors)
-        self.rows = np.array([self.learner.rows[i] for i in item_ids], dtype=np.int64)
+        cfg = config or LearnerConfig()
+        n = workers if independent else 1
+        self.learners = [OnlineLearner(cfg, text_dim=text_vectors.shape[1]) for _ in range(n)]
+        for learner in self.learners:
+            learner.upsert_items(list(item_ids), text_vectors)
+        self.workers, self.independent = workers, independent
+        self.snapshot_every, self._since = snapshot_every, 0
+        self.serving = self.learners[0].model  # what the shards serve from
+        self.personal = [personal_step(cfg) for _ in range(workers)]
+        self.rows = self.serving.catalog.add(list(item_ids))
         self.col_of = np.full(int(self.rows.max(initial=0)) + 1, -1, dtype=np.int64)
-        self.col_of[self.rows] = np.arange(len(self.rows))  # learner row -> output column
+        self.col_of[self.rows] = np.arange(len(self.rows))  # model row -> output column
         self.item_ids = list(item_ids)
         self.candidates = candidates
         self.states: dict[str, UserState] = {}
+        self._offset = 0
+
+    def _shard(self, user: str) -> int:
+        return xxhash.xxh64_intdigest(user.encode()) % self.workers
 
     def step(self, batch: Sequence[Event], which: Sequence[int],
              excluded: Sequence[Exclusion] | None = None) -> np.ndarray:
-        inters = [Interaction(u, self.item_ids[i], self.event_type, ts) for u, i, ts in batch]
-        for u, _, _ in batch:
+        shards = [self._shard(u) for u, _, _ in batch]
+        inters = []
+        for u, i, ts in batch:
             self.states.setdefault(u, UserState())
-        pend = self.learner.observe(inters, self.states)  # residuals untouched until train
+            self._offset += 1
+            inters.append(Interaction(u, self.item_ids[i], self.event_type, ts,
+                                      offset=self._offset))
+        pend = observe(self.serving, inters, self.states)  # residuals untouched until learned
         hists = [pend.before[j] for j in which]
         if excluded is None:  # no rule given: the user's history before the event
-            excluded = [Exclusion(recent=self.learner.keys[np.asarray(h[0], np.int64)])
+            excluded = [Exclusion(recent=self.serving.catalog.keys[np.asarray(h.rows, np.int64)])
                         for h in hists]
-        scores = self._serve(hists, [self.states[batch[j][0]].residual for j in which],
-                             excluded)
-        self.learner.train(pend)
-        self.learner.apply_covisits(self.learner.covisit_pairs(pend))
+        scores = np.zeros((len(which), len(self.rows)))
+        for k in range(len(self.learners)):
+            mine = [p for p, j in enumerate(which) if not self.independent or shards[j] == k]
+            if mine:
+                model = self.learners[k].model if self.independent else self.serving
+                scores[mine] = self._serve(model, [hists[p] for p in mine],
+                                           [self.states[batch[which[p]][0]].residual
+                                            for p in mine], [excluded[p] for p in mine])
+        self._learn(pend, shards)
         return scores
 
-    def _serve(self, hists: list[tuple], residuals: list, excluded: Sequence[Exclusion]
-               ) -> np.ndarray:
-        if not hists:
-            return np.zeros((0, len(self.rows)))
-        U = self.learner.history_vectors(hists, residuals)
-        if self.candidates is None or self.learner.head is None and \
+    def _learn(self, pend: Pending, shards: list[int]) -> None:
+        """Each shard's per-user step on its pairs, then the trainer(s) on the examples."""
+        owner_shard = {pend.users[ex.user_id]: self._shard(ex.user_id) for ex in pend.examples}
+        states = [pend.states[u] for u in pend.users]
+        for k, personal in enumerate(self.personal):
+            mine = [p for p, o in enumerate(pend.owners) if owner_shard[o] == k]
+            if mine:
+                model = self.learners[k].model if self.independent else self.serving
+                personal.step(model, [pend.hists[p] for p in mine],
+                              [pend.targets[p] for p in mine], [pend.weights[p] for p in mine],
+                              [pend.owners[p] for p in mine], states)
+        for k, learner in enumerate(self.learners):
+            learner.trainer.train([ex for ex in pend.examples
+                                   if not self.independent or self._shard(ex.user_id) == k])
+        self._since += len(shards)
+        if self.independent or self.snapshot_every is None:
+            return  # each shard serves its own live model / the trainer's, after every batch
+        if self._since >= self.snapshot_every:
+            self.serving, self._since = self.learners[0].model.fork(), 0
+
+    def _serve(self, model: SharedModel, hists: list[History], residuals: list,
+               excluded: Sequence[Exclusion]) -> np.ndarray:
+        U = model.history_vectors(hists, residuals)
+        if self.candidates is None or model.head is None and \
                 self.candidates >= len(self.rows):
-            return self.learner.blend(hists, U, self.rows, residuals)
-        _, V = self.learner.item_vectors(self.rows)
+            return model.blend(hists, U, self.rows, residuals)
+        _, V = model.item_vectors(self.rows)
         top = np.argsort(-(U @ V.T), axis=1, kind="stable")  # the exact index's order
-        ok = tower_candidates(self.learner.keys[self.rows[top]], excluded, self.candidates)
+        ok = tower_candidates(model.catalog.keys[self.rows[top]], excluded, self.candidates)
         tower_rows = [self.rows[t[m]] for t, m in zip(top, ok, strict=True)]
-        ranked = rank_candidates(self.learner, hists, U, tower_rows, excluded, residuals)
+        ranked = rank_candidates(model, hists, U, tower_rows, excluded, residuals)
         out = np.full((len(hists), len(self.rows)), -np.inf)
         for p, (rows, scores) in enumerate(ranked):
             out[p, self.col_of[rows]] = scores

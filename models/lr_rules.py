@@ -152,9 +152,10 @@ class PaperAdaptive:
 
 
 RULES = {r.name: r for r in (Fixed, AdaGradNorm, RMSPropNorm, PaperAdaptive)}
+Rule = Fixed | AdaGradNorm | RMSPropNorm | PaperAdaptive
 
 
-def make_rule(name: str, **params: float) -> Fixed | AdaGradNorm | RMSPropNorm | PaperAdaptive:
+def make_rule(name: str, **params: float) -> Rule:
     """Build a rule by its settings name (`fixed`, `adagrad`, `adaptive`)."""
     try:
         return RULES[name](**params)

@@ -10,6 +10,7 @@ processed and a new item is recommendable immediately (from its text).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,8 +20,9 @@ import numpy as np
 
 from index.faiss_index import FaissIndex, IndexConfig, VersionedIndex
 from index.ids import IdMap
-from models.learner import OnlineLearner, unique_ints
+from models.model import SharedModel, unique_ints
 from models.seen import ExcludeSeen, Exclusion, exclusions
+from models.sequences import History
 from models.user_state import UserState
 
 log = logging.getLogger("streamrec.serving")
@@ -33,31 +35,31 @@ class Scored:
     reason_item_id: str | None
 
 
-def rank_candidates(learner: OnlineLearner, hists: Sequence[tuple], U: np.ndarray,
+def rank_candidates(model: SharedModel, hists: Sequence[History], U: np.ndarray,
                     tower_rows: Sequence[np.ndarray], excluded: Sequence[Exclusion],
                     residuals: Sequence[np.ndarray | None] | None = None
                     ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The serving ranker: the index's (two-tower) candidates plus, with co-visitation, the
     items co-visited most with the user's recent ones; live and not `excluded` only; scored
-    by the learner's blend. Returns (item rows, scores) per user, best first. The offline
+    by the model's blend. Returns (item rows, scores) per user, best first. The offline
     evaluator ranks through this same function, so it measures what the agent serves.
 
     One flat array of (user, row) pairs for the whole batch, not a loop per user: the
     agent ranks ~500 users per micro-batch under load."""
     n = len(hists)
     parts = [x for hist, rows in zip(hists, tower_rows, strict=True)
-             for x in (np.asarray(rows, dtype=np.int64), learner.covisit_candidates(hist))]
-    base = len(learner.live)
+             for x in (np.asarray(rows, dtype=np.int64), model.covisit_candidates(hist))]
+    base = model.catalog.capacity
     owner = np.repeat(np.arange(n), [len(parts[2 * p]) + len(parts[2 * p + 1])
                                      for p in range(n)])
     code = unique_ints(owner * base + np.concatenate(parts + [np.zeros(0, np.int64)]))
     owner, rows = np.divmod(code, base)
-    keep = learner.live[rows] & ~_excluded(owner, learner.keys[rows], excluded)
+    keep = model.catalog.live[rows] & ~_excluded(owner, model.catalog.keys[rows], excluded)
     owner, rows = owner[keep], rows[keep]
     cols = unique_ints(rows)
     if len(cols) == 0:
         return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(n)]
-    S = learner.blend(hists, U, cols, residuals)
+    S = model.blend(hists, U, cols, residuals)
     scores = S[owner, np.searchsorted(cols, rows)]
     order = np.lexsort((-scores, owner))  # per user best first; ties keep row order
     splits = np.cumsum(np.bincount(owner, minlength=n))[:-1]
@@ -113,12 +115,12 @@ def _excluded(owner: np.ndarray, keys: np.ndarray, excluded: Sequence[Exclusion]
 
 
 class Server:
-    """Owns the id map and the versioned index for one learner."""
+    """Owns the id map and the versioned index for one model (which a snapshot swaps)."""
 
-    def __init__(self, learner: OnlineLearner, config: IndexConfig | None = None,
+    def __init__(self, model: SharedModel, config: IndexConfig | None = None,
                  refresh_batches: int = 20, refresh_s: float = 5.0, candidates: int = 200,
                  exclude_seen: ExcludeSeen = "all"):
-        self.learner = learner
+        self.model = model
         self.exclude_seen = exclude_seen
         self.config = config or IndexConfig()
         self.refresh_batches = refresh_batches
@@ -137,12 +139,12 @@ class Server:
     def add_items(self, item_ids: Sequence[str]) -> None:
         """Register ids (collision-checked) and put their current vectors in the index."""
         keys = np.array([self.ids.add(i) for i in item_ids], dtype=np.int64)
-        rows = np.array([self.learner.rows[i] for i in item_ids], dtype=np.int64)
+        rows = np.array([self.model.catalog.rows[i] for i in item_ids], dtype=np.int64)
         self.key_rows.add(keys, rows)
         self._changes.append((True, list(item_ids)))
         idx, _ = self.index.current()
         if idx is not None and len(keys):
-            idx.upsert(keys, self.learner.item_vectors(rows)[1])
+            idx.upsert(keys, self.model.item_vectors(rows)[1])
 
     def remove_items(self, item_ids: Sequence[str]) -> None:
         keys = [k for k in (self.ids.to_int(i) for i in item_ids) if k is not None]
@@ -175,15 +177,29 @@ class Server:
     def refresh(self) -> int:
         """Build a new index from the current item tower and swap it in; returns its version."""
         self._build = None  # a background build still running is superseded by this one
-        keys, vecs = self._snapshot()
-        new = FaissIndex.build(keys, vecs, self.config) if len(keys) else \
-            FaissIndex(self.learner.cfg.dim, self.config)
-        return self.index.swap(new)
+        return self.index.swap(self.build_index(self.model))
+
+    def build_index(self, model: SharedModel) -> FaissIndex:
+        """An index of `model`'s live item vectors (safe in a thread: rows are shared and
+        only ever added; the id map locks)."""
+        keys, vecs = self._vectors(model)
+        return FaissIndex.build(keys, vecs, self.config) if len(keys) else \
+            FaissIndex(model.cfg.dim, self.config)
+
+    def swap(self, model: SharedModel, index: FaissIndex) -> int:
+        """Serve `model` (a newer snapshot of the same catalog) and its index from now on."""
+        self.model = model
+        self._changes = []
+        return self.index.swap(index)
+
+    def _vectors(self, model: SharedModel) -> tuple[np.ndarray, np.ndarray]:
+        item_ids, vecs = model.item_vectors()
+        keys = self.ids.add_many(item_ids)
+        self.key_rows.add(keys, np.array([model.catalog.rows[i] for i in item_ids], np.int64))
+        return keys, vecs
 
     def _snapshot(self) -> tuple[np.ndarray, np.ndarray]:
-        item_ids, vecs = self.learner.item_vectors()
-        keys = np.array([self.ids.add(i) for i in item_ids], dtype=np.int64)
-        self.key_rows.add(keys, np.array([self.learner.rows[i] for i in item_ids], np.int64))
+        keys, vecs = self._vectors(self.model)
         self._changes = []
         self._batches_since = 0
         self._last_refresh = time.monotonic()
@@ -205,9 +221,9 @@ class Server:
             return False
         for added, item_ids in self._changes:  # what changed since the snapshot, in order
             if added:
-                rows = np.array([self.learner.rows[i] for i in item_ids], dtype=np.int64)
+                rows = np.array([self.model.catalog.rows[i] for i in item_ids], dtype=np.int64)
                 new.upsert(np.array([self.ids.add(i) for i in item_ids], dtype=np.int64),
-                           self.learner.item_vectors(rows)[1])
+                           self.model.item_vectors(rows)[1])
             else:
                 new.remove([k for k in (self.ids.to_int(i) for i in item_ids) if k is not None])
         self._changes = []
@@ -235,7 +251,7 @@ class Server:
         if idx is None or len(states) == 0:
             return [[] for _ in states], version
         excluded = [exclusions(st, self.exclude_seen) for st in states]
-        if self.learner.head is None:  # two-tower alone: the index's ranking is final
+        if self.model.head is None:  # two-tower alone: the index's ranking is final
             scores, keys, ok = search_allowed(idx, user_vecs, excluded, k)
             ranked = [(krow[m], srow[m]) for srow, krow, m in zip(scores, keys, ok, strict=True)]
         else:
@@ -252,10 +268,10 @@ class Server:
         index is asked for more than `candidates` and the excluded ones are masked."""
         _, keys, ok = search_allowed(idx, user_vecs, excluded, self.candidates)
         cand = self.key_rows.rows_of(keys)
-        ok &= cand >= 0  # (a key the learner lacks: never seen in practice)
+        ok &= cand >= 0  # (a key the model lacks: never seen in practice)
         tower_rows = [c[m] for c, m in zip(cand, ok, strict=True)]
-        hists = [self.learner.history(st) for st in states]
-        ranked = rank_candidates(self.learner, hists, user_vecs, tower_rows, excluded,
+        hists = [self.model.history(st) for st in states]
+        ranked = rank_candidates(self.model, hists, user_vecs, tower_rows, excluded,
                                  [st.residual for st in states])
         return [(self.key_rows.keys_of(c[:k]), s[:k]) for c, s in ranked]
 
@@ -283,30 +299,33 @@ class Server:
 
 
 class KeyRows:
-    """Index key <-> learner row, both ways vectorised (the reranker maps ~100k candidate
+    """Index key <-> model row, both ways vectorised (the reranker maps ~100k candidate
     keys per micro-batch). Items only ever gain a key and a row, never change them."""
 
     def __init__(self) -> None:
         self._map: dict[int, int] = {}
         self._keys = self._rows = self._row_keys = np.zeros(0, np.int64)
         self._dirty = False
+        self._lock = threading.Lock()  # a snapshot build adds from its thread
 
     def add(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        for key, row in zip(keys.tolist(), rows.tolist(), strict=True):
-            if self._map.get(key) != row:
-                self._map[key] = row
-                self._dirty = True
+        with self._lock:
+            for key, row in zip(keys.tolist(), rows.tolist(), strict=True):
+                if self._map.get(key) != row:
+                    self._map[key] = row
+                    self._dirty = True
 
     def _sync(self) -> None:
         if not self._dirty:
             return
-        keys = np.fromiter(self._map, np.int64, len(self._map))
-        rows = np.fromiter(self._map.values(), np.int64, len(self._map))
+        with self._lock:
+            keys = np.fromiter(self._map, np.int64, len(self._map))
+            rows = np.fromiter(self._map.values(), np.int64, len(self._map))
+            self._dirty = False
         order = np.argsort(keys)
         self._keys, self._rows = keys[order], rows[order]
         self._row_keys = np.full(int(rows.max(initial=-1)) + 1, -1, np.int64)
         self._row_keys[rows] = keys
-        self._dirty = False
 
     def rows_of(self, keys: np.ndarray) -> np.ndarray:
         """Learner rows of index keys; -1 for FAISS padding and unknown keys."""

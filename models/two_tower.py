@@ -11,22 +11,15 @@ User tower:  u = f(last H events) (+ p_u, added by the learner), where f is a sm
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.config import EVENT_TYPE_IDS
+from models.sequences import N_GAP_BUCKETS
 
 N_TYPES = 10  # 0 = padding, 1..8 = event types (models.config.EVENT_TYPE_IDS), 9 = query token
 QUERY_TYPE = 9
-N_GAP_BUCKETS = 24  # log2 buckets of seconds: 0 s ... ~97 days
-
-
-def gap_buckets(gap_ms: np.ndarray) -> np.ndarray:
-    """Time gaps (ms) -> bucket ids floor(log2(1 + seconds)), clipped."""
-    sec = np.maximum(np.asarray(gap_ms, dtype=np.float64), 0.0) / 1000.0
-    return np.minimum(N_GAP_BUCKETS - 1, np.floor(np.log2(1.0 + sec))).astype(np.int64)
 
 
 class ItemTower(nn.Module):

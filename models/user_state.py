@@ -32,6 +32,11 @@ def _unb64(text: str, dtype: np.dtype) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), dtype=dtype).astype(np.float32)
 
 
+def unb64(text: str) -> np.ndarray:
+    """A stored search-text vector (float16, base64) as float32."""
+    return _unb64(text, _F16)
+
+
 @dataclass
 class UserState:
     """Per-user state. `items[i]` is None for text-only events (search); their text vector is
@@ -68,7 +73,7 @@ class UserState:
 
     def text_vector(self, i: int) -> np.ndarray | None:
         t = self.texts[i]
-        return None if t is None else _unb64(t, _F16)
+        return None if t is None else unb64(t)
 
     @property
     def last_ts(self) -> int:

@@ -3,7 +3,9 @@
 Agents
 - `catalog`: item-catalog -> validate + embed (once per item, cluster-wide) -> item-vectors.
 - `events`: behavior-events in micro-batches (`take_events`) -> Runtime.process_events ->
-  table writes (one per user per batch), one recommendation per user, DLQ records.
+  one recommendation per user, DLQ records, the per-user step, training examples, table
+  writes (one per user per batch), commit.
+Pages: /metrics (Prometheus), /ready (readiness), /covisit (the served counts).
 Every record a batch rejects goes to its DLQ with a reason; nothing raises out of an agent
 for bad input.
 """
@@ -31,6 +33,7 @@ from streams.dead_letters import dlq_headers
 from streams.durable_table import DurableTable
 from streams.errors import UserError
 from streams.gaps import acknowledge, commit_past, progress, progress_key
+from streams.process import configure_process
 from streams.runtime import Runtime
 from streams.schemas import InvalidRecord, Reason
 from streams.settings import Settings
@@ -103,7 +106,7 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
         datadir=str(s.data_dir),
         topic_partitions=s.partitions,
         topic_replication_factor=s.replication_factor,
-        table_standby_replicas=0,
+        table_standby_replicas=s.table_standby_replicas,
         key_serializer="raw",
         value_serializer="raw",
         consumer_auto_offset_reset="earliest",
@@ -128,15 +131,10 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
     vectors_t = topic(s.item_vectors_topic)
     events_dlq = topic(s.events_dlq_topic)
     catalog_dlq = topic(s.catalog_dlq_topic)
-    checkpoints_t = topic(s.checkpoints_topic)
-    covisits_t = topic(s.covisits_topic)
     shorten_fetch_wait(s.fetch_max_wait_ms)
     users = app.Table("user-state", default=None, partitions=s.partitions,
                       key_type=bytes, value_type=bytes, options=rocksdb_options(s))
-
-    async def send_acked(t: Any, key: bytes | None, value: bytes | None, **kw: Any) -> None:
-        fut = await t.send(key=key, value=value, force=True, **kw)
-        await fut
+    worker_id = f"{socket.gethostname()}:{os.getpid()}".encode()
 
     async def dead_letter(t: Any, source: str,
                           rejected: list[tuple[RawRecord, InvalidRecord]]) -> None:
@@ -171,22 +169,39 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
             with current_event(rec.ref):
                 users[progress_key(p)] = str(rec.offset).encode()
 
-    async def handle(out: Any, records: list[RawRecord]) -> None:
-        """Emit, learn, share co-visitation pairs, persist state and the partitions'
-        progress: one processed batch."""
+    async def emit(out: Any) -> None:
+        """Recommendations and dead letters: straight to the Kafka producer (Faust's
+        Topic.send wraps every record in futures and callbacks, which cost more than the
+        record itself at ~500 per batch)."""
         with m.STAGE_SECONDS.labels(stage="emit").time():
-            # straight to the Kafka producer: Faust's Topic.send wraps every record in
-            # futures and callbacks, which cost more than the record itself at ~500 per batch
             recs_topic = s.topic(s.recommendations_topic)
+            headers = [("streamrec.worker", worker_id)]
             for user, upd in out.users.items():
                 if upd.recommendation is not None:
                     await app.producer.send(recs_topic, user.encode(), upd.recommendation,
-                                            None, None, None)
+                                            None, None, headers)
             await dead_letter(events_dlq, s.topic(s.events_topic), out.rejected)
         runtime.observe_emit(out)
-        runtime.processor.learn(out)  # serve first, then learn: latency excludes training
-        await runtime.publish_covisits(out)
+
+    async def publish_examples(out: Any) -> None:
+        """The batch's training examples, acknowledged before any state of the batch is
+        written: a state in the store (even on local disk only) implies its examples are
+        in Kafka, so a crash can repeat examples (the trainer skips them by source) but
+        never lose one. Each goes to its source event's partition number, so one source
+        partition's examples stay in offset order."""
+        topic = s.topic(s.training_examples_topic)
+        futs = [await app.producer.send(topic, ex.user_id.encode(), ex.to_bytes(),
+                                        ex.partition, None, None) for ex in out.examples]
+        if futs:
+            await asyncio.gather(*futs)
+
+    async def handle(out: Any, records: list[RawRecord]) -> None:
+        """Emit, take the per-user step, publish the training examples, persist state and
+        the partitions' progress: one processed batch."""
+        await emit(out)
+        await runtime.learn(out)  # serve first, then learn: latency excludes the step
         with m.STAGE_SECONDS.labels(stage="state").time():
+            await publish_examples(out)
             # state incl. applied offsets, one write per user (replayed ones: see BatchOutput)
             for user, upd in itertools.chain(out.users.items(), out.replayed.items()):
                 with current_event(upd.record.ref):
@@ -243,7 +258,7 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
         read from Kafka and run as a batch (streams/gaps.py GapFiller.stalled, .tail). Not
         while it delivers: under a backlog a partition can wait its turn for seconds."""
         quiet = time.monotonic() - last_delivery[0] >= s.skipped_tail_check_s
-        if not (quiet and runtime.ready.is_set()) or app.rebalancing:
+        if not (quiet and runtime.ready.is_set()) or app.rebalancing or batch_lock.locked():
             return
         async with batch_lock:
             for tp in app.consumer.assignment():
@@ -261,29 +276,53 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
                     continue
                 await run_batch(records)
 
+    @app.timer(1.0)
+    async def between_batches() -> None:
+        """Swap in a finished snapshot while no batch runs (a quiet worker too), and keep
+        the snapshot age current."""
+        if runtime.ready.is_set() and not batch_lock.locked():
+            async with batch_lock:
+                if runtime.follower.maybe_swap():
+                    runtime._observe_model()
+        age = runtime.snapshot_age_s()
+        if age is not None:
+            m.SNAPSHOT_AGE.set(age)
+
     @app.task
     async def start_runtime() -> None:
-        await runtime.start(lambda k, v: send_acked(checkpoints_t, k, v),
-                            lambda k, v: covisits_t.send(key=k, value=v, force=True))
-
-    @app.timer(s.checkpoint_interval_s)
-    async def checkpoint() -> None:
-        try:
-            await runtime.save_checkpoint()
-        except Exception as exc:  # noqa: BLE001 - retried next interval; visible in metrics
-            m.CHECKPOINTS.labels(outcome="failed").inc()
-            log.error("checkpoint failed (retrying in %.0f s): %r", s.checkpoint_interval_s, exc)
+        await runtime.start()
 
     @app.timer(10.0)
     async def users_active() -> None:
         runtime.processor.prune_active()
 
+    @app.page("/ready")
+    async def ready(web: Any, request: Any) -> Any:
+        """200 once user state is restored, a snapshot is served and its index built; 503
+        with what is missing otherwise (the Kubernetes readiness probe)."""
+        missing = [what for what, ok in (
+            ("state restored", not (app.rebalancing or app.in_recovery)
+             and app.tables.recovery.completed.is_set()),
+            ("catalog and index", runtime.ready.is_set() and runtime.server.n_items > 0),
+            ("a snapshot from the trainer", runtime.model.version > 0)) if not ok]
+        body = {"ready": not missing, "missing": missing, "model_version": runtime.model.version}
+        return web.json(body, status=503 if missing else 200)
+
+    @app.page("/covisit")
+    async def covisit(web: Any, request: Any) -> Any:
+        """The served co-visitation counts, by item id (tests compare servers by them)."""
+        model = runtime.model
+        if model.covis is None:
+            return web.json({"version": model.version, "n": {}, "f": []})
+        F = model.covis.F.tocoo()
+        ids = model.catalog.ids
+        n = {ids[r]: float(v) for r, v in enumerate(model.covis.n[: len(ids)]) if v}
+        f = [[ids[j], ids[i], float(w)] for j, i, w in zip(F.row.tolist(), F.col.tolist(),
+                                                          F.data.tolist(), strict=True)]
+        return web.json({"version": model.version, "n": n, "f": f})
+
     @app.on_before_shutdown.connect
-    async def final_checkpoint(app: Any, **_: Any) -> None:
-        try:
-            await runtime.save_checkpoint()
-        except Exception as exc:  # noqa: BLE001 - shutdown must go on
-            log.error("final checkpoint failed: %r", exc)
+    async def stop_runtime(app: Any, **_: Any) -> None:
         await runtime.stop()
 
     return app
@@ -362,6 +401,7 @@ def run_worker(settings: Settings) -> None:
     _metrics_port(settings)
     wait_for_broker(settings)
     ensure_topics(settings)
+    configure_process(settings.compute_threads)
     runtime = Runtime(settings)
     app = create_app(settings, runtime)
     worker = Worker(app, loglevel=settings.log_level, override_logging=False,

@@ -81,6 +81,19 @@ def worker(data_dir: str | None, broker: str | None) -> None:
     run_worker(_settings(broker, data_dir=data_dir))
 
 
+@main.command()
+@click.option("--ranks", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Trainer processes (torch.distributed, gloo on CPU, NCCL on GPU); with "
+              "RANK and WORLD_SIZE in the environment (torchrun, one pod per rank) this process "
+              "is that one rank.")
+@broker_option
+def trainer(ranks: int, broker: str | None) -> None:
+    """Run the trainer: training examples in, snapshots of the shared model out."""
+    from streams.trainer import run_ranks
+
+    run_ranks(_settings(broker), ranks)
+
+
 def _exit_on_sigterm() -> None:
     """SIGTERM (and SIGHUP: the terminal closed) unwind like Ctrl-C, so `with` blocks and
     atexit hooks run: the broker's JVM is stopped and its temp directory removed."""

@@ -1,9 +1,9 @@
 """`streamrec demo`: the whole product on one machine, with users whose tastes we know.
 
-Embedded Kafka (unless a broker is given) -> a worker process -> a synthetic catalog whose
-item titles come from latent topics -> a paced stream of users whose interest topic drifts
-(plus a few malformed events for the DLQ) -> live recommendations, scored against each
-user's *current* true topic. Live output goes to stderr; with --exit the last stdout line is
+Embedded Kafka (unless a broker is given) -> a trainer and a worker process -> a synthetic
+catalog whose item titles come from latent topics -> a paced stream of users whose interest
+topic drifts (plus a few malformed events for the DLQ) -> live recommendations, scored
+against each user's *current* true topic. Live output goes to stderr; with --exit the last stdout line is
 a JSON summary.
 """
 
@@ -25,7 +25,7 @@ from rich.console import Console
 from models.synthetic import SyntheticStream, SyntheticWorld, bad_events, make_world, topic_hit_rate
 from streams.publish import event_records, publish, publish_items
 from streams.settings import Settings
-from streams.supervisor import WorkerProcess, total
+from streams.supervisor import TrainerProcess, WorkerProcess, total
 from streams.tail import RecommendationTail
 from streams.topics import ensure_topics
 
@@ -124,14 +124,19 @@ def run_demo(broker: str | None = None, n_events: int = 20_000, exit_after: bool
         else:
             prefix = f"demo-{run_id}."
         s = Settings(broker=broker, app_id=f"streamrec-demo-{run_id}", topic_prefix=prefix,
-                     data_dir=tmp / "worker", metrics_port=free_port())
+                     data_dir=tmp / "worker", metrics_port=free_port(),
+                     trainer_metrics_port=free_port())
         ensure_topics(s)
+        trainer = TrainerProcess(s, tmp / "trainer.log").start()
+        stack.callback(trainer.stop)
         worker = WorkerProcess(s, tmp / "worker.log").start()
         stack.callback(worker.stop)
         world = make_world(n_items, seed=0)
         publish_items(s, world.items, quiet=True)
-        console.print(f"worker starting (encoder, catalog of {n_items} items); "
-                      f"metrics: [link]{worker.metrics_url}[/link]")
+        console.print(f"trainer and worker starting (encoder, catalog of {n_items} items); "
+                      f"metrics: [link]{worker.metrics_url}[/link], "
+                      f"[link]{trainer.metrics_url}[/link]")
+        trainer.wait_ready()
         worker.wait_ready()
         worker.wait_for("streamrec_index_items", n_items, timeout=300)
         tail = RecommendationTail(s)

@@ -49,7 +49,31 @@ COVISIT_BYTES = Gauge(
     "streamrec_covisit_bytes", "Memory of the co-visitation counts: the one part of a worker's "
     "memory that grows with traffic (toward the item pairs users actually co-visit)"
 )
-CHECKPOINTS = Counter("streamrec_checkpoints", "Shared-parameter checkpoints", ["outcome"])
+CHECKPOINTS = Counter("streamrec_checkpoints", "The trainer's checkpoints, by outcome",
+                      ["outcome"])
+MODEL_VERSION = Gauge("streamrec_model_version", "Version of the trainer's snapshot served "
+                      "(0: the initial model, no snapshot yet)")
+SNAPSHOT_AGE = Gauge("streamrec_snapshot_age_seconds", "Seconds since the trainer last "
+                     "published a snapshot or a heartbeat (as the serving worker saw it)")
+
+# the trainer's (streams/trainer.py; registered in every process, used by the trainer)
+TRAINER_EXAMPLES = Counter(
+    "streamrec_trainer_examples", "Training examples the trainer read, by outcome (trained; "
+    "duplicate = its source was trained before; dropped = target not in the catalog; invalid)",
+    ["outcome"])
+TRAINER_TRAINED = Gauge("streamrec_trainer_trained", "Examples trained since the start "
+                        "(restored from the checkpoint): each event's example exactly once")
+TRAINER_STEPS = Counter("streamrec_trainer_steps", "Gradient steps of the shared model")
+TRAINER_LAG = Gauge("streamrec_trainer_lag", "Training examples in Kafka not yet read by "
+                    "this trainer rank")
+TRAINER_SECONDS = Histogram("streamrec_trainer_train_seconds", "Time per training round",
+                            buckets=_LATENCY_BUCKETS)
+SNAPSHOT_BYTES = Gauge("streamrec_snapshot_bytes", "Size of the last snapshot published",
+                       ["kind"])
+SNAPSHOT_SECONDS = Histogram("streamrec_snapshot_publish_seconds", "Time to encode and "
+                             "publish a snapshot", buckets=_LATENCY_BUCKETS)
+for _outcome in ("trained", "duplicate", "dropped", "invalid"):
+    TRAINER_EXAMPLES.labels(outcome=_outcome)
 
 # state: user-state table writes; commit: changelog delivery + offset commit (per batch)
 STAGES = ("decode", "encode", "learn", "search", "emit", "state", "commit")

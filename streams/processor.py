@@ -1,7 +1,9 @@
 """One micro-batch of behavior events: decode -> dedupe -> encode -> search -> (emit) -> learn.
 
-Kafka-agnostic on purpose (records in, records to write out), so the agent stays a thin loop
-and this is testable without a broker. Emitting (table writes, sends) is the agent's job.
+Kafka-agnostic on purpose (records and user states in, records to write out), so the agent
+stays a thin loop, this runs off the event loop, and it is testable without a broker.
+Emitting (table writes, sends) is the agent's job. "Learn" here is the per-user step only:
+the shared model learns in the trainer, from the batch's training examples.
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from models.encoder import TextEncoder
-from models.learner import Interaction, OnlineLearner, Pending
+from models.examples import TrainingExample
+from models.learner import Interaction, Pending, alphas, observe
+from models.personal import PersonalStep
 from models.serving import Server
 from models.user_state import UserState
 from streams import metrics as m
@@ -59,13 +63,17 @@ class BatchOutput:
     loss: float = float("nan")
     pending: Pending | None = None
 
+    @property
+    def examples(self) -> list[TrainingExample]:
+        return [] if self.pending is None else self.pending.examples
+
 
 class EventProcessor:
-    def __init__(self, settings: Settings, learner: OnlineLearner, server: Server,
+    def __init__(self, settings: Settings, server: Server, personal: PersonalStep,
                  encoder: TextEncoder):
         self.s = settings
-        self.learner = learner
-        self.server = server
+        self.server = server  # server.model: the snapshot of the shared model being served
+        self.personal = personal
         self.encoder = encoder
         self.last_seen: dict[str, float] = {}  # user -> monotonic time (users_active gauge)
         self._loss_ema: float | None = None
@@ -94,47 +102,50 @@ class EventProcessor:
         return good, bad
 
     def unknown_items(self, events: Sequence[Decoded]) -> bool:
-        return any(e.item_id is not None and not self.learner.has_item(e.item_id)
-                   for _, e in events)
+        model = self.server.model
+        return any(e.item_id is not None and not model.has_item(e.item_id) for _, e in events)
 
     # ------------------------------------------------------------------ the batch
-    def process(self, events: Sequence[Decoded],
-                rejected: list[Rejected],
-                load_state: Callable[[str, RawRecord], UserState]) -> BatchOutput:
+    def process(self, events: Sequence[Decoded], rejected: list[Rejected],
+                states: Mapping[str, UserState]) -> BatchOutput:
+        """The batch against the users' states (loaded by the caller: `states` holds every
+        user of `events`; they are changed in place)."""
         if self.s.fault_user_id is not None and any(
                 ev.user_id == self.s.fault_user_id for _, ev in events):
             raise RuntimeError(f"injected fault: an event of user {self.s.fault_user_id!r}")
         out = BatchOutput(rejected=list(rejected))
         m.BATCH_SIZE.observe(len(events) + len(rejected))
         counts = Counter((exc.event_type or "invalid", "dlq") for _, exc in rejected)
-        todo = self._dedupe(events, load_state, out, counts)
+        todo = self._dedupe(events, states, out, counts)
         todo, inters = self._encode(todo, out, counts)
         counts.update((ev.event_type, "applied") for _, ev in todo)
         for (event_type, outcome), n in counts.items():  # one update per label set
             if n:
                 m.EVENTS.labels(event_type=event_type, outcome=outcome).inc(n)
         if todo:
-            states = {u: upd.state for u, upd in out.users.items()}
-            out.pending = self.learner.observe(inters, states)
+            batch_states = {u: upd.state for u, upd in out.users.items()}
+            out.pending = observe(self.server.model, inters, batch_states)
             self._mark(todo, out)
             self._recommend(todo, out)
         return out
 
     def learn(self, out: BatchOutput) -> None:
-        """The batch's gradient step: after its recommendations are out (serve, then learn)."""
-        if out.pending is None:
+        """The batch's per-user step, after its recommendations are out (serve, then learn)."""
+        pend = out.pending
+        if pend is None:
             return
         with m.STAGE_SECONDS.labels(stage="learn").time():
-            result = self.learner.train(out.pending)
-        out.loss = result.loss
-        for alpha in result.alphas.values():
+            out.loss = self.personal.step(self.server.model, pend.hists, pend.targets,
+                                          pend.weights, pend.owners,
+                                          [pend.states[u] for u in pend.users])
+        for alpha in alphas(self.server.model.cfg, pend).values():
             m.LEARNING_RATE.observe(alpha)
-        if result.loss == result.loss:  # not NaN
-            self._loss_ema = result.loss if self._loss_ema is None else \
-                0.95 * self._loss_ema + 0.05 * result.loss
+        if out.loss == out.loss:  # not NaN
+            self._loss_ema = out.loss if self._loss_ema is None else \
+                0.95 * self._loss_ema + 0.05 * out.loss
             m.ONLINE_LOSS.set(self._loss_ema)
 
-    def _dedupe(self, events: Sequence[Decoded], load_state: Callable[[str, RawRecord], UserState],
+    def _dedupe(self, events: Sequence[Decoded], states: Mapping[str, UserState],
                 out: BatchOutput, counts: Counter) -> list[Decoded]:
         """Drop replays (offset at or below the user's last applied one) and unknown items.
 
@@ -145,12 +156,12 @@ class EventProcessor:
         for rec, ev in events:
             upd = out.users.get(ev.user_id)
             if upd is None:
-                upd = out.users[ev.user_id] = UserUpdate(load_state(ev.user_id, rec), rec)
+                upd = out.users[ev.user_id] = UserUpdate(states[ev.user_id], rec)
             if upd.state.already_applied(rec.partition, rec.offset):
                 out.duplicates += 1
                 replays.add(ev.user_id)
                 outcome = "duplicate"
-            elif ev.item_id is not None and not self.learner.has_item(ev.item_id):
+            elif ev.item_id is not None and not self.server.model.has_item(ev.item_id):
                 out.rejected.append((rec, InvalidRecord(
                     Reason.UNKNOWN_ITEM, f"item_id {ev.item_id[:100]!r} is not in the catalog")))
                 outcome = "dlq"
@@ -186,7 +197,8 @@ class EventProcessor:
             users = {ev.user_id for _, ev in todo}
             out.users = {u: upd for u, upd in out.users.items() if u in users}
         inters = [Interaction(ev.user_id, ev.item_id, ev.event_type, ev.ts, ev.value,
-                              vecs.get(id(ev))) for _, ev in todo]
+                              vecs.get(id(ev)), ev.scenario, rec.partition, rec.offset)
+                  for rec, ev in todo]
         return todo, inters
 
     def _mark(self, todo: list[Decoded], out: BatchOutput) -> None:
@@ -201,20 +213,21 @@ class EventProcessor:
 
     def _recommend(self, todo, out: BatchOutput) -> None:
         with m.STAGE_SECONDS.labels(stage="search").time():
-            self.server.maybe_refresh()
+            model = self.server.model
             users = list(out.users)
             states = [out.users[u].state for u in users]
-            vecs = self.learner.user_vectors(states)
+            vecs = model.user_vectors(states)
             lists, version = self.server.recommend(states, vecs, self.s.top_k,
                                                    self.s.reason_window)
             scenario = {ev.user_id: ev.scenario for _, ev in todo}
             now_ms = int(time.time() * 1000)
-            model = ModelInfo(encoder=self.encoder.name, index_version=version)
-            alpha0 = self.learner.cfg.alpha0
+            info = ModelInfo(encoder=self.encoder.name, index_version=version,
+                             model_version=model.version)
+            alpha0 = model.cfg.alpha0
             for user, st, recs in zip(users, states, lists, strict=True):
                 out.users[user].recommendation = recommendation_bytes(
                     user, scenario[user], [(r.item_id, r.score, r.reason_item_id) for r in recs],
-                    now_ms, st.last_ts, model, alpha0 if st.alpha is None else st.alpha)
+                    now_ms, st.last_ts, info, alpha0 if st.alpha is None else st.alpha)
         m.INDEX_ITEMS.set(self.server.n_items)
         m.INDEX_VERSION.set(self.server.version)
 

@@ -1,14 +1,15 @@
-"""A worker's live parts and their start-up order, apart from Faust's wiring.
+"""A serving worker's live parts and their start-up order, apart from Faust's wiring.
 
-Start-up: restore shared parameters from the last checkpoint -> replay item-vectors until
-caught up (learner rows + text vectors) -> replay the co-visitation pairs since the
-checkpoint -> build the first index -> `ready`. The event agent waits for `ready`, so no
-event is judged against a half-loaded catalog.
+Start-up: replay item-vectors until caught up (catalog rows + text vectors) -> read the
+snapshot log and apply the newest base and the deltas after it (waiting `snapshot_wait_s`
+for the trainer's first one) -> build the first index -> `ready`. The event agent waits for
+`ready`, so no event is judged against a half-loaded catalog.
 
-Co-visitation counts are global state built from every worker's events: each worker
-publishes its batches' pairs to the covisits topic and every worker (itself included)
-applies all of them from there, in the same order, so all workers hold the same counts and
-a checkpoint taken by any of them (counts + the topic positions they include) serves all.
+Then each batch runs off the event loop (`process_events`, `learn`: torch, faiss and numpy
+release the GIL, so /metrics and the consumers stay responsive), and between batches a
+snapshot built in the background (a fork of the model with the new version applied, and
+its FAISS index) is swapped in (`SnapshotFollower`). Catalog changes that arrive while a
+batch computes are applied when it is done: the model is never changed under it.
 """
 
 from __future__ import annotations
@@ -17,55 +18,153 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import orjson
 
+from index.faiss_index import FaissIndex
 from models.encoder import TextEncoder
-from models.learner import OnlineLearner
+from models.learner import personal_step
+from models.model import SharedModel
 from models.serving import Server
+from models.snapshot import SnapshotMeta, apply_base, apply_delta
+from models.user_state import UserState
 from streams import metrics as m
 from streams.catalog import CatalogBacklog, CatalogEncoder, RawRecord, collapse_item_vectors
-from streams.checkpoint import CheckpointStore, read_topic
 from streams.clients import aio_options
 from streams.gaps import GapFiller
 from streams.processor import BatchOutput, EventProcessor
 from streams.replica import TopicReplica
 from streams.settings import Settings
+from streams.snapshots import Snapshot, SnapshotLog, reachable
 from streams.topics import admin_client
 
 log = logging.getLogger("streamrec.runtime")
 
-Send = Callable[[bytes | None, bytes | None], Awaitable[None]]
-PAIRS_PER_RECORD = 200  # keeps a covisits record well below Kafka's 1 MB default
+
+class SnapshotFollower:
+    """Keeps a server on the trainer's newest snapshot, swapping between batches.
+
+    A new version is applied to a fork of the served model (models/model.py `fork`: own
+    parameters and counts, shared catalog rows) and its index is built, in a thread; the
+    swap then only re-applies the catalog changes made meanwhile. Versions are applied in
+    order, each once (models/snapshot.py), so every server's counts equal the trainer's."""
+
+    def __init__(self, server: Server, app_id: str):
+        self.server = server
+        self.log = SnapshotLog(app_id)
+        self.meta: SnapshotMeta | None = None  # of the version being served
+        self._queue: list[Snapshot] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
+        self._build: Future | None = None
+        self._changes: list[tuple[list[str], np.ndarray | None]] = []  # catalog since fork
+
+    @property
+    def version(self) -> int:
+        return self.server.model.version
+
+    def feed(self, messages: list[Any]) -> None:
+        """Records of the snapshot topic (the replica's apply)."""
+        for msg in messages:
+            snap = self.log.feed(msg.key, msg.value)
+            if snap is not None:
+                self._queue.append(snap)
+
+    def start(self) -> int:
+        """At start-up (nothing served yet): the newest base and the deltas after it."""
+        todo, self._queue = reachable(self._queue), []
+        for snap in todo:
+            self.meta = _apply(self.server.model, snap)
+        return len(todo)
+
+    def catalog_changed(self, ids: list[str], vectors: np.ndarray | None) -> None:
+        """A catalog change applied to the served model, to re-apply to a fork in the works."""
+        if self._build is not None:
+            self._changes.append((ids, vectors))
+
+    def maybe_swap(self) -> bool:
+        """Between batches: swap a finished build in, or start building the next version."""
+        if self._build is not None:
+            if not self._build.done():
+                return False
+            return self._finish()
+        ready = [s for s in self._queue if s.kind == "base" or s.version > self.version]
+        self._queue = []
+        if not ready:
+            return False
+        self._build = self._pool.submit(_fork_and_apply, self.server, ready)
+        return False
+
+    def _finish(self) -> bool:
+        build, self._build = self._build, None
+        changes, self._changes = self._changes, []
+        try:
+            model, index, meta = build.result()
+        except Exception:  # noqa: BLE001 - keep serving the current version; logged
+            log.exception("applying a snapshot failed; serving v%d on", self.version)
+            return False
+        if meta is None:  # nothing applicable (e.g. a delta behind a gap: wait for a base)
+            return False
+        for ids, vectors in changes:  # the catalog moved on while the fork was built
+            if vectors is None:
+                model.delete_items(ids)
+                index.remove([k for k in (self.server.ids.to_int(i) for i in ids)
+                              if k is not None])
+            else:
+                model.upsert_items(ids, vectors)
+                rows = np.array([model.catalog.rows[i] for i in ids], np.int64)
+                index.upsert(self.server.ids.add_many(ids), model.item_vectors(rows)[1])
+        self.server.swap(model, index)
+        self.meta = meta
+        log.info("serving model v%d (index v%d)", model.version, self.server.version)
+        return True
+
+
+def _apply(model: SharedModel, snap: Snapshot) -> SnapshotMeta:
+    return (apply_base if snap.kind == "base" else apply_delta)(model, snap.data)
+
+
+def _fork_and_apply(server: Server, snaps: list[Snapshot]
+                    ) -> tuple[SharedModel, FaissIndex, SnapshotMeta | None]:
+    """(In a thread) the served model forked, the snapshots applied in order (a delta that
+    does not follow is skipped until a base brings the model past it), and its index."""
+    model, meta = server.model.fork(), None
+    for snap in sorted(snaps, key=lambda s: (s.version, s.kind != "base")):
+        if snap.kind == "base" or snap.version == model.version + 1:
+            meta = _apply(model, snap)
+        else:
+            log.warning("snapshot v%d %s does not follow v%d: skipped", snap.version,
+                        snap.kind, model.version)
+    return model, server.build_index(model), meta
 
 
 class Runtime:
     def __init__(self, settings: Settings, encoder: TextEncoder | None = None):
         s = self.s = settings
-        _limit_threads(s.compute_threads)
-        _return_large_allocations()
         self.encoder = encoder or TextEncoder(s.encoder_path, s.encoder_device,
                                               s.encoder_batch_size)
-        self.learner = OnlineLearner(s.learner, text_dim=self.encoder.dim)
-        self.server = Server(self.learner, s.index, s.index_refresh_batches, s.index_refresh_s,
-                             s.serving_candidates, s.exclude_seen)
-        self.processor = EventProcessor(s, self.learner, self.server, self.encoder)
+        self.server = Server(SharedModel(s.learner, text_dim=self.encoder.dim), s.index,
+                             candidates=s.serving_candidates, exclude_seen=s.exclude_seen)
+        self.processor = EventProcessor(s, self.server, personal_step(s.learner), self.encoder)
         self.catalog = CatalogEncoder(self.encoder.encode, s.max_item_bytes)
+        self.follower = SnapshotFollower(self.server, s.app_id)
         self.items = TopicReplica(self._consumer, s.topic(s.item_vectors_topic),
                                   self._apply_item_vectors)
-        self.covisits = TopicReplica(self._consumer, s.topic(s.covisits_topic),
-                                     self._apply_covisits)
+        self.snapshots = TopicReplica(self._consumer, s.topic(s.snapshots_topic),
+                                      self.follower.feed)
         self.gaps = GapFiller(lambda: self._consumer(), s.topic(s.events_topic))
         self.catalog_backlog = CatalogBacklog(
             lambda: admin_client(s.bootstrap, 10, **s.kafka_security()),
             s.topic(s.catalog_topic), s.app_id)
-        self.checkpoints: CheckpointStore | None = None
-        self.send_covisits: Send | None = None
         self.ready = asyncio.Event()
-        self._saved_steps = -1
+        self._computing = False
+        self._held: list[list[Any]] = []  # item-vector records that arrived mid-batch
+
+    @property
+    def model(self) -> SharedModel:
+        return self.server.model
 
     def _consumer(self, *topics: str) -> Any:
         """Group-less consumer of whole topics from their beginning (none: assign later)."""
@@ -75,108 +174,105 @@ class Runtime:
                                 auto_offset_reset="earliest", **aio_options(self.s))
 
     # ------------------------------------------------------------------ start-up
-    async def start(self, send_checkpoint_record: Send, send_covisits: Send) -> None:
-        s = self.s
-        self.checkpoints = CheckpointStore(s.app_id, send_checkpoint_record,
-                                           s.checkpoint_chunk_bytes)
-        self.send_covisits = send_covisits
-        meta = await self.restore_checkpoint()
+    async def start(self) -> None:
         await self.items.start()
         await self.items.caught_up.wait()
-        if self.learner.covis is not None:
-            offsets = orjson.loads(meta.get("covisit_offsets", "{}"))
-            await self.covisits.start({int(p): o for p, o in offsets.items()})
-            await self.covisits.caught_up.wait()
+        await self.snapshots.start()
+        await self.snapshots.caught_up.wait()
+        if not await asyncio.to_thread(self.follower.start):
+            await self._wait_first_snapshot()
         self.server.refresh()
-        m.INDEX_ITEMS.set(self.server.n_items)
-        m.INDEX_VERSION.set(self.server.version)
-        log.info("worker ready: %d items, index v%d", self.server.n_items, self.server.version)
+        self._observe_model()
+        log.info("worker ready: %d items, model v%d, index v%d", self.server.n_items,
+                 self.model.version, self.server.version)
         _freeze_startup_objects()
         self.ready.set()
 
-    async def restore_checkpoint(self) -> dict[str, str]:
-        assert self.checkpoints is not None
-        records = await read_topic(self._consumer(self.s.topic(self.s.checkpoints_topic)))
-        data = self.checkpoints.assemble(records)
-        if data is None:
-            log.info("no checkpoint found: starting from fresh shared parameters")
-            return {}
-        try:
-            meta = self.learner.restore(data)
-        except ValueError as exc:  # shape config changed: start fresh, loudly
-            m.CHECKPOINTS.labels(outcome="incompatible").inc()
-            log.error("checkpoint not restored: %s", exc)
-            return {}
-        self._saved_steps = self.learner.steps
-        m.CHECKPOINTS.labels(outcome="restored").inc()
-        log.info("restored checkpoint (%d bytes, %d steps)", len(data), self.learner.steps)
-        return meta
+    async def _wait_first_snapshot(self) -> None:
+        deadline = time.monotonic() + self.s.snapshot_wait_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            if await asyncio.to_thread(self.follower.start):
+                return
+        log.warning("no snapshot from the trainer after %.0f s: serving the initial model "
+                    "(version 0) and not /ready until one arrives; is `streamrec trainer` "
+                    "running?", self.s.snapshot_wait_s)
 
-    async def save_checkpoint(self, force: bool = False) -> int | None:
-        """Checkpoint if anything was learned since the last one."""
-        if self.checkpoints is None or not self.ready.is_set():
-            return None
-        if self.learner.steps == self._saved_steps and not force:
-            return None
-        steps = self.learner.steps
-        extra = {}
-        if self.learner.covis is not None:  # the counts include everything before these
-            positions = {str(p): o for p, o in (await self.covisits.positions()).items()}
-            extra["covisit_offsets"] = orjson.dumps(positions).decode()
-        data = self.learner.checkpoint(extra)  # synchronous: counts and positions agree
-        version = await self.checkpoints.save(data)
-        self._saved_steps = steps
-        m.CHECKPOINTS.labels(outcome="saved").inc()
-        log.info("checkpoint v%d saved (%d steps, %d bytes)", version, steps, len(data))
-        return version
+    @property
+    def is_ready(self) -> bool:
+        """Catalog loaded, a snapshot served, index built (Faust's side: see app.py)."""
+        return self.ready.is_set() and self.model.version > 0 and self.server.n_items > 0
 
     async def stop(self) -> None:
         await self.items.stop()
-        await self.covisits.stop()
+        await self.snapshots.stop()
         self.catalog_backlog.close()
 
     # ------------------------------------------------------------------ replicated state
     def _apply_item_vectors(self, messages: list[Any]) -> None:
-        """Catalog changes reach learner and serving index together."""
+        """Catalog changes reach model and serving index together (not under a batch)."""
+        if self._computing:
+            self._held.append(messages)
+            return
         upserts, deletes = collapse_item_vectors(messages)
         if upserts:
             ids = list(upserts)
-            self.learner.upsert_items(ids, np.stack([upserts[i] for i in ids]))
+            vectors = np.stack([upserts[i] for i in ids])
+            self.model.upsert_items(ids, vectors)
             self.server.add_items(ids)
+            self.follower.catalog_changed(ids, vectors)
         if deletes:
-            self.learner.delete_items(deletes)
+            self.model.delete_items(deletes)
             self.server.remove_items(deletes)
+            self.follower.catalog_changed(deletes, None)
         m.CATALOG_ITEMS.labels(outcome="upserted").inc(len(upserts))
         m.CATALOG_ITEMS.labels(outcome="deleted").inc(len(deletes))
         m.INDEX_ITEMS.set(self.server.n_items)
 
-    def _apply_covisits(self, messages: list[Any]) -> None:
-        pairs = []
-        for msg in messages:
-            try:
-                pairs.extend(orjson.loads(msg.value)["pairs"])
-            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:  # written by us
-                log.error("unreadable covisits record at %s:%s: %r", msg.partition,
-                          msg.offset, exc)
-        self.learner.apply_covisits(pairs)
-        if self.learner.covis is not None:
-            m.COVISIT_BYTES.set(self.learner.covis.nbytes)
+    def _observe_model(self) -> None:
+        m.MODEL_VERSION.set(self.model.version)
+        m.INDEX_VERSION.set(self.server.version)
+        if self.model.covis is not None:
+            m.COVISIT_BYTES.set(self.model.covis.nbytes)
 
-    async def publish_covisits(self, out: BatchOutput) -> None:
-        """This batch's pairs, for every worker (this one too) to apply from the topic."""
-        if out.pending is None or self.send_covisits is None:
-            return
-        pairs = self.learner.covisit_pairs(out.pending)
-        for i in range(0, len(pairs), PAIRS_PER_RECORD):
-            await self.send_covisits(None, orjson.dumps({"pairs": pairs[i:i + PAIRS_PER_RECORD]}))
+    def snapshot_age_s(self) -> float | None:
+        """Seconds since the trainer last published (a version or a heartbeat); None before
+        the first snapshot."""
+        meta = self.follower.meta
+        if meta is None:
+            return None
+        return max(0.0, time.time() - max(meta.created_ms, self.follower.log.heartbeat_ms) / 1000)
 
     # ------------------------------------------------------------------ events
-    async def process_events(self, records: list[RawRecord], load_state: Any) -> BatchOutput:
+    async def process_events(self, records: list[RawRecord],
+                             load: Callable[[str, RawRecord], UserState]) -> BatchOutput:
+        """Decode, then the batch against its users' states, off the event loop. `load`
+        reads a user's state (a table read: on the loop, before the computing starts)."""
         good, bad = self.processor.decode(records)
         if self.processor.unknown_items(good):  # published just before its events?
             await self.catalog_backlog.wait()
             await self.items.sync(timeout=2.0)
-        return self.processor.process(good, bad, load_state)
+        if self.follower.maybe_swap():
+            self._observe_model()
+        states: dict[str, UserState] = {}
+        for rec, ev in good:
+            if ev.user_id not in states:
+                states[ev.user_id] = load(ev.user_id, rec)
+        return await self._off_loop(self.processor.process, good, bad, states)
+
+    async def learn(self, out: BatchOutput) -> None:
+        """The batch's per-user step, off the event loop."""
+        await self._off_loop(self.processor.learn, out)
+
+    async def _off_loop(self, fn: Callable, *args: Any) -> Any:
+        self._computing = True
+        try:
+            return await asyncio.to_thread(fn, *args)
+        finally:
+            self._computing = False
+            held, self._held = self._held, []
+            for messages in held:
+                self._apply_item_vectors(messages)
 
     @staticmethod
     def observe_emit(out: BatchOutput) -> None:
@@ -195,29 +291,3 @@ def _freeze_startup_objects() -> None:
     objects are frozen; what is created afterwards is collected as usual."""
     gc.collect()
     gc.freeze()
-
-
-def _limit_threads(n: int) -> None:
-    """Cap torch's and FAISS's thread pools (both OpenMP-based) at `n`."""
-    import faiss
-    import torch
-
-    torch.set_num_threads(n)
-    faiss.omp_set_num_threads(n)
-
-
-def _return_large_allocations(threshold: int = 1 << 20) -> None:
-    """glibc only: serve allocations >= `threshold` bytes by mmap, so freeing them gives the
-    memory back to the OS. By default glibc raises this threshold to the largest block freed
-    so far (up to 32 MB), after which the checkpoint's transient copies (several MB, growing
-    with the co-visitation counts) come from the heap and leave it fragmented: in
-    bench/soak.py RSS rose in steps at every checkpoint."""
-    import ctypes
-    import ctypes.util
-
-    m_mmap_threshold = -3  # from malloc.h
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(m_mmap_threshold, threshold)
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        log.debug("mallopt not available; allocator left as is")

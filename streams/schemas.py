@@ -112,7 +112,8 @@ class RecommendedItem(_Wire):
 
 class ModelInfo(_Wire):
     encoder: str
-    index_version: int
+    index_version: int  # this worker's FAISS index build
+    model_version: int  # the trainer's snapshot version served (0: the initial model)
 
 
 class Recommendation(_Wire):
@@ -208,6 +209,7 @@ def recommendation_bytes(user_id: str, scenario: str, items: list[tuple[str, flo
         "items": [{"item_id": i, "score": s, "reason_item_id": r} for i, s, r in items],
         "generated_at": generated_at,
         "source_event_ts": source_event_ts,
-        "model": {"encoder": model.encoder, "index_version": model.index_version},
+        "model": {"encoder": model.encoder, "index_version": model.index_version,
+                  "model_version": model.model_version},
         "learning_rate": learning_rate,
     })

@@ -42,13 +42,21 @@ class Settings(BaseSettings):
     recommendations_topic: str = Field("recommendations", description="Output: top-K per user.")
     events_dlq_topic: str = Field("behavior-events-dlq", description="Rejected events.")
     catalog_dlq_topic: str = Field("item-catalog-dlq", description="Rejected catalog items.")
-    covisits_topic: str = Field(
-        "item-covisits",
-        description="Co-visitation pairs of every worker's batches, read in full by every "
-        "worker: the ranker's co-visitation counts are global, users are partitioned.",
+    training_examples_topic: str = Field(
+        "training-examples",
+        description="One training example per applied event (the history the serving step "
+        "encoded, the target, the source partition and offset), keyed by user, on the "
+        "partition of its source event: written by the workers, read by the trainer.",
+    )
+    snapshots_topic: str = Field(
+        "model-snapshots",
+        description="The trainer's versions of the shared model (bases and deltas; "
+        "compacted, one partition), read in full by every worker.",
     )
     checkpoints_topic: str = Field(
-        "model-checkpoints", description="Shared model parameters (compacted, chunked)."
+        "model-checkpoints",
+        description="The trainer's checkpoints: parameters, optimizer moments, progress "
+        "(compacted, chunked). Only the trainer writes here.",
     )
     partitions: int = Field(
         4, ge=1, description="Partitions of topics streamrec creates (users are spread by key)."
@@ -130,12 +138,6 @@ class Settings(BaseSettings):
     )
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
-    index_refresh_batches: int = Field(
-        20, ge=1, description="Rebuild the FAISS index from the item tower every N batches..."
-    )
-    index_refresh_s: float = Field(
-        5.0, gt=0, description="...or every T seconds, whichever comes first."
-    )
     fetch_max_wait_ms: int = Field(
         100,
         ge=1,
@@ -154,16 +156,46 @@ class Settings(BaseSettings):
     checkpoint_interval_s: float = Field(
         60.0,
         gt=0,
-        description="Shared parameters are checkpointed this often (and on clean shutdown): "
-        "a crash loses at most this much shared learning; user state is exact (changelog).",
+        description="The trainer checkpoints this often (and on clean shutdown): a crash "
+        "retrains at most this much from the training-examples topic; nothing is lost.",
     )
     checkpoint_chunk_bytes: int = Field(
-        512 * 1024, ge=1024, description="Checkpoint chunk size (below Kafka's 1 MB default)."
+        512 * 1024, ge=1024, description="Checkpoint and snapshot chunk size (below Kafka's "
+        "1 MB default record limit)."
+    )
+    snapshot_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="The trainer publishes a snapshot delta this often when it has learned "
+        "something (a heartbeat otherwise); workers swap it in between batches.",
+    )
+    snapshot_base_interval_s: float = Field(
+        300.0,
+        gt=0,
+        description="...and a full base this often, after which older versions are "
+        "tombstoned: what a starting worker reads is one base and the deltas since.",
+    )
+    snapshot_wait_s: float = Field(
+        30.0,
+        ge=0,
+        description="A starting worker waits this long for the trainer's first snapshot, then "
+        "serves the initial model (version 0) and is not /ready until one arrives.",
+    )
+    trainer_batch: int = Field(
+        1024, ge=1, description="Training examples the trainer takes per poll (it trains "
+        "every one: one gradient step per `learner.max_pairs_per_step`)."
     )
 
     # -- worker ---------------------------------------------------------------------------------
     data_dir: Path = Field(
         Path("var/streamrec"), description="Local state (RocksDB tables) of this worker."
+    )
+    table_standby_replicas: int = Field(
+        0,
+        ge=0,
+        description="Standby copies of each user-state partition kept warm on other workers "
+        "(Faust standbys): a failover then reads only the changelog's tail. The deploy files "
+        "set 1.",
     )
     store: Literal["rocksdb", "memory"] = Field(
         "rocksdb", description="Faust table store; `memory` recovers fully from the changelog."
@@ -177,6 +209,9 @@ class Settings(BaseSettings):
     )
     metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics.")
     metrics_port: int = Field(6066, ge=0, le=65535, description="Port of /metrics (0: any).")
+    trainer_metrics_port: int = Field(
+        6067, ge=1, le=65535, description="Port of the trainer's /metrics (rank r: + r)."
+    )
     session_timeout_s: float = Field(
         10.0, gt=0, description="Consumer group session timeout: how fast a dead worker's "
         "partitions move to the others."

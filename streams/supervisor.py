@@ -51,6 +51,8 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 
 
 class WorkerProcess:
+    command = "worker"
+
     def __init__(self, settings: Settings, log_path: str | Path, extra_env: dict | None = None,
                  cwd: str | Path | None = None):
         self.settings = settings
@@ -60,15 +62,19 @@ class WorkerProcess:
         self.proc: subprocess.Popen | None = None
 
     @property
+    def port(self) -> int:
+        return self.settings.metrics_port
+
+    @property
     def metrics_url(self) -> str:
-        return f"http://{self.settings.metrics_host}:{self.settings.metrics_port}/metrics"
+        return f"http://{self.settings.metrics_host}:{self.port}/metrics"
 
     def start(self) -> WorkerProcess:
         env = {**os.environ, **settings_env(self.settings), **self.extra_env,
                "PYTHONUNBUFFERED": "1"}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", self.command], env=env,
                                      stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
                                      start_new_session=True)
         log.close()
@@ -77,19 +83,24 @@ class WorkerProcess:
     def metrics(self) -> Samples:
         return scrape(self.metrics_url)
 
-    def wait_ready(self, timeout: float = 180.0) -> Samples:
-        """Until the worker serves an index (catalog loaded); raises with the log tail."""
+    def wait_ready(self, timeout: float = 180.0, snapshot: bool = True) -> Samples:
+        """Until the worker's /ready says so (state restored, catalog loaded, a snapshot
+        served, index built; `snapshot=False`: without a trainer, once the index is built);
+        raises with the log tail."""
+        if not snapshot:
+            return self.wait_for("streamrec_index_version", 1, timeout=timeout)
         deadline = time.monotonic() + timeout
+        url = self.metrics_url.rsplit("/", 1)[0] + "/ready"
         while time.monotonic() < deadline:
             self._check_alive()
             try:
-                samples = self.metrics()
-                if total(samples, "streamrec_index_version") >= 1:
-                    return samples
-            except OSError:
+                with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - ours
+                    if resp.status == 200:
+                        return self.metrics()
+            except OSError:  # not up yet, or 503
                 pass
             time.sleep(0.5)
-        raise TimeoutError(f"worker not ready after {timeout}s\n{self.log_tail()}")
+        raise TimeoutError(f"{self.command} not ready after {timeout}s\n{self.log_tail()}")
 
     def wait_for(self, name: str, at_least: float, timeout: float = 120.0, **labels: str
                  ) -> Samples:
@@ -134,3 +145,17 @@ class WorkerProcess:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+
+class TrainerProcess(WorkerProcess):
+    """`streamrec trainer` as a child process (rank 0's /metrics on trainer_metrics_port)."""
+
+    command = "trainer"
+
+    @property
+    def port(self) -> int:
+        return self.settings.trainer_metrics_port
+
+    def wait_ready(self, timeout: float = 180.0, snapshot: bool = True) -> Samples:
+        """Until it has published a version (a fresh trainer publishes one at once)."""
+        return self.wait_for("streamrec_model_version", 1, timeout=timeout)

@@ -32,7 +32,10 @@ def topic_specs(s: Settings) -> dict[str, dict[str, Any]]:
                                            "config": keep},
         s.topic(s.events_dlq_topic): {"partitions": parts, "replication": rf, "config": keep},
         s.topic(s.catalog_dlq_topic): {"partitions": parts, "replication": rf, "config": keep},
-        s.topic(s.covisits_topic): {"partitions": parts, "replication": rf, "config": keep},
+        s.topic(s.training_examples_topic): {"partitions": parts, "replication": rf,
+                                             "config": keep},
+        s.topic(s.snapshots_topic): {"partitions": 1, "replication": rf,
+                                     "config": {**_COMPACT, **big}},
         s.topic(s.checkpoints_topic): {"partitions": 1, "replication": rf,
                                        "config": {**_COMPACT, **big}},
     }
@@ -76,3 +79,16 @@ def create_topics(bootstrap: list[str], topics: dict[str, dict], timeout: float 
 
 def ensure_topics(s: Settings, timeout: float = 30) -> None:
     create_topics(s.bootstrap, topic_specs(s), timeout, **s.kafka_security())
+
+
+def topic_partitions(s: Settings, topic: str) -> list[int]:
+    """The partition numbers of `topic` (admin API: no consumer group involved)."""
+    admin = admin_client(s.bootstrap, 30, **s.kafka_security())
+    try:
+        (desc,) = admin.describe_topics([topic])
+    finally:
+        admin.close()
+    parts = sorted(p["partition_index"] for p in desc["partitions"])
+    if not parts:
+        raise RuntimeError(f"topic {topic} has no partitions (not created?)")
+    return parts

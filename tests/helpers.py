@@ -29,9 +29,11 @@ def make_settings(kafka, tmp: Path, **overrides: object) -> Settings:
         topic_prefix=f"t{os.getpid()}-{n}.",
         data_dir=tmp / f"worker-{n}",
         metrics_port=free_port(),
+        trainer_metrics_port=free_port(),
         session_timeout_s=6.0,
         checkpoint_interval_s=2.0,
-        index_refresh_s=1.0,
+        snapshot_interval_s=1.0,
+        snapshot_wait_s=2.0,
     )
     base.update(overrides)
     return Settings(**base)

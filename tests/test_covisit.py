@@ -97,18 +97,18 @@ def _cycle_learner(covisit: bool) -> tuple[OnlineLearner, list[str], dict, dict]
 
 def test_ranker_serves_the_co_visited_next_item():
     learner, ids, states, pos = _cycle_learner(covisit=True)
-    server = Server(learner)
+    server = Server(learner.model)
     server.add_items(ids)
     server.refresh()
-    hists = [learner.history(st) for st in states.values()]
-    U = learner.history_vectors(hists, [st.residual for st in states.values()])
+    hists = [learner.model.history(st) for st in states.values()]
+    U = learner.model.history_vectors(hists, [st.residual for st in states.values()])
     rows = [np.zeros(0, dtype=np.int64)] * len(hists)  # co-visitation candidates only
     # each user cycles through the catalog, so the next item comes back: repeats allowed
     seen = [exclusions(st, "recent") for st in states.values()]
-    ranked = rank_candidates(learner, hists, U, rows, seen)
-    top = [learner.ids[int(r[0])] if len(r) else None for r, _ in ranked]
+    ranked = rank_candidates(learner.model, hists, U, rows, seen)
+    top = [learner.model.catalog.ids[int(r[0])] if len(r) else None for r, _ in ranked]
     want = [ids[pos[u] % len(ids)] for u in states]
     assert sum(t == w for t, w in zip(top, want, strict=True)) == len(states)
     # the blend weights the co-visitation feature positively and scores come best first
-    assert float(learner.head.covis_w.detach().sum()) > 0
+    assert float(learner.model.head.covis_w.detach().sum()) > 0
     assert all(np.all(np.diff(s) <= 0) for _, s in ranked)

@@ -114,7 +114,7 @@ def test_worker_started_before_the_broker_waits_and_proceeds(broker, tmp_path):
         pid = worker.proc.pid
         ensure_topics(s)  # idempotent: the worker may have created them already
         publish_items(s, world.items, quiet=True)
-        worker.wait_ready(timeout=240)
+        worker.wait_ready(timeout=240, snapshot=False)
         worker.wait_for("streamrec_index_items", len(world.items), timeout=180)
         publish_events(s, first, quiet=True)
         worker.wait_for("streamrec_events_total", N_FIRST, timeout=300, outcome="applied")
@@ -136,7 +136,7 @@ def _start_mid_stream(broker, tmp_path: Path, seed: int):
     worker = WorkerProcess(s, tmp_path / "worker.log").start()
     try:
         publish_items(s, world.items, quiet=True)
-        worker.wait_ready(timeout=240)
+        worker.wait_ready(timeout=240, snapshot=False)
         worker.wait_for("streamrec_index_items", len(world.items), timeout=180)
         publish_events(s, first, quiet=True)
         worker.wait_for("streamrec_events_total", N_FIRST // 10, timeout=300,

@@ -364,7 +364,7 @@ def test_hostile_events_go_to_the_dlq_and_good_ones_are_applied(kafka, tmp_path)
     sampler = Sampler(worker)
     try:
         publish_items(s, world.items, quiet=True)
-        worker.wait_ready()
+        worker.wait_ready(snapshot=False)
         worker.wait_for("streamrec_index_items", len(world.items), timeout=180)
         publish_events(s, warmup, quiet=True)
         worker.wait_for("streamrec_events_total", N_WARMUP, timeout=180, outcome="applied")
@@ -466,7 +466,7 @@ def test_misrouted_event_does_not_fork_or_reset_user_state(kafka, tmp_path):
     worker = WorkerProcess(s, tmp_path / "worker.log").start()
     try:
         publish_items(s, world.items, quiet=True)
-        worker.wait_ready()
+        worker.wait_ready(snapshot=False)
         worker.wait_for("streamrec_index_items", len(world.items), timeout=180)
         home = _send(s, topic, [(user.encode(), orjson.dumps(ev)) for ev in good[:30]])[0][0]
         worker.wait_for("streamrec_events_total", 30, timeout=120, outcome="applied")

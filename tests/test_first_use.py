@@ -83,7 +83,7 @@ def test_worker_starts_in_a_directory_without_var_and_creates_it(kafka, tmp_path
     home.mkdir()
     worker = WorkerProcess(s, tmp_path / "worker.log", cwd=home).start()
     try:
-        worker.wait_ready()
+        worker.wait_ready(snapshot=False)
         assert (home / "var" / "streamrec").is_dir()
     finally:
         assert worker.stop() == 0, worker.log_tail()
@@ -122,7 +122,7 @@ def test_worker_stops_within_its_deadline_without_a_broker_and_nothing_is_lost(t
         worker = WorkerProcess(s, tmp_path / "first.log").start()
         try:
             publish_items(s, world.items, quiet=True)
-            worker.wait_ready()
+            worker.wait_ready(snapshot=False)
             worker.wait_for("streamrec_index_items", len(world.items), timeout=120)
             publish_events(s, events, quiet=True)
             worker.wait_for("streamrec_events_total", 500, timeout=120, outcome="applied")
@@ -140,7 +140,7 @@ def test_worker_stops_within_its_deadline_without_a_broker_and_nothing_is_lost(t
         worker = WorkerProcess(s.model_copy(update={"data_dir": tmp_path / "disk-2"}),
                                tmp_path / "second.log").start()
         try:
-            worker.wait_ready()
+            worker.wait_ready(snapshot=False)
             states = wait_states(s, expected_states(events, s.learner.history_len), 180)
         finally:
             worker.stop()
@@ -163,7 +163,7 @@ def test_no_recommendation_holds_an_item_the_user_ever_interacted_with(kafka, tm
     worker = WorkerProcess(s, tmp_path / "worker.log").start()
     try:
         publish_items(s, world.items, quiet=True)
-        worker.wait_ready()
+        worker.wait_ready(snapshot=False)
         worker.wait_for("streamrec_index_items", len(world.items), timeout=120)
         publish_events(s, events, quiet=True)
         wait_states(s, expected_states(events, 5), timeout=180)  # lists go out before states

@@ -14,8 +14,10 @@ import torch
 from safetensors.torch import save as st_save
 
 from models.config import EVENT_TYPE_IDS, LearnerConfig
-from models.learner import Interaction, OnlineLearner, Pending
+from models.learner import Interaction, OnlineLearner, Pending, event_weight
+from models.sequences import Seqs
 from models.synthetic import SyntheticStream, make_world
+from models.trainer import checkpoint, restore
 from models.two_tower import UserTower
 from models.user_state import UserState
 
@@ -68,13 +70,14 @@ def run_stream(learner: OnlineLearner, batches, states=None) -> list[float]:
 
 @torch.no_grad()
 def pair_losses_and_u(learner: OnlineLearner, pend: Pending) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pair losses and user-tower outputs of `pend` (no residual), via the learner."""
-    seqs = learner._pad(pend.hists)
-    live = np.flatnonzero(learner.live)
-    V, need = learner._item_table(np.concatenate([live, seqs.rows.ravel()]))
-    u = learner._encode(seqs, V, need)
-    loss = learner._pair_losses(u, np.array(pend.targets), np.array(pend.weights), live, V,
-                                need, seqs.rows, np.ones(len(pend.targets), dtype=bool))
+    """Per-pair losses and user-tower outputs of `pend` (no residual), via the model."""
+    m = learner.model
+    seqs = Seqs.pad(pend.hists)
+    live = np.flatnonzero(m.catalog.live)
+    u = m.encode(seqs, *m.item_table(np.concatenate([live, seqs.rows.ravel()])))
+    n = len(pend.targets)
+    loss = m.pair_losses(seqs, np.array(pend.targets), np.array(pend.weights),
+                         torch.zeros(n, m.n_user), np.ones(n, dtype=bool), None)
     return loss.numpy(), u.numpy()
 
 
@@ -110,8 +113,8 @@ def test_deterministic_cycle_is_learned():
             pos[u] += 1
         losses.append(learner.learn_batch(evs, states).loss)
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
-    u = learner.user_vectors(list(states.values()))
-    names, V = learner.item_vectors()
+    u = learner.model.user_vectors(list(states.values()))
+    names, V = learner.model.item_vectors()
     top = [names[j] for j in (u @ V.T).argmax(1)]
     hits = sum(t == ids[pos[u] % n] for t, u in zip(top, states, strict=True))
     assert hits >= 5, (hits, len(states))
@@ -128,11 +131,11 @@ def _leaky_observe(learner: OnlineLearner, events, states) -> Pending:
         owner = pend.users.setdefault(ev.user_id, len(pend.users))
         st.append(ev.item_id, EVENT_TYPE_IDS[ev.event_type], ev.ts, ev.text_vec,
                   learner.cfg.history_len)
-        target = learner._target_row(ev)
+        target = learner.model.catalog.live_row(ev.item_id)
         if target is not None:
-            pend.hists.append(learner.history(st))
+            pend.hists.append(learner.model.history(st))
             pend.targets.append(target)
-            pend.weights.append(learner._weight(ev))
+            pend.weights.append(event_weight(learner.cfg, ev.event_type))
             pend.owners.append(owner)
     return pend
 
@@ -140,9 +143,9 @@ def _leaky_observe(learner: OnlineLearner, events, states) -> Pending:
 def _check_no_leak(learner: OnlineLearner, observe) -> None:
     """Batch [e1, e2, e3] of one user: each pair sees only earlier events, and changing e3
     changes neither e1's nor e2's pair history, user vector or loss (but does change e3's)."""
-    ids = learner.ids[1:]
+    ids = learner.model.catalog.ids[1:]
     a, b, c, c2 = ids[0], ids[1], ids[2], ids[3]
-    row = learner.rows
+    row = learner.model.catalog.rows
 
     def batch(last: str):
         return [Interaction("u", a, "view", T0 + 1000), Interaction("u", b, "click", T0 + 2000),
@@ -189,8 +192,8 @@ def test_trained_pairs_are_the_unleaked_ones():
     evs = [Interaction("u", ids[k], "view", T0 + 1000 * k) for k in range(3)]
     res = learner.learn_batch(evs, st)
     assert res.n_pairs == 3
-    r = learner.rows
-    rep = learner._replay
+    r = learner.model.catalog.rows
+    rep = learner.trainer.replay
     assert rep.n == 3
     assert rep.rows[:3].tolist() == [[0, 0, 0, 0], [0, 0, 0, r[ids[0]]],
                                      [0, 0, r[ids[0]], r[ids[1]]]]
@@ -273,14 +276,14 @@ def _padding_gap(user_tower: str) -> float:
     learner = make_learner(user_tower=user_tower)
     learner.upsert_items(ids, vecs)
     run_stream(learner, batches)  # the encoder's output layer starts at zero: train it first
-    assert learner.users.out.weight.abs().max() > 0
+    assert learner.model.users.out.weight.abs().max() > 0
     short, long_ = UserState(), UserState()
     for k in range(2):
         short.append(ids[k], 1, T0 + 1000 * k, None, 10)
     for k in range(8):
         long_.append(ids[10 + k], 2, T0 + 5000 * k, None, 10)
-    alone = learner.user_vectors([short])
-    together = learner.user_vectors([short, long_])
+    alone = learner.model.user_vectors([short])
+    together = learner.model.user_vectors([short, long_])
     return float(np.abs(alone[0] - together[0]).max())
 
 
@@ -309,17 +312,17 @@ def _dislike_vs_view(etype: str) -> tuple[float, float, float]:
         learner.learn_batch(evs, st)
 
     def score() -> float:
-        u = learner.user_vectors([st["u"]])[0]
-        names, V = learner.item_vectors()
+        u = learner.model.user_vectors([st["u"]])[0]
+        names, V = learner.model.item_vectors()
         return float(V[names.index(x)] @ u)
 
     before = score()
-    count = learner.counts[learner.rows[x]]
+    count = learner.model.counts[learner.model.catalog.rows[x]]
     for _ in range(10):
         ts += 1000
         res = learner.learn_batch([Interaction("u", x, etype, ts)], st)
         assert res.n_pairs == 1 and math.isfinite(res.loss)
-    return before, score(), learner.counts[learner.rows[x]] - count
+    return before, score(), learner.model.counts[learner.model.catalog.rows[x]] - count
 
 
 def test_dislike_scores_below_the_same_events_as_views():
@@ -348,7 +351,7 @@ def test_search_events_are_history_not_targets():
            Interaction("u", None, "search", T0 + 3000, text_vec=-q)]
     st = UserState()
     pend = learner.observe(evs, {"u": st})
-    r = learner.rows
+    r = learner.model.catalog.rows
     assert pend.targets == [r[ids[0]], r[ids[1]]]  # searches are never a target
     rows, types, _ts, texts = pend.hists[1]
     assert rows == [r[ids[0]], 0]
@@ -362,7 +365,7 @@ def test_search_events_are_history_not_targets():
     np.testing.assert_allclose(st.text_vector(3), -q, atol=1e-3)
     res = learner.train(pend)
     assert res.n_pairs == 2 and math.isfinite(res.loss)
-    assert learner.counts.sum() == 2
+    assert learner.model.counts.sum() == 2
     # a batch of searches only: accepted, nothing to learn
     only = learner.learn_batch([Interaction("v", None, "search", T0, text_vec=q)],
                                {"v": UserState()})
@@ -373,7 +376,7 @@ def test_search_events_are_history_not_targets():
     b.append(ids[0], 1, T0, None, 10)
     a.append(None, EVENT_TYPE_IDS["search"], T0 + 1000, q, 10)
     b.append(None, EVENT_TYPE_IDS["search"], T0 + 1000, -q, 10)
-    ua, ub = learner.user_vectors([a, b])
+    ua, ub = learner.model.user_vectors([a, b])
     assert np.abs(ua - ub).max() > 1e-3
 
 
@@ -381,66 +384,67 @@ def test_search_events_are_history_not_targets():
 
 
 def test_checkpoint_restore_round_trip():
+    """The trainer's checkpoint: parameters and optimizer moments by item id, its progress;
+    training goes on from it. (Counts are the snapshot log's, not the checkpoint's.)"""
     ids, vecs, batches = synthetic_batches(12, batch=16)
     learner = make_learner()
     learner.upsert_items(ids, vecs)
     states: dict[str, UserState] = {}
     run_stream(learner, batches[:10], states)
-    data = learner.checkpoint()
+    data = checkpoint(learner.trainer, {"extra": "kept"})
     assert isinstance(data, bytes)
 
     fresh = make_learner()
-    fresh.restore(data)
-    assert fresh.n_items == 0  # items come back not-live until the catalog re-upserts
+    meta = restore(fresh.trainer, data)
+    assert meta["extra"] == "kept"
+    assert fresh.model.n_items == 0  # items come back not-live until the catalog re-upserts
     fresh.upsert_items(ids, vecs)
-    assert fresh.steps == learner.steps
-    np.testing.assert_array_equal(fresh.counts, learner.counts)
+    assert fresh.trainer.steps == learner.trainer.steps
+    assert fresh.trainer.trained == learner.trainer.trained == 160
+    assert fresh.trainer.progress == learner.trainer.progress
     sts = list(states.values())
-    np.testing.assert_array_equal(fresh.user_vectors(sts), learner.user_vectors(sts))
-    n1, v1 = learner.item_vectors()
-    n2, v2 = fresh.item_vectors()
+    np.testing.assert_array_equal(fresh.model.user_vectors(sts), learner.model.user_vectors(sts))
+    n1, v1 = learner.model.item_vectors()
+    n2, v2 = fresh.model.item_vectors()
     assert n1 == n2
     np.testing.assert_array_equal(v1, v2)
     # optimizer moments came back
-    p_old = dict(learner.named_parameters())["users.out.weight"]
-    p_new = dict(fresh.named_parameters())["users.out.weight"]
-    np.testing.assert_array_equal(learner.dense_opt.state[p_old]["exp_avg"].numpy(),
-                                  fresh.dense_opt.state[p_new]["exp_avg"].numpy())
-    np.testing.assert_array_equal(
-        learner.sparse_opt.state[learner.items.E]["exp_avg"].numpy(),
-        fresh.sparse_opt.state[fresh.items.E]["exp_avg"].numpy())
+    p_old = dict(learner.model.named_parameters())["users.out.weight"]
+    p_new = dict(fresh.model.named_parameters())["users.out.weight"]
+    np.testing.assert_array_equal(learner.trainer.dense_opt.state[p_old]["exp_avg"].numpy(),
+                                  fresh.trainer.dense_opt.state[p_new]["exp_avg"].numpy())
+    old_m = learner.trainer.sparse_opt.state[learner.model.items.E]["exp_avg"]
+    new_m = fresh.trainer.sparse_opt.state[fresh.model.items.E]["exp_avg"]
+    np.testing.assert_array_equal(old_m[: len(ids) + 1].numpy(), new_m[: len(ids) + 1].numpy())
     # training continues
     losses = run_stream(fresh, batches[10:], states)
     assert all(math.isfinite(x) for x in losses)
 
 
-def test_restore_rejects_other_shapes_and_used_learners():
+def test_restore_rejects_other_shapes_and_maps_rows_by_item_id():
     ids, vecs, _ = topic_catalog(n_items=20)
     learner = make_learner()
     learner.upsert_items(ids, vecs)
-    data = learner.checkpoint()
+    learner.learn_batch([Interaction("u", ids[k], "view", T0 + k) for k in range(5)],
+                        {"u": UserState()})
+    data = checkpoint(learner.trainer)
     with pytest.raises(ValueError):
-        make_learner(dim=32).restore(data)
+        restore(make_learner(dim=32).trainer, data)
     with pytest.raises(ValueError):
-        OnlineLearner(LearnerConfig(dim=16, history_len=10, device="cpu"), text_dim=64,
-                      capacity=256).restore(data)
-    used = make_learner()
-    used.upsert_items(ids[:3], vecs[:3])
-    with pytest.raises(RuntimeError):
-        used.restore(data)
-    with pytest.raises(ValueError):  # a safetensors file that is no learner checkpoint
-        make_learner().restore(st_save({"x": torch.zeros(1)}, metadata={"format": "other"}))
-
-
-def test_restore_into_learner_with_larger_capacity():
-    ids, vecs, _ = topic_catalog(n_items=20)
-    small = make_learner(capacity=8)  # grows to 32 rows
-    small.upsert_items(ids, vecs)
-    data = small.checkpoint()
-    big = make_learner(capacity=256)
-    big.restore(data)
-    big.upsert_items(ids, vecs)
-    np.testing.assert_array_equal(big.item_vectors()[1], small.item_vectors()[1])
+        restore(OnlineLearner(LearnerConfig(dim=16, history_len=10, device="cpu",
+                                            covisit=False), text_dim=64).trainer, data)
+    with pytest.raises(ValueError):  # a safetensors file that is no trainer checkpoint
+        restore(make_learner().trainer,
+                st_save({"x": torch.zeros(1)}, metadata={"format": "other"}))
+    # a learner that already knows some items, in another order: rows differ, vectors agree
+    used = make_learner(capacity=8)
+    used.upsert_items(ids[::-1][:7], vecs[::-1][:7].copy())
+    restore(used.trainer, data)
+    used.upsert_items(ids, vecs)
+    names, V = used.model.item_vectors()
+    ref = dict(zip(*learner.model.item_vectors(), strict=True))
+    for name, v in zip(names, V, strict=True):
+        np.testing.assert_array_equal(v, ref[name])
 
 
 # --------------------------------------------------------------------------- catalog
@@ -455,25 +459,25 @@ def test_capacity_growth_keeps_rows_and_optimizer():
     caps = []
     added_at: dict[int, torch.Tensor] = {}
     for start in range(0, 100, 20):
-        n_old = len(learner.ids)
-        E_before = learner.items.E.detach().clone()
-        iv_before = learner.item_vectors()[1] if n_old > 1 else None
-        m_before = learner.sparse_opt.state.get(learner.items.E, {}).get("exp_avg")
+        n_old = len(learner.model.catalog.ids)
+        E_before = learner.model.items.E.detach().clone()
+        iv_before = learner.model.item_vectors()[1] if n_old > 1 else None
+        m_before = learner.trainer.sparse_opt.state.get(learner.model.items.E, {}).get("exp_avg")
         m_before = None if m_before is None else m_before.clone()
         learner.upsert_items(ids[start : start + 20], vecs[start : start + 20])
-        caps.append(learner.items.capacity)
+        caps.append(learner.model.items.capacity)
         for i in ids[start : start + 20]:
-            added_at[learner.rows[i]] = learner.items.E[learner.rows[i]].detach().clone()
+            added_at[learner.model.catalog.rows[i]] = learner.model.items.E[learner.model.catalog.rows[i]].detach().clone()
         # growth copies the existing rows, their vectors and their Adam moments
-        torch.testing.assert_close(learner.items.E[:n_old].detach(), E_before[:n_old],
+        torch.testing.assert_close(learner.model.items.E[:n_old].detach(), E_before[:n_old],
                                    rtol=0, atol=0)
         if iv_before is not None:
-            np.testing.assert_array_equal(learner.item_vectors()[1][: n_old - 1], iv_before)
+            np.testing.assert_array_equal(learner.model.item_vectors()[1][: n_old - 1], iv_before)
         if m_before is not None:
-            m_after = learner.sparse_opt.state[learner.items.E]["exp_avg"]
+            m_after = learner.trainer.sparse_opt.state[learner.model.items.E]["exp_avg"]
             torch.testing.assert_close(m_after[: m_before.shape[0]], m_before, rtol=0, atol=0)
-        assert learner.sparse_opt.param_groups[0]["params"][0] is learner.items.E
-        assert learner.live.shape[0] == learner.counts.shape[0] == learner.items.capacity
+        assert learner.trainer.sparse_opt.param_groups[0]["params"][0] is learner.model.items.E
+        assert learner.model.catalog.live.shape[0] == learner.model.counts.shape[0] == learner.model.items.capacity
         # train on the items known so far
         known = start + 20
         for _ in range(3):
@@ -485,12 +489,12 @@ def test_capacity_growth_keeps_rows_and_optimizer():
             res = learner.learn_batch(evs, states)
             assert res.n_pairs == 4 and math.isfinite(res.loss)
     assert caps[0] == 32 and caps[-1] == 128
-    assert learner.n_items == 100
+    assert learner.model.n_items == 100
     # SparseAdam kept stepping after every growth: rows added late moved too
-    moved = {r: bool((learner.items.E[r].detach() != e0).any()) for r, e0 in added_at.items()}
+    moved = {r: bool((learner.model.items.E[r].detach() != e0).any()) for r, e0 in added_at.items()}
     assert sum(moved.values()) > 50
     assert any(m for r, m in moved.items() if r > 64)
-    assert torch.isfinite(learner.items.E).all()
+    assert torch.isfinite(learner.model.items.E).all()
 
 
 def test_delete_items_and_readd():
@@ -500,30 +504,30 @@ def test_delete_items_and_readd():
     x = ids[5]
     states = {"a": UserState(), "b": UserState()}
     learner.learn_batch([Interaction("a", x, "view", T0)], states)  # x gets trained
-    row = learner.rows[x]
+    row = learner.model.catalog.rows[x]
     learner.delete_items([x, "never-existed"])
-    assert not learner.has_item(x) and learner.n_items == 29
-    names, _ = learner.item_vectors()
+    assert not learner.model.has_item(x) and learner.model.n_items == 29
+    names, _ = learner.model.item_vectors()
     assert x not in names and len(names) == 29
     # events on a deleted item are history, never a target
     pend = learner.observe([Interaction("b", x, "view", T0 + 1000),
                             Interaction("b", ids[1], "view", T0 + 2000)], states)
-    assert pend.targets == [learner.rows[ids[1]]]
+    assert pend.targets == [learner.model.catalog.rows[ids[1]]]
     assert states["b"].items == [x, ids[1]]
     learner.train(pend)  # x is in b's history (so its row may move), not a target
-    E_x = learner.items.E[row].detach().clone()
+    E_x = learner.model.items.E[row].detach().clone()
     for k in range(5):  # other users, other items: x's row must not move
         learner.learn_batch([Interaction(f"c{k}", ids[k + 10], "view", T0 + 5000 + k)],
                             {f"c{k}": UserState()})
-    torch.testing.assert_close(learner.items.E[row].detach(), E_x, rtol=0, atol=0)
+    torch.testing.assert_close(learner.model.items.E[row].detach(), E_x, rtol=0, atol=0)
     # re-adding brings it back in the same row with its old E row
     learner.upsert_items([x], vecs[5:6])
-    assert learner.has_item(x) and learner.rows[x] == row
-    torch.testing.assert_close(learner.items.E[row].detach(), E_x, rtol=0, atol=0)
-    names, V = learner.item_vectors()
+    assert learner.model.has_item(x) and learner.model.catalog.rows[x] == row
+    torch.testing.assert_close(learner.model.items.E[row].detach(), E_x, rtol=0, atol=0)
+    names, V = learner.model.item_vectors()
     assert x in names
     with torch.no_grad():
-        expect = (E_x + learner.items.proj(torch.as_tensor(vecs[5]))).numpy()
+        expect = (E_x + learner.model.items.proj(torch.as_tensor(vecs[5]))).numpy()
     np.testing.assert_allclose(V[names.index(x)], expect, atol=1e-6)
     res = learner.learn_batch([Interaction("a", x, "view", T0 + 9000)], states)
     assert res.n_pairs == 1
@@ -538,12 +542,12 @@ def test_deleted_item_is_never_a_target_even_from_replay(sampled):
     x = ids[-1]  # highest row
     # user "a" has only this event: x is a target, but in no history
     learner.learn_batch([Interaction("a", x, "view", T0)], {"a": UserState()})
-    row = learner.rows[x]
-    E_x = learner.items.E[row].detach().clone()
+    row = learner.model.catalog.rows[x]
+    E_x = learner.model.items.E[row].detach().clone()
     learner.delete_items([x])
     # the replay buffer holds exactly the x pair, so this step replays it
     learner.learn_batch([Interaction("b", ids[3], "view", T0 + 1000)], {"b": UserState()})
-    torch.testing.assert_close(learner.items.E[row].detach(), E_x, rtol=0, atol=0)
+    torch.testing.assert_close(learner.model.items.E[row].detach(), E_x, rtol=0, atol=0)
 
 
 def test_sampled_softmax_path_learns():
@@ -551,10 +555,10 @@ def test_sampled_softmax_path_learns():
     learner = make_learner(full_softmax_max_items=50, n_negatives=64)
     learner.upsert_items(ids, vecs)
     losses = run_stream(learner, batches)
-    assert learner._neg.shape == (64,)  # the sampled path was taken
+    assert learner.model.sample_negatives(np.random.default_rng(0)).shape == (64,)  # sampled
     assert all(math.isfinite(x) for x in losses)
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.5
-    assert learner.counts.sum() == sum(len(b) for b in batches)
+    assert learner.model.counts.sum() == sum(len(b) for b in batches)
 
 
 # --------------------------------------------------------------------------- ablations
@@ -578,7 +582,7 @@ def test_ablations_train(kw):
     states: dict[str, UserState] = {}
     losses = run_stream(learner, batches, states)
     assert all(math.isfinite(x) for x in losses)
-    u = learner.user_vectors(list(states.values()))
+    u = learner.model.user_vectors(list(states.values()))
     assert u.shape == (len(states), 16) and np.isfinite(u).all()
     if kw.get("use_residual", True):
         assert all(s.residual is not None and s.residual.shape == (16,)
@@ -596,5 +600,5 @@ def test_zero_weight_batch_does_not_poison_parameters():
     learner = make_learner(dislike_weight=0.0)
     learner.upsert_items(ids, vecs)
     learner.learn_batch([Interaction("u", ids[1], "dislike", T0)], {"u": UserState()})
-    for name, p in learner.named_parameters():
+    for name, p in learner.model.named_parameters():
         assert torch.isfinite(p).all(), name

@@ -15,7 +15,7 @@ from helpers import dead_letters, latest_recommendations, make_settings, read_al
 from models.synthetic import SyntheticStream, make_world, topic_hit_rate
 from streams.clients import kafka_producer
 from streams.publish import publish_events, publish_items
-from streams.supervisor import WorkerProcess, total
+from streams.supervisor import TrainerProcess, WorkerProcess, total
 from streams.topics import ensure_topics
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -70,10 +70,12 @@ def run(kafka, tmp_path_factory):
     world = make_world(480, n_topics=8, seed=3)
     stream = SyntheticStream(world, n_users=80, seed=4, drift_prob=0.01, noise=0.05)
     events = list(stream.events(N_EVENTS))
+    trainer = TrainerProcess(s, tmp / "trainer.log").start()
     worker = WorkerProcess(s, tmp / "worker.log").start()
     try:
         sent_bad_items = _send(s, s.topic(s.catalog_topic), BAD_ITEMS)
         publish_items(s, world.items, quiet=True)
+        trainer.wait_ready()
         worker.wait_ready()
         worker.wait_for("streamrec_index_items", len(world.items), timeout=180)
         sent_bad = _send(s, s.topic(s.events_topic), BAD_INPUT)
@@ -97,9 +99,10 @@ def run(kafka, tmp_path_factory):
         yield dict(settings=s, world=world, stream=stream, events=events, sent_bad=sent_bad,
                    sent_bad_items=sent_bad_items, samples=samples, worker=worker,
                    deleted=deleted, deleted_at=deleted_at, second=second,
-                   readded_at=readded_at, third=third)
+                   readded_at=readded_at, third=third, trainer=trainer)
     finally:
         worker.stop()
+        trainer.stop()
 
 
 def _send(s, topic: str, records: list[tuple[bytes, str | None]]

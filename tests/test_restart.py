@@ -45,7 +45,7 @@ def test_kill_mid_stream_and_recover_on_a_new_worker(kafka, tmp_path):
     first = WorkerProcess(s, tmp_path / "first.log").start()
     try:
         publish_items(s, world.items, quiet=True)
-        first.wait_ready()
+        first.wait_ready(snapshot=False)
         first.wait_for("streamrec_index_items", len(world.items), timeout=180)
         publish_events(s, events, quiet=True)
         first.wait_for("streamrec_checkpoints_total", 1, timeout=120, outcome="saved")
@@ -60,7 +60,7 @@ def test_kill_mid_stream_and_recover_on_a_new_worker(kafka, tmp_path):
     second_settings = s.model_copy(update={"data_dir": tmp_path / "fresh-disk"})
     second = WorkerProcess(second_settings, tmp_path / "second.log").start()
     try:
-        second.wait_ready()
+        second.wait_ready(snapshot=False)
         samples = second.metrics()
         assert total(samples, "streamrec_checkpoints_total", outcome="restored") == 1
         after = wait_states(s, expected, timeout=300)

@@ -59,7 +59,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def _trained():
     learner, ids, _ = make_learner()
     states = train(learner, ids)
-    server = Server(learner, IndexConfig(), refresh_batches=1000, refresh_s=1e9)
+    server = Server(learner.model, IndexConfig(), refresh_batches=1000, refresh_s=1e9)
     server.refresh()
     return learner, ids, states, server
 
@@ -81,17 +81,17 @@ def own_trained():
 
 def test_refresh_increments_version_and_keeps_old_snapshots_consistent():
     learner, ids, _ = make_learner()
-    server = Server(learner, IndexConfig(), refresh_batches=1000, refresh_s=1e9)
+    server = Server(learner.model, IndexConfig(), refresh_batches=1000, refresh_s=1e9)
     assert server.version == 0 and server.n_items == 0
     assert server.index.current() == (None, 0)
     v1 = server.refresh()
     assert v1 == 1 == server.version
     assert server.n_items == len(ids)
     old_idx, old_v = server.index.current()  # a reader takes (index, version) once
-    names, old_vecs = learner.item_vectors()
+    names, old_vecs = learner.model.item_vectors()
     keys = np.array([server.ids.to_int(i) for i in names])
     states = train(learner, ids, n_batches=5)  # the item tower moves
-    _, new_vecs = learner.item_vectors()
+    _, new_vecs = learner.model.item_vectors()
     assert not np.allclose(old_vecs, new_vecs)
     learner.upsert_items(["brand-new"], catalog(1, seed=9)[1])
     assert server.refresh() == 2 and server.version == 2
@@ -105,14 +105,14 @@ def test_refresh_increments_version_and_keeps_old_snapshots_consistent():
     np.testing.assert_allclose(new_idx.vectors(keys), new_vecs, rtol=1e-6, atol=1e-6)
     assert server.ids.to_int("brand-new") in new_idx and len(new_idx) == len(ids) + 1
     assert server.refresh() == 3
-    u = learner.user_vectors(list(states.values()))
+    u = learner.model.user_vectors(list(states.values()))
     recs, version = server.recommend(list(states.values()), u, k=5)
     assert version == 3 and all(len(r) == 5 for r in recs)
 
 
 def test_concurrent_readers_never_see_a_mixed_version():
     learner, ids, _ = make_learner(n_items=40)
-    server = Server(learner, IndexConfig(), refresh_batches=1000, refresh_s=1e9)
+    server = Server(learner.model, IndexConfig(), refresh_batches=1000, refresh_s=1e9)
     extra_ids, extra_vecs = catalog(30, seed=5)
     extra_ids = [f"x-{i}" for i in extra_ids]
     expected = {1: 40}
@@ -152,7 +152,7 @@ def test_concurrent_readers_never_see_a_mixed_version():
 
 def test_maybe_refresh_every_n_batches():
     learner, _, _ = make_learner(n_items=20)
-    server = Server(learner, IndexConfig(), refresh_batches=3, refresh_s=1e9)
+    server = Server(learner.model, IndexConfig(), refresh_batches=3, refresh_s=1e9)
     fired = [server.maybe_refresh() for _ in range(10)]
     # the first call builds the missing index, then every 3rd batch
     assert fired == [True, False, False, True, False, False, True, False, False, True]
@@ -163,7 +163,7 @@ def test_maybe_refresh_every_n_batches():
 
 def test_maybe_refresh_after_t_seconds():
     learner, _, _ = make_learner(n_items=20)
-    server = Server(learner, IndexConfig(), refresh_batches=10_000, refresh_s=0.2)
+    server = Server(learner.model, IndexConfig(), refresh_batches=10_000, refresh_s=0.2)
     assert server.maybe_refresh() is True  # no index yet
     assert server.maybe_refresh() is False
     time.sleep(0.25)
@@ -177,11 +177,11 @@ def test_maybe_refresh_after_t_seconds():
 def test_recommend_excludes_seen_and_returns_exact_top_k(trained):
     learner, _, states, server = trained
     sts = list(states.values())
-    u = learner.user_vectors(sts)
+    u = learner.model.user_vectors(sts)
     k = 10
     recs, version = server.recommend(sts, u, k=k)
     assert version == server.version
-    names, V = learner.item_vectors()
+    names, V = learner.model.item_vectors()
     for st, uu, rec in zip(sts, u, recs, strict=True):
         seen = {n for n in names if st.seen.contains(item_keys([n]))[0]}
         assert len(seen) > 0
@@ -201,10 +201,10 @@ def test_recommend_excludes_seen_and_returns_exact_top_k(trained):
 def test_reason_is_the_most_similar_recent_item(trained):
     learner, _, states, server = trained
     sts = list(states.values())
-    u = learner.user_vectors(sts)
+    u = learner.model.user_vectors(sts)
     window = 5
     recs, _ = server.recommend(sts, u, k=8, reason_window=window)
-    names, V = learner.item_vectors()
+    names, V = learner.model.item_vectors()
     vec = dict(zip(names, _unit(V), strict=True))
     for st, rec in zip(sts, recs, strict=True):
         recent = [i for i in reversed(st.items) if i is not None][:window]
@@ -221,7 +221,7 @@ def test_reason_skips_removed_items_and_none_without_history(own_trained):
     for k, i in enumerate(ids[:4]):
         st.append(i, 1, T0 + k, None, 12)
     server.remove_items([ids[3]])  # the newest history item left the index
-    recs, _ = server.recommend([st, UserState()], learner.user_vectors([st, UserState()]), k=5)
+    recs, _ = server.recommend([st, UserState()], learner.model.user_vectors([st, UserState()]), k=5)
     assert len(recs[0]) == 5
     assert all(r.reason_item_id in ids[:3] for r in recs[0])
     assert len(recs[1]) == 5 and all(r.reason_item_id is None for r in recs[1])
@@ -232,11 +232,11 @@ def test_recommend_returns_fewer_when_catalog_is_short():
     states = {"u": UserState()}
     evs = [Interaction("u", ids[k], "view", T0 + 1000 * k) for k in range(10)]
     learner.learn_batch(evs, states)
-    server = Server(learner, IndexConfig())
-    empty, v0 = server.recommend([states["u"]], learner.user_vectors([states["u"]]), k=10)
+    server = Server(learner.model, IndexConfig())
+    empty, v0 = server.recommend([states["u"]], learner.model.user_vectors([states["u"]]), k=10)
     assert empty == [[]] and v0 == 0  # no index yet
     server.refresh()
-    recs, _ = server.recommend([states["u"]], learner.user_vectors([states["u"]]), k=10)
+    recs, _ = server.recommend([states["u"]], learner.model.user_vectors([states["u"]]), k=10)
     assert sorted(r.item_id for r in recs[0]) == sorted(ids[10:])
     assert server.recommend([], np.zeros((0, 16), np.float32), k=3) == ([], 1)
 
@@ -248,9 +248,9 @@ def test_add_items_is_searchable_before_the_next_refresh(own_trained):
     learner, ids, states, server = own_trained
     n0 = server.n_items
     st = next(iter(states.values()))
-    u = learner.user_vectors([st])
+    u = learner.model.user_vectors([st])
     # a new item whose vector is far in the user's direction: it must come first
-    new_text = _unit(learner.items.proj.weight.detach().numpy().T @ u[0])[None]
+    new_text = _unit(learner.model.items.proj.weight.detach().numpy().T @ u[0])[None]
     learner.upsert_items(["new-item"], new_text.astype(np.float32))
     server.add_items(["new-item"])
     assert server.version == 1 and server.n_items == n0 + 1
@@ -258,7 +258,7 @@ def test_add_items_is_searchable_before_the_next_refresh(own_trained):
     key = server.ids.to_int("new-item")
     assert key in idx
     np.testing.assert_allclose(idx.vectors([key])[0],
-                               learner.item_vectors(np.array([learner.rows["new-item"]]))[1][0],
+                               learner.model.item_vectors(np.array([learner.model.catalog.rows["new-item"]]))[1][0],
                                atol=1e-6)
     recs, version = server.recommend([st], u, k=5)
     assert version == 1
@@ -267,7 +267,7 @@ def test_add_items_is_searchable_before_the_next_refresh(own_trained):
 
 def test_add_items_before_first_refresh_is_picked_up_by_it():
     learner, ids, _ = make_learner(n_items=10)
-    server = Server(learner, IndexConfig())
+    server = Server(learner.model, IndexConfig())
     learner.upsert_items(["late"], catalog(1, seed=3)[1])
     server.add_items(["late"])  # no index yet: only registered
     assert server.n_items == 0
@@ -278,7 +278,7 @@ def test_add_items_before_first_refresh_is_picked_up_by_it():
 def test_remove_items_disappears_immediately(own_trained):
     learner, ids, states, server = own_trained
     sts = list(states.values())
-    u = learner.user_vectors(sts)
+    u = learner.model.user_vectors(sts)
     recs, _ = server.recommend(sts, u, k=5)
     gone = recs[0][0].item_id
     n0 = server.n_items
@@ -300,7 +300,7 @@ def test_remove_items_disappears_immediately(own_trained):
 def test_refresh_with_empty_catalog():
     cfg = LearnerConfig(dim=16, history_len=5, device="cpu")
     learner = OnlineLearner(cfg, text_dim=TEXT_DIM, capacity=16)
-    server = Server(learner, IndexConfig())
+    server = Server(learner.model, IndexConfig())
     assert server.refresh() == 1
     idx, _ = server.index.current()
     assert isinstance(idx, FaissIndex) and len(idx) == 0
@@ -310,7 +310,7 @@ def test_refresh_with_empty_catalog():
 
 def test_hnsw_rebuilds_in_the_background_and_keeps_catalog_changes_made_meanwhile():
     learner, ids, _ = make_learner(n_items=60)
-    server = Server(learner, IndexConfig(kind="hnsw"), refresh_batches=1, refresh_s=1e9)
+    server = Server(learner.model, IndexConfig(kind="hnsw"), refresh_batches=1, refresh_s=1e9)
     assert server.maybe_refresh() is True and server.version == 1  # first build: synchronous
     assert server.maybe_refresh() is False  # due again: a background build starts...
     assert server._build is not None and server.version == 1  # ...the old index serves
@@ -358,10 +358,10 @@ def test_serving_and_the_evaluator_exclude_the_same_items(mode):
     stream.sort(key=lambda e: e[2])
     states = {u: UserState() for u in users}
     learner.learn_batch([Interaction(u, ids[i], "view", ts) for u, i, ts in stream], states)
-    server = Server(learner, IndexConfig(), exclude_seen=mode)
+    server = Server(learner.model, IndexConfig(), exclude_seen=mode)
     server.refresh()
     sts = [states[u] for u in users]
-    recs, _ = server.recommend(sts, learner.user_vectors(sts), k=len(ids))
+    recs, _ = server.recommend(sts, learner.model.user_vectors(sts), k=len(ids))
     served = {u: {r.item_id for r in rec} for u, rec in zip(users, recs, strict=True)}
 
     touched = {u: {i for v, i, _ in stream if v == u} for u in users}

@@ -83,7 +83,7 @@ def test_parse_event_on_random_objects_accepts_or_gives_a_reason(obj):
        st.integers(0, 2**53), st.floats(0.0001, 1.0))
 def test_recommendation_writer_matches_the_schema(user, items, ts, alpha):
     """The agent's direct writer emits exactly the JSON of the pydantic Recommendation."""
-    model = ModelInfo(encoder="enc", index_version=7)
+    model = ModelInfo(encoder="enc", index_version=7, model_version=3)
     fast = recommendation_bytes(user, "home", items, ts, ts - 1, model, alpha)
     slow = dumps(Recommendation(
         user_id=user, scenario="home", generated_at=ts, source_event_ts=ts - 1, model=model,
@@ -212,9 +212,10 @@ def _processor(encoder, tmp_path, batch_encoder):
                             text_dim=encoder.dim, capacity=64)
     ids = [f"item-{i}" for i in range(20)]
     learner.upsert_items(ids, encoder.encode([f"movie number {i}" for i in range(20)]))
-    server = Server(learner)
+    server = Server(learner.model)
     server.add_items(ids)
-    return EventProcessor(Settings(data_dir=tmp_path), learner, server, batch_encoder)
+    server.refresh()
+    return EventProcessor(Settings(data_dir=tmp_path), server, learner.personal, batch_encoder)
 
 
 def test_processor_applies_a_record_delivered_twice_in_one_batch_once(encoder, tmp_path):
@@ -232,7 +233,7 @@ def test_processor_applies_a_record_delivered_twice_in_one_batch_once(encoder, t
     batch = [rec(4, "item-0"), rec(5, "item-1"), rec(6, "item-2"), rec(5, "item-1"),
              rec(6, "item-2"), rec(7, "item-3")]
     good, bad = proc.decode(batch)
-    out = proc.process(good, bad, lambda user, r: state)
+    out = proc.process(good, bad, {"u1": state})
     assert (out.applied, out.duplicates) == (3, 3)
     assert out.users["u1"].state.items[-3:] == ["item-1", "item-2", "item-3"]
     assert out.users["u1"].state.n_events == 3
@@ -256,7 +257,7 @@ def test_processor_hands_back_users_whose_events_were_all_replays(encoder, tmp_p
         return RawRecord(user.encode(), orjson.dumps(ev), partition=0, offset=offset)
 
     good, bad = proc.decode([rec("u1", 9), rec("u1", 10), rec("u2", 10), rec("u2", 11)])
-    out = proc.process(good, bad, lambda user, r: states[user])
+    out = proc.process(good, bad, states)
     assert (out.applied, out.duplicates) == (1, 3)
     assert list(out.users) == ["u2"]  # u2 has a new event: written with it, as always
     assert list(out.replayed) == ["u1"]
@@ -281,7 +282,7 @@ def test_misrouted_and_keyless_events_count_under_their_own_event_type(encoder, 
                              RawRecord(b"u1", b"{not json", 0, 3)])
     assert good == [] and [exc.reason for _, exc in bad] == [Reason.MISROUTED] * 2 + [
         Reason.INVALID_JSON]
-    proc.process(good, bad, lambda user, r: UserState())
+    proc.process(good, bad, {})
     assert count("purchase") - before["purchase"] == 2
     assert count("invalid") - before["invalid"] == 1
 
@@ -308,9 +309,8 @@ def test_processor_isolates_a_search_text_that_makes_the_encoder_fail(encoder, t
         "user_id": u, "item_id": item, "text": text, "ts": 1_700_000_000_000,
         "event_type": "search" if text else "view"}), partition=0, offset=k)
         for k, (u, item, text) in enumerate(evs)]
-    states: dict[str, UserState] = {}
     good, bad = proc.decode(batch)
-    out = proc.process(good, bad, lambda user, r: states.setdefault(user, UserState()))
+    out = proc.process(good, bad, {u: UserState() for u, _, _ in evs})
     assert sorted(rec.offset for rec, _ in out.rejected) == [1, 3]
     assert {exc.reason for _, exc in out.rejected} == {Reason.PROCESSING_ERROR}
     assert out.applied == 4

@@ -1,0 +1,84 @@
+"""Item id <-> row of this process's parameter tables.
+
+Rows are local: a trainer and a serving worker number the same items differently (each in
+the order it first heard of them), so everything that crosses a process boundary (training
+examples, snapshots) names items by id, and each side maps ids to its own rows here. Row 0
+is padding. A row may exist before its item is live: a snapshot can name an item whose
+catalog record has not reached this process yet; it becomes live when its text vector
+arrives, and a deleted item keeps its row (and learned embedding) for a comeback.
+
+>>> rows = ItemRows(capacity=4)
+>>> rows.add(["a", "b", "a"]).tolist(), rows.capacity
+([1, 2, 1], 4)
+>>> rows.set_live(rows.add(["b"]), True); rows.has("a"), rows.has("b"), rows.n_live
+(False, True, 1)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from index.ids import item_hash
+
+
+class ItemRows:
+    def __init__(self, capacity: int = 1024):
+        self.ids: list[str] = [""]  # row -> item id; row 0 is padding
+        self.rows: dict[str, int] = {}
+        self.keys = np.zeros(capacity, dtype=np.int64)  # row -> stable key (index/ids.py)
+        self.live = np.zeros(capacity, dtype=bool)
+        self._lock = threading.Lock()  # a server's snapshot thread adds rows too
+
+    @property
+    def capacity(self) -> int:
+        return len(self.live)
+
+    @property
+    def n_live(self) -> int:
+        return int(self.live.sum())
+
+    def add(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Rows of `item_ids`, giving new ids the next free rows (capacity doubles as
+        needed; callers grow their own tables to `capacity`)."""
+        with self._lock:
+            for item_id in item_ids:
+                if item_id not in self.rows:
+                    row = len(self.ids)
+                    if row >= self.capacity:
+                        self._grow(2 * self.capacity)
+                    self.keys[row] = item_hash(item_id)
+                    self.ids.append(item_id)
+                    self.rows[item_id] = row
+        return np.fromiter((self.rows[i] for i in item_ids), dtype=np.int64,
+                           count=len(item_ids))
+
+    def reserve(self, capacity: int) -> None:
+        if capacity > self.capacity:
+            self._grow(capacity)
+
+    def _grow(self, capacity: int) -> None:
+        pad = capacity - self.capacity
+        self.keys = np.concatenate([self.keys, np.zeros(pad, np.int64)])
+        self.live = np.concatenate([self.live, np.zeros(pad, bool)])
+
+    def row(self, item_id: str | None) -> int:
+        """The item's row, 0 (padding) if unknown or None (a text-only event)."""
+        return 0 if item_id is None else self.rows.get(item_id, 0)
+
+    def set_live(self, rows: np.ndarray, live: bool) -> None:
+        self.live[rows] = live
+
+    def has(self, item_id: str) -> bool:
+        row = self.rows.get(item_id)
+        return row is not None and bool(self.live[row])
+
+    def live_row(self, item_id: str | None) -> int | None:
+        """The row of a live item, else None (not a valid prediction target)."""
+        row = self.rows.get(item_id) if item_id is not None else None
+        return row if row is not None and self.live[row] else None
+
+    def ids_of(self, rows: np.ndarray) -> list[str]:
+        return [self.ids[r] for r in np.asarray(rows).tolist()]

@@ -1,0 +1,313 @@
+"""The shared model: what every serving worker holds and only the trainer moves.
+
+    item tower   v_i = E[i] + W·t_i                       (models/two_tower.py ItemTower)
+    user tower   u   = f(last H events) + p_u              (UserTower; p_u is per user)
+    ranker       s_ui = w_u · [u·v_i, covis_k(u, i), log(1 + n_i)]   (PriorHead; w_u = w + θ_u)
+    loss         -log softmax_i(s_u)[target]   (full softmax up to `full_softmax_max_items`,
+                 sampled softmax with logQ correction above; -log(1 - p) for a dislike)
+
+Plus the catalog rows (models/items.py), the co-visitation counts (models/covisit.py) and
+the popularity counts the sampled softmax draws negatives from. `version` is the trainer's
+snapshot version this copy holds (0: fresh, nothing learned yet).
+
+No optimizer here and no per-user state: the trainer (models/trainer.py) steps the
+parameters, the per-user step (models/personal.py) moves p_u and θ_u with the parameters
+frozen, and both compute their losses with `pair_losses`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from models.config import LearnerConfig
+from models.covisit import CoVisitation
+from models.encoder import pick_device
+from models.items import ItemRows
+from models.sequences import History, Seqs
+from models.two_tower import ItemTower, PriorHead, UserTower
+from models.user_state import UserState
+
+
+def unique_ints(x: np.ndarray) -> np.ndarray:
+    """Sorted unique values of an integer array: np.unique by sort + mask, which numpy 2.4's
+    hash-based np.unique is ~6x slower than on the 10^5-long arrays of a batch."""
+    s = np.sort(np.asarray(x).ravel())
+    return s[np.concatenate([[True], s[1:] != s[:-1]])] if len(s) else s
+
+
+class SharedModel:
+    def __init__(self, config: LearnerConfig | None = None, text_dim: int = 384,
+                 capacity: int = 1024):
+        self.cfg = c = config or LearnerConfig()
+        self.text_dim = text_dim
+        self.device = pick_device(c.device)
+        self.catalog = ItemRows(capacity)
+        self.covis = CoVisitation(c.covisit_window, c.covisit_pair_decay, c.covisit_recencies,
+                                  c.covisit_profile) if c.covisit else None
+        with torch.random.fork_rng(devices=[]):  # same initial parameters in every process
+            torch.manual_seed(c.seed)
+            self.items = ItemTower(capacity, text_dim, c.dim, c.item_tower).to(self.device)
+            self.users = UserTower(c.dim, c.history_len, c.user_tower, c.n_layers, c.n_heads,
+                                   c.dropout).to(self.device)
+            self.head = PriorHead(self.covis.n_features, len(c.covisit_recencies) // 2
+                                  ).to(self.device) if self.covis else None
+        self.counts = np.zeros(capacity, dtype=np.float64)  # positive targets per row
+        self.version = 0
+        # per-user parameters: the residual p_u and, with the ranker, the user's own
+        # correction θ_u of its blend weights; both move by the user's own learning rate
+        self.n_head = 0 if self.head is None else self.head.n_params
+        self.n_user = c.dim + self.n_head
+
+    def fork(self) -> SharedModel:
+        """An independent copy of the parameters and counts that shares this model's catalog
+        rows (rows are per process; a server builds the next snapshot on a fork while it
+        serves from this one). The trainer's model is never forked."""
+        new = copy.copy(self)
+        new.items, new.users = copy.deepcopy(self.items), copy.deepcopy(self.users)
+        new.head = copy.deepcopy(self.head)
+        new.counts = self.counts.copy()
+        if self.covis is not None:  # C and F are replaced, never changed in place, on add
+            new.covis = copy.copy(self.covis)
+            new.covis.n, new.covis._tops = self.covis.n.copy(), {}
+        return new
+
+    # ---------------------------------------------------------------- catalog
+    def upsert_items(self, item_ids: Sequence[str], text_vectors: np.ndarray) -> None:
+        """Add or update items (their frozen text vectors); a re-added item keeps its E row."""
+        rows = self.add_rows(item_ids)
+        if len(rows):
+            self.items.T[torch.as_tensor(rows, device=self.device)] = torch.as_tensor(
+                np.asarray(text_vectors, dtype=np.float32), device=self.device)
+            self.catalog.set_live(rows, True)
+
+    def add_rows(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Rows for `item_ids` (new ones not live yet), growing the tables with the catalog."""
+        rows = self.catalog.add(item_ids)
+        self.reserve(self.catalog.capacity)
+        return rows
+
+    def reserve(self, capacity: int) -> None:
+        """Tables for at least `capacity` rows (trainer ranks grow alike, models/distributed)."""
+        if capacity > self.items.capacity:
+            self.items.grow(capacity)
+            self.counts = np.concatenate([self.counts, np.zeros(capacity - len(self.counts))])
+        self.catalog.reserve(capacity)
+
+    def delete_items(self, item_ids: Sequence[str]) -> None:
+        """Deleted items leave the softmax and the index; their row is kept for a comeback."""
+        rows = [self.catalog.rows[i] for i in item_ids if i in self.catalog.rows]
+        self.catalog.set_live(np.asarray(rows, np.int64), False)
+
+    def has_item(self, item_id: str) -> bool:
+        return self.catalog.has(item_id)
+
+    @property
+    def n_items(self) -> int:
+        return self.catalog.n_live
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        yield from (("items." + n, p) for n, p in self.items.named_parameters())
+        yield from (("users." + n, p) for n, p in self.users.named_parameters())
+        if self.head is not None:
+            yield from (("head." + n, p) for n, p in self.head.named_parameters())
+
+    # ---------------------------------------------------------------- sequences
+    def history(self, st: UserState) -> History:
+        """The user's last H events as rows of this model's catalog."""
+        row = self.catalog.row
+        return History([row(i) for i in st.items], list(st.types), list(st.ts),
+                       [(k, st.text_vector(k)) for k, t in enumerate(st.texts) if t is not None])
+
+    def item_table(self, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """Item vectors of the unique `rows` (computed once per step) and the sorted rows."""
+        need = unique_ints(rows)
+        return self.items(torch.as_tensor(need, device=self.device)), need
+
+    def encode(self, s: Seqs, V: torch.Tensor, need: np.ndarray) -> torch.Tensor:
+        """User-tower output for padded histories, gathering item vectors from (V, need).
+        The encoder reads the newest `encoder_window` events (the co-visitation profile uses
+        the whole history)."""
+        dev = self.device
+        s = s.newest(self.cfg.encoder_window)
+        seq = V[torch.as_tensor(np.searchsorted(need, s.rows), device=dev)]
+        if s.texts:
+            idx_p = torch.tensor([t[0] for t in s.texts], device=dev)
+            idx_l = torch.tensor([t[1] for t in s.texts], device=dev)
+            tv = torch.as_tensor(np.stack([t[2] for t in s.texts]), device=dev)
+            seq = seq.index_put((idx_p, idx_l), self.items.project_text(tv))
+        return self.users(seq, torch.as_tensor(s.types, device=dev),
+                          torch.as_tensor(s.gaps, device=dev))
+
+    def features(self, hist_rows: Sequence[Sequence[int]] | np.ndarray, cols: np.ndarray
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Co-visitation features (K, P, len(cols)) and log-popularity (len(cols),)."""
+        c = torch.as_tensor(self.covis.features(hist_rows, cols), device=self.device)
+        n = self.covis.n  # global interaction counts (replicated with the pairs)
+        pop = np.where(cols < len(n), n[np.minimum(cols, len(n) - 1)], 0.0)
+        log_pop = torch.as_tensor(np.log1p(pop), dtype=torch.float32, device=self.device)
+        return c, log_pop
+
+    # ---------------------------------------------------------------- the loss
+    def sample_negatives(self, rng: np.random.Generator) -> np.ndarray | None:
+        """Popularity-proportional negatives (counts + 1) for a sampled-softmax step, or
+        None when the catalog is small enough for the full softmax."""
+        live = np.flatnonzero(self.catalog.live)
+        if len(live) <= self.cfg.full_softmax_max_items:
+            return None
+        q = self.counts[live] + 1.0
+        return live[rng.choice(len(live), size=self.cfg.n_negatives, p=q / q.sum())]
+
+    def pair_losses(self, seqs: Seqs, targets: np.ndarray, weights: np.ndarray,
+                    resid: torch.Tensor, fresh: np.ndarray, negatives: np.ndarray | None
+                    ) -> torch.Tensor:
+        """Per-pair loss of each (history -> target) pair, given each pair's per-user
+        parameters `resid` (P, n_user: p_u then θ_u; zeros for replayed pairs).
+
+        The two-tower loss, plus with co-visitation the loss of the ranker that blends the
+        (detached) two-tower score with the co-visitation features: the towers learn on
+        their own, the ranker learns how much to trust each signal. The ranker learns from
+        `fresh` pairs only: a replayed pair's target is already in the co-visitation counts,
+        which would teach it to over-trust them."""
+        dev, d = self.device, self.cfg.dim
+        live = np.flatnonzero(self.catalog.live)
+        cand = live if negatives is None else np.concatenate([targets, negatives])
+        V, need = self.item_table(np.concatenate([cand, seqs.newest(
+            self.cfg.encoder_window).rows.ravel()]))
+        u = self.encode(seqs, V, need) + resid[:, :d]
+        if negatives is None:
+            cols, logq = live, None
+            pos = torch.as_tensor(np.searchsorted(live, targets), device=dev)
+            logits = u @ V[torch.as_tensor(np.searchsorted(need, live), device=dev)].T
+        else:  # column 0 is each pair's own target, then the shared negatives
+            cols, (logq, pos, logits) = negatives, self._sampled_logits(u, targets, negatives,
+                                                                        V, need)
+        losses = self._nll(self._logp(logits, pos, logq, targets, negatives), weights)
+        f = np.flatnonzero(fresh)
+        if self.head is None or not len(f):
+            return losses
+        ft = torch.as_tensor(f, device=dev)
+        feats, log_pop = self.features(seqs.rows[f], cols)
+        if logq is not None:  # put each pair's target in front, as in `logits`
+            tf, tp = self.features(seqs.rows[f], targets[f])
+            diag = torch.arange(len(f), device=dev)
+            feats = torch.cat([tf[:, diag, diag][:, :, None], feats], 2)
+            log_pop = torch.cat([tp[:1] * 0, log_pop])  # per-pair target pop added below
+        blend = self.head(logits.detach()[ft], feats, log_pop, resid[ft, d:])
+        if logq is not None:
+            blend[:, 0] = blend[:, 0] + self.head.pop_w * tp
+        head = self._nll(self._logp(blend, pos[ft], None if logq is None else logq[ft],
+                                    targets[f], negatives), weights[f])
+        return losses.index_add(0, ft, head)
+
+    def _logp(self, logits: torch.Tensor, pos: torch.Tensor, logq: torch.Tensor | None,
+              targets: np.ndarray, negatives: np.ndarray | None) -> torch.Tensor:
+        if logq is not None:  # logQ correction; an accidental hit of the target is no negative
+            logits = logits - logq
+            hit = torch.as_tensor(negatives[None, :] == targets[:, None], device=self.device)
+            logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(hit, float("-inf"))], 1)
+        return logits.log_softmax(-1)[torch.arange(len(targets)), pos]
+
+    def _nll(self, logp: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
+        neg = torch.as_tensor(weights < 0, device=self.device)
+        p = logp.exp().clamp(max=1 - 1e-6)
+        return torch.where(neg, -torch.log1p(-p), -logp)
+
+    def _sampled_logits(self, u: torch.Tensor, targets: np.ndarray, neg: np.ndarray,
+                        V: torch.Tensor, need: np.ndarray) -> tuple:
+        """Logits over [own target, shared negatives] and their log Q (Q = S·q)."""
+        dev, S = self.device, len(neg)
+        live = self.catalog.live
+        q_all = self.counts[live].sum() + int(live.sum())
+        logq_pos = np.log(S * (self.counts[targets] + 1) / q_all)
+        logq_neg = np.log(S * (self.counts[neg] + 1) / q_all)
+        logq = torch.as_tensor(np.concatenate([logq_pos[:, None],
+                                               np.broadcast_to(logq_neg, (len(targets), S))], 1),
+                               dtype=torch.float32, device=dev)
+        v_pos = V[torch.as_tensor(np.searchsorted(need, targets), device=dev)]
+        v_neg = V[torch.as_tensor(np.searchsorted(need, neg), device=dev)]
+        logits = torch.cat([(u * v_pos).sum(-1, keepdim=True), u @ v_neg.T], 1)
+        pos = torch.zeros(len(targets), dtype=torch.int64, device=dev)
+        return logq, pos, logits
+
+    def residuals(self, states: Sequence[UserState]) -> torch.Tensor:
+        """(n, n_user) per-user parameters of `states` (zeros where a user has none yet)."""
+        resid = torch.zeros(len(states), self.n_user, device=self.device)
+        if self.cfg.use_residual:
+            for k, st in enumerate(states):
+                if st.residual is not None:
+                    resid[k, : len(st.residual)] = torch.as_tensor(st.residual, device=self.device)
+        return resid
+
+    # ---------------------------------------------------------------- serving
+    def user_vectors(self, states: Sequence[UserState]) -> np.ndarray:
+        """(n, dim) user vectors u = encoder(history) + p_u, for querying the index."""
+        return self.history_vectors([self.history(st) for st in states],
+                                    [st.residual for st in states])
+
+    @torch.no_grad()
+    def history_vectors(self, hists: Sequence[History],
+                        residuals: Sequence[np.ndarray | None]) -> np.ndarray:
+        """User vectors from history snapshots and the users' residuals."""
+        if not hists:
+            return np.zeros((0, self.cfg.dim), dtype=np.float32)
+        seqs = Seqs.pad(hists)
+        u = self.encode(seqs, *self.item_table(seqs.newest(self.cfg.encoder_window).rows)
+                        ).cpu().numpy()
+        if self.cfg.use_residual:
+            for k, res in enumerate(residuals):
+                if res is not None:
+                    u[k] += res[: self.cfg.dim]
+        return u.astype(np.float32)
+
+    def scores(self, hists: Sequence[History], residuals: Sequence[np.ndarray | None],
+               rows: np.ndarray) -> np.ndarray:
+        """Final scores (P, len(rows)) of the items `rows` for history snapshots."""
+        return self.blend(hists, self.history_vectors(hists, residuals), rows, residuals)
+
+    @torch.no_grad()
+    def blend(self, hists: Sequence[History], U: np.ndarray, rows: np.ndarray,
+              residuals: Sequence[np.ndarray | None] | None = None) -> np.ndarray:
+        """Final scores from user vectors U: u·v alone, or with co-visitation the ranker's
+        learned blend of u·v, the co-visitation features and popularity (with each user's
+        own correction of the blend weights, from their residuals)."""
+        _, V = self.item_vectors(rows)
+        out = U @ V.T
+        if self.head is not None:
+            feats, log_pop = self.features([h.rows for h in hists], rows)
+            theta = self._thetas(residuals, len(hists))
+            out = self.head(torch.as_tensor(out, device=self.device), feats, log_pop, theta)
+            out = out.cpu().numpy()
+        return out
+
+    def _thetas(self, residuals: Sequence[np.ndarray | None] | None, n: int
+                ) -> torch.Tensor | None:
+        if not residuals or not self.cfg.use_residual:
+            return None
+        theta = np.zeros((n, self.n_head), np.float32)
+        for k, res in enumerate(residuals):
+            if res is not None and len(res) > self.cfg.dim:
+                theta[k] = res[self.cfg.dim : self.n_user]
+        return torch.as_tensor(theta, device=self.device)
+
+    def covisit_candidates(self, hist: History, recent: int = 10, per_item: int = 50
+                           ) -> np.ndarray:
+        """Live item rows co-visited most with the user's `recent` newest distinct items (an
+        item may appear more than once)."""
+        if self.covis is None:
+            return np.zeros(0, dtype=np.int64)
+        newest = list(dict.fromkeys(r for r in reversed(hist.rows) if r))[:recent]
+        rows = self.covis.neighbours(np.asarray(newest, dtype=np.int64), per_item)
+        live = self.catalog.live
+        return rows[(rows < len(live)) & live[np.minimum(rows, len(live) - 1)]]
+
+    @torch.no_grad()
+    def item_vectors(self, rows: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
+        """Current item-tower vectors of the live items (or of `rows`)."""
+        if rows is None:
+            rows = np.flatnonzero(self.catalog.live)
+        vecs = self.items(torch.as_tensor(rows, dtype=torch.int64, device=self.device))
+        return self.catalog.ids_of(rows), vecs.cpu().numpy().astype(np.float32)

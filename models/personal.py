@@ -1,0 +1,84 @@
+"""The per-user step: each user's own parameters move by that user's learning-rate rule.
+
+A user's parameters are the residual p_u of the user vector and θ_u, the user's
+correction of the ranker's blend weights (models/model.py). After a micro-batch, for each
+user with events in it:
+
+    g_u = ∇_(p_u, θ_u) of the user's weighted mean pair loss   (shared model frozen)
+    Δ_u, α_u = rule.step(g_u, loss_u)                           (models/lr_rules.py)
+    (p_u, θ_u) ← (p_u, θ_u) + Δ_u
+
+This runs on the serving worker that owns the user, at its snapshot of the shared model:
+the shared parameters learn in the trainer (models/trainer.py). Its cost is bounded per
+batch: at most `max_pairs_per_step` x `max_steps_per_batch` pairs (a random subset of a
+larger batch), so an overloaded worker catches up instead of falling further behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from models.lr_rules import Rule, RuleState
+from models.model import SharedModel
+from models.sequences import History, Seqs
+from models.user_state import UserState
+
+
+class PersonalStep:
+    def __init__(self, rule: Rule, alpha0: float, budget: int, seed: int = 0):
+        self.rule, self.alpha0, self.budget = rule, alpha0, budget
+        self.rng = np.random.default_rng(seed)
+
+    def step(self, model: SharedModel, hists: Sequence[History], targets: Sequence[int],
+             weights: Sequence[float], owners: Sequence[int], states: Sequence[UserState]
+             ) -> float:
+        """One rule step for every user (`states[owner]`) with pairs here; returns the
+        weighted mean pair loss (nan: no pair)."""
+        t, w, o = (np.asarray(x) for x in (targets, weights, owners))
+        keep = np.flatnonzero(model.catalog.live[t] & (w != 0)) if len(t) else np.zeros(0, int)
+        if len(keep) > self.budget:
+            keep = np.sort(self.rng.choice(keep, size=self.budget, replace=False))
+        if not len(keep) or not model.cfg.use_residual:
+            return float("nan")
+        t, w, o = t[keep], w[keep], o[keep].astype(np.int64)
+        resid = model.residuals(states).requires_grad_(True)
+        own = torch.as_tensor(o, device=model.device)
+        losses = model.pair_losses(Seqs.pad([hists[i] for i in keep]), t, w, resid[own],
+                                   np.ones(len(t), bool), model.sample_negatives(self.rng))
+        aw = torch.as_tensor(np.abs(w), dtype=torch.float32, device=model.device)
+        n = len(states)
+        w_user = torch.zeros(n, device=model.device).index_add_(0, own, aw)
+        l_user = torch.zeros(n, device=model.device).index_add_(0, own, losses * aw)
+        mean = l_user / w_user.clamp(min=1e-12)
+        (grad,) = torch.autograd.grad(mean.sum(), resid)
+        has = np.flatnonzero((w_user > 0).cpu().numpy())
+        self._apply(grad.cpu().numpy(), mean.detach().cpu().numpy(), has, states, model.n_user)
+        return float((l_user.sum() / w_user.sum()).detach())
+
+    def _apply(self, grad: np.ndarray, loss: np.ndarray, idx: np.ndarray,
+               states: Sequence[UserState], n_user: int) -> None:
+        """The rule's step for users `idx`, written back into their states."""
+        picked = [states[i] for i in idx]
+        rs = rule_state(picked, self.alpha0)
+        delta = self.rule.step(rs, grad[idx].astype(np.float64), loss[idx].astype(np.float64))
+        for j, st in enumerate(picked):
+            base = np.zeros(n_user, np.float32)
+            if st.residual is not None:
+                base[: len(st.residual)] = st.residual[:n_user]
+            st.residual = (base + delta[j]).astype(np.float32)
+            st.alpha, st.accum = float(rs.alpha[j]), float(rs.accum[j])
+            st.loss_ema, st.loss_var = float(rs.loss_ema[j]), float(rs.loss_var[j])
+            st.steps = int(rs.steps[j])
+
+
+def rule_state(states: Sequence[UserState], alpha0: float) -> RuleState:
+    return RuleState(
+        alpha=np.array([alpha0 if s.alpha is None else s.alpha for s in states]),
+        accum=np.array([s.accum for s in states]),
+        loss_ema=np.array([np.nan if s.loss_ema is None else s.loss_ema for s in states]),
+        loss_var=np.array([s.loss_var for s in states]),
+        steps=np.array([s.steps for s in states], dtype=np.int64),
+    )

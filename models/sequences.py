@@ -1,0 +1,93 @@
+"""Users' recent events as the towers read them: one `History` per user, padded into `Seqs`.
+
+A `History` holds item rows of this process (models/items.py; 0 = padding, a text-only
+event or an unknown item), event types, timestamps and the text vectors of text-only events
+by position. `Seqs` stacks histories left-padded to a common length L, so position L-1 is
+always the newest event.
+
+>>> s = Seqs.pad([History([3, 4], [1, 1], [0, 2000], []), History([5], [2], [0], [])])
+>>> s.rows.tolist(), s.gaps.tolist()
+([[3, 4], [0, 5]], [[0, 1], [0, 0]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+N_GAP_BUCKETS = 24  # log2 buckets of seconds: 0 s ... ~97 days
+
+
+def gap_buckets(gap_ms: np.ndarray) -> np.ndarray:
+    """Time gaps (ms) -> bucket ids floor(log2(1 + seconds)), clipped."""
+    sec = np.maximum(np.asarray(gap_ms, dtype=np.float64), 0.0) / 1000.0
+    return np.minimum(N_GAP_BUCKETS - 1, np.floor(np.log2(1.0 + sec))).astype(np.int64)
+
+
+class History(NamedTuple):
+    rows: list[int]
+    types: list[int]
+    ts: list[int]
+    texts: list[tuple[int, np.ndarray]]  # (position, text vector) of text-only events
+
+
+@dataclass
+class Seqs:
+    """A padded batch of histories (left-padded to a common length)."""
+
+    rows: np.ndarray  # (P, L) int64 item rows, 0 = pad or text-only event
+    types: np.ndarray  # (P, L) int64
+    gaps: np.ndarray  # (P, L) int64 gap buckets
+    texts: list[tuple[int, int, np.ndarray]]  # (pair, position, text vector)
+
+    @classmethod
+    def pad(cls, hists: Sequence[History]) -> Seqs:
+        L = max(1, max((len(h.rows) for h in hists), default=0))
+        P = len(hists)
+        rows = np.zeros((P, L), dtype=np.int64)
+        types = np.zeros((P, L), dtype=np.int64)
+        gaps = np.zeros((P, L), dtype=np.int64)
+        texts = []
+        for p, (r, t, ts, tx) in enumerate(hists):
+            n = len(r)
+            if n == 0:
+                continue
+            rows[p, L - n:] = r
+            types[p, L - n:] = t
+            ts_arr = np.asarray(ts, dtype=np.int64)
+            gaps[p, L - n:] = gap_buckets(np.diff(ts_arr, prepend=ts_arr[0]))
+            texts.extend((p, L - n + k, vec) for k, vec in tx)
+        return cls(rows, types, gaps, texts)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def newest(self, n: int) -> Seqs:
+        """The newest `n` positions of every sequence."""
+        off = max(0, self.rows.shape[1] - n)
+        if off == 0:
+            return self
+        texts = [(p, pos - off, v) for p, pos, v in self.texts if pos >= off]
+        return Seqs(self.rows[:, off:], self.types[:, off:], self.gaps[:, off:], texts)
+
+    def take(self, idx: np.ndarray) -> Seqs:
+        pos = {int(p): k for k, p in enumerate(idx)}
+        texts = [(pos[p], at, v) for p, at, v in self.texts if p in pos]
+        return Seqs(self.rows[idx], self.types[idx], self.gaps[idx], texts)
+
+    def concat(self, other: Seqs) -> Seqs:
+        """Stack two padded batches, re-padding the shorter one on the left."""
+        L = max(self.rows.shape[1], other.rows.shape[1])
+
+        def lpad(x: np.ndarray) -> np.ndarray:
+            return np.pad(x, ((0, 0), (L - x.shape[1], 0)))
+
+        shift = L - self.rows.shape[1]
+        texts = [(p, at + shift, v) for p, at, v in self.texts] + [
+            (p + len(self), at + L - other.rows.shape[1], v) for p, at, v in other.texts]
+        return Seqs(np.concatenate([lpad(self.rows), lpad(other.rows)]),
+                    np.concatenate([lpad(self.types), lpad(other.types)]),
+                    np.concatenate([lpad(self.gaps), lpad(other.gaps)]), texts)

@@ -1,0 +1,370 @@
+"""The trainer: the one place the shared parameters learn.
+
+Serving workers apply events and publish one training example per event
+(models/examples.py); the trainer takes them in order and, per call of `train`:
+
+1. skips every example whose source (partition, offset) it has already trained, so that
+   examples published twice (a replayed batch) are trained once;
+2. takes one gradient step per `max_pairs_per_step` examples, each with a replay sample of
+   `replay_ratio` past pairs, moving the towers and the ranker by Adam (SparseAdam for the
+   item embeddings E);
+3. adds the examples' co-visitation pairs and popularity to the counts, and keeps what it
+   added, and which E rows moved, for the next snapshot delta (models/snapshot.py).
+
+With K ranks (torch.distributed), each rank trains the examples of its own source
+partitions and `Sync` all-reduces the gradients (E's sparse ones included) and all-gathers
+the co-visitation increments every step, so the ranks' parameters and counts stay
+identical: one model, trained on all examples.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from models.covisit import Increment
+from models.examples import TrainingExample
+from models.model import SharedModel
+from models.sequences import Seqs
+from models.snapshot import structural as snapshot_structural
+
+
+@dataclass
+class TrainResult:
+    trained: int = 0  # examples trained now
+    duplicates: int = 0  # examples skipped: their source was trained before
+    dropped: int = 0  # examples whose target is not a live item here
+    loss: float = float("nan")  # weighted mean pair loss of the last step
+
+
+class Sync:
+    """Rank-to-rank agreement; this one is a single rank (no process group)."""
+
+    rank, world = 0, 1
+
+    def total_weight(self, w: float) -> float:
+        return w
+
+    def reduce_grads(self, dense: Sequence[torch.nn.Parameter],
+                     sparse: Sequence[torch.nn.Parameter]) -> None:
+        pass
+
+    def gather(self, inc: Increment | None) -> list[Increment]:
+        return [] if inc is None else [inc]
+
+    def steps(self, n: int) -> int:
+        """How many steps every rank takes this round (the most any rank needs)."""
+        return n
+
+    def max_int(self, n: int) -> int:
+        return n
+
+
+@dataclass
+class _Pending:
+    """What the next snapshot delta must carry (since the last one)."""
+
+    touched: set[int] = field(default_factory=set)  # rows whose E moved
+    covis: list[Increment] = field(default_factory=list)
+    counts: dict[int, float] = field(default_factory=dict)  # row -> popularity added
+
+
+class Trainer:
+    def __init__(self, model: SharedModel, sync: Sync | None = None):
+        self.model = model
+        self.cfg = model.cfg
+        self.sync = sync or Sync()
+        self.rng = np.random.default_rng(self.cfg.seed + self.sync.rank)
+        self.replay = Replay(self.cfg.replay_capacity, self.cfg.history_len)
+        self.steps = 0
+        self.trained = 0  # examples trained, each exactly once
+        self.progress: dict[int, int] = {}  # source partition -> newest offset trained
+        self.counted: dict[int, int] = {}  # source partition -> newest offset counted
+        self.pending = _Pending()
+        self._make_optimizers()
+
+    # ---------------------------------------------------------------- catalog
+    def upsert_items(self, item_ids: Sequence[str], text_vectors: np.ndarray) -> None:
+        self._keep_optimizers(lambda: self.model.upsert_items(item_ids, text_vectors))
+
+    def add_rows(self, item_ids: Sequence[str]) -> np.ndarray:
+        out: list[np.ndarray] = []
+        self._keep_optimizers(lambda: out.append(self.model.add_rows(item_ids)))
+        return out[0]
+
+    def _keep_optimizers(self, change) -> None:
+        """Run a catalog change; if it grew E, carry SparseAdam's moments over."""
+        cap = self.model.items.capacity
+        change()
+        if self.model.items.capacity == cap:
+            return
+        old = self.sparse_opt.state.get(self._E)
+        self._make_optimizers(keep_dense=True)
+        if old:
+            pad = self.model.items.capacity - old["exp_avg"].shape[0]
+            self.sparse_opt.state[self.model.items.E] = {
+                "step": old["step"],
+                "exp_avg": F.pad(old["exp_avg"], (0, 0, 0, pad)),
+                "exp_avg_sq": F.pad(old["exp_avg_sq"], (0, 0, 0, pad)),
+            }
+
+    def _make_optimizers(self, keep_dense: bool = False) -> None:
+        cfg = self.cfg
+        if not keep_dense:
+            named = [(n, p) for n, p in self.model.named_parameters() if n != "items.E"]
+            groups = [{"params": [p for n, p in named if not n.startswith("head.")]},
+                      {"params": [p for n, p in named if n.startswith("head.")],
+                       "lr": cfg.head_lr, "weight_decay": 0.0}]
+            self.dense_opt = torch.optim.Adam([g for g in groups if g["params"]],
+                                              lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self._E = self.model.items.E
+        self.sparse_opt = torch.optim.SparseAdam([self._E], lr=cfg.lr)
+
+    # ---------------------------------------------------------------- training
+    def train(self, examples: Sequence[TrainingExample]) -> TrainResult:
+        """Train every example not trained before (each exactly once), in order."""
+        out = TrainResult()
+        fresh, countable = [], []
+        for ex in examples:
+            new_train = ex.offset > self.progress.get(ex.partition, -1)
+            new_count = ex.offset > self.counted.get(ex.partition, -1)
+            if not new_train and not new_count:
+                out.duplicates += 1
+                continue
+            if self.model.catalog.live_row(ex.target) is None:
+                out.dropped += 1  # (the caller syncs the catalog first: a deleted item)
+            else:
+                if new_train:
+                    fresh.append(ex)
+                if new_count:
+                    countable.append(ex)
+            if new_train:
+                self.progress[ex.partition] = ex.offset
+            self.counted[ex.partition] = max(ex.offset, self.counted.get(ex.partition, -1))
+        out.trained = len(fresh)
+        out.loss = self._learn(fresh)
+        self._count(countable)
+        self.trained += len(fresh)
+        return out
+
+    def _learn(self, examples: list[TrainingExample]) -> float:
+        """Gradient steps over `examples` (and replayed pairs), then keep them for replay."""
+        m, cfg = self.model, self.cfg
+        cap = self.sync.max_int(m.items.capacity)  # ranks' sparse gradients must line up
+        if cap > m.items.capacity:
+            self._keep_optimizers(lambda: m.reserve(cap))
+        seqs = Seqs.pad([ex.history(m.catalog) for ex in examples]) if examples else None
+        targets = np.array([m.catalog.live_row(ex.target) for ex in examples], np.int64)
+        weights = np.array([ex.weight for ex in examples], np.float64)
+        resid = torch.zeros(len(examples), m.n_user, device=m.device)
+        if cfg.use_residual:
+            for k, ex in enumerate(examples):
+                if ex.residual is not None:
+                    resid[k, : len(ex.residual)] = torch.as_tensor(ex.residual[: m.n_user])
+        size = cfg.max_pairs_per_step
+        chunks = [np.arange(i, min(i + size, len(examples)))
+                  for i in range(0, len(examples), size)]
+        loss = float("nan")
+        for _ in range(cfg.steps_per_batch):
+            for k in range(self.sync.steps(len(chunks))):
+                chunk = chunks[k] if k < len(chunks) else np.zeros(0, np.int64)
+                loss = self._step(seqs, targets, weights, resid, chunk)
+        if examples:
+            self.replay.add(seqs.newest(cfg.history_len), targets, weights)
+        return loss
+
+    def _step(self, seqs: Seqs | None, targets: np.ndarray, weights: np.ndarray,
+              resid: torch.Tensor, chunk: np.ndarray) -> float:
+        """One step on the pairs `chunk` plus a replay sample; every rank takes it."""
+        m = self.model
+        parts = []
+        if len(chunk):
+            parts.append((seqs.take(chunk), targets[chunk], weights[chunk], resid[chunk],
+                          np.ones(len(chunk), bool)))
+        replay = self.replay.sample(int(round(self.cfg.replay_ratio * len(chunk))), self.rng)
+        if replay is not None:
+            r_seqs, r_t, r_w = replay
+            parts.append((r_seqs, r_t, r_w, torch.zeros(len(r_t), m.n_user, device=m.device),
+                          np.zeros(len(r_t), bool)))
+        s, t, w, r, fresh = _stack(parts)
+        keep = (m.catalog.live[t] if len(t) else np.zeros(0, bool)) & (w != 0)
+        s, t, w, r, fresh = (s.take(np.flatnonzero(keep)) if s is not None else None,
+                             t[keep], w[keep], r[torch.as_tensor(keep)], fresh[keep])
+        total = self.sync.total_weight(float(np.abs(w).sum()))
+        self.dense_opt.zero_grad(set_to_none=True)
+        self.sparse_opt.zero_grad(set_to_none=True)
+        loss_val = float("nan")
+        if len(t):
+            losses = m.pair_losses(s, t, w, r, fresh, m.sample_negatives(self.rng))
+            loss = (losses * torch.as_tensor(np.abs(w), dtype=torch.float32,
+                                             device=m.device)).sum() / total
+            loss.backward()
+            loss_val = float(loss.detach()) * total / max(float(np.abs(w).sum()), 1e-12)
+        self.sync.reduce_grads([p for k, p in m.named_parameters() if k != "items.E"],
+                               [m.items.E])
+        if total > 0:
+            self.dense_opt.step()
+            if m.items.E.grad is not None:
+                self.pending.touched.update(m.items.E.grad.coalesce().indices()[0].tolist())
+                self.sparse_opt.step()
+            self.steps += 1
+        return loss_val
+
+    def _count(self, examples: list[TrainingExample]) -> None:
+        """Co-visitation pairs and popularity of the positive examples (all ranks' alike)."""
+        m = self.model
+        pos = [ex for ex in examples if ex.weight > 0]
+        targets = np.array([m.catalog.live_row(ex.target) for ex in pos], np.int64)
+        local = None
+        if m.covis is not None and pos:
+            local = m.covis.increment([(ex.history(m.catalog).rows, int(t))
+                                       for ex, t in zip(pos, targets, strict=True)])
+        elif pos:  # no co-visitation: the popularity counts alone
+            local = Increment(*(np.zeros(0, np.int64),) * 2, np.zeros(0, np.float32),
+                              *np.unique(targets, return_counts=True))
+        for inc in self.sync.gather(local):
+            if m.covis is not None:
+                m.covis.add(inc)
+            np.add.at(m.counts, inc.targets, inc.n.astype(np.float64))
+            self.pending.covis.append(inc)
+
+    def take_pending(self) -> _Pending:
+        """What changed since the last call (for a snapshot delta), and start afresh."""
+        out, self.pending = self.pending, _Pending()
+        return out
+
+
+def _stack(parts: list[tuple]) -> tuple:
+    """Concatenate (seqs, targets, weights, resid, fresh) parts into one batch."""
+    if not parts:
+        return (None, np.zeros(0, np.int64), np.zeros(0), torch.zeros(0, 1), np.zeros(0, bool))
+    s = parts[0][0]
+    for p in parts[1:]:
+        s = s.concat(p[0])
+    return (s, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]),
+            torch.cat([p[3] for p in parts]), np.concatenate([p[4] for p in parts]))
+
+
+class Replay:
+    """Ring buffer of recent (history -> target) pairs, replayed to curb forgetting.
+
+    Text vectors of search events are not kept (they would dominate its memory): replayed
+    search positions keep their event type but no text.
+    """
+
+    def __init__(self, capacity: int, history_len: int):
+        self.cap, self.H = capacity, history_len
+        self.rows = np.zeros((capacity, history_len), dtype=np.int64)
+        self.types = np.zeros((capacity, history_len), dtype=np.int64)
+        self.gaps = np.zeros((capacity, history_len), dtype=np.int64)
+        self.target = np.zeros(capacity, dtype=np.int64)
+        self.weight = np.zeros(capacity, dtype=np.float64)
+        self.n = 0
+        self.pos = 0
+
+    def add(self, s: Seqs, targets: np.ndarray, weights: np.ndarray) -> None:
+        if self.cap == 0:
+            return
+        L = s.rows.shape[1]
+        for p in range(len(targets)):
+            i = self.pos
+            for arr, src in ((self.rows, s.rows), (self.types, s.types), (self.gaps, s.gaps)):
+                arr[i] = 0
+                arr[i, self.H - L:] = src[p]
+            self.target[i], self.weight[i] = targets[p], weights[p]
+            self.pos = (self.pos + 1) % self.cap
+            self.n = min(self.n + 1, self.cap)
+
+    def sample(self, k: int, rng: np.random.Generator) -> tuple | None:
+        if k == 0 or self.n == 0:
+            return None
+        idx = rng.choice(self.n, size=min(k, self.n), replace=False)
+        seqs = Seqs(self.rows[idx], self.types[idx], self.gaps[idx], [])
+        return seqs, self.target[idx], self.weight[idx]
+
+
+# ---------------------------------------------------------------- checkpoints
+CHECKPOINT_FORMAT = "streamrec-trainer-1"
+
+
+def checkpoint(trainer: Trainer, extra: dict[str, str] | None = None) -> bytes:
+    """The trainer's own state: parameters, optimizer moments, its progress. Not the counts:
+    those are the snapshot log's (models/snapshot.py), which a restarted trainer reloads.
+    `extra` rides along in the metadata (e.g. the examples topic's positions)."""
+    m = trainer.model
+    n = len(m.catalog.ids)
+    tensors = {f"param.{k}": (p.detach()[:n] if k == "items.E" else p.detach()).cpu()
+               .contiguous() for k, p in m.named_parameters()}
+    for k, p in m.named_parameters():
+        opt = trainer.sparse_opt if k == "items.E" else trainer.dense_opt
+        for name, v in opt.state.get(p, {}).items():
+            t = torch.as_tensor(v).detach().cpu()
+            tensors[f"opt.{k}.{name}"] = t.reshape(-1).clone() if name == "step" else \
+                (t[:n] if k == "items.E" else t).contiguous()
+    meta = {"format": CHECKPOINT_FORMAT, "config": snapshot_structural(m),
+            "ids": json.dumps(m.catalog.ids), "steps": str(trainer.steps),
+            "trained": str(trainer.trained),
+            "progress": json.dumps({str(p): o for p, o in trainer.progress.items()}),
+            **(extra or {})}
+    return st_save(tensors, metadata=meta)
+
+
+def restore(trainer: Trainer, data: bytes) -> dict[str, str]:
+    """Load a checkpoint into `trainer` (its rows are matched by item id); returns the
+    metadata, `extra` included. Raises ValueError if the shapes differ from the config."""
+    m = trainer.model
+    meta = _checkpoint_meta(data)
+    if meta["config"] != snapshot_structural(m):
+        raise ValueError(f"checkpoint shape config {meta['config']} != {snapshot_structural(m)}")
+    tensors = st_load(data)
+    ids = json.loads(meta["ids"])
+    rows = torch.as_tensor(trainer.add_rows(ids[1:]))
+    params = dict(m.named_parameters())
+    with torch.no_grad():
+        for k, p in params.items():
+            src = tensors[f"param.{k}"].to(m.device)
+            if k == "items.E":
+                p[rows] = src[1:]
+            else:
+                p.copy_(src)
+    for k, p in params.items():
+        state = {name.rsplit(".", 1)[1]: v for name, v in tensors.items()
+                 if name.startswith(f"opt.{k}.") and name.count(".") == k.count(".") + 2}
+        if state:
+            trainer_opt_state(trainer, k, p, state, rows)
+    trainer.steps, trainer.trained = int(meta["steps"]), int(meta["trained"])
+    trainer.progress = {int(p): o for p, o in json.loads(meta["progress"]).items()}
+    return meta
+
+
+def trainer_opt_state(trainer: Trainer, name: str, p: torch.nn.Parameter,
+                      state: dict[str, torch.Tensor], rows: torch.Tensor) -> None:
+    """Optimizer moments back in place (E's rows re-indexed like E itself)."""
+    dev = trainer.model.device
+    if name == "items.E":
+        full = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            full[key] = torch.zeros_like(p)
+            full[key][rows] = state[key][1:].to(dev)
+        full["step"] = int(state["step"].reshape(-1)[0])
+        trainer.sparse_opt.state[p] = full
+        return
+    out = {k: v.to(dev) for k, v in state.items() if k != "step"}
+    out["step"] = state["step"].reshape(())
+    trainer.dense_opt.state[p] = out
+
+
+def _checkpoint_meta(data: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"not a {CHECKPOINT_FORMAT} checkpoint (format "
+                         f"{meta.get('format')!r})")
+    return meta

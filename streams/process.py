@@ -1,0 +1,40 @@
+"""Process-wide set-up, in one place, called by the entry points (CLI commands, benchmarks)
+and by nothing else: constructors never change global state.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger("streamrec.process")
+
+
+def configure_process(compute_threads: int) -> None:
+    """Thread pools and the allocator, for a long-running worker or trainer."""
+    limit_threads(compute_threads)
+    return_large_allocations()
+
+
+def limit_threads(n: int) -> None:
+    """Cap torch's and FAISS's thread pools (both OpenMP-based) at `n`."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+
+
+def return_large_allocations(threshold: int = 1 << 20) -> None:
+    """glibc only: serve allocations >= `threshold` bytes by mmap, so freeing them gives the
+    memory back to the OS. By default glibc raises this threshold to the largest block freed
+    so far (up to 32 MB), after which transient copies of several MB (snapshots, co-visitation
+    counts) come from the heap and leave it fragmented: in bench/soak.py RSS rose in steps
+    at every checkpoint."""
+    m_mmap_threshold = -3  # from malloc.h
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(m_mmap_threshold, threshold)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        log.debug("mallopt not available; allocator left as is")

@@ -1,0 +1,236 @@
+"""The trainer tier without Kafka: examples trained exactly once, snapshots that bring a
+server's model to the trainer's exactly, a restart that neither loses nor repeats, the
+sharded evaluation, and two torch.distributed ranks (gloo) staying identical."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from models.config import LearnerConfig
+from models.examples import TrainingExample
+from models.learner import Interaction, observe
+from models.model import SharedModel
+from models.snapshot import apply_base, apply_delta, encode_base, encode_delta
+from models.trainer import Trainer, checkpoint, restore
+from models.user_state import UserState
+
+TEXT_DIM = 16
+T0 = 1_700_000_000_000
+
+
+def cfg(**kw) -> LearnerConfig:
+    return LearnerConfig(**({"dim": 8, "history_len": 6, "encoder_window": 6, "device": "cpu",
+                             "seed": 0} | kw))
+
+
+def catalog(n: int = 40, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    vecs = rng.standard_normal((n, TEXT_DIM)).astype(np.float32)
+    return [f"i{k}" for k in range(n)], vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+
+
+def examples(n: int, n_users: int = 6, n_items: int = 40, partitions: int = 2,
+             seed: int = 1) -> list[TrainingExample]:
+    """A stream's training examples, cut as a serving worker cuts them (source positions
+    per partition: a user's events all on one partition, like Kafka's keyed topics)."""
+    model = SharedModel(cfg(), TEXT_DIM)
+    ids, vecs = catalog(n_items)
+    model.upsert_items(ids, vecs)
+    rng = np.random.default_rng(seed)
+    states: dict[str, UserState] = {}
+    offsets = [0] * partitions
+    out = []
+    for k in range(n):
+        u = int(rng.integers(n_users))
+        p = u % partitions
+        item = ids[(u * 7 + k // n_users) % n_items] if rng.random() < 0.8 else \
+            ids[int(rng.integers(n_items))]
+        ev = Interaction(f"u{u}", item, "view", T0 + 1000 * k, partition=p, offset=offsets[p])
+        offsets[p] += 1
+        states.setdefault(ev.user_id, UserState())
+        out += observe(model, [ev], states).examples
+    return out
+
+
+def trainer(**kw) -> Trainer:
+    model = SharedModel(cfg(**kw), TEXT_DIM)
+    t = Trainer(model)
+    t.upsert_items(*catalog())
+    return t
+
+
+def params(model: SharedModel) -> dict[str, np.ndarray]:
+    n = len(model.catalog.ids)
+    return {k: (p.detach()[:n] if k == "items.E" else p.detach()).numpy().copy()
+            for k, p in model.named_parameters()}
+
+
+def counts(model: SharedModel) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
+    """Co-visitation counts by item id: n, and f's entries."""
+    ids = model.catalog.ids
+    F = model.covis.F.tocoo()
+    return ({ids[r]: v for r, v in enumerate(model.covis.n[: len(ids)]) if v},
+            {(ids[j], ids[i]): w for j, i, w in zip(F.row, F.col, F.data, strict=True)})
+
+
+def assert_counts_equal(a: SharedModel, b: SharedModel) -> None:
+    (na, fa), (nb, fb) = counts(a), counts(b)
+    assert na == nb
+    assert fa.keys() == fb.keys()
+    np.testing.assert_allclose([fa[k] for k in fa], [fb[k] for k in fa], rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- exactly once
+def test_each_source_position_is_trained_once():
+    exs = examples(120)
+    t = trainer()
+    first = t.train(exs[:80])
+    assert (first.trained, first.duplicates) == (80, 0)
+    before = params(t.model)
+    again = t.train(exs[:80])  # a replayed batch publishes its examples again
+    assert (again.trained, again.duplicates) == (0, 80)
+    for k, v in params(t.model).items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    mixed = t.train(exs[60:])
+    assert (mixed.trained, mixed.duplicates) == (40, 20)
+    assert t.trained == 120 == sum(t.model.covis.n)
+
+
+def test_example_wire_form_keeps_history_texts_and_residual():
+    st = UserState()
+    st.append("a", 1, T0, None, 6)
+    st.append(None, 6, T0 + 1, np.arange(TEXT_DIM, dtype=np.float32), 6)
+    st.residual = np.arange(8 + 3, dtype=np.float32)
+    ex = TrainingExample.cut(st, "u", "b", "click", 1.0, T0 + 2, "tv", 3, 99)
+    back = TrainingExample.from_bytes(ex.to_bytes())
+    assert (back.items, back.types, back.ts, back.target, back.scenario, back.source) == (
+        ["a", None], [1, 6], [T0, T0 + 1], "b", "tv", (3, 99))
+    np.testing.assert_array_equal(back.residual, st.residual)
+    model = SharedModel(cfg(), TEXT_DIM)
+    model.upsert_items(["a", "b"], np.ones((2, TEXT_DIM), np.float32))
+    hist = back.history(model.catalog)
+    assert hist.rows == [model.catalog.rows["a"], 0]
+    np.testing.assert_allclose(hist.texts[0][1], np.arange(TEXT_DIM), rtol=1e-3)
+    with pytest.raises(ValueError):
+        TrainingExample.from_bytes(b'{"v": 99}')
+
+
+# --------------------------------------------------------------------------- snapshots
+def test_a_server_following_the_snapshots_holds_the_trainers_model():
+    """Base, then deltas in order: parameters equal, counts equal by item id, although the
+    server numbers the items differently (it heard of them in another order)."""
+    exs = examples(300)
+    t = trainer()
+    log = [("base", encode_base(t.model, {}))]
+    for k in range(0, 300, 50):
+        t.train(exs[k : k + 50])
+        pending = t.take_pending()
+        t.model.version += 1
+        log.append(("delta", encode_delta(t.model, t.model.version, pending.touched,
+                                          pending.covis, dict(t.counted))))
+    server = SharedModel(cfg(), TEXT_DIM)
+    ids, vecs = catalog()
+    server.upsert_items(ids[::-1], vecs[::-1].copy())  # other rows than the trainer's
+    for kind, data in log:
+        meta = (apply_base if kind == "base" else apply_delta)(server, data)
+    assert server.version == t.model.version == 6 and meta.covered == t.counted
+    assert_counts_equal(server, t.model)
+    trained = params(t.model)
+    for k, v in params(server).items():
+        if k == "items.E":  # rows differ: compare by item id
+            rows_s = [server.catalog.rows[i] for i in ids]
+            rows_t = [t.model.catalog.rows[i] for i in ids]
+            np.testing.assert_array_equal(v[rows_s], trained[k][rows_t])
+        else:
+            np.testing.assert_array_equal(v, trained[k], err_msg=k)
+    with pytest.raises(ValueError):  # each delta once, in order
+        apply_delta(server, log[-1][1])
+
+
+def test_a_restarted_trainer_neither_loses_nor_repeats():
+    """Crash after a checkpoint and a later snapshot: the new trainer takes its counts from
+    the snapshot log and its parameters from the checkpoint, retrains what came after the
+    checkpoint and counts only what came after the snapshot. Counts, and the trained
+    total, equal those of a run without the crash."""
+    exs = examples(300)
+    ref = trainer()
+    ref.train(exs)
+    t = trainer()
+    t.train(exs[:100])
+    ckpt = checkpoint(t)
+    log = [("base", encode_base(t.model, dict(t.counted), t.trained))]
+    t.take_pending()
+    t.train(exs[100:200])
+    pending = t.take_pending()
+    log.append(("delta", encode_delta(t.model, 1, pending.touched, pending.covis,
+                                      dict(t.counted), t.trained)))
+    # crash: examples 200.. were never trained; 100..199 were trained after the checkpoint
+    new = trainer()
+    for kind, data in log:
+        meta = (apply_base if kind == "base" else apply_delta)(new.model, data)
+    restore(new, ckpt)
+    new.counted = dict(meta.covered)
+    result = new.train(exs[100:])  # from the checkpoint's positions on
+    assert result.trained == 200 and new.trained == 300 == ref.trained
+    assert_counts_equal(new.model, ref.model)
+
+
+# --------------------------------------------------------------------------- evaluation
+def test_sharded_workers_score_like_the_single_learner():
+    """N serving shards + one trainer, snapshots after every batch: the same as the single
+    in-process learner (the trainer sees every example, in order, whatever N is)."""
+    from models.evaluate import StreamrecModel, prequential
+
+    ids, vecs = catalog(30)
+    rng = np.random.default_rng(0)
+    stream = [(f"u{int(u)}", int((u * 3 + k) % 30), T0 + k) for k, u in
+              enumerate(rng.integers(0, 12, 600))]
+    c = cfg()
+    res = {n: prequential(StreamrecModel(ids, vecs, c, workers=n), stream, 16,
+                          item_ids=ids).metrics["ndcg@10"] for n in (1, 2, 4)}
+    assert abs(res[2] - res[1]) < 1e-3 and abs(res[4] - res[1]) < 1e-3, res
+    lagged = prequential(StreamrecModel(ids, vecs, c, workers=2, snapshot_every=200), stream,
+                         16, item_ids=ids).metrics["ndcg@10"]
+    alone = prequential(StreamrecModel(ids, vecs, c, workers=4, independent=True), stream, 16,
+                        item_ids=ids).metrics["ndcg@10"]
+    assert res[1] > 0.1 and lagged > 0 and alone > 0, (res, lagged, alone)
+
+
+# --------------------------------------------------------------------------- two ranks
+def _rank(rank: int, world: int, port: int, out: mp.Queue) -> None:
+    from models.distributed import init
+
+    torch.set_num_threads(1)
+    os.environ["MASTER_PORT"] = str(port)
+    sync = init(rank, world)
+    t = Trainer(SharedModel(cfg(), TEXT_DIM), sync)
+    ids, vecs = catalog()
+    t.upsert_items(ids, vecs)
+    stream = examples(400)
+    for k in range(0, 400, 40):  # rounds: each rank its own share of each round
+        t.train([ex for ex in stream[k : k + 40] if ex.partition % world == rank])
+    out.put((rank, params(t.model), counts(t.model), t.trained, t.steps))
+
+
+def test_two_gloo_ranks_keep_identical_parameters_and_all_counts():
+    from streams.broker import _free_port
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r, rest) for r, *rest in (out.get(timeout=300) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    (p0, c0, n0, s0), (p1, c1, n1, s1) = results[0], results[1]
+    for k in p0:
+        np.testing.assert_array_equal(p0[k], p1[k], err_msg=k)
+    assert c0 == c1 and s0 == s1 > 0
+    assert n0 + n1 == 400 and sum(c0[0].values()) == 400  # each trains its share; all counted
