@@ -17,7 +17,8 @@ from pathlib import Path
 
 from models.synthetic import SyntheticStream, SyntheticWorld
 from streams.metrics import STAGES
-from streams.supervisor import Samples, WorkerProcess, scrape, total
+from streams.settings import Settings
+from streams.supervisor import Samples, TrainerProcess, WorkerProcess, scrape, total
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -143,6 +144,17 @@ def worker_env(pairs: list[str] | None) -> dict[str, str]:
         env[key] = value
     return env
 
+
+
+def first_snapshot(settings: Settings, log_path: Path | str, timeout: float = 600) -> None:
+    """Run the trainer until it has published its first snapshot, then stop it: a worker
+    needs one to be ready, and the benchmarks of a serving worker measure it alone (on two
+    cores a running trainer would take the worker's CPU; bench/scaleout.py measures both)."""
+    trainer = TrainerProcess(settings, log_path).start()
+    try:
+        trainer.wait_ready(timeout=timeout)
+    finally:
+        trainer.stop()
 
 
 def start_worker(worker: WorkerProcess, n_items: int, timeout: float = 600) -> None:

@@ -32,8 +32,8 @@ from models.serving import Server
 from models.synthetic import make_world
 from models.user_state import UserState
 from streams.catalog import RawRecord
-from streams.processor import EventProcessor
 from streams.process import configure_process
+from streams.processor import EventProcessor
 from streams.settings import Settings
 
 #: serving worker: decode, process (serve), learn (per-user step), state; the trainer: train

@@ -53,6 +53,7 @@ from bench._common import (
     BenchEvents,
     Sample,
     drain,
+    first_snapshot,
     hist_quantile,
     machine,
     rss_mb,
@@ -380,6 +381,7 @@ def main() -> None:
         events = BenchEvents(world, users, seed=2)
         console.print(f"broker {kafka.bootstrap}; load average {info['loadavg_1m_at_start']}; "
                       f"worker starting (encoder, catalog of {items:,} items) ...")
+        first_snapshot(s, out / "latency-trainer.log")
         worker = WorkerProcess(s, out / "latency-worker.log", extra_env).start()
         tail = LatencyTail(s)
         producer = None

@@ -39,7 +39,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench._common import BenchEvents, machine, peak_rss_mb, rss_mb, save_figure, worker_env
+from bench._common import (
+    BenchEvents,
+    first_snapshot,
+    machine,
+    peak_rss_mb,
+    rss_mb,
+    save_figure,
+    worker_env,
+)
 from models.config import EVENT_TYPE_IDS, LearnerConfig
 from models.synthetic import make_world
 from models.user_state import UserState
@@ -448,6 +456,7 @@ def main() -> None:
         if args.baseline:
             b = Settings(app_id="memory-baseline", data_dir=tmp / "baseline",
                          metrics_port=free_port(), **common)
+            first_snapshot(b, out / "memory-baseline-trainer.log")
             bw = WorkerProcess(b, out / "memory-baseline-worker.log", extra_env)
             try:
                 baseline = start_worker(bw, "baseline", args.startup_timeout, trace)
@@ -465,6 +474,7 @@ def main() -> None:
 
         log_path = out / "memory-worker.log"
         log_path.unlink(missing_ok=True)
+        first_snapshot(s, out / "memory-trainer.log")
         worker = WorkerProcess(s, log_path, extra_env)
         try:
             marks = start_worker(worker, "worker", args.startup_timeout, trace)

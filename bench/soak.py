@@ -27,7 +27,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from bench._common import save_figure
+from bench._common import first_snapshot, save_figure
 from models.synthetic import SyntheticStream, make_world
 from streams.broker import EmbeddedKafka
 from streams.clients import kafka_producer
@@ -105,6 +105,7 @@ def main() -> None:
         stream = SyntheticStream(world, n_users=args.users, seed=2)
         log_path = out / "soak-worker.log"
         log_path.unlink(missing_ok=True)
+        first_snapshot(s, out / "soak-trainer.log")
         worker = WorkerProcess(s, log_path).start()
         try:
             publish_items(s, world.items, quiet=True)

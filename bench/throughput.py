@@ -61,6 +61,7 @@ from bench._common import (
     Sample,
     cpu_seconds,
     drain,
+    first_snapshot,
     machine,
     peak_rss_mb,
     rss_mb,
@@ -285,6 +286,8 @@ def run_pipeline(broker_pid: int | None, pipe: Settings, prep: Settings, world,
     """(c): embed the catalog with an untimed worker, then time a fresh worker's drain."""
     n_items = len(world.items)
     task = bar.add_task("pipeline", total=n_events, info="embedding the catalog")
+    first_snapshot(prep, out / "throughput-catalog-trainer.log")
+    first_snapshot(pipe, out / "throughput-trainer.log")
     prep_worker = WorkerProcess(prep, out / "throughput-catalog-worker.log",
                                 extra_env).start()
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -72,9 +73,33 @@ def model_names(peers: bool = True, ablations: bool = True) -> list[str]:
     return names
 
 
+#: streamrec deployed as N serving workers + a trainer: `streamrec@w4` (4 workers, a snapshot
+#: after every batch), `streamrec@w4e1024` (a snapshot every 1,024 events), `streamrec@w4i`
+#: (4 independent learners: each worker its own model, the deployment before the trainer),
+#: `streamrec@w1r2` (a trainer of 2 ranks).
+_SHARDED = re.compile(r"^streamrec@w(?P<workers>\d+)(?:e(?P<every>\d+))?(?:r(?P<ranks>\d+))?"
+                      r"(?P<independent>i)?$")
+
+
+def sharded_name(workers: int, snapshot_every: int | None = None, independent: bool = False,
+                 ranks: int = 1) -> str:
+    if workers == 1 and snapshot_every is None and not independent and ranks == 1:
+        return "streamrec"
+    return f"streamrec@w{workers}{'' if snapshot_every is None else f'e{snapshot_every}'}" \
+        f"{'' if ranks == 1 else f'r{ranks}'}{'i' if independent else ''}"
+
+
 def build_model(name: str, data: Dataset, base: LearnerConfig) -> Any:
     if name == "streamrec":
         return StreamrecModel(data.item_ids, data.text_vectors, base)
+    sharded = _SHARDED.match(name)
+    if sharded:
+        every = sharded["every"]
+        return StreamrecModel(data.item_ids, data.text_vectors, base, name=name,
+                              workers=int(sharded["workers"]),
+                              snapshot_every=None if every is None else int(every),
+                              independent=bool(sharded["independent"]),
+                              trainer_ranks=int(sharded["ranks"] or 1))
     if name.startswith("streamrec-"):
         cfg = base.model_copy(update=ABLATIONS[name.split("-", 1)[1]])
         return StreamrecModel(data.item_ids, data.text_vectors, cfg, name=name)

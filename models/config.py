@@ -121,6 +121,14 @@ class LearnerConfig(BaseModel):
         "let the ranker weigh 'just now' against 'long-term'; on ML-100K one measured best).",
     )
     covisit_profile: int = Field(50, ge=1, description="Distinct recent items in the profile.")
+    covisit_max_neighbours: int = Field(
+        500,
+        ge=1,
+        description="Memory bound of the co-visitation counts: an item followed by more than "
+        "twice this many others keeps its this-many strongest (models/covisit.py `prune`), "
+        "so the counts grow with the catalog, not with its square. (The candidates use the "
+        "50 strongest per item.)",
+    )
     lr_rule: Literal["fixed", "adagrad", "rmsprop", "adaptive"] = Field(
         "rmsprop",
         description="Per-user LR rule for the residual (models/lr_rules.py): `rmsprop` "

@@ -13,8 +13,10 @@ Several recencies let the ranker weigh "what you did just now" against "what you
 the weights are learned online (models/two_tower.PriorHead), not fixed per data set.
 
 Storage is sparse (scipy CSR over item rows): memory grows with the pairs actually seen, not
-with the square of the catalog. Increments are buffered and merged once per batch (`learn`).
-Counts only ever grow, so replicas that apply the same pairs in any order agree exactly.
+with the square of the catalog, and `prune` bounds it: an item followed by more than
+2 x `max_neighbours` others keeps its strongest `max_neighbours` (the candidates and features
+come from the strong pairs; a co-visitation count never decays, so without a bound a
+long-running catalog fills toward items x items). Increments are merged once per batch.
 
 >>> cv = CoVisitation(recencies=(0.8,))
 >>> _ = cv.learn([([], 1), ([1], 2), ([1, 2], 3)])  # one user: item 1, then 2, then 3
@@ -110,6 +112,36 @@ class CoVisitation:
         self.C = self.C + fwd + fwd.T
         self._tops.clear()
         np.add.at(self.n, inc.targets, inc.n.astype(np.float64))
+
+    def prune(self, max_neighbours: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Bound the counts: an item with more than 2 x `max_neighbours` followers in f keeps
+        its `max_neighbours` strongest. Returns the removed (j, i) pairs (None: nothing to
+        do), which a replica then removes too (`remove`): the pruning is decided once."""
+        F = self.F.tocsr()
+        over = np.flatnonzero(np.diff(F.indptr) > 2 * max_neighbours)
+        if not len(over):
+            return None
+        rm_j, rm_i = [], []
+        for r in over:
+            lo, hi = F.indptr[r], F.indptr[r + 1]
+            drop = np.argpartition(F.data[lo:hi], hi - lo - max_neighbours)[
+                : hi - lo - max_neighbours]
+            rm_j.append(np.full(len(drop), r, np.int64))
+            rm_i.append(F.indices[lo:hi][drop].astype(np.int64))
+        removed = np.concatenate(rm_j), np.concatenate(rm_i)
+        self.remove(*removed)
+        return removed
+
+    def remove(self, j: np.ndarray, i: np.ndarray) -> None:
+        """Drop the pairs f[j, i] (and their share of c, which is f + f^T)."""
+        if not len(j):
+            return
+        F = self.F.tocoo()
+        gone = np.isin(F.row.astype(np.int64) * self.size + F.col,
+                       np.asarray(j, np.int64) * self.size + np.asarray(i, np.int64))
+        self.F = sp.csr_matrix((F.data[~gone], (F.row[~gone], F.col[~gone])), shape=F.shape)
+        self.C = self.F + self.F.T
+        self._tops.clear()
 
     def _profile(self, history: Sequence[int]) -> np.ndarray:
         """Last `profile` distinct item rows, newest first."""

@@ -15,6 +15,7 @@ per round is the largest any rank needs.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -77,3 +78,53 @@ def init(rank: int, world: int, address: str = "127.0.0.1", port: int = 29500) -
     os.environ.setdefault("MASTER_PORT", str(port))
     dist.init_process_group(backend, rank=rank, world_size=world)
     return DistSync(rank, world)
+
+
+class ThreadGroup:
+    """K trainer ranks as threads of one process (the evaluator's `--trainer-ranks`): the
+    collectives of DistSync, over a barrier instead of gloo."""
+
+    def __init__(self, world: int, timeout_s: float = 600.0):
+        self.world = world
+        self._barrier = threading.Barrier(world, timeout=timeout_s)
+        self._slots: list = [None] * world
+
+    def sync(self, rank: int) -> ThreadSync:
+        return ThreadSync(self, rank)
+
+    def exchange(self, rank: int, value: object) -> list:
+        """Every rank's `value`, on every rank."""
+        self._slots[rank] = value
+        self._barrier.wait()
+        out = list(self._slots)
+        self._barrier.wait()  # nobody overwrites a slot before all have read
+        return out
+
+
+class ThreadSync(Sync):
+    def __init__(self, group: ThreadGroup, rank: int):
+        self.group, self.rank, self.world = group, rank, group.world
+
+    def total_weight(self, w: float) -> float:
+        return float(sum(self.group.exchange(self.rank, w)))
+
+    def reduce_grads(self, dense: Sequence[torch.nn.Parameter],
+                     sparse: Sequence[torch.nn.Parameter]) -> None:
+        for p, is_sparse in [*((p, False) for p in dense), *((p, True) for p in sparse)]:
+            grads = [g for g in self.group.exchange(self.rank, p.grad) if g is not None]
+            if not grads:
+                p.grad = None if is_sparse else torch.zeros_like(p)
+                continue
+            total = grads[0]
+            for g in grads[1:]:
+                total = total + g
+            p.grad = total.coalesce() if is_sparse else total.clone()
+
+    def gather(self, inc: Increment | None) -> list[Increment]:
+        return [x for x in self.group.exchange(self.rank, inc) if x is not None]
+
+    def steps(self, n: int) -> int:
+        return self.max_int(n)
+
+    def max_int(self, n: int) -> int:
+        return max(self.group.exchange(self.rank, n))

@@ -20,6 +20,7 @@ runs exactly the agent's learner (models/learner.py) and scorer.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,11 +30,13 @@ import numpy as np
 import xxhash
 
 from models.config import LearnerConfig
+from models.examples import TrainingExample
 from models.learner import Interaction, OnlineLearner, Pending, observe, personal_step
 from models.model import SharedModel
 from models.seen import ExcludeSeen, Exclusion, exclusions, item_keys
 from models.sequences import History
 from models.serving import rank_candidates, tower_candidates
+from models.trainer import Trainer
 from models.user_state import UserState
 
 Event = tuple[str, int, int]  # (user, item index in catalog order, ts ms)
@@ -154,13 +157,16 @@ class StreamrecModel:
     `workers` serving shards (users hashed to shards, as Kafka partitions them) serve from a
     snapshot of the trainer's model that is refreshed every `snapshot_every` events (None:
     after every batch, the single in-process learner); each shard takes the per-user step
-    for its users, and the trainer trains every example. `independent=True` is the old
-    deployment instead: each shard its own model, trained on its own users' events only."""
+    for its users, and the trainer trains every example (with `trainer_ranks` > 1: that many
+    ranks in lockstep, each training its share of the source partitions, as
+    models/distributed.py does across processes). `independent=True` is the old deployment
+    instead: each shard its own model, trained on its own users' events only."""
 
     def __init__(self, item_ids: Sequence[str], text_vectors: np.ndarray,
                  config: LearnerConfig | None = None, name: str = "streamrec",
                  event_type: str = "rate", candidates: int | None = 200, workers: int = 1,
-                 snapshot_every: int | None = None, independent: bool = False):
+                 snapshot_every: int | None = None, independent: bool = False,
+                 trainer_ranks: int = 1):
         self.name = name
         self.event_type = event_type
         cfg = config or LearnerConfig()
@@ -169,8 +175,10 @@ class StreamrecModel:
         for learner in self.learners:
             learner.upsert_items(list(item_ids), text_vectors)
         self.workers, self.independent = workers, independent
+        self.ranks = _ranks(trainer_ranks, cfg, item_ids, text_vectors) if trainer_ranks > 1 \
+            else [learner.trainer for learner in self.learners[:1]]
         self.snapshot_every, self._since = snapshot_every, 0
-        self.serving = self.learners[0].model  # what the shards serve from
+        self.serving = self.ranks[0].model  # what the shards serve from
         self.personal = [personal_step(cfg) for _ in range(workers)]
         self.rows = self.serving.catalog.add(list(item_ids))
         self.col_of = np.full(int(self.rows.max(initial=0)) + 1, -1, dtype=np.int64)
@@ -180,8 +188,8 @@ class StreamrecModel:
         self.states: dict[str, UserState] = {}
         self._offset = 0
 
-    def _shard(self, user: str) -> int:
-        return xxhash.xxh64_intdigest(user.encode()) % self.workers
+    def _shard(self, user: str, n: int | None = None) -> int:
+        return xxhash.xxh64_intdigest(user.encode()) % (n or self.workers)
 
     def step(self, batch: Sequence[Event], which: Sequence[int],
              excluded: Sequence[Exclusion] | None = None) -> np.ndarray:
@@ -191,6 +199,7 @@ class StreamrecModel:
             self.states.setdefault(u, UserState())
             self._offset += 1
             inters.append(Interaction(u, self.item_ids[i], self.event_type, ts,
+                                      partition=self._shard(u, PARTITIONS),
                                       offset=self._offset))
         pend = observe(self.serving, inters, self.states)  # residuals untouched until learned
         hists = [pend.before[j] for j in which]
@@ -219,14 +228,15 @@ class StreamrecModel:
                 personal.step(model, [pend.hists[p] for p in mine],
                               [pend.targets[p] for p in mine], [pend.weights[p] for p in mine],
                               [pend.owners[p] for p in mine], states)
-        for k, learner in enumerate(self.learners):
-            learner.trainer.train([ex for ex in pend.examples
-                                   if not self.independent or self._shard(ex.user_id) == k])
+        if self.independent:
+            for k, learner in enumerate(self.learners):
+                learner.trainer.train([ex for ex in pend.examples
+                                       if self._shard(ex.user_id) == k])
+            return  # each shard serves its own live model
+        _train_ranks(self.ranks, pend.examples)
         self._since += len(shards)
-        if self.independent or self.snapshot_every is None:
-            return  # each shard serves its own live model / the trainer's, after every batch
-        if self._since >= self.snapshot_every:
-            self.serving, self._since = self.learners[0].model.fork(), 0
+        if self.snapshot_every is not None and self._since >= self.snapshot_every:
+            self.serving, self._since = self.ranks[0].model.fork(), 0
 
     def _serve(self, model: SharedModel, hists: list[History], residuals: list,
                excluded: Sequence[Exclusion]) -> np.ndarray:
@@ -243,3 +253,35 @@ class StreamrecModel:
         for p, (rows, scores) in enumerate(ranked):
             out[p, self.col_of[rows]] = scores
         return out
+
+
+PARTITIONS = 8  # source partitions the evaluator numbers examples by (users hashed)
+
+
+def _ranks(k: int, cfg: LearnerConfig, item_ids: Sequence[str], vectors: np.ndarray
+           ) -> list[Trainer]:
+    """K trainer ranks over identical model copies, synchronised as threads."""
+    from models.distributed import ThreadGroup
+
+    group = ThreadGroup(k)
+    ranks = []
+    for r in range(k):
+        model = SharedModel(cfg, vectors.shape[1])
+        trainer = Trainer(model, group.sync(r))
+        trainer.upsert_items(list(item_ids), vectors)
+        ranks.append(trainer)
+    return ranks
+
+
+def _train_ranks(ranks: list[Trainer], examples: Sequence[TrainingExample]) -> None:
+    """Each rank its share of the examples (by source partition), all in lockstep."""
+    k = len(ranks)
+    if k == 1:
+        ranks[0].train(examples)
+        return
+    threads = [threading.Thread(target=t.train, args=(
+        [ex for ex in examples if ex.partition % k == r],)) for r, t in enumerate(ranks)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()

@@ -34,6 +34,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -100,24 +101,50 @@ def encode_base(model: SharedModel, covered: dict[int, int], trained: int = 0) -
 
 
 def encode_delta(model: SharedModel, version: int, touched: set[int],
-                 increments: Sequence[Increment], covered: dict[int, int],
-                 trained: int = 0) -> bytes:
-    """Version `version` = version - 1 plus the E rows `touched` and the `increments`
-    (summed per item pair: a delta holds each pair once)."""
-    inc = _summed(increments)
-    rows = np.unique(np.concatenate([np.fromiter(touched, np.int64, len(touched)),
-                                     inc.j, inc.i, inc.targets]))
+                 covis: Sequence[Increment | tuple[np.ndarray, np.ndarray]],
+                 covered: dict[int, int], trained: int = 0) -> bytes:
+    """Version `version` = version - 1 plus the E rows `touched` and the co-visitation
+    changes `covis` in order: increments (consecutive ones summed per item pair) and pruned
+    (j, i) pairs (models/covisit.py `prune`)."""
+    segments = _segments(covis)
     moved = np.array(sorted(touched), np.int64)
+    named = [np.concatenate([seg.j, seg.i, seg.targets] if kind == "add" else list(seg))
+             for kind, seg in segments]
+    rows = np.unique(np.concatenate([moved, *named]))
 
     def local(x: np.ndarray) -> torch.Tensor:  # positions in `rows` (the delta's ids)
         return torch.as_tensor(np.searchsorted(rows, x).astype(np.int32))
 
-    tensors = _dense(model) | {
-        "E.rows": local(moved), "E": model.items.E.detach()[moved].cpu().contiguous(),
-        "inc.j": local(inc.j), "inc.i": local(inc.i), "inc.w": torch.as_tensor(inc.w),
-        "inc.targets": local(inc.targets), "inc.n": torch.as_tensor(inc.n)}
-    return st_save(tensors, metadata=_meta(model, "delta", version, covered,
-                                           model.catalog.ids_of(rows), trained))
+    tensors = _dense(model) | {"E.rows": local(moved),
+                               "E": model.items.E.detach()[moved].cpu().contiguous()}
+    ops = []
+    for k, (kind, seg) in enumerate(segments):
+        ops.append(kind)
+        if kind == "add":
+            tensors |= {f"{k}.j": local(seg.j), f"{k}.i": local(seg.i),
+                        f"{k}.w": torch.as_tensor(seg.w), f"{k}.targets": local(seg.targets),
+                        f"{k}.n": torch.as_tensor(seg.n)}
+        else:
+            tensors |= {f"{k}.j": local(seg[0]), f"{k}.i": local(seg[1])}
+    meta = _meta(model, "delta", version, covered, model.catalog.ids_of(rows), trained)
+    return st_save(tensors, metadata=meta | {"ops": json.dumps(ops)})
+
+
+def _segments(covis: Sequence[Increment | tuple[np.ndarray, np.ndarray]]
+              ) -> list[tuple[str, Any]]:
+    """Runs of increments summed into one ("add"), and prunes ("prune"), in order."""
+    out: list[tuple[str, Any]] = []
+    run: list[Increment] = []
+    for op in list(covis) + [None]:
+        if isinstance(op, Increment):
+            run.append(op)
+            continue
+        if run:
+            out.append(("add", _summed(run)))
+            run = []
+        if op is not None:
+            out.append(("prune", op))
+    return out
 
 
 def _summed(increments: Sequence[Increment]) -> Increment:
@@ -202,9 +229,12 @@ def apply_delta(model: SharedModel, data: bytes) -> SnapshotMeta:
     _set_dense(model, tensors)
     with torch.no_grad():
         model.items.E[torch.as_tensor(mapped("E.rows"))] = tensors["E"].to(model.device)
-    inc = Increment(mapped("inc.j"), mapped("inc.i"), tensors["inc.w"].numpy(),
-                    mapped("inc.targets"), tensors["inc.n"].numpy())
-    if len(inc.targets):
+    for k, kind in enumerate(json.loads(raw.get("ops", "[]"))):
+        if kind == "prune":
+            model.covis.remove(mapped(f"{k}.j"), mapped(f"{k}.i"))
+            continue
+        inc = Increment(mapped(f"{k}.j"), mapped(f"{k}.i"), tensors[f"{k}.w"].numpy(),
+                        mapped(f"{k}.targets"), tensors[f"{k}.n"].numpy())
         if model.covis is not None:
             model.covis.add(inc)
         np.add.at(model.counts, inc.targets, inc.n.astype(np.float64))

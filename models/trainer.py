@@ -72,7 +72,8 @@ class _Pending:
     """What the next snapshot delta must carry (since the last one)."""
 
     touched: set[int] = field(default_factory=set)  # rows whose E moved
-    covis: list[Increment] = field(default_factory=list)
+    # co-visitation changes in order: an Increment added, or (j, i) pairs pruned
+    covis: list[Increment | tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     counts: dict[int, float] = field(default_factory=dict)  # row -> popularity added
 
 
@@ -229,11 +230,16 @@ class Trainer:
         elif pos:  # no co-visitation: the popularity counts alone
             local = Increment(*(np.zeros(0, np.int64),) * 2, np.zeros(0, np.float32),
                               *np.unique(targets, return_counts=True))
-        for inc in self.sync.gather(local):
+        gathered = self.sync.gather(local)
+        for inc in gathered:
             if m.covis is not None:
                 m.covis.add(inc)
             np.add.at(m.counts, inc.targets, inc.n.astype(np.float64))
             self.pending.covis.append(inc)
+        if m.covis is not None and gathered:  # every rank alike: they hold the same counts
+            removed = m.covis.prune(self.cfg.covisit_max_neighbours)
+            if removed is not None:
+                self.pending.covis.append(removed)
 
     def take_pending(self) -> _Pending:
         """What changed since the last call (for a snapshot delta), and start afresh."""

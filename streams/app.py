@@ -38,7 +38,7 @@ from streams.runtime import Runtime
 from streams.schemas import InvalidRecord, Reason
 from streams.settings import Settings
 from streams.table_context import current_event, partition_event
-from streams.topics import ensure_topics
+from streams.topics import ensure_topics, topic_partitions
 
 log = logging.getLogger("streamrec.app")
 
@@ -394,6 +394,18 @@ def _metrics_port(settings: Settings) -> None:
                 f"STREAMREC_METRICS_PORT to a free port") from None
 
 
+def _examples_partitions(settings: Settings) -> None:
+    """A training example goes to its source event's partition number (so one source
+    partition's examples keep their order): training-examples needs as many partitions."""
+    s = settings
+    events = topic_partitions(s, s.topic(s.events_topic))
+    examples = topic_partitions(s, s.topic(s.training_examples_topic))
+    if len(examples) < len(events):
+        raise UserError(f"topic {s.topic(s.training_examples_topic)} has {len(examples)} "
+                        f"partitions, {s.topic(s.events_topic)} {len(events)}: it needs at least "
+                        "as many (add partitions with kafka-topics.sh --alter)")
+
+
 def run_worker(settings: Settings) -> None:
     """Create the data directory and topics, load the encoder and learner, and run a Faust
     worker until stopped."""
@@ -401,6 +413,7 @@ def run_worker(settings: Settings) -> None:
     _metrics_port(settings)
     wait_for_broker(settings)
     ensure_topics(settings)
+    _examples_partitions(settings)
     configure_process(settings.compute_threads)
     runtime = Runtime(settings)
     app = create_app(settings, runtime)

@@ -249,9 +249,20 @@ def demo(n_events: int, exit_: bool, rate: float, n_items: int, n_users: int,
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG here.")
 @click.option("--jobs", type=int, default=2, show_default=True, help="Models run in parallel.")
 @click.option("--limit", type=int, default=None, help="Only the first N events (smoke runs).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="streamrec as N serving workers (users hashed to them) and one trainer.")
+@click.option("--snapshot-every", type=click.IntRange(min=1), default=None,
+              help="The trainer's snapshot reaches the workers every E events (default: after "
+              "every batch, as the single in-process learner).")
+@click.option("--independent", is_flag=True,
+              help="With --workers: each worker its own model, trained on its users only.")
+@click.option("--trainer-ranks", type=click.IntRange(min=1), default=1, show_default=True,
+              help="The trainer as K ranks in lockstep, each training its share of the "
+              "source partitions (threads here; torch.distributed processes when deployed).")
 def eval_(ml_dir: str | None, events_path: str | None, items_path: str | None,
           batch_size: int, model_list: str | None, no_ablations: bool, json_path: str | None,
-          plot_path: str | None, jobs: int, limit: int | None) -> None:
+          plot_path: str | None, jobs: int, limit: int | None, workers: int,
+          snapshot_every: int | None, independent: bool, trainer_ranks: int) -> None:
     """Prequential (test-then-train) evaluation with full ranking; no Kafka involved."""
     from models import comparison as cmp
     from models.datasets import load_events, load_items, movielens_events, movielens_items
@@ -268,6 +279,8 @@ def eval_(ml_dir: str | None, events_path: str | None, items_path: str | None,
     encoder = TextEncoder(s.encoder_path, device="cpu", batch_size=s.encoder_batch_size)
     data = cmp.make_dataset(name, items, events[:limit] if limit else events, encoder.encode)
     names = model_list.split(",") if model_list else cmp.model_names(ablations=not no_ablations)
+    deployed = cmp.sharded_name(workers, snapshot_every, independent, trainer_ranks)
+    names = [deployed if n == "streamrec" else n for n in names]
     results = cmp.run_comparison(data, names, batch_size, s.learner, jobs=jobs,
                                  exclude_seen=s.exclude_seen)
     doc = cmp.to_json(data, results, batch_size)

@@ -3,8 +3,8 @@
 Embedded Kafka (unless a broker is given) -> a trainer and a worker process -> a synthetic
 catalog whose item titles come from latent topics -> a paced stream of users whose interest
 topic drifts (plus a few malformed events for the DLQ) -> live recommendations, scored
-against each user's *current* true topic. Live output goes to stderr; with --exit the last stdout line is
-a JSON summary.
+against each user's *current* true topic. Live output goes to stderr; with --exit the last
+stdout line is a JSON summary.
 """
 
 from __future__ import annotations

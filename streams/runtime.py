@@ -232,6 +232,7 @@ class Runtime:
     def _observe_model(self) -> None:
         m.MODEL_VERSION.set(self.model.version)
         m.INDEX_VERSION.set(self.server.version)
+        m.INDEX_ITEMS.set(self.server.n_items)
         if self.model.covis is not None:
             m.COVISIT_BYTES.set(self.model.covis.nbytes)
 

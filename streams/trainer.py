@@ -325,8 +325,9 @@ async def _read_in_order(consumer: Any) -> list[tuple[bytes | None, bytes | None
 def run_ranks(settings: Settings, ranks: int) -> None:
     """`streamrec trainer`: one rank as torchrun describes it (RANK, WORLD_SIZE in the
     environment, e.g. one pod per rank), else `ranks` local processes (rank 0 here)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        run_trainer(settings, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # one rank per host or pod
+        run_trainer(settings, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                    port_per_rank=False)
         return
     if ranks == 1:
         run_trainer(settings)
@@ -349,8 +350,11 @@ def run_ranks(settings: Settings, ranks: int) -> None:
             proc.join(timeout=settings.shutdown_timeout_s)
 
 
-def run_trainer(settings: Settings, rank: int = 0, world: int = 1) -> None:
-    """One trainer rank until SIGTERM/SIGINT (then a last snapshot and checkpoint)."""
+def run_trainer(settings: Settings, rank: int = 0, world: int = 1,
+                port_per_rank: bool = True) -> None:
+    """One trainer rank until SIGTERM/SIGINT (then a last snapshot and checkpoint). Local
+    ranks serve /metrics on trainer_metrics_port + rank (`port_per_rank`); a rank with a host
+    or pod of its own serves it on trainer_metrics_port."""
     wait_for_broker(settings)
     if rank == 0:
         ensure_topics(settings)
@@ -360,13 +364,18 @@ def run_trainer(settings: Settings, rank: int = 0, world: int = 1) -> None:
         from models.distributed import init
 
         sync = init(rank, world)
-    asyncio.run(_serve(settings, sync))
+    asyncio.run(_serve(settings, sync, metrics_port(settings, rank, port_per_rank)))
 
 
-async def _serve(settings: Settings, sync: Sync) -> None:
+def metrics_port(settings: Settings, rank: int, port_per_rank: bool) -> int:
+    """Where a rank serves /metrics: + rank for local ranks sharing a host."""
+    return settings.trainer_metrics_port + (rank if port_per_rank else 0)
+
+
+async def _serve(settings: Settings, sync: Sync, port: int) -> None:
     from prometheus_client import start_http_server
 
-    start_http_server(settings.trainer_metrics_port + sync.rank, settings.metrics_host)
+    start_http_server(port, settings.metrics_host)
     service = TrainerService(settings, sync)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

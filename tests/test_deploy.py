@@ -40,7 +40,15 @@ ALERTS = {
     "StreamrecNoRecommendations",
     "StreamrecWorkerDown",
     "StreamrecIndexEmpty",
+    "StreamrecSnapshotStale",
+    "StreamrecNoSnapshot",
+    "StreamrecTrainerDown",
+    "StreamrecTrainerLagGrowing",
 }
+
+#: metrics only the trainer feeds (its panels and alerts select job="streamrec-trainer")
+TRAINER_ONLY = ("streamrec_trainer_", "streamrec_snapshot_bytes", "streamrec_snapshot_publish",
+                "streamrec_checkpoints")
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -97,7 +105,8 @@ def concrete(expr: str, rate_interval: str = "5m") -> str:
 
 
 def exported_sample_names() -> set[str]:
-    """Every sample name a worker's /metrics can carry: streams/metrics.py + Faust's sensors."""
+    """Every sample name a worker's or the trainer's /metrics can carry: streams/metrics.py
+    (one registry, so both roles export every name) + Faust's sensors."""
     from faust.sensors.prometheus import FaustMetrics
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics import MetricWrapperBase
@@ -175,7 +184,25 @@ def test_alerts_and_dashboard_use_only_exported_metrics():
     used = {n for e in exprs for n in re.findall(r"\b(streamrec_\w+|up)\b", e)}
     assert used, "no metric found in the expressions"
     missing = used - exported
-    assert not missing, f"not exported by a worker: {sorted(missing)}"
+    assert not missing, f"not exported by a worker or the trainer: {sorted(missing)}"
+
+
+def test_alerts_and_dashboard_select_the_role_of_each_metric():
+    """Every selector names its job: the trainer's metrics come from job="streamrec-trainer",
+    the workers' from job="streamrec" (one registry: each page carries every name, idle at 0
+    in the role that does not use it, so a selector without the job would mix the roles)."""
+    exprs = [(r["alert"], r["expr"]) for r in alert_rules()]
+    exprs += [(p["title"], t["expr"]) for p, t in dashboard_targets()]
+    for where, expr in exprs:
+        bare = re.findall(r"\b(streamrec_\w+|up)\b(?!\{)", expr)
+        assert not bare, f"{where}: {bare} without a label selector"
+        for name, labels in re.findall(r"\b(streamrec_\w+|up)\{([^}]*)\}", expr):
+            job = re.search(r'job="([^"]+)"', labels)
+            assert job, f"{where}: {name} without a job"
+            if name in ("up", "streamrec_model_version"):  # both roles: served vs published
+                continue
+            want = "streamrec-trainer" if name.startswith(TRAINER_ONLY) else "streamrec"
+            assert job.group(1) == want, f"{where}: {name} from job {job.group(1)}, not {want}"
 
 
 # -- Grafana --------------------------------------------------------------------------------
@@ -193,6 +220,16 @@ REQUIRED_PANELS = {  # issue 5: what the dashboard must show, by a word of the p
     "index version": "index version",
     "users active": "users active",
     "worker up": "worker up",
+    # the trainer and its snapshots (issue "Scale out")
+    "model version": "model version served per worker vs published by the trainer",
+    "snapshot age": "snapshot age per worker",
+    "trainer examples/s": "trainer examples/s by outcome",
+    "trainer steps/s": "trainer steps/s",
+    "trainer lag": "trainer lag",
+    "trainer up": "trainer up",
+    "snapshot size": "snapshot size by kind",
+    "snapshot publish": "snapshot publish time",
+    "checkpoints": "the trainer's checkpoints by outcome",
 }
 
 
@@ -226,6 +263,9 @@ def test_dashboard_is_grafana_dashboard_json_on_the_provisioned_datasource():
     titles = " | ".join(p["title"].lower() for p in d["panels"])
     for word, what in REQUIRED_PANELS.items():
         assert word in titles, f"no panel for {what}"
+    versions = next(p for p in d["panels"] if "model version" in p["title"].lower())
+    jobs = {re.search(r'job="([^"]+)"', t["expr"]).group(1) for t in versions["targets"]}
+    assert jobs == {"streamrec", "streamrec-trainer"}, "served (workers) vs published (trainer)"
     var = d["templating"]["list"][0]
     assert var["name"] == "instance" and var["datasource"]["uid"] == uid
 
@@ -268,8 +308,8 @@ def test_docker_compose_config_accepts_the_stack():
     cmd = compose_cmd()
     out = ok(run(*cmd, "-f", str(COMPOSE), "--profile", "gpu", "config"))
     resolved = yaml.safe_load(out)
-    assert {"kafka", "topic-init", "worker-1", "worker-2", "worker-gpu", "prometheus",
-            "grafana"} <= set(resolved["services"])
+    assert {"kafka", "topic-init", "trainer", "worker-1", "worker-2", "worker-gpu",
+            "prometheus", "grafana"} <= set(resolved["services"])
     services = ok(run(*cmd, "-f", str(COMPOSE), "config", "--services")).split()
     assert "worker-1" in services
 
@@ -305,7 +345,24 @@ def test_compose_stack_wiring():
         assert env["STREAMREC_BROKER"] == "kafka://kafka:9092"
         assert env["STREAMREC_METRICS_HOST"] == "0.0.0.0"
         assert env["STREAMREC_PARTITIONS"] == s["topic-init"]["environment"]["STREAMREC_PARTITIONS"]
+        assert env["STREAMREC_TABLE_STANDBY_REPLICAS"] == "1"
         assert w["depends_on"]["topic-init"]["condition"] == "service_completed_successfully"
+        assert "/ready" in " ".join(w["healthcheck"]["test"])  # healthy = /ready says 200
+        assert env["STREAMREC_METRICS_PORT"] in " ".join(w["healthcheck"]["test"])
+    trainer = s["trainer"]
+    tenv = trainer["environment"]
+    assert trainer["command"] == ["trainer"]
+    assert trainer["image"] == s["worker-1"]["image"]
+    assert tenv["STREAMREC_BROKER"] == s["worker-1"]["environment"]["STREAMREC_BROKER"]
+    assert tenv["STREAMREC_PARTITIONS"] == s["worker-1"]["environment"]["STREAMREC_PARTITIONS"]
+    assert tenv["STREAMREC_METRICS_HOST"] == "0.0.0.0"
+    assert f":{tenv['STREAMREC_TRAINER_METRICS_PORT']}/metrics" in " ".join(
+        trainer["healthcheck"]["test"])
+    assert trainer["depends_on"]["topic-init"]["condition"] == "service_completed_successfully"
+    # the stop grace covers the clean-stop deadline (a final snapshot, checkpoint, commit)
+    for name in ("trainer", "worker-1"):
+        grace = int(s[name]["stop_grace_period"].rstrip("s"))
+        assert grace > float(s[name]["environment"]["STREAMREC_SHUTDOWN_TIMEOUT_S"]), name
     gpu = s["worker-gpu"]
     assert gpu["profiles"] == ["gpu"] and gpu["build"]["target"] == "gpu"
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
@@ -319,6 +376,10 @@ def test_compose_stack_wiring():
     alias = gpu["networks"]["default"]["aliases"][0]
     assert job["dns_sd_configs"][0]["names"] == [alias]
     assert str(job["dns_sd_configs"][0]["port"]) == port
+    # ... and the trainer as its own job (the one the trainer panels and alerts select)
+    tjob = next(j for j in prom["scrape_configs"] if j["job_name"] == "streamrec-trainer")
+    ttargets = {t for sc in tjob["static_configs"] for t in sc["targets"]}
+    assert ttargets == {f"trainer:{tenv['STREAMREC_TRAINER_METRICS_PORT']}"}
     mounts = {v.split(":")[1]: v.split(":")[0] for v in s["prometheus"]["volumes"]}
     assert mounts["/etc/prometheus/alerts.yml"] == "./prometheus/alerts.yml"
 
@@ -414,7 +475,7 @@ def test_kubernetes_validate_accepts_every_manifest():
         passed = re.findall(r"passed for resource (\S+)", out)
         builtin = [k for k, o in k8s_objects().items()
                    if not o["apiVersion"].startswith("keda.sh/")]
-        assert len(passed) == len(builtin) == 6, out
+        assert len(passed) == len(builtin) == 8, out
         # CRDs have no schema in kubernetes-validate: checked structurally below
         assert "Couldn't find schema for kind ScaledObject" in out
 
@@ -468,10 +529,85 @@ def test_k8s_objects_fit_together():
         assert str(port["containerPort"]) == cm["STREAMREC_METRICS_PORT"]
         assert pod["metadata"]["annotations"]["prometheus.io/port"] == cm["STREAMREC_METRICS_PORT"]
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        # ready = /ready (state, snapshot, index); alive = /metrics (not the trainer's health)
+        assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+        assert c["livenessProbe"]["httpGet"]["path"] == "/metrics"
+        assert c["startupProbe"]["httpGet"]["path"] == "/metrics"
+        assert pod["spec"]["terminationGracePeriodSeconds"] > float(
+            cm["STREAMREC_SHUTDOWN_TIMEOUT_S"])
+    assert cm["STREAMREC_TABLE_STANDBY_REPLICAS"] == "1"
     gpu = deployments["Deployment/streamrec-worker-gpu"]["spec"]["template"]["spec"]
     res = gpu["containers"][0]["resources"]
     assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == 1
     assert "nvidia.com/gpu" not in str(deployments["Deployment/streamrec-worker"])
+
+
+def test_k8s_trainer_statefulset_runs_ranks_addressed_through_its_headless_service():
+    objs = k8s_objects()
+    cm = objs["ConfigMap/streamrec-config"]["data"]
+    sts = objs["StatefulSet/streamrec-trainer"]["spec"]
+    svc = objs[f"Service/{sts['serviceName']}"]["spec"]
+    pod = sts["template"]
+    labels = pod["metadata"]["labels"]
+    assert sts["selector"]["matchLabels"].items() <= labels.items()
+    assert svc["selector"].items() <= labels.items()
+    assert svc["clusterIP"] == "None"  # headless: one DNS name per rank
+    # ranks resolve rank 0 before any is ready; and all start together (rank 0 is not ready
+    # before every rank joined, so OrderedReady would never start rank 1)
+    assert svc["publishNotReadyAddresses"] is True
+    assert sts["podManagementPolicy"] == "Parallel"
+    # neither the workers' Service/PDB nor KEDA picks the trainer up
+    assert not objs["Service/streamrec-worker-metrics"]["spec"]["selector"].items() <= \
+        labels.items()
+    assert not objs["PodDisruptionBudget/streamrec-worker"]["spec"]["selector"][
+        "matchLabels"].items() <= labels.items()
+    spec = pod["spec"]
+    c = spec["containers"][0]
+    assert c["args"] == ["trainer"]
+    assert {"configMapRef": {"name": "streamrec-config"}} in c["envFrom"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.labels['apps.kubernetes.io/pod-index']"  # the pod's ordinal
+    assert int(env["WORLD_SIZE"]["value"]) == sts["replicas"] == 1
+    assert env["MASTER_ADDR"]["value"] == f"streamrec-trainer-0.{sts['serviceName']}"
+    rendezvous = next(p for p in c["ports"] if p["name"] == "rendezvous")
+    assert str(rendezvous["containerPort"]) == env["MASTER_PORT"]["value"]
+    assert {p["targetPort"] for p in svc["ports"]} == {p["name"] for p in c["ports"]}
+    metrics = next(p for p in c["ports"] if p["name"] == "metrics")
+    assert str(metrics["containerPort"]) == cm["STREAMREC_TRAINER_METRICS_PORT"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == \
+        cm["STREAMREC_TRAINER_METRICS_PORT"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, probe
+    assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+    worker = objs["Deployment/streamrec-worker"]["spec"]["template"]["spec"]
+    assert spec["securityContext"] == worker["securityContext"]
+    assert c["securityContext"] == worker["containers"][0]["securityContext"]
+    assert spec["terminationGracePeriodSeconds"] > float(cm["STREAMREC_SHUTDOWN_TIMEOUT_S"])
+    assert {e["name"] for e in c["env"]} - {"RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                           "MASTER_PORT"} <= settings_env_names()
+
+
+def test_k8s_trainer_ranks_serve_metrics_on_the_container_port():
+    """One rank per pod (RANK from the pod's ordinal, torchrun style): each serves /metrics
+    on STREAMREC_TRAINER_METRICS_PORT itself, the port its probes and Prometheus use (only
+    local `--ranks K` processes sharing a host add their rank)."""
+    from streams.settings import Settings
+    from streams.trainer import metrics_port
+
+    objs = k8s_objects()
+    cm = objs["ConfigMap/streamrec-config"]["data"]
+    c = objs["StatefulSet/streamrec-trainer"]["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"] == ["trainer"] and "command" not in c
+    env = {e["name"]: e for e in c["env"]}
+    assert env["RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.labels['apps.kubernetes.io/pod-index']"
+    assert {"WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} <= env.keys()
+    served = next(p for p in c["ports"] if p["name"] == "metrics")["containerPort"]
+    s = Settings(trainer_metrics_port=int(cm["STREAMREC_TRAINER_METRICS_PORT"]), _env_file=None)
+    for rank in (0, 1, 3):
+        assert metrics_port(s, rank, port_per_rank=False) == served
+    assert metrics_port(s, 2, port_per_rank=True) == served + 2
 
 
 def test_keda_scaled_object_has_the_crd_required_fields_and_matches_the_workers():
@@ -494,6 +630,9 @@ def test_keda_scaled_object_has_the_crd_required_fields_and_matches_the_workers(
     for trig in spec["triggers"]:
         assert isinstance(trig["type"], str)
         assert all(isinstance(v, str) for v in trig["metadata"].values()), "KEDA wants strings"
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleUp"]["stabilizationWindowSeconds"] > 0  # not on a rebalance's bump
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 300  # each step: a rebalance
     kafka = next(t for t in spec["triggers"] if t["type"] == "kafka")["metadata"]
     defaults = Settings(_env_file=None)
     assert kafka["consumerGroup"] == cm.get("STREAMREC_APP_ID", defaults.app_id)

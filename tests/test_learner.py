@@ -466,8 +466,9 @@ def test_capacity_growth_keeps_rows_and_optimizer():
         m_before = None if m_before is None else m_before.clone()
         learner.upsert_items(ids[start : start + 20], vecs[start : start + 20])
         caps.append(learner.model.items.capacity)
+        m = learner.model
         for i in ids[start : start + 20]:
-            added_at[learner.model.catalog.rows[i]] = learner.model.items.E[learner.model.catalog.rows[i]].detach().clone()
+            added_at[m.catalog.rows[i]] = m.items.E[m.catalog.rows[i]].detach().clone()
         # growth copies the existing rows, their vectors and their Adam moments
         torch.testing.assert_close(learner.model.items.E[:n_old].detach(), E_before[:n_old],
                                    rtol=0, atol=0)
@@ -477,7 +478,7 @@ def test_capacity_growth_keeps_rows_and_optimizer():
             m_after = learner.trainer.sparse_opt.state[learner.model.items.E]["exp_avg"]
             torch.testing.assert_close(m_after[: m_before.shape[0]], m_before, rtol=0, atol=0)
         assert learner.trainer.sparse_opt.param_groups[0]["params"][0] is learner.model.items.E
-        assert learner.model.catalog.live.shape[0] == learner.model.counts.shape[0] == learner.model.items.capacity
+        assert m.catalog.live.shape[0] == m.counts.shape[0] == m.items.capacity
         # train on the items known so far
         known = start + 20
         for _ in range(3):

@@ -1,7 +1,9 @@
-"""The monitoring, end to end: a real worker on the embedded broker, a real Prometheus (Debian's
-`prometheus`) scraping it every second with deploy/prometheus/alerts.yml loaded, and every
-PromQL expression of the Grafana dashboard and of the alert rules run through Prometheus'
-HTTP API. Each must return data, and the counters Prometheus holds must match what was sent.
+"""The monitoring, end to end: a real trainer and a real worker on the embedded broker, a real
+Prometheus (Debian's `prometheus`) scraping both every second with deploy/prometheus/alerts.yml
+loaded (worker as job `streamrec`, trainer as job `streamrec-trainer`, the jobs the dashboard
+and the alerts select), and every PromQL expression of the Grafana dashboard and of the alert
+rules run through Prometheus' HTTP API. Each must return data, and the counters Prometheus
+holds must match what was sent.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from pathlib import Path
 import orjson
 import pytest
 import yaml
-from helpers import make_settings
+from helpers import make_settings, read_all
 
 from models.synthetic import SyntheticStream, make_world
 from streams.clients import kafka_producer
 from streams.demo import free_port
 from streams.publish import publish_events, publish_items
-from streams.supervisor import WorkerProcess
+from streams.supervisor import TrainerProcess, WorkerProcess
 from streams.topics import ensure_topics
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -55,13 +57,18 @@ BAD_EVENTS: list[tuple[bytes, str]] = [
 #: alerts whose expression must return nothing on this healthy run. The latency alert is left
 #: out: a cold worker's first batches on a shared CI machine may really take over 2 s.
 QUIET_ALERTS = {"StreamrecConsumerLagGrowing", "StreamrecDeadLetterRatioHigh",
-                "StreamrecNoRecommendations", "StreamrecWorkerDown", "StreamrecIndexEmpty"}
+                "StreamrecNoRecommendations", "StreamrecWorkerDown", "StreamrecIndexEmpty",
+                "StreamrecSnapshotStale", "StreamrecNoSnapshot", "StreamrecTrainerDown",
+                "StreamrecTrainerLagGrowing"}
+
+#: the job names the dashboard and the alert rules select (deploy/prometheus/prometheus.yml)
+WORKER_JOB, TRAINER_JOB = "streamrec", "streamrec-trainer"
 
 
 class Prometheus:
     """A Prometheus server on a free loopback port with its own temp dir."""
 
-    def __init__(self, tmp: Path, target: str, scrape_s: int = 1):
+    def __init__(self, tmp: Path, targets: dict[str, str], scrape_s: int = 1):
         self.binary = shutil.which("prometheus")
         if not self.binary:
             pytest.skip("prometheus is not installed (Debian package `prometheus`; .ci/run "
@@ -74,9 +81,9 @@ class Prometheus:
             "global": {"scrape_interval": f"{scrape_s}s", "evaluation_interval": f"{scrape_s}s",
                        "scrape_timeout": f"{scrape_s}s"},
             "rule_files": ["alerts.yml"],
-            # the job name the dashboard and the alert rules select
-            "scrape_configs": [{"job_name": "streamrec", "static_configs": [
-                {"targets": [target]}]}],
+            # the job names the dashboard and the alert rules select: job -> its one target
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [target]}]}
+                               for job, target in targets.items()],
         }
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log = tmp / "prometheus.log"
@@ -154,9 +161,13 @@ def run(kafka, tmp_path_factory):
     ensure_topics(s)
     world = make_world(N_ITEMS, n_topics=4, seed=11)
     events = list(SyntheticStream(world, n_users=40, seed=12, noise=0.05).events(N_EVENTS))
-    prom = Prometheus(tmp, f"{s.metrics_host}:{s.metrics_port}").start()
-    worker = WorkerProcess(s, tmp / "worker.log").start()
+    prom = Prometheus(tmp, {WORKER_JOB: f"{s.metrics_host}:{s.metrics_port}",
+                            TRAINER_JOB: f"{s.metrics_host}:{s.trainer_metrics_port}"}).start()
+    # the trainer first: a worker is ready only once it serves a trainer snapshot
+    trainer, worker = TrainerProcess(s, tmp / "trainer.log"), None
     try:
+        trainer.start().wait_ready()
+        worker = WorkerProcess(s, tmp / "worker.log").start()
         publish_items(s, world.items, quiet=True)
         worker.wait_ready()
         worker.wait_for("streamrec_index_items", len(world.items), timeout=120)
@@ -175,10 +186,18 @@ def run(kafka, tmp_path_factory):
         # The lag series exists only once the first offsets are committed; rules that take its
         # deriv over a subquery need a few evaluation steps of it.
         prom.wait_value(f"count_over_time(({LAG})[1m:]) >= bool 3", 1)
-        yield dict(settings=s, prom=prom, worker=worker, world=world, events=events, sent=sent,
-                   healthy_dlq=healthy_dlq)
+        # the trainer has read every example the worker wrote, and Prometheus has seen it
+        examples = len(read_all(s, s.topic(s.training_examples_topic)))
+        trainer.wait_for("streamrec_trainer_examples_total", examples, timeout=120)
+        prom.wait_value(f'sum(streamrec_trainer_examples_total{{job="{TRAINER_JOB}"}})',
+                        examples)
+        prom.wait_value(f'sum(streamrec_trainer_lag{{job="{TRAINER_JOB}"}})', 0)
+        yield dict(settings=s, prom=prom, worker=worker, trainer=trainer, world=world,
+                   events=events, sent=sent, examples=examples, healthy_dlq=healthy_dlq)
     finally:
-        worker.stop()
+        if worker is not None:
+            worker.stop()
+        trainer.stop()
         prom.stop()
 
 
@@ -243,10 +262,10 @@ def test_operand_splitter():
     assert alert_operands("a / b > 0.01") == ["a / b"]
 
 
-def test_prometheus_scrapes_the_worker(run):
+def test_prometheus_scrapes_the_worker_and_the_trainer(run):
     targets = run["prom"].api("targets")["activeTargets"]
-    assert [t["health"] for t in targets] == ["up"], targets
-    assert targets[0]["labels"]["job"] == "streamrec"
+    assert [t["health"] for t in targets] == ["up", "up"], targets
+    assert {t["labels"]["job"] for t in targets} == {WORKER_JOB, TRAINER_JOB}
 
 
 def test_every_dashboard_query_returns_data(run):
@@ -301,3 +320,27 @@ def test_counters_in_prometheus_match_what_was_sent(run):
     own = sum(v for (n, _), v in run["worker"].metrics().items()
               if n == "streamrec_recommendations_total")
     prom.wait_value(f"sum(streamrec_recommendations_total{{{j}}})", own, timeout=10)
+
+
+def test_trainer_counters_in_prometheus_match_the_training_examples(run):
+    """Every training example the worker wrote was read by the trainer once and trained
+    (unless a replayed batch wrote it twice: then the copy is a duplicate), and the worker
+    serves the version the trainer published last."""
+    prom, examples = run["prom"], run["examples"]
+    t, w = f'job="{TRAINER_JOB}"', f'job="{WORKER_JOB}"'
+    assert examples > 0
+    by_outcome = {r["metric"]["outcome"]: float(r["value"][1]) for r in prom.query(
+        f"sum by (outcome) (streamrec_trainer_examples_total{{{t}}})")}
+    assert set(by_outcome) == {"trained", "duplicate", "dropped", "invalid"}
+    assert by_outcome["trained"] + by_outcome["duplicate"] == examples, by_outcome
+    assert by_outcome["trained"] > 0 and by_outcome["dropped"] == by_outcome["invalid"] == 0
+    assert prom.value(f"sum(streamrec_trainer_trained{{{t}}})") == by_outcome["trained"]
+    assert prom.value(f"sum(streamrec_trainer_steps_total{{{t}}})") > 0
+    # the worker's page carries the trainer's names too, idle: why every query names its job
+    assert prom.value(f"sum(streamrec_trainer_examples_total{{{w}}})") == 0
+    # the worker catches up with the newest published version within a few seconds
+    prom.wait_value(f"max(streamrec_model_version{{{w}}}) - max(streamrec_model_version{{{t}}})",
+                    0, timeout=60)
+    assert prom.value(f"max(streamrec_model_version{{{t}}})") >= 1
+    assert prom.value(f'max(streamrec_snapshot_bytes{{{t}, kind="base"}})') > 0
+    assert prom.value(f"max(streamrec_snapshot_age_seconds{{{w}}})") < 120

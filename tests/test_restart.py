@@ -1,8 +1,8 @@
 """A worker killed (SIGKILL) mid-stream and replaced by a new one on a fresh disk loses nothing.
 
 User state comes back from the changelog (the new worker has no local RocksDB), replayed
-events are skipped (offsets in the state), shared parameters come back from the last
-checkpoint, processing continues, and every user's last recommendation follows their last
+events are skipped (offsets in the state), the shared model comes from the trainer's newest
+snapshot, processing continues, and every user's last recommendation follows their last
 event.
 """
 
@@ -23,16 +23,12 @@ from helpers import (
 from models.synthetic import SyntheticStream, make_world
 from models.user_state import UserState
 from streams.publish import publish_events, publish_items
-from streams.supervisor import WorkerProcess, total
+from streams.supervisor import TrainerProcess, WorkerProcess, total
 from streams.topics import ensure_topics
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 N_EVENTS = 6000
-
-
-
-
 
 
 def test_kill_mid_stream_and_recover_on_a_new_worker(kafka, tmp_path):
@@ -42,16 +38,21 @@ def test_kill_mid_stream_and_recover_on_a_new_worker(kafka, tmp_path):
     events = list(SyntheticStream(world, n_users=150, seed=8).events(N_EVENTS))
     expected = expected_states(events, s.learner.history_len)
 
+    trainer = TrainerProcess(s, tmp_path / "trainer.log").start()
     first = WorkerProcess(s, tmp_path / "first.log").start()
     try:
         publish_items(s, world.items, quiet=True)
-        first.wait_ready(snapshot=False)
+        trainer.wait_ready()
+        first.wait_ready()
         first.wait_for("streamrec_index_items", len(world.items), timeout=180)
         publish_events(s, events, quiet=True)
-        first.wait_for("streamrec_checkpoints_total", 1, timeout=120, outcome="saved")
+        first.wait_for("streamrec_model_version", 2, timeout=120)  # the trainer learns
         first.wait_for("streamrec_events_total", N_EVENTS // 3, timeout=300)
+    except BaseException:
+        trainer.stop()
+        raise
     finally:
-        first.kill()  # SIGKILL mid-stream: no clean shutdown, no final commit or checkpoint
+        first.kill()  # SIGKILL mid-stream: no clean shutdown, no final commit
     killed_at = int(time.time() * 1000)
     committed = _committed(s)
     before = user_states(s)
@@ -60,14 +61,17 @@ def test_kill_mid_stream_and_recover_on_a_new_worker(kafka, tmp_path):
     second_settings = s.model_copy(update={"data_dir": tmp_path / "fresh-disk"})
     second = WorkerProcess(second_settings, tmp_path / "second.log").start()
     try:
-        second.wait_ready(snapshot=False)
-        samples = second.metrics()
-        assert total(samples, "streamrec_checkpoints_total", outcome="restored") == 1
+        second.wait_ready()
+        # the shared model is the trainer's: the new worker starts on its newest snapshot
+        served = total(second.metrics(), "streamrec_model_version")
+        published = total(trainer.metrics(), "streamrec_model_version")
+        assert served >= 2 and served <= published
         after = wait_states(s, expected, timeout=300)
         time.sleep(2)
         samples = second.metrics()
     finally:
         second.stop()
+        trainer.stop()
 
     # recovered + continued: every user's history and applied-event count is exact
     for user, (items, n) in expected.items():

@@ -221,7 +221,8 @@ def test_reason_skips_removed_items_and_none_without_history(own_trained):
     for k, i in enumerate(ids[:4]):
         st.append(i, 1, T0 + k, None, 12)
     server.remove_items([ids[3]])  # the newest history item left the index
-    recs, _ = server.recommend([st, UserState()], learner.model.user_vectors([st, UserState()]), k=5)
+    sts = [st, UserState()]
+    recs, _ = server.recommend(sts, learner.model.user_vectors(sts), k=5)
     assert len(recs[0]) == 5
     assert all(r.reason_item_id in ids[:3] for r in recs[0])
     assert len(recs[1]) == 5 and all(r.reason_item_id is None for r in recs[1])

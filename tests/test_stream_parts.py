@@ -268,7 +268,6 @@ def test_processor_hands_back_users_whose_events_were_all_replays(encoder, tmp_p
 def test_misrouted_and_keyless_events_count_under_their_own_event_type(encoder, tmp_path):
     """A valid event on the wrong key (or none) goes to the DLQ as `misrouted`, and is
     counted under its event type: `invalid` is for records that never parsed."""
-    from models.user_state import UserState
     from streams import metrics as m
 
     def count(event_type: str) -> float:

@@ -198,7 +198,10 @@ def test_sharded_workers_score_like_the_single_learner():
                          16, item_ids=ids).metrics["ndcg@10"]
     alone = prequential(StreamrecModel(ids, vecs, c, workers=4, independent=True), stream, 16,
                         item_ids=ids).metrics["ndcg@10"]
+    ranks = prequential(StreamrecModel(ids, vecs, c, workers=2, trainer_ranks=2), stream, 16,
+                        item_ids=ids).metrics["ndcg@10"]
     assert res[1] > 0.1 and lagged > 0 and alone > 0, (res, lagged, alone)
+    assert abs(ranks - res[1]) < 0.05, (ranks, res)  # two ranks: the same model, up to replay
 
 
 # --------------------------------------------------------------------------- two ranks
@@ -234,3 +237,20 @@ def test_two_gloo_ranks_keep_identical_parameters_and_all_counts():
         np.testing.assert_array_equal(p0[k], p1[k], err_msg=k)
     assert c0 == c1 and s0 == s1 > 0
     assert n0 + n1 == 400 and sum(c0[0].values()) == 400  # each trains its share; all counted
+
+
+def test_pruning_bounds_the_counts_and_reaches_the_server_in_order():
+    """A row of f above 2 x max_neighbours keeps its strongest; the delta carries the prune
+    between the increments around it, so the server ends where the trainer does."""
+    t = trainer(covisit_max_neighbours=3)
+    server = SharedModel(cfg(covisit_max_neighbours=3), TEXT_DIM)
+    apply_base(server, encode_base(t.model, {}))
+    exs = examples(400, n_users=10)
+    for k in range(0, 400, 25):
+        t.train(exs[k : k + 25])
+    pending = t.take_pending()
+    assert any(not hasattr(op, "targets") for op in pending.covis), "no prune happened"
+    apply_delta(server, encode_delta(t.model, 1, pending.touched, pending.covis, {}))
+    sizes = np.diff(t.model.covis.F.tocsr().indptr)
+    assert sizes.max() <= 2 * 3
+    assert_counts_equal(server, t.model)
