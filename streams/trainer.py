@@ -94,14 +94,14 @@ class TrainerService:
         await self._producer.start()
         await self.items.start()
         await self.items.caught_up.wait()
+        self.checkpoints = CheckpointStore(f"{s.app_id}/trainer", lambda k, v: self._send(
+            k, v, s.topic(s.checkpoints_topic)), s.checkpoint_chunk_bytes)
         snap_log = await self._read_snapshots()
         meta = await self._read_checkpoint()
         positions = json.loads(meta.get("positions", "{}")) if meta else {}
         self.writer = SnapshotWriter(s.app_id, lambda k, v: self._send(
             k, v, s.topic(s.snapshots_topic)), s.checkpoint_chunk_bytes)
         self.writer.written = dict(snap_log.versions)
-        self.checkpoints = CheckpointStore(f"{s.app_id}/trainer", lambda k, v: self._send(
-            k, v, s.topic(s.checkpoints_topic)), s.checkpoint_chunk_bytes)
         await self._assign(positions)
         self._steps_seen = self.trainer.steps
         m.TRAINER_TRAINED.set(self.trainer.trained)
@@ -134,8 +134,8 @@ class TrainerService:
         return snap_log
 
     async def _read_checkpoint(self) -> dict[str, str] | None:
-        store = CheckpointStore(f"{self.s.app_id}/trainer", None)  # type: ignore[arg-type]
-        data = store.assemble(await read_topic(self._consumer(
+        """The newest checkpoint (the store then tombstones its chunks after the next one)."""
+        data = self.checkpoints.assemble(await read_topic(self._consumer(
             self.s.topic(self.s.checkpoints_topic))))
         if data is None:
             log.info("no trainer checkpoint: starting from fresh parameters")
