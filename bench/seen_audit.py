@@ -30,6 +30,11 @@ from streams.settings import Settings
 from streams.supervisor import WorkerProcess, total
 from streams.topics import ensure_topics
 
+try:  # a checkout with the trainer tier (older ones train inside the worker)
+    from streams.supervisor import TrainerProcess
+except ImportError:
+    TrainerProcess = None
+
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 
 
@@ -77,6 +82,8 @@ def main() -> None:
         s = Settings(broker=kafka.url, data_dir=Path(tmp) / "worker",
                      metrics_port=free_port(), app_id="audit", topic_prefix="audit.")
         ensure_topics(s)
+        trainer = None if TrainerProcess is None else \
+            TrainerProcess(s, Path(tmp) / "trainer.log").start()
         worker = WorkerProcess(s, Path(tmp) / "worker.log").start()
         try:
             publish_items(s, items, quiet=True)
@@ -87,6 +94,8 @@ def main() -> None:
             applied = total(worker.metrics(), "streamrec_events_total", outcome="applied")
         finally:
             worker.stop()
+            if trainer is not None:
+                trainer.stop()
         recs = [orjson.loads(m.value) for m in read_topic(s, s.topic(s.recommendations_topic))]
     doc = {"events": len(events), "applied": int(applied),
            "seconds": round(time.monotonic() - started), **audit(events, recs,
