@@ -191,13 +191,13 @@ def apply_base(model: SharedModel, data: bytes) -> SnapshotMeta:
     model.counts[:] = 0.0
     model.counts[rows] = tensors["counts"].numpy()[1:]
     if model.covis is not None:
-        _load_covis(model, rows, {k[6:]: v.numpy() for k, v in tensors.items()
+        load_covis(model, rows, {k[6:]: v.numpy() for k, v in tensors.items()
                                   if k.startswith("covis.")})
     model.version = meta.version
     return meta
 
 
-def _load_covis(model: SharedModel, rows: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
+def load_covis(model: SharedModel, rows: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
     """The trainer's counts, re-indexed from its rows to this model's."""
     to = np.concatenate([[0], rows])  # trainer row -> this model's row
     size = max(model.catalog.capacity, int(to.max()) + 1)

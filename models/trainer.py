@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load as st_load
@@ -33,6 +34,7 @@ from models.covisit import Increment
 from models.examples import TrainingExample
 from models.model import SharedModel
 from models.sequences import Seqs
+from models.snapshot import load_covis
 from models.snapshot import structural as snapshot_structural
 
 
@@ -298,6 +300,8 @@ class Replay:
 
 # ---------------------------------------------------------------- checkpoints
 CHECKPOINT_FORMAT = "streamrec-trainer-1"
+#: The previous release's worker checkpoints (each worker wrote its whole learner).
+LEGACY_FORMAT = "streamrec-learner-1"
 
 
 def checkpoint(trainer: Trainer, extra: dict[str, str] | None = None) -> bytes:
@@ -324,11 +328,17 @@ def checkpoint(trainer: Trainer, extra: dict[str, str] | None = None) -> bytes:
 
 def restore(trainer: Trainer, data: bytes) -> dict[str, str]:
     """Load a checkpoint into `trainer` (its rows are matched by item id); returns the
-    metadata, `extra` included. Raises ValueError if the shapes differ from the config."""
+    metadata, `extra` included. Raises ValueError if the shapes differ from the config.
+
+    Also takes the previous release's worker checkpoints (format streamrec-learner-1): their
+    parameters, optimizer moments and co-visitation counts, so an upgrade keeps the learned
+    model (the trainer's first snapshot, a base, carries the counts to every worker)."""
     m = trainer.model
     meta = _checkpoint_meta(data)
-    if meta["config"] != snapshot_structural(m):
-        raise ValueError(f"checkpoint shape config {meta['config']} != {snapshot_structural(m)}")
+    legacy = meta["format"] == LEGACY_FORMAT
+    config = json.loads(meta["config"]) | ({"text_dim": int(meta["text_dim"])} if legacy else {})
+    if config != json.loads(snapshot_structural(m)):
+        raise ValueError(f"checkpoint shape config {config} != {snapshot_structural(m)}")
     tensors = st_load(data)
     ids = json.loads(meta["ids"])
     rows = torch.as_tensor(trainer.add_rows(ids[1:]))
@@ -337,7 +347,7 @@ def restore(trainer: Trainer, data: bytes) -> dict[str, str]:
         for k, p in params.items():
             src = tensors[f"param.{k}"].to(m.device)
             if k == "items.E":
-                p[rows] = src[1:]
+                p[rows] = src[1 : len(ids)]
             else:
                 p.copy_(src)
     for k, p in params.items():
@@ -345,9 +355,29 @@ def restore(trainer: Trainer, data: bytes) -> dict[str, str]:
                  if name.startswith(f"opt.{k}.") and name.count(".") == k.count(".") + 2}
         if state:
             trainer_opt_state(trainer, k, p, state, rows)
-    trainer.steps, trainer.trained = int(meta["steps"]), int(meta["trained"])
+    trainer.steps = int(meta["steps"])
+    if legacy:
+        _import_counts(m, rows.numpy(), tensors, len(ids))
+        return meta
+    trainer.trained = int(meta["trained"])
     trainer.progress = {int(p): o for p, o in json.loads(meta["progress"]).items()}
     return meta
+
+
+def _import_counts(m: SharedModel, rows: np.ndarray, tensors: dict, n: int) -> None:
+    """A legacy checkpoint's popularity and co-visitation counts, into this model's rows."""
+    m.counts[rows] = tensors["counts"].numpy()[1:n]
+    if m.covis is None or "covis.n" not in tensors:
+        return
+    arrays = {k[6:]: v.numpy() for k, v in tensors.items() if k.startswith("covis.")}
+    size = len(arrays["n"])
+    for name in ("C", "F"):  # rows beyond the ids hold nothing: keep the ids' square
+        full = sp.csr_matrix((arrays[f"{name}.data"], arrays[f"{name}.indices"],
+                              arrays[f"{name}.indptr"]), shape=(size, size))[:n, :n]
+        arrays[f"{name}.data"], arrays[f"{name}.indices"], arrays[f"{name}.indptr"] = \
+            full.data, full.indices, full.indptr
+    arrays["n"] = arrays["n"][:n]
+    load_covis(m, rows, arrays)
 
 
 def trainer_opt_state(trainer: Trainer, name: str, p: torch.nn.Parameter,
@@ -358,7 +388,7 @@ def trainer_opt_state(trainer: Trainer, name: str, p: torch.nn.Parameter,
         full = {}
         for key in ("exp_avg", "exp_avg_sq"):
             full[key] = torch.zeros_like(p)
-            full[key][rows] = state[key][1:].to(dev)
+            full[key][rows] = state[key][1 : len(rows) + 1].to(dev)
         full["step"] = int(state["step"].reshape(-1)[0])
         trainer.sparse_opt.state[p] = full
         return
@@ -370,7 +400,7 @@ def trainer_opt_state(trainer: Trainer, name: str, p: torch.nn.Parameter,
 def _checkpoint_meta(data: bytes) -> dict[str, str]:
     header_len = int.from_bytes(data[:8], "little")
     meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
-    if meta.get("format") != CHECKPOINT_FORMAT:
+    if meta.get("format") not in (CHECKPOINT_FORMAT, LEGACY_FORMAT):
         raise ValueError(f"not a {CHECKPOINT_FORMAT} checkpoint (format "
                          f"{meta.get('format')!r})")
     return meta

@@ -36,13 +36,21 @@ class RawRecord:
 
 
 # ------------------------------------------------------------------ item-vectors wire form
+#: 1: {"item_id", "title", "v": base64 float32 vector}; records written before the field
+#: existed carry no "format" and are format 1.
+ITEM_VECTOR_FORMAT = 1
+
+
 def encode_item_vector(item_id: str, title: str, vec: np.ndarray) -> bytes:
     v = base64.b64encode(np.ascontiguousarray(vec, dtype="<f4").tobytes()).decode("ascii")
-    return orjson.dumps({"item_id": item_id, "title": title, "v": v})
+    return orjson.dumps({"format": ITEM_VECTOR_FORMAT, "item_id": item_id, "title": title,
+                         "v": v})
 
 
 def decode_item_vector(raw: bytes) -> tuple[str, np.ndarray]:
     d = orjson.loads(raw)
+    if d.get("format", 1) != ITEM_VECTOR_FORMAT:
+        raise ValueError(f"item-vector format {d.get('format')!r}, expected {ITEM_VECTOR_FORMAT}")
     return d["item_id"], np.frombuffer(base64.b64decode(d["v"]), dtype="<f4")
 
 

@@ -26,8 +26,10 @@ EVENT_TYPES: tuple[str, ...] = EventType.__args__  # type: ignore[attr-defined]
 #: 2100-01-01 in epoch ms: later timestamps are almost certainly seconds-vs-ms mix-ups.
 MAX_TS_MS = 4_102_444_800_000
 
-#: Ids are printable: control characters in an id are a producer bug, not an identity.
-_ID_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+#: Ids are printable: control characters (C0, DEL, C1), zero-width characters and bidi
+#: controls in an id are a producer bug or a spoof (two ids that look the same), not an
+#: identity.
+_ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]*$"
 UserId = Annotated[str, Field(min_length=1, max_length=256, pattern=_ID_PATTERN)]
 ItemId = Annotated[str, Field(min_length=1, max_length=256, pattern=_ID_PATTERN)]
 
@@ -73,7 +75,8 @@ class BehaviorEvent(_Wire):
     item_id: ItemId | None = None
     event_type: EventType
     ts: int = Field(strict=True, ge=0, le=MAX_TS_MS, description="epoch milliseconds")
-    value: float | None = Field(default=None, description="rating or other magnitude")
+    value: float | None = Field(default=None, strict=True,
+                                description="rating or other magnitude: a JSON number")
     text: str | None = Field(default=None, max_length=2000)
     scenario: str = Field(default="default", min_length=1, max_length=64)
 
@@ -139,16 +142,22 @@ def _reason_for(err: dict[str, Any]) -> Reason:
     if etype == "missing":
         return Reason.MISSING_FIELD
     if field == "ts":
-        return Reason.BAD_TIMESTAMP if etype.startswith(("greater", "less")) else Reason.WRONG_TYPE
+        return Reason.BAD_TIMESTAMP if etype.startswith(("greater", "less")) or \
+            _integral_number(err.get("input")) else Reason.WRONG_TYPE
     if etype == "string_too_short" and field in ("user_id", "item_id"):
         return Reason.EMPTY_ID
     if etype in ("string_too_long", "too_long"):
         return Reason.TOO_LONG
-    if etype == "literal_error":
-        return Reason.INVALID_VALUE
+    if etype == "literal_error":  # of the right type (a string) but not one of the values
+        return Reason.INVALID_VALUE if isinstance(err.get("input"), str) else Reason.WRONG_TYPE
     if any(t in etype for t in _TYPE_ERRORS):
         return Reason.WRONG_TYPE
     return Reason.INVALID_VALUE
+
+
+def _integral_number(v: Any) -> bool:
+    """A whole number that failed as an int: one beyond 64 bits (orjson reads it as float)."""
+    return isinstance(v, float) and math.isfinite(v) and v.is_integer()
 
 
 def loads_object(raw: bytes | None, max_bytes: int) -> dict[str, Any]:
@@ -175,9 +184,15 @@ def _validate(model: type[_Wire], obj: dict[str, Any]) -> Any:
     try:
         return model.model_validate(obj)
     except ValidationError as exc:
-        err = exc.errors(include_url=False, include_input=False)[0]
+        err = exc.errors(include_url=False, include_input=True)[0]
         loc = ".".join(str(p) for p in err["loc"]) or "(record)"
-        raise InvalidRecord(_reason_for(err), f"{loc}: {err['msg']}"[:300]) from None
+        reason = _reason_for(err)
+        msg = err["msg"]
+        if err["type"] == "string_pattern_mismatch":
+            msg = "contains a control, zero-width or bidi-control character"
+        elif reason is Reason.BAD_TIMESTAMP and err["type"].endswith("_type"):
+            msg = f"{err['input']:.0f} is outside 0..{MAX_TS_MS} (epoch milliseconds)"
+        raise InvalidRecord(reason, f"{loc}: {msg}"[:300]) from None
 
 
 def parse_event(raw: bytes | None, max_bytes: int) -> BehaviorEvent:

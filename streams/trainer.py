@@ -134,9 +134,15 @@ class TrainerService:
         return snap_log
 
     async def _read_checkpoint(self) -> dict[str, str] | None:
-        """The newest checkpoint (the store then tombstones its chunks after the next one)."""
-        data = self.checkpoints.assemble(await read_topic(self._consumer(
-            self.s.topic(self.s.checkpoints_topic))))
+        """The newest checkpoint (the store then tombstones its chunks after the next one);
+        without one, the previous release's worker checkpoint, if any (an upgrade)."""
+        records = await read_topic(self._consumer(self.s.topic(self.s.checkpoints_topic)))
+        data = self.checkpoints.assemble(records)
+        if data is None:
+            data = CheckpointStore(self.s.app_id, self._send).assemble(records)
+            if data is not None:
+                log.info("importing the previous release's worker checkpoint (parameters, "
+                         "optimizer, co-visitation counts)")
         if data is None:
             log.info("no trainer checkpoint: starting from fresh parameters")
             return None

@@ -54,6 +54,7 @@ COUNTS = {
     "control_chars": 1000,
     "unknown_item": 500,
     "empty": 100,
+    "strict_value": 500,
     "classic": 500,  # models.synthetic.bad_events: missing field, wrong type, not an object...
 }
 
@@ -151,15 +152,17 @@ class Hostile:
         return orjson.dumps(self.ev(rng, value=text)), "invalid_value"
 
     def bad_timestamp(self, rng: random.Random) -> Bad:
-        kind = rng.randrange(4)
+        kind = rng.randrange(5)
         if kind == 0:
             ts = -rng.randrange(1, 10**13)
         elif kind == 1:
             ts = -rng.randrange(1, 2**63 + 1)  # down to int64 min
         elif kind == 2:
             ts = rng.randrange(MAX_TS_MS + 1, 10**17)  # far future, micro-/nanoseconds
-        else:
+        elif kind == 3:
             ts = rng.randrange(10**17, 2**64)  # up to uint64 max
+        else:
+            ts = rng.randrange(2**64, 10**30)  # beyond 64 bits: JSON parsers read a float
         raw = orjson.dumps(self.ev(rng))
         raw = raw.replace(b'"ts":' + str(orjson.loads(raw)["ts"]).encode(),
                           b'"ts":' + str(ts).encode())
@@ -178,8 +181,9 @@ class Hostile:
                 et += "x"
         elif kind == 3:
             et = "e" * rng.randrange(1000, 10_000)
-        else:
+        else:  # not a string at all: a wrong type, not an unknown value
             et = rng.choice([None, 3, 0.5, True, ["view"], {"type": "view"}])
+            return orjson.dumps(self.ev(rng, event_type=et)), "wrong_type"
         return orjson.dumps(self.ev(rng, event_type=et)), "invalid_value"
 
     def long_ids(self, rng: random.Random) -> Bad:
@@ -194,6 +198,13 @@ class Hostile:
         return raw, ("oversize" if len(raw) > self.max_bytes else "too_long")
 
     def control_chars(self, rng: random.Random) -> Bad:
+        if rng.random() < 0.3:  # C1 controls, zero-width and bidi characters: valid JSON
+            ctrl = chr(rng.choice([*range(0x80, 0xA0), 0x200B, 0x200C, 0x200D, 0x200E,
+                                   0x200F, 0x202A, 0x202E, 0x2060, 0x2066, 0x2069, 0xFEFF]))
+            field = rng.choice(["user_id", "item_id"])
+            ev = self.ev(rng)
+            ev[field] = ev[field] + ctrl if rng.random() < 0.5 else ctrl + ev[field]
+            return orjson.dumps(ev), "invalid_value"
         ctrl = chr(rng.choice([*range(0x20), 0x7F]))
         if rng.random() < 0.6:  # escaped (valid JSON) inside an id: ids must be printable
             field = rng.choice(["user_id", "item_id"])
@@ -216,6 +227,11 @@ class Hostile:
 
     def empty(self, rng: random.Random) -> Bad:
         return rng.choice([None, b"", b" ", b"\n\t  "]), "invalid_json"
+
+    def strict_value(self, rng: random.Random) -> Bad:
+        """`value` is a JSON number: true, false, "3" and "3.5" are not silently converted."""
+        return orjson.dumps(self.ev(rng, value=rng.choice([True, False, "3", "3.5", "1e2"]))), \
+            "wrong_type"
 
 
 def generate_bad(users: list[str], items: list[str], max_bytes: int

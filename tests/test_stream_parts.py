@@ -75,6 +75,34 @@ def test_parse_event_on_random_objects_accepts_or_gives_a_reason(obj):
 
 
 
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"user_id": "u\u0085x"}, Reason.INVALID_VALUE),  # C1 control (NEL)
+    ({"item_id": "item\u200b"}, Reason.INVALID_VALUE),  # zero-width space
+    ({"user_id": "\u202eevil"}, Reason.INVALID_VALUE),  # bidi override: a spoofed id
+    ({"event_type": 5}, Reason.WRONG_TYPE),
+    ({"event_type": None}, Reason.WRONG_TYPE),
+    ({"event_type": "teleport"}, Reason.INVALID_VALUE),
+    ({"ts": 10**20}, Reason.BAD_TIMESTAMP),  # beyond 64 bits: orjson reads a float
+    ({"ts": 2**64 - 1}, Reason.BAD_TIMESTAMP),
+    ({"ts": 1.5}, Reason.WRONG_TYPE),
+    ({"value": True}, Reason.WRONG_TYPE),
+    ({"value": "3"}, Reason.WRONG_TYPE),
+])
+def test_hostile_quirks_get_their_reason(change, reason):
+    ev = {"user_id": "u1", "item_id": "i1", "event_type": "view", "ts": 1_700_000_000_000}
+    with pytest.raises(InvalidRecord) as exc:
+        parse_event(json.dumps(ev | change).encode(), 65536)
+    assert exc.value.reason is reason, exc.value.detail
+    assert "pattern" not in exc.value.detail  # said in words, not as a regex
+
+
+def test_numeric_value_and_printable_unicode_ids_are_accepted():
+    ev = parse_event(json.dumps({"user_id": "ok ü 漢", "item_id": "i", "event_type": "rate",
+                                 "ts": 1, "value": 3}).encode(), 65536)
+    assert ev.value == 3.0 and ev.user_id == "ok ü 漢"
+
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(min_size=1, max_size=30),
        st.lists(st.tuples(st.text(min_size=1, max_size=20),
