@@ -33,6 +33,7 @@ from streams.dead_letters import dlq_headers
 from streams.durable_table import DurableTable
 from streams.errors import UserError
 from streams.gaps import acknowledge, commit_past, progress, progress_key
+from streams.local_store import discard_unreadable
 from streams.process import configure_process
 from streams.runtime import Runtime
 from streams.schemas import InvalidRecord, Reason
@@ -410,6 +411,7 @@ def run_worker(settings: Settings) -> None:
     """Create the data directory and topics, load the encoder and learner, and run a Faust
     worker until stopped."""
     _data_dir(settings)
+    discard_unreadable(settings.data_dir)
     _metrics_port(settings)
     wait_for_broker(settings)
     ensure_topics(settings)
