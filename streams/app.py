@@ -26,6 +26,7 @@ import faust
 from faust.sensors.prometheus import setup_prometheus_sensors
 
 from models.user_state import UserState
+from streams import acls
 from streams import metrics as m
 from streams.catalog import RawRecord
 from streams.clients import faust_credentials, wait_for_broker
@@ -414,7 +415,8 @@ def run_worker(settings: Settings) -> None:
     discard_unreadable(settings.data_dir)
     _metrics_port(settings)
     wait_for_broker(settings)
-    ensure_topics(settings)
+    acls.check(settings, "worker")
+    ensure_topics(settings, role="worker")
     _examples_partitions(settings)
     configure_process(settings.compute_threads)
     runtime = Runtime(settings)

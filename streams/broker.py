@@ -38,6 +38,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Any
 
+from streams.broker_security import BrokerSecurity
 from streams.topics import admin_client
 
 __all__ = ["BrokerError", "EmbeddedKafka", "kafka_classpath"]
@@ -276,7 +277,13 @@ class EmbeddedKafka:
         heap: str = "512m",
         version: str = DEFAULT_VERSION,
         partitions: int = 4,
+        security: BrokerSecurity | None = None,
+        relayed: dict[str, int] | None = None,
     ) -> None:
+        """`security`: a SASL_SSL listener instead of PLAINTEXT (streams/broker_security.py).
+        `relayed`: extra PLAINTEXT listeners, name -> the port they are advertised at (a
+        proxy in front of them: clients of that listener talk to the broker through it; the
+        listener's own port is in `relay_ports`)."""
         self._owns_dir = data_dir is None
         self.data_dir = Path(
             tempfile.mkdtemp(prefix="streamrec-kafka-") if data_dir is None else data_dir
@@ -286,6 +293,9 @@ class EmbeddedKafka:
         self.heap = heap
         self.version = version
         self.partitions = partitions
+        self.security = security
+        self.relayed = dict(relayed or {})
+        self.relay_ports: dict[str, int] = {}
         if self._owns_dir:
             _TEMP_DIRS.add(self.data_dir)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -486,6 +496,8 @@ class EmbeddedKafka:
             "controller.listener.names": "CONTROLLER",
             "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
             "inter.broker.listener.name": "PLAINTEXT",
+            **(self.security.server_properties(self.port, self.controller_port)
+               if self.security else {}),
             "log.dirs": str(logs),
             "num.partitions": str(self.partitions),
             # Single node: every internal topic must make do with one replica. Fewer
@@ -505,10 +517,20 @@ class EmbeddedKafka:
             "broker.session.timeout.ms": "3000",
             "broker.heartbeat.interval.ms": "500",
         }
+        self._relay(props)
         path = self.data_dir / "server.properties"
         path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
-        (self.data_dir / "log4j.properties").write_text(_LOG4J)
+        (self.data_dir / "log4j.properties").write_text(
+            _LOG4J + ("log4j.logger.kafka.authorizer.logger=INFO\n" if self.security else ""))
         return path
+
+    def _relay(self, props: dict[str, str]) -> None:
+        """Add the relayed listeners: each on a port of its own, advertised at its proxy."""
+        for name, advertised in self.relayed.items():
+            port = self.relay_ports.setdefault(name, _free_port())
+            props["listeners"] += f",{name}://127.0.0.1:{port}"
+            props["advertised.listeners"] += f",{name}://127.0.0.1:{advertised}"
+            props["listener.security.protocol.map"] += f",{name}:PLAINTEXT"
 
     def _format(self, java: str, cp: str, props: Path) -> None:
         """Write meta.properties + the bootstrap metadata checkpoint (`kafka-storage format`)."""
@@ -532,6 +554,7 @@ class EmbeddedKafka:
                 cluster_id,
                 "-c",
                 str(props),
+                *(self.security.format_args() if self.security else []),
             ],
             capture_output=True,
             text=True,
@@ -563,7 +586,9 @@ class EmbeddedKafka:
             # Cheap TCP probe first: a Kafka client against a closed port logs connection errors.
             if _port_open(self.port):
                 try:
-                    admin = admin_client([self.bootstrap], timeout=min(5.0, max(remaining, 1.0)))
+                    admin = admin_client([self.bootstrap], timeout=min(5.0, max(remaining, 1.0)),
+                                         **(self.security.kafka_python()
+                                            if self.security else {}))
                     try:
                         cluster = admin.describe_cluster()
                     finally:

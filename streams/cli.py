@@ -94,6 +94,36 @@ def trainer(ranks: int, broker: str | None) -> None:
     run_ranks(_settings(broker), ranks)
 
 
+SECURE_USERS = ("worker", "trainer", "publisher", "consumer")
+
+
+def _secure_setup(data_dir: Path) -> Any:
+    import secrets
+
+    from streams.broker_security import BrokerSecurity
+
+    return BrokerSecurity.create(data_dir / "tls", {u: secrets.token_urlsafe(12)
+                                                    for u in SECURE_USERS})
+
+
+def _print_secure(kafka: Any) -> None:
+    """Grant every role its ACLs, and print the settings each one runs with."""
+    from streams import acls
+    from streams.topics import ensure_topics
+
+    sec = kafka.security
+    admin = _settings(kafka.url, **sec.client())
+    ensure_topics(admin)
+    for user in SECURE_USERS:
+        role = "publisher" if user == "publisher" else user
+        acls.apply(admin, f"User:{user}", acls.grants(admin, role))  # type: ignore[arg-type]
+    click.echo(f"export STREAMREC_SECURITY_PROTOCOL=SASL_SSL STREAMREC_SASL_MECHANISM="
+               f"SCRAM-SHA-512 STREAMREC_SSL_CAFILE={sec.ca_file}")
+    for user in ("admin", *SECURE_USERS):
+        click.echo(f"  as {user:<9}: export STREAMREC_SASL_USERNAME={user} "
+                   f"STREAMREC_SASL_PASSWORD={sec.users[user]}")
+
+
 def _exit_on_sigterm() -> None:
     """SIGTERM (and SIGHUP: the terminal closed) unwind like Ctrl-C, so `with` blocks and
     atexit hooks run: the broker's JVM is stopped and its temp directory removed."""
@@ -109,7 +139,10 @@ def _exit_on_sigterm() -> None:
               help="Listener port (default: 9092, the settings' default, when free; else any).")
 @click.option("--data-dir", default=None,
               help="Log directory, kept on exit (default: a temp dir, removed on exit).")
-def broker(port: int | None, data_dir: str | None) -> None:
+@click.option("--secure", is_flag=True,
+              help="A SASL_SSL listener: TLS from a CA made now, SCRAM-SHA-512 users admin, "
+              "worker, trainer, publisher, consumer, and ACLs required (each role's granted).")
+def broker(port: int | None, data_dir: str | None, secure: bool) -> None:
     """Run the embedded Apache Kafka broker (KRaft) until Ctrl-C or SIGTERM."""
     from streams.broker import EmbeddedKafka, _port_free
 
@@ -117,17 +150,44 @@ def broker(port: int | None, data_dir: str | None) -> None:
         port = 9092
     _exit_on_sigterm()
     try:
-        with EmbeddedKafka(data_dir=data_dir, port=port) as kafka:
+        kafka = EmbeddedKafka(data_dir=data_dir, port=port)
+        if secure:
+            kafka.security = _secure_setup(kafka.data_dir)
+        with kafka:
             where = "removed on exit" if data_dir is None else "kept"
             click.echo(f"Kafka broker ready at {kafka.bootstrap} (data in {kafka.data_dir}, "
                        f"{where}). In other shells:")
             click.echo(f"export STREAMREC_BROKER={kafka.url}", nl=True)
+            if secure:
+                _print_secure(kafka)
             sys.stdout.flush()
             while kafka.running:
                 time.sleep(0.5)
             raise UserError(f"the broker exited on its own; see {kafka.log_path}")
     except KeyboardInterrupt:
         click.echo("broker stopped", err=True)
+
+
+@main.command("acls")
+@click.argument("role", type=click.Choice(["worker", "trainer", "publisher", "consumer"]))
+@click.argument("principal")
+@click.option("--group", default=None, help="consumer: the downstream consumer's group.")
+@click.option("--apply", "apply_", is_flag=True,
+              help="Create them on the broker (run with an admin's credentials).")
+@broker_option
+def acls_(role: str, principal: str, group: str | None, apply_: bool,
+          broker: str | None) -> None:
+    """The ACLs a role needs (least privilege), for PRINCIPAL (e.g. User:worker)."""
+    from streams import acls
+
+    s = _settings(broker)
+    wanted = acls.grants(s, role, group)  # type: ignore[arg-type]
+    for g in wanted:
+        pattern = "prefixed" if g.prefixed else "literal"
+        click.echo(f"{principal} ALLOW {','.join(g.operations)} on {g.resource} {g.name} "
+                   f"({pattern})")
+    if apply_:
+        click.echo(f"created {acls.apply(s, principal, wanted)} ACLs")
 
 
 @main.group()
@@ -139,6 +199,7 @@ def _publish_file(path: str, what: str, broker: str | None, skip_invalid: bool,
                   limit: int | None, rate: float | None = None) -> None:
     """Validate the whole file, then send all of it, the valid part (--skip-invalid), or
     nothing; say what the broker acknowledged."""
+    from streams import acls
     from streams.clients import wait_for_broker
     from streams.publish import check_file, publish_checked, write_rejected
     from streams.topics import ensure_topics
@@ -161,7 +222,8 @@ def _publish_file(path: str, what: str, broker: str | None, skip_invalid: bool,
         out = write_rejected(path, checked.bad)
         click.echo(f"skipping {len(checked.bad):,} invalid lines (written to {out})", err=True)
     wait_for_broker(s)
-    ensure_topics(s)
+    acls.check(s, "publisher")
+    ensure_topics(s, role="publisher")
     topic = s.topic(s.catalog_topic if what == "items" else s.events_topic)
     sent, acked = publish_checked(s, topic, checked.good, rate=rate, label=what)
     click.echo(f"published {sent:,} {what} to {topic}: {acked:,} acknowledged by the broker")

@@ -77,8 +77,30 @@ def create_topics(bootstrap: list[str], topics: dict[str, dict], timeout: float 
         admin.close()
 
 
-def ensure_topics(s: Settings, timeout: float = 30) -> None:
-    create_topics(s.bootstrap, topic_specs(s), timeout, **s.kafka_security())
+def ensure_topics(s: Settings, timeout: float = 30, role: str | None = None) -> None:
+    """Create the missing ones of streamrec's topics (all, or those `role` uses: a worker
+    with least privilege can neither see nor create the trainer's checkpoints topic)."""
+    from kafka.errors import ClusterAuthorizationFailedError, TopicAuthorizationFailedError
+
+    specs = topic_specs(s)
+    if role is not None:
+        from streams.acls import grants
+
+        used = {g.name for g in grants(s, role) if g.resource == "topic" and not g.prefixed}
+        specs = {name: spec for name, spec in specs.items() if name in used}
+    try:
+        create_topics(s.bootstrap, specs, timeout, **s.kafka_security())
+    except (ClusterAuthorizationFailedError, TopicAuthorizationFailedError) as exc:
+        from streams.errors import UserError
+
+        raise UserError(f"a topic is missing and {principal(s)} may not create it ({exc}): "
+                        "create the topics first, as an admin (deploy/kafka/create-topics.sh, "
+                        "or any streamrec command with an admin's credentials)") from None
+
+
+def principal(s: Settings) -> str:
+    """How the broker names this client (for messages)."""
+    return f"User:{s.sasl_username}" if "SASL" in s.security_protocol else "this client"
 
 
 def topic_partitions(s: Settings, topic: str) -> list[int]:

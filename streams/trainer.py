@@ -39,6 +39,7 @@ from models.examples import TrainingExample
 from models.model import SharedModel
 from models.snapshot import SnapshotMeta, apply_base, apply_delta, encode_base, encode_delta
 from models.trainer import Sync, Trainer, checkpoint, restore
+from streams import acls
 from streams import metrics as m
 from streams.catalog import collapse_item_vectors
 from streams.checkpoint import CheckpointStore, read_topic
@@ -362,8 +363,9 @@ def run_trainer(settings: Settings, rank: int = 0, world: int = 1,
     ranks serve /metrics on trainer_metrics_port + rank (`port_per_rank`); a rank with a host
     or pod of its own serves it on trainer_metrics_port."""
     wait_for_broker(settings)
+    acls.check(settings, "trainer")
     if rank == 0:
-        ensure_topics(settings)
+        ensure_topics(settings, role="trainer")
     configure_process(settings.compute_threads)
     sync: Sync = Sync()
     if world > 1:

@@ -43,7 +43,7 @@ def read_all(settings: Settings, topic: str, idle_ms: int = 3000) -> list:
     """Every record of `topic` (all partitions, from the beginning) until `idle_ms` of silence."""
     consumer = KafkaConsumer(topic, bootstrap_servers=settings.bootstrap,
                              auto_offset_reset="earliest", enable_auto_commit=False,
-                             consumer_timeout_ms=idle_ms)
+                             consumer_timeout_ms=idle_ms, **settings.kafka_security())
     try:
         return list(consumer)
     finally:

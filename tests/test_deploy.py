@@ -692,17 +692,29 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
+ACLS_START = "<!-- acls-table:start (python tests/test_deploy.py --write-docs) -->"
+ACLS_END = "<!-- acls-table:end -->"
+
+
+def _replace(doc: str, start_mark: str, end_mark: str, body: str) -> str:
+    start, end = doc.index(start_mark), doc.index(end_mark)
+    return doc[: start + len(start_mark)] + "\n" + body + "\n" + doc[end:]
+
+
 def _doc_with_table(doc: str) -> str:
-    start, end = doc.index(TABLE_START), doc.index(TABLE_END)
-    return doc[: start + len(TABLE_START)] + "\n" + settings_table() + "\n" + doc[end:]
+    from streams.acls import markdown
+    from streams.settings import Settings
+
+    doc = _replace(doc, TABLE_START, TABLE_END, settings_table())
+    return _replace(doc, ACLS_START, ACLS_END, markdown(Settings(_env_file=None)))
 
 
-def test_operations_doc_settings_table_is_in_sync():
+def test_operations_doc_settings_and_acl_tables_are_in_sync():
     doc = DOC.read_text()
-    assert TABLE_START in doc and TABLE_END in doc
+    assert TABLE_START in doc and TABLE_END in doc and ACLS_START in doc and ACLS_END in doc
     assert doc == _doc_with_table(doc), (
-        "docs/operations.md's settings table differs from streams.settings.Settings: "
-        "run `python tests/test_deploy.py --write-docs`"
+        "docs/operations.md's settings or ACL table differs from streams.settings.Settings "
+        "or streams.acls: run `python tests/test_deploy.py --write-docs`"
     )
     for env in settings_env_names():
         assert f"`{env}`" in doc, env
@@ -721,6 +733,6 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--write-docs"]:
         sys.path.insert(0, str(ROOT))
         DOC.write_text(_doc_with_table(DOC.read_text()))
-        print(f"wrote the settings table of {DOC.relative_to(ROOT)}")
+        print(f"wrote the settings and ACL tables of {DOC.relative_to(ROOT)}")
     else:
         sys.exit("usage: python tests/test_deploy.py --write-docs")
