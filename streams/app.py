@@ -26,7 +26,7 @@ import faust
 from faust.sensors.prometheus import setup_prometheus_sensors
 
 from models.user_state import UserState
-from streams import acls
+from streams import acls, group_lease
 from streams import metrics as m
 from streams.catalog import RawRecord
 from streams.clients import faust_credentials, wait_for_broker
@@ -136,7 +136,10 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
     shorten_fetch_wait(s.fetch_max_wait_ms)
     users = app.Table("user-state", default=None, partitions=s.partitions,
                       key_type=bytes, value_type=bytes, options=rocksdb_options(s))
-    worker_id = f"{socket.gethostname()}:{os.getpid()}".encode()
+    # which process produced a record (recommendations, examples): for tracing and the tests
+    worker_headers = [("streamrec.worker", f"{socket.gethostname()}:{os.getpid()}".encode())]
+    group_lease.install()
+    lease = group_lease.GroupLease(s.app_id, s.session_timeout_s, margin_s=s.heartbeat_s)
 
     async def dead_letter(t: Any, source: str,
                           rejected: list[tuple[RawRecord, InvalidRecord]]) -> None:
@@ -177,11 +180,10 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
         record itself at ~500 per batch)."""
         with m.STAGE_SECONDS.labels(stage="emit").time():
             recs_topic = s.topic(s.recommendations_topic)
-            headers = [("streamrec.worker", worker_id)]
             for user, upd in out.users.items():
                 if upd.recommendation is not None:
                     await app.producer.send(recs_topic, user.encode(), upd.recommendation,
-                                            None, None, headers)
+                                            None, None, worker_headers)
             await dead_letter(events_dlq, s.topic(s.events_topic), out.rejected)
         runtime.observe_emit(out)
 
@@ -193,7 +195,7 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
         partition's examples stay in offset order."""
         topic = s.topic(s.training_examples_topic)
         futs = [await app.producer.send(topic, ex.user_id.encode(), ex.to_bytes(),
-                                        ex.partition, None, None) for ex in out.examples]
+                                        ex.partition, None, worker_headers) for ex in out.examples]
         if futs:
             await asyncio.gather(*futs)
 
@@ -209,8 +211,8 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
                 with current_event(upd.record.ref):
                     users[user.encode()] = upd.state.to_bytes()
             mark_progress(records)
-        with m.STAGE_SECONDS.labels(stage="commit").time():
-            await deliver(app, users)  # before the batch is acked: offsets become committable
+        with m.STAGE_SECONDS.labels(stage="commit").time():  # durable before acked/committed
+            await deliver(app, users)
 
     async def one_by_one(records: list[RawRecord], exc: Exception) -> None:
         """A batch that raised is retried record by record; a record that raises alone goes
@@ -251,7 +253,7 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
         async for batch in stream.take_events(s.batch_size, within=s.batch_wait_s):
             last_delivery[0] = time.monotonic()
             async with batch_lock:
-                await run_batch([_record(ev) for ev in batch])
+                await lease.hold("a batch", run_batch([_record(ev) for ev in batch]))
 
     @app.timer(s.skipped_tail_check_s)
     async def skipped_tails() -> None:
@@ -276,7 +278,7 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
                 except Exception as exc:  # noqa: BLE001 - retried at the next check
                     log.error("reading %s's skipped tail failed: %r", tp, exc)
                     continue
-                await run_batch(records)
+                await lease.hold("a skipped tail", run_batch(records))
 
     @app.timer(1.0)
     async def between_batches() -> None:

@@ -51,7 +51,10 @@ def broker(tmp_path) -> Iterator:
 
 
 def _scenario(tmp_path: Path, kafka, seed: int):
-    s = make_settings(kafka, tmp_path, batch_size=BATCH, checkpoint_interval_s=2.0)
+    # a worker rides out a broker outage shorter than its session timeout (longer, and it
+    # exits so nothing lands late: tests/test_faults_network.py)
+    s = make_settings(kafka, tmp_path, batch_size=BATCH, checkpoint_interval_s=2.0,
+                      session_timeout_s=30.0)
     world = make_world(300, n_topics=6, seed=seed)
     stream = SyntheticStream(world, n_users=150, seed=seed + 1)
     first = list(stream.events(N_FIRST))

@@ -1,0 +1,139 @@
+"""How long this worker surely still owns its partitions: its lease on the consumer group.
+
+A worker cut off from the broker keeps running. Once its session expires, the group gives
+its partitions to another worker; whatever the cut-off one writes after that (a batch it
+finishes when the link heals, records that waited in its producer) lands after the new
+owner's writes, and the changelog ends on a stale user state: events lost. Seen in
+tests/test_faults_network.py: 390 of 20,000 events lost after an 18 s cut. Kafka fences
+such zombies only through transactions, which streamrec does not use (README, Guarantees).
+
+The broker evicts a member no sooner than a session timeout after the last heartbeat it
+received, which is no sooner than when this process sent it. So a successful heartbeat or
+SyncGroup *sent* at t proves membership until t + session timeout: a lease. Each lease
+belongs to a group generation; a successful request of a later generation does not extend
+an earlier one (the partitions may have moved in between).
+
+`hold` runs a batch inside the lease: it starts only while the lease holds (waiting up to
+a session timeout for a renewal after an outage), and must finish, writes acknowledged,
+by the lease's end less `margin_s` (a request still on the wire then may still land). Else
+the process exits at once (EXIT_FENCED): its buffers die with it and the partitions' next
+owner replays the uncommitted batch, as after a crash.
+
+aiokafka internals relied on (check them at every upgrade): `GroupCoordinator._send_req` is
+the one path of heartbeats and SyncGroup requests, `.generation` and `.group_id` are the
+coordinator's, and responses carry `error_code`. `install` fails loudly if they are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+log = logging.getLogger("streamrec.lease")
+
+T = TypeVar("T")
+
+#: Exit status of a worker whose lease ran out while it held a batch.
+EXIT_FENCED = 4
+
+_RENEWING = ("HeartbeatRequest", "SyncGroupRequest")
+_lock = threading.Lock()
+#: group id -> generation -> when the newest request that proved membership was sent
+_renewed: dict[str, dict[int, float]] = {}
+
+
+def install() -> None:
+    """Record, process-wide, when each group's membership was last proved (idempotent)."""
+    from aiokafka.consumer.group_coordinator import GroupCoordinator
+
+    send = GroupCoordinator._send_req
+    if getattr(send, "streamrec_lease", False):
+        return
+
+    async def send_req(self: Any, request: Any) -> Any:
+        sent, generation = time.monotonic(), self.generation
+        resp = await send(self, request)
+        if type(request).__name__ in _RENEWING and resp.error_code == 0:
+            _renew(self.group_id, generation, sent)
+        return resp
+
+    send_req.streamrec_lease = True  # type: ignore[attr-defined]
+    GroupCoordinator._send_req = send_req
+
+
+def _renew(group: str, generation: int, sent: float) -> None:
+    with _lock:
+        gens = _renewed.setdefault(group, {})
+        gens[generation] = max(sent, gens.get(generation, sent))
+        for old in sorted(gens)[:-4]:
+            del gens[old]
+
+
+class GroupLease:
+    """The lease of one group's member in this process (see the module docstring)."""
+
+    def __init__(self, group: str, session_timeout_s: float, margin_s: float):
+        self.group = group
+        self.session_timeout_s = session_timeout_s
+        self.margin_s = margin_s
+
+    def newest(self) -> tuple[int, float] | None:
+        """(generation, end) of the newest generation's lease; None before any."""
+        with _lock:
+            gens = _renewed.get(self.group)
+            if not gens:
+                return None
+            gen = max(gens)
+            return gen, gens[gen] + self.session_timeout_s - self.margin_s
+
+    def end(self, generation: int) -> float:
+        """When the lease of `generation` ends (monotonic seconds)."""
+        with _lock:
+            sent = _renewed.get(self.group, {}).get(generation)
+        return float("-inf") if sent is None else sent + self.session_timeout_s - self.margin_s
+
+    async def hold(self, what: str, aw: Awaitable[T]) -> T:
+        """Run `aw` (a batch) inside the lease, or exit the process (module docstring)."""
+        generation = await self._current(what)
+        task = asyncio.ensure_future(aw)
+        while True:
+            left = self.end(generation) - time.monotonic()
+            if left <= 0:
+                task.cancel()
+                fence(f"{what} was not done when the lease on group {self.group} ran out "
+                      f"(no heartbeat got through for {self.session_timeout_s:.0f} s)")
+            done, _ = await asyncio.wait({task}, timeout=left)
+            if done:
+                return task.result()
+
+    async def _current(self, what: str) -> int:
+        """The generation whose lease holds now, after waiting up to a session timeout for a
+        renewal if it has run out (a broker restart, a brief cut)."""
+        newest = self.newest()
+        if newest is None:
+            fence(f"{what}: this worker never proved membership of group {self.group}")
+        generation, end = newest
+        deadline = time.monotonic() + self.session_timeout_s
+        while time.monotonic() >= self.end(generation):
+            latest = self.newest()
+            if latest is not None and latest[0] != generation:
+                fence(f"{what}: the group moved on to generation {latest[0]} while this "
+                      f"worker held records of generation {generation}")
+            if time.monotonic() > deadline:
+                fence(f"{what}: the lease on group {self.group} ran out and no heartbeat "
+                      f"renewed it within {self.session_timeout_s:.0f} s")
+            await asyncio.sleep(0.1)
+        return generation
+
+
+def fence(why: str) -> None:
+    """Exit now: nothing of this process may reach Kafka any more (module docstring)."""
+    log.critical("%s; exiting so that nothing lands late: the partitions' next owner "
+                 "replays the uncommitted batch", why)
+    logging.shutdown()
+    os._exit(EXIT_FENCED)
