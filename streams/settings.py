@@ -214,7 +214,8 @@ class Settings(BaseSettings):
     )
     session_timeout_s: float = Field(
         10.0, gt=0, description="Consumer group session timeout: how fast a dead worker's "
-        "partitions move to the others."
+        "partitions move to the others. A worker that no heartbeat got through for this long "
+        "while it held a batch exits (status 4) rather than write after its partitions moved."
     )
     heartbeat_s: float = Field(1.0, gt=0, description="Consumer group heartbeat interval.")
     shutdown_timeout_s: float = Field(
