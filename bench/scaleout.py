@@ -4,7 +4,8 @@
                                        [--out bench/out] [options of each, see --help]
 
 - throughput: a backlog drained by 1, then 2 serving workers plus the trainer: events/s
-  applied (all workers), and the trainer's examples/s meanwhile.
+  applied (all workers), the trainer's examples/s meanwhile, and how long the first
+  worker's /metrics (the liveness probe) takes to answer during its 500-event batches.
 - trainer: a backlog of training examples (cut from a synthetic stream as workers cut them)
   trained by `streamrec trainer --ranks K`, K = 1 and 2: examples/s.
 - snapshot: the trainer's base snapshot at 100,000 items: bytes and encode + publish time,
@@ -109,6 +110,32 @@ def rate_while(get, target: float, timeout: float, interval: float = 0.5
     return (value - v_first) / max(took, 1e-9), took, value
 
 
+@contextmanager
+def probing(url: str, every_s: float = 0.2) -> Iterator[list[float]]:
+    """Time a GET of `url` every `every_s` while the block runs (as a liveness probe would);
+    yields the list the answer times go into (a probe that fails counts as 10 s)."""
+    times: list[float] = []
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(every_s):
+            t0 = time.monotonic()
+            try:
+                with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - ours
+                    resp.read()
+                times.append(time.monotonic() - t0)
+            except OSError:
+                times.append(10.0)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield times
+    finally:
+        stop.set()
+        thread.join()
+
+
 def table(title: str, columns: list[str], rows: list[list]) -> None:
     t = Table(title=title)
     for c in columns:
@@ -140,20 +167,25 @@ def throughput(kafka, tmp: Path, args: argparse.Namespace) -> dict:
                 w.wait_ready(timeout=600)
             pids = [w.proc.pid for w in workers] + [trainer.proc.pid, kafka.pid]
             cpu0 = sum(cpu_seconds(p) for p in pids)
-            eps, took, done = rate_while(lambda ws=workers: sum(
-                total(w.metrics(), "streamrec_events_total") for w in ws), sent,
-                args.max_seconds)
+            with probing(workers[0].metrics_url) as answer_s:
+                eps, took, done = rate_while(lambda ws=workers: sum(
+                    total(w.metrics(), "streamrec_events_total") for w in ws), sent,
+                    args.max_seconds)
             cpu = (sum(cpu_seconds(p) for p in pids) - cpu0) / max(took, 1e-9) * 100
             trained = total(trainer.metrics(), "streamrec_trainer_trained")
         out[f"workers_{n}"] = {"events_per_s": round(eps, 1), "seconds": round(took, 1),
                                "consumed": done, "trained_at_end": trained,
                                "trainer_examples_per_s": round(trained / max(took, 1e-9), 1),
-                               "cpu_pct_all": round(cpu, 1)}
+                               "cpu_pct_all": round(cpu, 1),
+                               "metrics_answer_s": {
+                                   "probes": len(answer_s),
+                                   "p99": round(float(np.quantile(answer_s, 0.99)), 3),
+                                   "max": round(max(answer_s), 3)}}
     table("serving workers + trainer, one backlog each", ["workers", "events/s", "seconds",
-          "trainer examples/s", "CPU % (all)"],
-          [[n, out[f"workers_{n}"]["events_per_s"], out[f"workers_{n}"]["seconds"],
-            out[f"workers_{n}"]["trainer_examples_per_s"], out[f"workers_{n}"]["cpu_pct_all"]]
-           for n in (1, 2)])
+          "trainer examples/s", "CPU % (all)", "/metrics p99 s", "/metrics max s"],
+          [[n, o["events_per_s"], o["seconds"], o["trainer_examples_per_s"], o["cpu_pct_all"],
+            o["metrics_answer_s"]["p99"], o["metrics_answer_s"]["max"]]
+           for n, o in ((n, out[f"workers_{n}"]) for n in (1, 2))])
     return out
 
 

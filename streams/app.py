@@ -16,9 +16,7 @@ import asyncio
 import itertools
 import logging
 import os
-import signal
 import socket
-import threading
 import time
 from typing import Any
 
@@ -31,15 +29,23 @@ from streams import metrics as m
 from streams.catalog import RawRecord
 from streams.clients import faust_credentials, wait_for_broker
 from streams.dead_letters import dlq_headers
-from streams.durable_table import DurableTable
 from streams.errors import UserError
-from streams.gaps import acknowledge, commit_past, progress, progress_key
+from streams.faust_internals import (
+    DurableTable,
+    Worker,
+    acknowledge,
+    commit_past,
+    committed_offset,
+    current_event,
+    partition_event,
+    shorten_fetch_wait,
+)
+from streams.gaps import commit_offsets, progress, progress_key
 from streams.local_store import discard_unreadable
 from streams.process import configure_process
 from streams.runtime import Runtime
 from streams.schemas import InvalidRecord, Reason
 from streams.settings import Settings
-from streams.table_context import current_event, partition_event
 from streams.topics import ensure_topics, topic_partitions
 
 log = logging.getLogger("streamrec.app")
@@ -59,32 +65,11 @@ async def deliver(app: faust.App, table: DurableTable) -> None:
     whose state never reached the changelog; a crash then loses those events (seen in
     tests/test_restart.py before this). Waiting here, before `take_events` acks the batch,
     makes the order state-durable -> offsets-committable. The changelog records are awaited
-    through their futures (see streams/durable_table.py); a flush of the producer then
-    covers what went straight to the Kafka client (recommendations, DLQ records).
+    through their futures (streams/faust_internals.py DurableTable); a flush of the producer
+    then covers what went straight to the Kafka client (recommendations, DLQ records).
     """
     await table.wait_acked()
     await app.producer.flush()
-
-
-def shorten_fetch_wait(ms: int) -> None:
-    """Make the stream consumer's broker-side fetch wait `ms` instead of Faust's hard-coded
-    1,500 ms. aiokafka leaves a partition whose records are still buffered out of the next
-    fetch request, and waits for the request in flight, which the broker holds up to this
-    long when its other partitions have nothing new: records behind it waited up to 1.5 s
-    (measured: 1.0-1.3 s gaps between batches with events waiting, p99 ~1.8 s at a quarter
-    of the maximum rate)."""
-    from faust.transport.drivers import aiokafka as driver
-
-    cls = driver.AIOKafkaConsumerThread
-    original = getattr(cls._create_worker_consumer, "__wrapped__", cls._create_worker_consumer)
-
-    def create(self: Any, transport: Any) -> Any:
-        consumer = original(self, transport)
-        consumer._fetch_max_wait_ms = ms  # read by the consumer's fetcher at start()
-        return consumer
-
-    create.__wrapped__ = original  # type: ignore[attr-defined]
-    cls._create_worker_consumer = create
 
 
 def rocksdb_options(s: Settings) -> dict[str, Any] | None:
@@ -165,7 +150,7 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
     def last_done(partition: int, ref: Any) -> int | None:
         with current_event(ref):
             value = users.get(progress_key(partition))
-        committed = app.consumer._committed_offset.get(ref.message.tp)  # Faust's, see gaps.py
+        committed = committed_offset(app.consumer, ref.message.tp)
         return runtime.gaps.last_durable(partition, None if value is None else int(value),
                                          committed)
 
@@ -243,9 +228,9 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
         # applied and durable by now: acknowledge what Faust skipped, commit what we know
         runtime.gaps.made_durable(records)
         with m.STAGE_SECONDS.labels(stage="commit").time():
-            acknowledge(app.consumer, runtime.gaps.filled)
+            acknowledge(app.consumer, [(r.ref.message.tp, r.offset) for r in runtime.gaps.filled])
             runtime.gaps.filled.clear()
-            await commit_past(app.consumer, records, runtime.gaps.contiguous)
+            await commit_past(app.consumer, commit_offsets(records, runtime.gaps.contiguous))
 
     @app.agent(events_t)
     async def events(stream: Any) -> None:
@@ -340,47 +325,6 @@ def _data_dir(settings: Settings) -> None:
         raise UserError(f"cannot create the data directory {settings.data_dir}: "
                         f"{exc.strerror or exc}. Set --data-dir or STREAMREC_DATA_DIR to a "
                         f"writable directory") from None
-
-
-class Worker(faust.Worker):
-    """faust.Worker that exits within `shutdown_timeout_s` of SIGTERM or SIGINT, whether or
-    not the broker answers.
-
-    Faust's stop waits on the broker (final commits, producer flush, consumer leave); with
-    the broker gone it retried for as long as it took (seen: still running 32 minutes after
-    SIGTERM). A watchdog thread, armed by the signal, ends the process when the deadline
-    passes: what was not durable by then is replayed by the partitions' next owner, exactly
-    as after a crash. mode installs its handlers on the loop; ours are installed after
-    them and call mode's own handler (`_on_sigterm`, `_on_sigint`) once armed."""
-
-    def __init__(self, *args: Any, shutdown_timeout_s: float = 30.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.shutdown_timeout_s = shutdown_timeout_s
-        self._deadline: threading.Timer | None = None
-
-    def install_signal_handlers(self) -> None:
-        super().install_signal_handlers()
-        self.loop.add_signal_handler(signal.SIGTERM, self._stop_within_deadline, self._on_sigterm)
-        self.loop.add_signal_handler(signal.SIGINT, self._stop_within_deadline, self._on_sigint)
-
-    def _stop_within_deadline(self, stop: Any) -> None:
-        if self._deadline is None:
-            log.info("stopping (at most %.0f s)", self.shutdown_timeout_s)
-            self._deadline = threading.Timer(self.shutdown_timeout_s, self._give_up)
-            self._deadline.daemon = True
-            self._deadline.start()
-        stop()
-
-    def _give_up(self) -> None:
-        log.error("clean stop did not finish within %.0f s (is the broker reachable?): exiting "
-                  "now; events not yet durable will be replayed by the next owner of their "
-                  "partitions", self.shutdown_timeout_s)
-        logging.shutdown()
-        os._exit(EXIT_ABANDONED)
-
-
-#: Exit status when the clean stop was abandoned at its deadline.
-EXIT_ABANDONED = 3
 
 
 def _metrics_port(settings: Settings) -> None:

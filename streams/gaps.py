@@ -147,30 +147,10 @@ class GapFiller:
         return got
 
 
-def acknowledge(consumer: Any, records: list[RawRecord]) -> None:
-    """Tell Faust's consumer that records it never delivered have been processed, so its
-    commit can move past them (it commits the longest run of acknowledged offsets). Call
-    only once their effect is durable. Mirrors `faust.transport.consumer.Consumer.ack` on its
-    private bookkeeping, the one place outside streams/table_context.py that touches it;
-    tests/test_faults_workers.py checks that committed offsets reach the end."""
-    for rec in records:
-        tp = rec.ref.message.tp  # ref: a Faust event of the same partition
-        committed = consumer._committed_offset[tp]
-        index = consumer._acked_index[tp]
-        if (committed is None or rec.offset >= committed) and rec.offset not in index:
-            index.add(rec.offset)
-            consumer._acked[tp].append(rec.offset)
-            consumer._n_acked += 1
-
-
-async def commit_past(consumer: Any, records: list[RawRecord], partitions: set[int]) -> None:
-    """Commit `partitions` past their newest record of `records`, through Faust's consumer
-    (so its own bookkeeping knows). Faust's commit follows the offsets its stream acked, and
-    the records it skipped are never acked by it: left alone it would stall at the first of
-    them for good. Safe because each of `partitions` was applied contiguously from its stored
-    progress and the batch's effects are durable before this is called; never backwards."""
+def commit_offsets(records: list[RawRecord], partitions: set[int]) -> dict[Any, int]:
+    """Where to commit `partitions` after `records`: past their newest record of them. Safe
+    only because each of `partitions` was applied contiguously from its stored progress and
+    the batch's effects are durable before the commit (streams/faust_internals.py
+    commit_past)."""
     newest = progress([r for r in records if r.partition in partitions])
-    offsets = {rec.ref.message.tp: rec.offset + 1 for rec in newest.values()}
-    offsets = {tp: o for tp, o in offsets.items() if consumer._should_commit(tp, o)}
-    if offsets:
-        await consumer._commit_offsets(offsets)
+    return {rec.ref.message.tp: rec.offset + 1 for rec in newest.values()}

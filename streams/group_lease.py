@@ -19,9 +19,8 @@ by the lease's end less `margin_s` (a request still on the wire then may still l
 the process exits at once (EXIT_FENCED): its buffers die with it and the partitions' next
 owner replays the uncommitted batch, as after a crash.
 
-aiokafka internals relied on (check them at every upgrade): `GroupCoordinator._send_req` is
-the one path of heartbeats and SyncGroup requests, `.generation` and `.group_id` are the
-coordinator's, and responses carry `error_code`. `install` fails loudly if they are gone.
+When membership was proved comes from aiokafka's internals (streams/faust_internals.py
+on_membership_proved).
 """
 
 from __future__ import annotations
@@ -32,7 +31,9 @@ import os
 import threading
 import time
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import TypeVar
+
+from streams.faust_internals import on_membership_proved
 
 log = logging.getLogger("streamrec.lease")
 
@@ -41,7 +42,6 @@ T = TypeVar("T")
 #: Exit status of a worker whose lease ran out while it held a batch.
 EXIT_FENCED = 4
 
-_RENEWING = ("HeartbeatRequest", "SyncGroupRequest")
 _lock = threading.Lock()
 #: group id -> generation -> when the newest request that proved membership was sent
 _renewed: dict[str, dict[int, float]] = {}
@@ -49,21 +49,7 @@ _renewed: dict[str, dict[int, float]] = {}
 
 def install() -> None:
     """Record, process-wide, when each group's membership was last proved (idempotent)."""
-    from aiokafka.consumer.group_coordinator import GroupCoordinator
-
-    send = GroupCoordinator._send_req
-    if getattr(send, "streamrec_lease", False):
-        return
-
-    async def send_req(self: Any, request: Any) -> Any:
-        sent, generation = time.monotonic(), self.generation
-        resp = await send(self, request)
-        if type(request).__name__ in _RENEWING and resp.error_code == 0:
-            _renew(self.group_id, generation, sent)
-        return resp
-
-    send_req.streamrec_lease = True  # type: ignore[attr-defined]
-    GroupCoordinator._send_req = send_req
+    on_membership_proved(_renew)
 
 
 def _renew(group: str, generation: int, sent: float) -> None:

@@ -143,7 +143,7 @@ class Settings(BaseSettings):
         ge=1,
         description="How long the broker may hold a fetch of the events topic when some of "
         "its partitions have nothing new (Faust hard-codes 1,500 ms, which showed as 1-s "
-        "stalls: streams/app.py shorten_fetch_wait).",
+        "stalls: streams/faust_internals.py shorten_fetch_wait).",
     )
     skipped_tail_check_s: float = Field(
         2.0,

@@ -133,7 +133,9 @@ def test_worker_stops_within_its_deadline_without_a_broker_and_nothing_is_lost(t
             took = time.monotonic() - t0
         finally:
             worker.kill()
-        assert rc in (0, 3) and took < 5.0 + 10.0, (rc, took, worker.log_tail())
+        # 3: the clean stop's deadline passed; 4: the batch it held could not be delivered for
+        # a session timeout (6 s here) first (streams/group_lease.py)
+        assert rc in (0, 3, 4) and took < 5.0 + 10.0, (rc, took, worker.log_tail())
         print(f"\n[first-use] SIGTERM without a broker: exited {rc} after {took:.1f} s")
 
         broker.start()  # same log dir: events and changelog are still there

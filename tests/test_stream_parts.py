@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import os
 
 import faust.streams
 import numpy as np
@@ -17,6 +16,7 @@ from hypothesis import strategies as st
 
 from streams.catalog import CatalogEncoder, RawRecord, decode_item_vector, isolate_failures
 from streams.checkpoint import CheckpointStore
+from streams.faust_internals import current_event
 from streams.schemas import (
     InvalidRecord,
     Item,
@@ -31,7 +31,6 @@ from streams.schemas import (
 )
 from streams.settings import Settings
 from streams.supervisor import settings_env
-from streams.table_context import current_event
 
 
 class _Event:  # anything weak-referenceable stands in for a Faust event here
@@ -343,25 +342,3 @@ def test_processor_isolates_a_search_text_that_makes_the_encoder_fail(encoder, t
     assert out.applied == 4
     assert {u: upd.state.n_events for u, upd in out.users.items()} == {"u1": 2, "u2": 1, "u3": 1}
     assert all(upd.recommendation is not None for upd in out.users.values())
-
-
-def test_stream_consumer_fetch_wait_is_the_setting(encoder, tmp_path):
-    """Faust hard-codes a 1,500 ms fetch wait for the stream consumer; the app must replace
-    it with `fetch_max_wait_ms` (1-s stalls between batches otherwise). The consumer is built
-    as a worker builds it, without connecting, so this also catches a Faust upgrade that
-    renames the method the patch wraps."""
-    from streams.app import create_app
-    from streams.runtime import Runtime
-
-    s = Settings(broker="kafka://127.0.0.1:9", fetch_max_wait_ms=77, data_dir=tmp_path,
-                 compute_threads=os.cpu_count() or 1)  # Runtime caps this process's threads
-    app = create_app(s, Runtime(s, encoder=encoder))
-
-    async def build() -> int:
-        consumer = app.consumer._thread._create_worker_consumer(app.transport)
-        try:
-            return consumer._fetch_max_wait_ms
-        finally:
-            await consumer.stop()
-
-    assert asyncio.run(build()) == 77

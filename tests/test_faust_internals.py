@@ -1,0 +1,149 @@
+"""The private internals of faust-streaming, mode and aiokafka that streamrec relies on are
+still there and still behave as streams/faust_internals.py assumes, and no other module
+names them. A faust-streaming or aiokafka upgrade that changes one fails here in seconds,
+before the fault tests would find it in minutes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import re
+import time
+from pathlib import Path
+
+import faust
+import pytest
+from faust.types import TP
+
+from streams import faust_internals as fi
+
+ROOT = Path(__file__).resolve().parents[1]
+PRIVATE = ("_committed_offset", "_acked", "_acked_index", "_n_acked", "_should_commit",
+           "_commit_offsets", "_current_event", "_create_worker_consumer",
+           "_fetch_max_wait_ms", "_send_req", "_on_sigterm", "_on_sigint", "send_changelog")
+
+
+def test_no_other_module_names_a_private_internal():
+    pattern = re.compile(r"\b(" + "|".join(PRIVATE) + r")\b")
+    mine = {Path(fi.__file__).resolve(), Path(__file__).resolve()}
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for top in ("streams", "models", "index",
+                                                              "bench", "tests")
+                 for path in sorted((ROOT / top).rglob("*.py")) if path.resolve() not in mine
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if pattern.search(line)]
+    assert offenders == []
+
+
+@pytest.fixture
+def consumer():
+    """Faust's real consumer object (nothing connects until it starts)."""
+    async def make():
+        return faust.App("internals", broker="kafka://127.0.0.1:1").consumer
+
+    return asyncio.run(make())
+
+
+def test_acknowledged_offsets_move_fausts_commit_point(consumer):
+    tp = TP("events", 0)
+    consumer._committed_offset[tp] = 10
+    assert consumer._new_offset(tp) is None  # nothing acked: nothing to commit
+    fi.acknowledge(consumer, [(tp, 12), (tp, 10), (tp, 11), (tp, 9), (tp, 11)])
+    # 9 is below the committed offset and 11 came twice: neither counts
+    assert consumer._acked[tp] == [12, 10, 11] and consumer._n_acked == 3
+    assert consumer._new_offset(tp) == 13  # commits past the contiguous run 10..12
+
+
+def test_commit_past_commits_forward_only(consumer):
+    tp, committed = TP("events", 0), {}
+
+    async def record(offsets):
+        committed.update(offsets)
+        return True
+
+    consumer._committed_offset[tp] = 10
+    consumer._commit_offsets = record  # the broker round trip is not what this checks
+    asyncio.run(fi.commit_past(consumer, {tp: 8}))
+    assert committed == {}
+    asyncio.run(fi.commit_past(consumer, {tp: 15}))
+    assert committed == {tp: 15}
+    assert fi.committed_offset(consumer, tp) == 10  # Faust records it once the broker acks
+
+
+def test_current_event_is_fausts_context_variable():
+    assert isinstance(faust.streams._current_event, contextvars.ContextVar)
+    sentinel = object.__new__(faust.Event)
+    with fi.current_event(sentinel):
+        assert faust.streams._current_event.get()() is sentinel
+    assert faust.streams._current_event.get(None) is None
+
+
+def test_partition_event_routes_to_its_partition():
+    async def run():
+        app = faust.App("internals", broker="kafka://127.0.0.1:1")
+        ev = fi.partition_event(app, TP("events", 3))
+        return ev.message.partition, ev.message.tp
+
+    assert asyncio.run(run()) == (3, TP("events", 3))
+
+
+def test_table_send_changelog_has_the_shape_durable_table_wraps():
+    params = list(inspect.signature(faust.Table.send_changelog).parameters)
+    assert params[:4] == ["self", "partition", "key", "value"]
+    assert fi.DurableTable.send_changelog is not faust.Table.send_changelog
+
+
+def test_the_fetch_wait_reaches_the_stream_consumer():
+    """Built as a worker builds it (without connecting): Faust hard-codes 1,500 ms."""
+    from aiokafka import AIOKafkaConsumer
+
+    assert "_fetch_max_wait_ms" in inspect.getsource(AIOKafkaConsumer.start)
+    fi.shorten_fetch_wait(50)
+    fi.shorten_fetch_wait(77)  # wraps Faust's original, not the previous wrapper
+
+    async def build() -> int:
+        app = faust.App("internals", broker="kafka://127.0.0.1:9")
+        consumer = app.consumer._thread._create_worker_consumer(app.transport)
+        try:
+            return consumer._fetch_max_wait_ms
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(build()) == 77
+
+
+def test_mode_worker_has_the_signal_handlers_worker_chains_to():
+    assert callable(faust.Worker._on_sigterm) and callable(faust.Worker._on_sigint)
+    assert "install_signal_handlers" in vars(fi.Worker)
+
+
+@pytest.mark.kafka
+def test_membership_is_proved_by_heartbeats_on_a_real_group(kafka):
+    """A consumer in a group on the real broker: its SyncGroup and then its heartbeats each
+    report the group, its generation and a send time."""
+    from aiokafka import AIOKafkaConsumer
+
+    seen: list[tuple[str, int, float]] = []
+    fi.on_membership_proved(lambda g, gen, sent: seen.append((g, gen, sent)))
+    group = f"internals-{time.monotonic_ns()}"
+
+    async def run() -> None:
+        consumer = AIOKafkaConsumer("internals-topic", bootstrap_servers=kafka.bootstrap,
+                                    group_id=group, heartbeat_interval_ms=200)
+        await consumer.start()
+        try:
+            deadline = time.monotonic() + 60
+            while sum(1 for g, _, _ in seen if g == group) < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        finally:
+            await consumer.stop()
+
+    try:
+        asyncio.run(run())
+    finally:
+        from streams import group_lease
+        group_lease.install()  # the worker's callback again, for later tests in this process
+    mine = [(gen, sent) for g, gen, sent in seen if g == group]
+    assert len(mine) >= 3, seen
+    assert all(gen >= 1 for gen, _ in mine)
+    assert [sent for _, sent in mine] == sorted(sent for _, sent in mine)
