@@ -220,17 +220,19 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
 
     async def run_batch(records: list[RawRecord]) -> None:
         """Fill what the stream skipped, process, make durable, then commit. Hold batch_lock."""
-        records = await runtime.gaps.complete(records, last_done)
-        try:
-            await handle(await runtime.process_events(records, load_state), records)
-        except Exception as exc:  # noqa: BLE001 - no input may stop the worker
-            await one_by_one(records, exc)
-        # applied and durable by now: acknowledge what Faust skipped, commit what we know
-        runtime.gaps.made_durable(records)
-        with m.STAGE_SECONDS.labels(stage="commit").time():
-            acknowledge(app.consumer, [(r.ref.message.tp, r.offset) for r in runtime.gaps.filled])
-            runtime.gaps.filled.clear()
-            await commit_past(app.consumer, commit_offsets(records, runtime.gaps.contiguous))
+        with m.BATCHES_IN_FLIGHT.track_inprogress():
+            records = await runtime.gaps.complete(records, last_done)
+            try:
+                await handle(await runtime.process_events(records, load_state), records)
+            except Exception as exc:  # noqa: BLE001 - no input may stop the worker
+                await one_by_one(records, exc)
+            # applied and durable by now: acknowledge what Faust skipped, commit what we know
+            runtime.gaps.made_durable(records)
+            with m.STAGE_SECONDS.labels(stage="commit").time():
+                filled = [(r.ref.message.tp, r.offset) for r in runtime.gaps.filled]
+                acknowledge(app.consumer, filled)
+                runtime.gaps.filled.clear()
+                await commit_past(app.consumer, commit_offsets(records, runtime.gaps.contiguous))
 
     @app.agent(events_t)
     async def events(stream: Any) -> None:

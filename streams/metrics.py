@@ -26,6 +26,10 @@ REFETCHED = Counter(
     "the agent read back from Kafka before going on", ["topic"]
 )
 BATCH_SIZE = Histogram("streamrec_batch_size", "Events per micro-batch", buckets=_BATCH_BUCKETS)
+BATCHES_IN_FLIGHT = Gauge(
+    "streamrec_batches_in_flight", "Batches started and not yet durable and committed (0 or 1; "
+    "stuck at 1: a batch that cannot be delivered)"
+)
 STAGE_SECONDS = Histogram(
     "streamrec_stage_seconds", "Time per micro-batch stage", ["stage"], buckets=_LATENCY_BUCKETS
 )

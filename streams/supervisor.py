@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -107,19 +108,28 @@ class WorkerProcess:
     def wait_for(self, name: str, at_least: float, timeout: float = 120.0, **labels: str
                  ) -> Samples:
         """Until `sum(name{labels}) >= at_least` on the worker's /metrics."""
+        return self._wait(lambda v: v >= at_least, f">= {at_least}", timeout, name, **labels)
+
+    def wait_idle(self, timeout: float = 120.0) -> Samples:
+        """Until no batch is in flight: every event counted so far has its recommendation
+        emitted, its state durable and its offset committed."""
+        return self._wait(lambda v: v == 0, "== 0", timeout, "streamrec_batches_in_flight")
+
+    def _wait(self, ok: Callable[[float], bool], want: str, timeout: float, name: str,
+              **labels: str) -> Samples:
         deadline = time.monotonic() + timeout
-        value = 0.0
+        value = None
         while time.monotonic() < deadline:
             self._check_alive()
             try:
                 samples = self.metrics()
                 value = total(samples, name, **labels)
-                if value >= at_least:
+                if ok(value):
                     return samples
             except OSError:
                 pass
             time.sleep(0.25)
-        raise TimeoutError(f"{name}{labels} = {value} < {at_least} after {timeout}s\n"
+        raise TimeoutError(f"{name}{labels} = {value}, not {want} after {timeout}s\n"
                            f"{self.log_tail()}")
 
     def _check_alive(self) -> None:

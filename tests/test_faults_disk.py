@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -76,7 +75,7 @@ def test_a_garbled_local_store_is_dropped_and_restored_from_the_changelog(
         second.wait_ready(snapshot=False)
         pid = second.proc.pid
         final = wait_states(s, expected_states(events, s.learner.history_len), timeout=300)
-        time.sleep(2)
+        second.wait_idle()
         second._check_alive()
         assert second.proc.pid == pid
         log = (tmp_path / "second.log").read_text()

@@ -384,7 +384,7 @@ def test_hostile_events_go_to_the_dlq_and_good_ones_are_applied(kafka, tmp_path)
         worker.wait_for("streamrec_index_items", len(world.items), timeout=180)
         publish_events(s, warmup, quiet=True)
         worker.wait_for("streamrec_events_total", N_WARMUP, timeout=180, outcome="applied")
-        time.sleep(2)
+        worker.wait_idle()
         pid = worker.proc.pid
         rss_warm = rss_mb(pid)
         sampler.start()
@@ -495,7 +495,7 @@ def test_misrouted_event_does_not_fork_or_reset_user_state(kafka, tmp_path):
         worker.wait_for("streamrec_events_total", 31, timeout=120)
         _send(s, topic, [(user.encode(), orjson.dumps(ev)) for ev in good[30:]])
         worker.wait_for("streamrec_events_total", 41, timeout=120)
-        time.sleep(2)
+        worker.wait_idle()
     finally:
         worker.stop()
     from helpers import read_all

@@ -91,7 +91,7 @@ def test_random_sigkills_lose_and_double_nothing(kafka, tmp_path):
             worker = WorkerProcess(settings, tmp_path / f"life-{k + 1}.log").start()
             worker.wait_ready(snapshot=False)
         final = wait_states(s, expected_states(events, H), timeout=300)
-        time.sleep(2)
+        worker.wait_idle()
     finally:
         worker.stop()
 

@@ -82,20 +82,20 @@ def run(kafka, tmp_path_factory):
         publish_events(s, events, quiet=True)  # good events after the bad ones
         expected = len(events) + len(BAD_INPUT)
         worker.wait_for("streamrec_events_total", expected, timeout=300)
-        time.sleep(2)  # let the last recommendations land
+        worker.wait_idle()  # the last recommendations have landed
         samples = worker.metrics()
         deleted, deleted_at = _delete_popular(s, worker, len(world.items))
         # events naming a deleted item would (rightly) go to the DLQ as unknown_item: skip them
         second = [e for e in stream.events(N_SECOND_WAVE) if e["item_id"] not in deleted]
         publish_events(s, second, quiet=True)
         worker.wait_for("streamrec_events_total", expected + len(second), timeout=300)
-        time.sleep(2)
+        worker.wait_idle()
         readded_at = _readd(s, worker, world, deleted)
         third = list(stream.events(N_SECOND_WAVE))  # may name the re-added items again
         publish_events(s, third, quiet=True)
         worker.wait_for("streamrec_events_total", expected + len(second) + len(third),
                         timeout=300)
-        time.sleep(2)
+        worker.wait_idle()
         yield dict(settings=s, world=world, stream=stream, events=events, sent_bad=sent_bad,
                    sent_bad_items=sent_bad_items, samples=samples, worker=worker,
                    deleted=deleted, deleted_at=deleted_at, second=second,

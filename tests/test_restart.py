@@ -67,7 +67,7 @@ def test_kill_mid_stream_and_recover_on_a_new_worker(kafka, tmp_path):
         published = total(trainer.metrics(), "streamrec_model_version")
         assert served >= 2 and served <= published
         after = wait_states(s, expected, timeout=300)
-        time.sleep(2)
+        second.wait_idle()
         samples = second.metrics()
     finally:
         second.stop()
