@@ -61,11 +61,13 @@ def settings(kafka, tmp: Path, name: str, **kw: object) -> Settings:
                     trainer_metrics_port=free_port(), log_level="warning", **kw)
 
 
-def publish_vectors(s: Settings, n_items: int, seed: int = 0) -> list[str]:
-    """`n_items` random unit text vectors on item-vectors (as the catalog agent writes them)."""
+def publish_vectors(s: Settings, n_items: int, seed: int = 0,
+                    ids: list[str] | None = None) -> list[str]:
+    """`n_items` random unit text vectors on item-vectors (as the catalog agent writes them),
+    for `ids` (default: item-0000000, ...)."""
     dim = encoder_dim(s.encoder_path)
     rng = np.random.default_rng(seed)
-    ids = [f"item-{k:07d}" for k in range(n_items)]
+    ids = ids or [f"item-{k:07d}" for k in range(n_items)]
 
     def records() -> Iterator[tuple[bytes, bytes]]:
         for k in range(0, n_items, 10_000):
@@ -153,7 +155,7 @@ def throughput(kafka, tmp: Path, args: argparse.Namespace) -> dict:
     for n in (1, 2):
         s = settings(kafka, tmp, f"tp{n}", batch_size=500)
         ensure_topics(s)
-        publish_vectors(s, args.items)
+        publish_vectors(s, args.items, ids=[it["item_id"] for it in world.items])
         sent = publish(s, s.topic(s.events_topic), event_records(
             BenchEvents(world, args.users, seed=2).take(args.events)), total=args.events,
             label=f"backlog ({n} worker{'s' if n > 1 else ''})")

@@ -167,7 +167,8 @@ class CatalogBacklog:
             return 0
         ends = self._admin.list_partition_offsets({tp: OffsetSpec.LATEST for tp in tps})
         done = self._admin.list_group_offsets({self.group: tps}).get(self.group, {})
-        return sum(max(0, ends[tp].offset - (done[tp].offset if tp in done else 0))
+        # a partition without a commit reads -1: nothing done, as with no entry at all
+        return sum(max(0, ends[tp].offset - max(0, done[tp].offset if tp in done else 0))
                    for tp in tps)
 
     async def wait(self, stall_s: float = 10.0) -> int:
@@ -175,17 +176,28 @@ class CatalogBacklog:
         embedding: the events are then judged against the catalog as it is). Returns the
         records still behind."""
         loop = asyncio.get_running_loop()
-        last, since = await asyncio.to_thread(self.behind), loop.time()
-        while last:
+        last, since = await asyncio.to_thread(self._behind), loop.time()
+        while last is None or last:
             if loop.time() - since > stall_s:
-                log.warning("catalog agents stalled %d records behind item-catalog for %.0f s",
-                            last, stall_s)
+                log.warning("catalog agents stalled %s records behind item-catalog for %.0f s",
+                            "?" if last is None else last, stall_s)
                 break
             await asyncio.sleep(0.25)
-            now = await asyncio.to_thread(self.behind)
-            if now < last:
+            now = await asyncio.to_thread(self._behind)
+            if now is not None and (last is None or now < last):
                 last, since = now, loop.time()
-        return last
+        return last or 0
+
+    def _behind(self) -> int | None:
+        """`behind`, or None while the broker cannot say (e.g. the group's coordinator is
+        not elected yet on a fresh cluster): waited on like no progress."""
+        from kafka.errors import KafkaError
+
+        try:
+            return self.behind()
+        except KafkaError as exc:
+            log.debug("catalog backlog unknown: %r", exc)
+            return None
 
     def close(self) -> None:
         if self._admin is not None:

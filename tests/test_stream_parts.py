@@ -342,3 +342,38 @@ def test_processor_isolates_a_search_text_that_makes_the_encoder_fail(encoder, t
     assert out.applied == 4
     assert {u: upd.state.n_events for u, upd in out.users.items()} == {"u1": 2, "u2": 1, "u3": 1}
     assert all(upd.recommendation is not None for upd in out.users.values())
+
+
+@pytest.mark.kafka
+def test_catalog_backlog_counts_what_no_catalog_agent_has_committed(kafka, tmp_path):
+    """Partitions without a commit read -1 from the broker: an empty catalog is 0 behind
+    (it read 4, one per partition, and every batch naming an unknown item then waited 10 s
+    for a catalog agent with nothing to do)."""
+    from helpers import make_settings
+    from kafka import TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    from streams.catalog import CatalogBacklog
+    from streams.clients import kafka_consumer, kafka_producer
+    from streams.topics import admin_client, ensure_topics
+
+    s = make_settings(kafka, tmp_path, partitions=4)
+    ensure_topics(s)
+    topic = s.topic(s.catalog_topic)
+    backlog = CatalogBacklog(lambda: admin_client(s.bootstrap, 10), topic, s.app_id)
+    try:
+        # a fresh group's coordinator may not be elected yet: no answer, not an error
+        assert asyncio.run(backlog.wait(stall_s=30)) == 0
+        assert backlog.behind() == 0
+        producer = kafka_producer(s)
+        for p in (0, 0, 2):
+            producer.send(topic, key=b"k", value=b"{}", partition=p)
+        producer.flush()
+        producer.close()
+        assert backlog.behind() == 3
+        consumer = kafka_consumer(s, group_id=s.app_id, enable_auto_commit=False)
+        consumer.commit({TopicPartition(topic, 0): OffsetAndMetadata(2, None, -1)})
+        consumer.close()
+        assert backlog.behind() == 1
+    finally:
+        backlog.close()
