@@ -60,9 +60,9 @@ def kafka_producer(s: Settings, **kw: Any) -> Any:
     """kafka-python producer for the CLI tools: acks=all, retries, ordered per partition."""
     from kafka import KafkaProducer
 
-    return KafkaProducer(bootstrap_servers=s.bootstrap, acks="all", retries=10,
-                         linger_ms=5, max_in_flight_requests_per_connection=1,
-                         **s.kafka_security(), **kw)
+    options = dict(acks="all", retries=10, linger_ms=5,
+                   max_in_flight_requests_per_connection=1) | kw
+    return KafkaProducer(bootstrap_servers=s.bootstrap, **s.kafka_security(), **options)
 
 
 def kafka_consumer(s: Settings, *topics: str, **kw: Any) -> Any:

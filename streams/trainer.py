@@ -154,6 +154,8 @@ class TrainerService:
             log.error("checkpoint not restored: %s", exc)
             return None
         m.CHECKPOINTS.labels(outcome="restored").inc()
+        if not self.leader:  # the count is all ranks': rank 0 carries it on, the others add
+            self.trainer.trained = 0
         return meta
 
     async def _assign(self, positions: dict[str, int]) -> None:
@@ -202,7 +204,7 @@ class TrainerService:
             if decision["snapshot"]:
                 await self._publish(base=decision["base"])
             if decision["checkpoint"]:
-                await self._checkpoint()
+                await self._checkpoint(final=decision["stop"])
             if decision["stop"]:
                 return
 
@@ -281,29 +283,33 @@ class TrainerService:
         log.info("published %s v%d (%d bytes)", "base" if base else "delta", self.version,
                  len(data))
 
-    async def _checkpoint(self) -> None:
+    async def _checkpoint(self, final: bool = False) -> None:
         """Every rank's positions and progress in rank 0's checkpoint (when anything moved)."""
-        if self.trainer.steps == self._checkpointed and not self.stopping.is_set():
-            return
+        if self.trainer.steps == self._checkpointed and not final:
+            return  # the same on every rank (steps are in lockstep, `final` is rank 0's)
         self._checkpointed = self.trainer.steps
         positions = {str(p): o for p, o in self.positions.items()}
-        progress = dict(self.trainer.progress)
-        if self.sync.world > 1:  # every rank's partitions into rank 0's checkpoint
-            for pos, prog in self.sync.all_gather((positions, progress)):  # type: ignore
+        progress, trained = dict(self.trainer.progress), self.trainer.trained
+        if self.sync.world > 1:  # every rank's partitions and count into rank 0's checkpoint
+            gathered = self.sync.all_gather((positions, progress, trained))  # type: ignore
+            trained = 0
+            for pos, prog, n in gathered:
                 positions.update(pos)
                 progress.update(prog)
+                trained += n
         if not self.leader:
             return
-        own, self.trainer.progress = self.trainer.progress, progress
+        own = self.trainer.progress, self.trainer.trained
+        self.trainer.progress, self.trainer.trained = progress, trained
         try:
             data = await asyncio.to_thread(checkpoint, self.trainer,
                                            {"positions": json.dumps(positions)})
         finally:
-            self.trainer.progress = own
+            self.trainer.progress, self.trainer.trained = own
         version = await self.checkpoints.save(data)
         m.CHECKPOINTS.labels(outcome="saved").inc()
-        log.info("checkpoint v%d saved (%d examples trained, %d bytes)", version,
-                 self.trainer.trained, len(data))
+        log.info("checkpoint v%d saved (%d examples trained, %d bytes)", version, trained,
+                 len(data))
 
     async def stop(self) -> None:
         await self.items.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import time
 
 import numpy as np
 import pytest
@@ -254,3 +255,67 @@ def test_pruning_bounds_the_counts_and_reaches_the_server_in_order():
     sizes = np.diff(t.model.covis.F.tocsr().indptr)
     assert sizes.max() <= 2 * 3
     assert_counts_equal(server, t.model)
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_two_trainer_ranks_as_processes_train_each_example_once_and_stop_together(
+        kafka, tmp_path):
+    """`streamrec trainer --ranks 2` on the real broker: the ranks share the partitions,
+    every example is trained once, SIGTERM stops both cleanly (rank 0's final checkpoint
+    gathers rank 1's progress), and a restart from it trains nothing again. (Before, at a
+    stop with nothing new since the last checkpoint, rank 1 skipped the final checkpoint's
+    collective that rank 0 entered: 'Connection closed by peer', exit 1.)"""
+    from helpers import make_settings
+
+    from models.encoder import encoder_dim
+    from streams.catalog import encode_item_vector
+    from streams.clients import kafka_producer
+    from streams.supervisor import TrainerProcess, scrape, total
+    from streams.topics import ensure_topics
+
+    s = make_settings(kafka, tmp_path, partitions=4)
+    ensure_topics(s)
+    exs = examples(400, n_users=12, partitions=4)
+    ids, _ = catalog(40)
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((len(ids), encoder_dim(s.encoder_path))).astype(np.float32)
+    producer = kafka_producer(s)
+    for item_id, vec in zip(ids, vecs, strict=True):
+        producer.send(s.topic(s.item_vectors_topic), key=item_id.encode(),
+                      value=encode_item_vector(item_id, item_id, vec))
+    for ex in exs:
+        producer.send(s.topic(s.training_examples_topic), key=ex.user_id.encode(),
+                      value=ex.to_bytes(), partition=ex.partition)
+    producer.flush()
+    producer.close()
+
+    def ranks_total(proc: TrainerProcess, name: str, **labels: str) -> float:
+        base = proc.metrics_url.rsplit(":", 1)[0]
+        return sum(total(scrape(f"{base}:{proc.port + r}/metrics"), name, **labels)
+                   for r in (0, 1))
+
+    first = TrainerProcess(s, tmp_path / "first.log", args=["--ranks", "2"]).start()
+    try:
+        first.wait_ready(timeout=180)
+        deadline = time.monotonic() + 180
+        while ranks_total(first, "streamrec_trainer_trained") < len(exs):
+            assert time.monotonic() < deadline, first.log_tail()
+            time.sleep(0.5)
+        # a checkpoint after the last step: at the stop nothing moved since, on either rank
+        saved = total(first.metrics(), "streamrec_checkpoints_total", outcome="saved")
+        first.wait_for("streamrec_checkpoints_total", saved + 1, timeout=60, outcome="saved")
+    finally:
+        rc = first.stop(grace=60)
+    log = first.log_tail(200)
+    assert rc == 0 and "Connection closed" not in log, log
+    assert f"({len(exs)} examples trained" in log, log
+
+    again = TrainerProcess(s, tmp_path / "again.log", args=["--ranks", "2"]).start()
+    try:
+        again.wait_ready(timeout=180)
+        assert ranks_total(again, "streamrec_trainer_trained") == len(exs)
+        # both ranks resume at the end of their partitions: nothing left to train
+        assert ranks_total(again, "streamrec_trainer_lag") == 0
+    finally:
+        again.stop(grace=60)
