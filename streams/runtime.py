@@ -229,6 +229,13 @@ class Runtime:
         m.CATALOG_ITEMS.labels(outcome="deleted").inc(len(deletes))
         m.INDEX_ITEMS.set(self.server.n_items)
 
+    def swap_snapshot(self) -> bool:
+        """Serve the newest finished snapshot, if one is waiting (call between batches)."""
+        if not self.follower.maybe_swap():
+            return False
+        self._observe_model()
+        return True
+
     def _observe_model(self) -> None:
         m.MODEL_VERSION.set(self.model.version)
         m.INDEX_VERSION.set(self.server.version)
@@ -253,8 +260,7 @@ class Runtime:
         if self.processor.unknown_items(good):  # published just before its events?
             await self.catalog_backlog.wait()
             await self.items.sync(timeout=2.0)
-        if self.follower.maybe_swap():
-            self._observe_model()
+        self.swap_snapshot()
         states: dict[str, UserState] = {}
         for rec, ev in good:
             if ev.user_id not in states:

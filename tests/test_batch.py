@@ -1,0 +1,119 @@
+"""The steps of streams/batch.py one at a time, on a real Faust app and table (not started:
+table writes queue their changelog records) and, where a step sends, the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import faust
+import orjson
+import pytest
+from faust.types import TP
+from helpers import make_settings, read_all
+
+from models.examples import TrainingExample
+from models.learner import Pending
+from models.user_state import UserState
+from streams.app import faust_config
+from streams.batch import EventBatches, record_of
+from streams.catalog import RawRecord
+from streams.dead_letters import H_REASON
+from streams.faust_internals import partition_event
+from streams.group_lease import GroupLease
+from streams.processor import BatchOutput, UserUpdate
+from streams.runtime import Runtime
+from streams.schemas import InvalidRecord, Reason
+from streams.settings import Settings
+from streams.topics import ensure_topics
+
+
+def _batches(s: Settings, encoder) -> EventBatches:
+    app = faust.App(s.app_id, **faust_config(s))
+    users = app.Table("user-state", default=None, partitions=s.partitions,
+                      key_type=bytes, value_type=bytes)
+    dlq = app.topic(s.topic(s.events_dlq_topic), key_type=bytes, value_type=bytes)
+    lease = GroupLease(s.app_id, s.session_timeout_s, margin_s=s.heartbeat_s)
+    return EventBatches(s, app, Runtime(s, encoder=encoder), users, dlq, lease)
+
+
+def _record(b: EventBatches, partition: int, offset: int, user: str) -> RawRecord:
+    ref = partition_event(b.app, TP(b.s.topic(b.s.events_topic), partition))
+    return RawRecord(user.encode(), b"{}", partition, offset, 0, ref)
+
+
+def _state(n: int) -> UserState:
+    st = UserState()
+    for k in range(n):
+        st.append(f"item-{k}", 1, 1_700_000_000_000 + k, None, 50)
+    return st
+
+
+@pytest.fixture
+def offline(tmp_path, encoder):
+    s = Settings(broker="kafka://127.0.0.1:9", data_dir=tmp_path, store="memory",
+                 partitions=4, compute_threads=1)
+
+    async def make() -> EventBatches:
+        return _batches(s, encoder)
+
+    return asyncio.run(make())
+
+
+def test_write_state_writes_each_user_once_and_each_partitions_progress(offline):
+    b = offline
+    recs = [_record(b, 1, 7, "u1"), _record(b, 1, 9, "u2"), _record(b, 3, 4, "u3"),
+            _record(b, 3, 2, "u4")]
+    out = BatchOutput(users={u: UserUpdate(_state(k + 1), rec)
+                             for k, (u, rec) in enumerate([("u1", recs[0]), ("u2", recs[1]),
+                                                           ("u3", recs[2])])},
+                      replayed={"u4": UserUpdate(_state(9), recs[3])})
+    b.write_state(out, recs)
+    for user, n in (("u1", 1), ("u2", 2), ("u3", 3), ("u4", 9)):
+        assert b.load_state(user, recs[0 if user < "u3" else 2]).n_events == n
+    # nothing committed yet: all is read again, unless this process made it durable itself
+    assert [b.last_done(p, recs[0 if p == 1 else 2]) for p in (1, 3)] == [-1, -1]
+    b.runtime.gaps.made_durable(recs)
+    assert [b.last_done(p, recs[0 if p == 1 else 2]) for p in (1, 3)] == [9, 4]
+    # 4 states + 2 progress records, each awaited by `deliver`
+    assert len(b.users._unacked) == 6
+
+
+@pytest.mark.kafka
+def test_emit_examples_and_deliver_land_in_kafka(kafka, tmp_path, encoder):
+    s = make_settings(kafka, tmp_path, partitions=2)
+    ensure_topics(s)
+
+    async def run() -> None:
+        b = _batches(s, encoder)
+        await b.app.producer.start()
+        try:
+            r0, r1 = _record(b, 0, 3, "u0"), _record(b, 1, 5, "u1")
+            st = _state(2)
+            ex = [TrainingExample.cut(st, u, "item-9", "click", 1.0, 1, "", rec.partition,
+                                      rec.offset) for u, rec in (("u0", r0), ("u1", r1))]
+            out = BatchOutput(users={"u0": UserUpdate(st, r0, recommendation=b'{"r":0}'),
+                                     "u1": UserUpdate(st, r1)},
+                              rejected=[(r1, InvalidRecord(Reason.INVALID_JSON, "not JSON"))],
+                              pending=Pending(states={}, examples=ex))
+            await b.emit(out)
+            await b.publish_examples(out)
+            await b.deliver()
+        finally:
+            await b.app.producer.stop()
+
+    asyncio.run(run())
+    recs = read_all(s, s.topic(s.recommendations_topic))
+    assert [(m.key, m.value) for m in recs] == [(b"u0", b'{"r":0}')]
+    assert dict(recs[0].headers)["streamrec.worker"].endswith(b":%d" % os.getpid())
+    dlq = read_all(s, s.topic(s.events_dlq_topic))
+    assert len(dlq) == 1 and dict(dlq[0].headers)[H_REASON] == b"invalid_json"
+    examples = read_all(s, s.topic(s.training_examples_topic))
+    assert sorted((m.partition, orjson.loads(m.value)["o"]) for m in examples) == \
+        [(0, 3), (1, 5)]
+
+
+def test_record_of_a_faust_event_keeps_its_position(offline):
+    ev = partition_event(offline.app, TP("events", 2))
+    rec = record_of(ev)
+    assert (rec.partition, rec.offset, rec.timestamp_ms, rec.ref) == (2, -1, 0, ev)
