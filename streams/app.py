@@ -60,7 +60,8 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
 
     users = app.Table("user-state", default=None, partitions=s.partitions,
                       key_type=bytes, value_type=bytes, options=rocksdb_options(s))
-    lease = group_lease.GroupLease(s.app_id, s.session_timeout_s, margin_s=s.heartbeat_s)
+    lease = group_lease.GroupLease(s.app_id, s.session_timeout_s, s.rebalance_timeout_s,
+                                    margin_s=s.heartbeat_s)
     batches = EventBatches(s, app, runtime, users, topic(s.events_dlq_topic), lease)
     vectors_t, catalog_dlq = topic(s.item_vectors_topic), topic(s.catalog_dlq_topic)
 
@@ -141,7 +142,7 @@ def faust_config(s: Settings) -> dict[str, Any]:
         producer_acks=-1,
         broker_session_timeout=s.session_timeout_s,
         broker_heartbeat_interval=s.heartbeat_s,
-        broker_rebalance_timeout=max(30.0, 3 * s.session_timeout_s),
+        broker_rebalance_timeout=s.rebalance_timeout_s,
         web_enabled=True,
         web_bind=s.metrics_host,
         web_port=s.metrics_port,

@@ -147,15 +147,18 @@ class CatalogBacklog:
     `unknown_item` while the catalog agent is still embedding the catalog (~200 items/s on
     a CPU: a MovieLens catalog takes seconds, and every event published meanwhile went to
     the DLQ). The agents' progress is the app's committed offsets on item-catalog, read with
-    the admin API (OffsetFetch: no group membership, no rebalance)."""
+    the admin API (OffsetFetch: no group membership, no rebalance). Records this worker has
+    embedded itself (`caught_up`, see Runtime.catch_up_catalog) are not waited for again."""
 
     def __init__(self, admin_factory: Callable[[], Any], topic: str, group: str):
         self._factory = admin_factory
         self._admin: Any = None
         self.topic, self.group = topic, group
+        self.caught_up: dict[int, int] = {}  # partition -> next offset this worker embedded
 
-    def behind(self) -> int:
-        """Records of item-catalog that no catalog agent has committed yet (blocking)."""
+    def lag(self) -> dict[int, tuple[int, int]]:
+        """partition -> [start, end) of the records no catalog agent has committed and this
+        worker has not embedded, for each partition behind (blocking)."""
         from kafka import TopicPartition
         from kafka.admin import OffsetSpec
 
@@ -164,12 +167,20 @@ class CatalogBacklog:
         (desc,) = self._admin.describe_topics([self.topic])
         tps = [TopicPartition(self.topic, p["partition_index"]) for p in desc["partitions"]]
         if not tps:
-            return 0
+            return {}
         ends = self._admin.list_partition_offsets({tp: OffsetSpec.LATEST for tp in tps})
         done = self._admin.list_group_offsets({self.group: tps}).get(self.group, {})
-        # a partition without a commit reads -1: nothing done, as with no entry at all
-        return sum(max(0, ends[tp].offset - max(0, done[tp].offset if tp in done else 0))
-                   for tp in tps)
+        out = {}
+        for tp in tps:  # a partition without a commit reads -1: nothing done
+            start = max(0, done[tp].offset if tp in done else 0,
+                        self.caught_up.get(tp.partition, 0))
+            if ends[tp].offset > start:
+                out[tp.partition] = (start, ends[tp].offset)
+        return out
+
+    def behind(self) -> int:
+        """Records of item-catalog that no catalog agent has committed yet (blocking)."""
+        return sum(end - start for start, end in self.lag().values())
 
     async def wait(self, stall_s: float = 10.0) -> int:
         """Until the agents have caught up, or made no progress for `stall_s` (no worker is

@@ -142,25 +142,38 @@ def shorten_fetch_wait(ms: int) -> None:
 
 
 # -- group membership -------------------------------------------------------------------------
-_RENEWING = ("HeartbeatRequest", "SyncGroupRequest")
+#: The broker's error code for a heartbeat while the group rebalances (REBALANCE_IN_PROGRESS).
+_REBALANCING = 27
 
 
-def on_membership_proved(callback: Callable[[str, int, float], None]) -> None:
-    """Call `callback(group_id, generation, sent)` whenever a heartbeat or SyncGroup request
-    sent at `sent` (time.monotonic) succeeds: the broker knew this member in that generation
-    then (streams/group_lease.py). Wraps aiokafka's `GroupCoordinator._send_req`, the one
-    path of both requests, reading the coordinator's `.group_id` and `.generation`. Process
-    wide; a second call replaces the callback. Retired by: a membership listener in aiokafka
-    (it keeps its last successful heartbeat in a local variable)."""
+def on_membership_proved(callback: Callable[[str, int, float, str], None]) -> None:
+    """Call `callback(group_id, generation, sent, proof)` (sent: time.monotonic) for each
+    group request that bounds when this member's partitions can move
+    (streams/group_lease.py):
+
+    - "stable": a heartbeat or SyncGroup sent then succeeded; the broker knew this member
+      in that generation;
+    - "rebalancing": a heartbeat sent then was answered REBALANCE_IN_PROGRESS; the broker
+      still knows the member, and the rebalance waits for its JoinGroup;
+    - "joining": a JoinGroup is about to be sent; the rebalance may complete from now on.
+
+    Wraps aiokafka's `GroupCoordinator._send_req`, the one path of these requests, reading
+    the coordinator's `.group_id` and `.generation`. Process wide; a second call replaces
+    the callback. Retired by: a membership listener in aiokafka (it keeps its last
+    successful heartbeat in a local variable)."""
     from aiokafka.consumer.group_coordinator import GroupCoordinator
 
     send = getattr(GroupCoordinator._send_req, "__wrapped__", GroupCoordinator._send_req)
 
     async def send_req(self: Any, request: Any) -> Any:
-        sent, generation = time.monotonic(), self.generation
+        sent, generation, name = time.monotonic(), self.generation, type(request).__name__
+        if name == "JoinGroupRequest":
+            callback(self.group_id, generation, sent, "joining")
         resp = await send(self, request)
-        if type(request).__name__ in _RENEWING and resp.error_code == 0:
-            callback(self.group_id, generation, sent)
+        if name in ("HeartbeatRequest", "SyncGroupRequest") and resp.error_code == 0:
+            callback(self.group_id, generation, sent, "stable")
+        elif name == "HeartbeatRequest" and resp.error_code == _REBALANCING:
+            callback(self.group_id, generation, sent, "rebalancing")
         return resp
 
     send_req.__wrapped__ = send  # type: ignore[attr-defined]

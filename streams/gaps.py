@@ -102,7 +102,7 @@ class GapFiller:
                 self.contiguous.add(p)
             for rec in recs:
                 if expected is not None and rec.offset > expected:
-                    got = await self._read(p, expected, rec.offset, rec.ref)
+                    got = await self.read(p, expected, rec.offset, rec.ref)
                     self.filled += got
                     out += got
                 out.append(rec)
@@ -113,11 +113,11 @@ class GapFiller:
         """Records [start, end) of a partition whose stream went quiet below its end: Faust
         skipped them (after a restart it can drop what it fetched before seeking) and there is
         no later record whose batch would reveal the hole to `complete`."""
-        got = await self._read(partition, start, end, ref, "were skipped at the partition's end")
+        got = await self.read(partition, start, end, ref, "were skipped at the partition's end")
         self.filled += got
         return got
 
-    async def _read(self, partition: int, start: int, end: int, ref: Any,
+    async def read(self, partition: int, start: int, end: int, ref: Any,
                     why: str = "were not delivered") -> list[RawRecord]:
         """Records [start, end) of one partition. `ref` (a Faust event of the same partition)
         routes their table reads and writes to that partition's state."""

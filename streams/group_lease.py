@@ -13,11 +13,14 @@ SyncGroup *sent* at t proves membership until t + session timeout: a lease. Each
 belongs to a group generation; a successful request of a later generation does not extend
 an earlier one (the partitions may have moved in between).
 
-`hold` runs a batch inside the lease: it starts only while the lease holds (waiting up to
-a session timeout for a renewal after an outage), and must finish, writes acknowledged,
-by the lease's end less `margin_s` (a request still on the wire then may still land). Else
-the process exits at once (EXIT_FENCED): its buffers die with it and the partitions' next
-owner replays the uncommitted batch, as after a crash.
+A rebalance (a worker joins or leaves) answers heartbeats REBALANCE_IN_PROGRESS. Those
+still renew the session, and the group cannot complete the rebalance without this member's
+JoinGroup (which Faust sends only once the batch in flight is done) before the rebalance
+timeout, counted from a start later than the last successful heartbeat. So during a
+rebalance the lease runs to min(last answered heartbeat + session timeout, last successful
+one + rebalance timeout), and it ends when this member sends its JoinGroup. (Counting only
+successful heartbeats fenced a healthy worker whose first batch outlasted a session while
+a second worker joined.)
 
 When membership was proved comes from aiokafka's internals (streams/faust_internals.py
 on_membership_proved).
@@ -31,6 +34,7 @@ import os
 import threading
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from streams.faust_internals import on_membership_proved
@@ -43,19 +47,39 @@ T = TypeVar("T")
 EXIT_FENCED = 4
 
 _lock = threading.Lock()
-#: group id -> generation -> when the newest request that proved membership was sent
-_renewed: dict[str, dict[int, float]] = {}
+
+
+@dataclass
+class _Proofs:
+    """When requests of one generation that bound its lease were sent (monotonic s)."""
+
+    stable: float = float("-inf")  # the newest successful heartbeat or SyncGroup
+    answered: float = float("-inf")  # the newest heartbeat answered at all (incl. rebalancing)
+    joining: float = float("inf")  # this member's JoinGroup: the rebalance may complete
+
+    def end(self, session_s: float, rebalance_s: float) -> float:
+        return min(self.answered + session_s, self.stable + rebalance_s, self.joining)
+
+
+#: group id -> generation -> its proofs
+_proofs: dict[str, dict[int, _Proofs]] = {}
 
 
 def install() -> None:
     """Record, process-wide, when each group's membership was last proved (idempotent)."""
-    on_membership_proved(_renew)
+    on_membership_proved(_prove)
 
 
-def _renew(group: str, generation: int, sent: float) -> None:
+def _prove(group: str, generation: int, sent: float, proof: str) -> None:
     with _lock:
-        gens = _renewed.setdefault(group, {})
-        gens[generation] = max(sent, gens.get(generation, sent))
+        gens = _proofs.setdefault(group, {})
+        p = gens.setdefault(generation, _Proofs())
+        if proof == "joining":
+            p.joining = min(p.joining, sent)
+            return
+        p.answered = max(p.answered, sent)
+        if proof == "stable":
+            p.stable = max(p.stable, sent)
         for old in sorted(gens)[:-4]:
             del gens[old]
 
@@ -63,25 +87,42 @@ def _renew(group: str, generation: int, sent: float) -> None:
 class GroupLease:
     """The lease of one group's member in this process (see the module docstring)."""
 
-    def __init__(self, group: str, session_timeout_s: float, margin_s: float):
+    def __init__(self, group: str, session_timeout_s: float, rebalance_timeout_s: float,
+                 margin_s: float):
         self.group = group
         self.session_timeout_s = session_timeout_s
+        self.rebalance_timeout_s = max(rebalance_timeout_s, session_timeout_s)
         self.margin_s = margin_s
 
     def newest(self) -> tuple[int, float] | None:
         """(generation, end) of the newest generation's lease; None before any."""
         with _lock:
-            gens = _renewed.get(self.group)
-            if not gens:
-                return None
-            gen = max(gens)
-            return gen, gens[gen] + self.session_timeout_s - self.margin_s
+            gens = {g: p for g, p in _proofs.get(self.group, {}).items() if g >= 0}
+        if not gens:
+            return None
+        gen = max(gens)
+        return gen, self.end(gen)
 
     def end(self, generation: int) -> float:
         """When the lease of `generation` ends (monotonic seconds)."""
         with _lock:
-            sent = _renewed.get(self.group, {}).get(generation)
-        return float("-inf") if sent is None else sent + self.session_timeout_s - self.margin_s
+            p = _proofs.get(self.group, {}).get(generation)
+            if p is None:
+                return float("-inf")
+            return p.end(self.session_timeout_s, self.rebalance_timeout_s) - self.margin_s
+
+    def ended_by(self, generation: int) -> str:
+        """Which bound ends the lease of `generation`, in words."""
+        with _lock:
+            p = _proofs.get(self.group, {}).get(generation, _Proofs())
+        bounds = {
+            f"no heartbeat was answered for {self.session_timeout_s:.0f} s":
+                p.answered + self.session_timeout_s,
+            f"the group rebalanced for {self.rebalance_timeout_s:.0f} s":
+                p.stable + self.rebalance_timeout_s,
+            "this worker sent its JoinGroup": p.joining,
+        }
+        return min(bounds, key=bounds.__getitem__)
 
     async def hold(self, what: str, aw: Awaitable[T]) -> T:
         """Run `aw` (a batch) inside the lease, or exit the process (module docstring)."""
@@ -92,7 +133,7 @@ class GroupLease:
             if left <= 0:
                 task.cancel()
                 fence(f"{what} was not done when the lease on group {self.group} ran out "
-                      f"(no heartbeat got through for {self.session_timeout_s:.0f} s)")
+                      f"({self.ended_by(generation)})")
             done, _ = await asyncio.wait({task}, timeout=left)
             if done:
                 return task.result()

@@ -33,7 +33,7 @@ from models.snapshot import SnapshotMeta, apply_base, apply_delta
 from models.user_state import UserState
 from streams import metrics as m
 from streams.catalog import CatalogBacklog, CatalogEncoder, RawRecord, collapse_item_vectors
-from streams.clients import aio_options
+from streams.clients import aio_options, kafka_producer
 from streams.gaps import GapFiller
 from streams.processor import BatchOutput, EventProcessor
 from streams.replica import TopicReplica
@@ -155,6 +155,8 @@ class Runtime:
         self.snapshots = TopicReplica(self._consumer, s.topic(s.snapshots_topic),
                                       self.follower.feed)
         self.gaps = GapFiller(lambda: self._consumer(), s.topic(s.events_topic))
+        self.catalog_gaps = GapFiller(lambda: self._consumer(), s.topic(s.catalog_topic))
+        self._vectors_producer: Any = None  # catch_up_catalog's, made on first use
         self.catalog_backlog = CatalogBacklog(
             lambda: admin_client(s.bootstrap, 10, **s.kafka_security()),
             s.topic(s.catalog_topic), s.app_id)
@@ -207,6 +209,8 @@ class Runtime:
         await self.items.stop()
         await self.snapshots.stop()
         self.catalog_backlog.close()
+        if self._vectors_producer is not None:
+            self._vectors_producer.close()
 
     # ------------------------------------------------------------------ replicated state
     def _apply_item_vectors(self, messages: list[Any]) -> None:
@@ -258,7 +262,8 @@ class Runtime:
         reads a user's state (a table read: on the loop, before the computing starts)."""
         good, bad = self.processor.decode(records)
         if self.processor.unknown_items(good):  # published just before its events?
-            await self.catalog_backlog.wait()
+            if await self.catalog_backlog.wait():
+                await self.catch_up_catalog()
             await self.items.sync(timeout=2.0)
         self.swap_snapshot()
         states: dict[str, UserState] = {}
@@ -266,6 +271,33 @@ class Runtime:
             if ev.user_id not in states:
                 states[ev.user_id] = load(ev.user_id, rec)
         return await self._off_loop(self.processor.process, good, bad, states)
+
+    async def catch_up_catalog(self) -> None:
+        """Embed here the catalog records no catalog agent has got to, and publish their
+        vectors as the agent would.
+
+        Faust feeds the catalog agent from the same fetch loop as the events agent, and hands
+        a fetch's records over one by one: under an event backlog, the events agent's full
+        buffer blocks the loop, so a batch waiting for the catalog starves the very agent
+        it waits for (seen after a rebalance: 144 items not embedded for minutes, and their
+        events dead-lettered as unknown). The agent embeds them again once it gets them: the
+        same bytes per item, which the compacted item-vectors topic keeps once."""
+        lag = await asyncio.to_thread(self.catalog_backlog.lag)
+        records: list[RawRecord] = []
+        for p, (start, end) in lag.items():
+            records += await self.catalog_gaps.read(p, start, end, None,
+                                                    "were not embedded by a catalog agent")
+        out = await asyncio.to_thread(self.catalog.process, records)
+        await asyncio.to_thread(self._publish_vectors, out.vectors)
+        self.catalog_backlog.caught_up.update({p: end for p, (_, end) in lag.items()})
+
+    def _publish_vectors(self, vectors: list[tuple[bytes, bytes | None]]) -> None:
+        if self._vectors_producer is None:
+            self._vectors_producer = kafka_producer(self.s)
+        topic = self.s.topic(self.s.item_vectors_topic)
+        for key, value in vectors:
+            self._vectors_producer.send(topic, key=key, value=value)
+        self._vectors_producer.flush(timeout=30)
 
     async def learn(self, out: BatchOutput) -> None:
         """The batch's per-user step, off the event loop."""

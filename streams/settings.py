@@ -237,6 +237,12 @@ class Settings(BaseSettings):
         return f"{self.topic_prefix}{name}"
 
     @property
+    def rebalance_timeout_s(self) -> float:
+        """How long a rebalance waits for a member to rejoin (a batch in flight finishes
+        first): the group lease's bound during a rebalance (streams/group_lease.py)."""
+        return max(30.0, 3 * self.session_timeout_s)
+
+    @property
     def bootstrap(self) -> list[str]:
         """host:port list for kafka-python / aiokafka."""
         hosts = self.broker.split("://", 1)[1]

@@ -33,7 +33,7 @@ def _batches(s: Settings, encoder) -> EventBatches:
     users = app.Table("user-state", default=None, partitions=s.partitions,
                       key_type=bytes, value_type=bytes)
     dlq = app.topic(s.topic(s.events_dlq_topic), key_type=bytes, value_type=bytes)
-    lease = GroupLease(s.app_id, s.session_timeout_s, margin_s=s.heartbeat_s)
+    lease = GroupLease(s.app_id, s.session_timeout_s, s.rebalance_timeout_s, margin_s=s.heartbeat_s)
     return EventBatches(s, app, Runtime(s, encoder=encoder), users, dlq, lease)
 
 
@@ -72,9 +72,9 @@ def test_write_state_writes_each_user_once_and_each_partitions_progress(offline)
     for user, n in (("u1", 1), ("u2", 2), ("u3", 3), ("u4", 9)):
         assert b.load_state(user, recs[0 if user < "u3" else 2]).n_events == n
     # nothing committed yet: all is read again, unless this process made it durable itself
-    assert [b.last_done(p, recs[0 if p == 1 else 2]) for p in (1, 3)] == [-1, -1]
+    assert [b.last_done(p, recs[0 if p == 1 else 2].ref) for p in (1, 3)] == [-1, -1]
     b.runtime.gaps.made_durable(recs)
-    assert [b.last_done(p, recs[0 if p == 1 else 2]) for p in (1, 3)] == [9, 4]
+    assert [b.last_done(p, recs[0 if p == 1 else 2].ref) for p in (1, 3)] == [9, 4]
     # 4 states + 2 progress records, each awaited by `deliver`
     assert len(b.users._unacked) == 6
 

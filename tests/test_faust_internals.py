@@ -119,12 +119,12 @@ def test_mode_worker_has_the_signal_handlers_worker_chains_to():
 
 @pytest.mark.kafka
 def test_membership_is_proved_by_heartbeats_on_a_real_group(kafka):
-    """A consumer in a group on the real broker: its SyncGroup and then its heartbeats each
-    report the group, its generation and a send time."""
+    """A consumer in a group on the real broker: its JoinGroup, then its SyncGroup and its
+    heartbeats each report the group, its generation, a send time and the proof."""
     from aiokafka import AIOKafkaConsumer
 
-    seen: list[tuple[str, int, float]] = []
-    fi.on_membership_proved(lambda g, gen, sent: seen.append((g, gen, sent)))
+    seen: list[tuple[str, int, float, str]] = []
+    fi.on_membership_proved(lambda *proof: seen.append(proof))
     group = f"internals-{time.monotonic_ns()}"
 
     async def run() -> None:
@@ -133,7 +133,8 @@ def test_membership_is_proved_by_heartbeats_on_a_real_group(kafka):
         await consumer.start()
         try:
             deadline = time.monotonic() + 60
-            while sum(1 for g, _, _ in seen if g == group) < 3 and time.monotonic() < deadline:
+            while (sum(1 for g, *p in seen if g == group and p[-1] == "stable") < 3
+                   and time.monotonic() < deadline):
                 await asyncio.sleep(0.1)
         finally:
             await consumer.stop()
@@ -143,7 +144,9 @@ def test_membership_is_proved_by_heartbeats_on_a_real_group(kafka):
     finally:
         from streams import group_lease
         group_lease.install()  # the worker's callback again, for later tests in this process
-    mine = [(gen, sent) for g, gen, sent in seen if g == group]
-    assert len(mine) >= 3, seen
-    assert all(gen >= 1 for gen, _ in mine)
-    assert [sent for _, sent in mine] == sorted(sent for _, sent in mine)
+    mine = [(gen, sent, proof) for g, gen, sent, proof in seen if g == group]
+    assert len(mine) >= 4, seen
+    assert mine[0][::2] == (-1, "joining")  # a first JoinGroup: no generation yet
+    stable = [gen for gen, _, proof in mine if proof == "stable"]
+    assert len(stable) >= 3 and min(stable) >= 1, mine
+    assert [sent for _, sent, _ in mine] == sorted(sent for _, sent, _ in mine)
