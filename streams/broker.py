@@ -204,6 +204,27 @@ def _random_cluster_id() -> str:
 _PR_SET_PDEATHSIG = 1
 
 
+def _wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Until every thread of `pid` is stopped (Linux; elsewhere a no-op). SIGSTOP returns
+    once queued, and a loaded machine runs the JVM's threads on for a while before the group
+    stop reaches them all: a CI run saw a record acknowledged after `freeze()` returned."""
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir():
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for stat in tasks.glob("*/stat"):
+            try:  # the state follows the command name's closing parenthesis
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                continue  # a thread that just exited
+        if states and all(st in ("T", "t") for st in states):
+            return
+        time.sleep(0.01)
+    raise BrokerError(f"the broker (pid {pid}) did not stop within {timeout:.0f} s of SIGSTOP")
+
+
 def _pdeathsig_preexec() -> Any:
     """On Linux, a preexec_fn asking the kernel to SIGKILL the child when its parent dies.
 
@@ -448,6 +469,7 @@ class EmbeddedKafka:
                 raise BrokerError("cannot freeze: the broker is not running")
             self._proc.send_signal(signal.SIGSTOP)
             self._frozen = True
+            _wait_stopped(self._proc.pid)
 
     def thaw(self) -> None:
         """SIGCONT a frozen broker; requests sent meanwhile are then answered."""

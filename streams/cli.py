@@ -126,11 +126,13 @@ def _print_secure(kafka: Any) -> None:
 
 def _exit_on_sigterm() -> None:
     """SIGTERM (and SIGHUP: the terminal closed) unwind like Ctrl-C, so `with` blocks and
-    atexit hooks run: the broker's JVM is stopped and its temp directory removed."""
+    atexit hooks run: the broker's JVM is stopped and its temp directory removed. SIGINT too,
+    explicitly: a process started in the background by a non-interactive shell inherits it
+    ignored, and Python then leaves it ignored (seen: a CI run's broker ignored Ctrl-C)."""
     def stop(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, stop)
 
 

@@ -233,12 +233,10 @@ class Runtime:
         m.CATALOG_ITEMS.labels(outcome="deleted").inc(len(deletes))
         m.INDEX_ITEMS.set(self.server.n_items)
 
-    def swap_snapshot(self) -> bool:
+    def swap_snapshot(self) -> None:
         """Serve the newest finished snapshot, if one is waiting (call between batches)."""
-        if not self.follower.maybe_swap():
-            return False
-        self._observe_model()
-        return True
+        if self.follower.maybe_swap():
+            self._observe_model()
 
     def _observe_model(self) -> None:
         m.MODEL_VERSION.set(self.model.version)
@@ -263,7 +261,10 @@ class Runtime:
         good, bad = self.processor.decode(records)
         if self.processor.unknown_items(good):  # published just before its events?
             if await self.catalog_backlog.wait():
-                await self.catch_up_catalog()
+                try:
+                    await self.catch_up_catalog()
+                except Exception as exc:  # noqa: BLE001 - judged against the catalog as is
+                    log.error("embedding the catalog's backlog here failed: %r", exc)
             await self.items.sync(timeout=2.0)
         self.swap_snapshot()
         states: dict[str, UserState] = {}
