@@ -41,11 +41,12 @@ def grants(s: Settings, role: Role, group: str | None = None) -> list[Grant]:
     t = s.topic
     read = ("READ", "DESCRIBE")
     write = ("WRITE", "DESCRIBE")
+    read_write = ("READ", "WRITE", "DESCRIBE")
     if role == "worker":
         return [
             Grant("topic", t(s.events_topic), read, why="events, and the gap filler's reads"),
             Grant("topic", t(s.catalog_topic), read, why="the catalog agent"),
-            Grant("topic", t(s.item_vectors_topic), ("READ", "WRITE", "DESCRIBE"),
+            Grant("topic", t(s.item_vectors_topic), read_write,
                   why="the catalog agent writes, every worker reads all of it"),
             Grant("topic", t(s.snapshots_topic), read, why="the trainer's model versions"),
             Grant("topic", t(s.recommendations_topic), write, why="the output"),
@@ -60,9 +61,9 @@ def grants(s: Settings, role: Role, group: str | None = None) -> list[Grant]:
         return [
             Grant("topic", t(s.training_examples_topic), read, why="the examples"),
             Grant("topic", t(s.item_vectors_topic), read, why="the catalog's text vectors"),
-            Grant("topic", t(s.snapshots_topic), ("READ", "WRITE", "DESCRIBE"),
+            Grant("topic", t(s.snapshots_topic), read_write,
                   why="publishes versions; reads them back at start"),
-            Grant("topic", t(s.checkpoints_topic), ("READ", "WRITE", "DESCRIBE"),
+            Grant("topic", t(s.checkpoints_topic), read_write,
                   why="its checkpoints (no other role may write here)"),
         ]
     if role == "publisher":

@@ -190,9 +190,10 @@ def broker_problem(s: Settings, timeout: float = 5.0) -> Problem | None:
     reachable, problems = [], []
     for host_port in s.bootstrap:
         host, _, port = host_port.rpartition(":")
-        problem = _tcp_problem(host.strip("[]"), int(port), timeout)
+        address = (host.strip("[]"), int(port))
+        problem = _tcp_problem(*address, timeout)
         if problem is None:
-            reachable.append((host.strip("[]"), int(port)))
+            reachable.append(address)
         else:
             problems.append(problem)
     if not reachable:

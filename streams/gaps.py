@@ -102,7 +102,7 @@ class GapFiller:
                 self.contiguous.add(p)
             for rec in recs:
                 if expected is not None and rec.offset > expected:
-                    got = await self.read(p, expected, rec.offset, rec.ref)
+                    got = await self._read(p, expected, rec.offset, rec.ref)
                     self.filled += got
                     out += got
                 out.append(rec)
@@ -113,38 +113,47 @@ class GapFiller:
         """Records [start, end) of a partition whose stream went quiet below its end: Faust
         skipped them (after a restart it can drop what it fetched before seeking) and there is
         no later record whose batch would reveal the hole to `complete`."""
-        got = await self.read(partition, start, end, ref, "were skipped at the partition's end")
+        got = await self._read(partition, start, end, ref, "were skipped at the partition's end")
         self.filled += got
         return got
 
-    async def read(self, partition: int, start: int, end: int, ref: Any,
+    async def _read(self, partition: int, start: int, end: int, ref: Any,
                     why: str = "were not delivered") -> list[RawRecord]:
         """Records [start, end) of one partition. `ref` (a Faust event of the same partition)
         routes their table reads and writes to that partition's state."""
-        from aiokafka import TopicPartition
+        return await read_records(self._factory, self.topic, partition, start, end, ref, why,
+                                  self.timeout_s)
 
-        log.warning("%s[%d]: offsets %d..%d %s; reading them from Kafka",
-                    self.topic, partition, start, end - 1, why)
-        tp = TopicPartition(self.topic, partition)
-        consumer = self._factory()
-        await consumer.start()
-        try:
-            consumer.assign([tp])
-            consumer.seek(tp, start)
-            got: list[RawRecord] = []
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.timeout_s
-            while await consumer.position(tp) < end:
-                if loop.time() > deadline:
-                    raise TimeoutError(f"could not read {tp} {start}..{end - 1}")
-                for msg in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
-                    if msg.offset < end:
-                        got.append(RawRecord(msg.key, msg.value, partition, msg.offset,
-                                             msg.timestamp or 0, ref))
-        finally:
-            await consumer.stop()
-        m.REFETCHED.labels(topic=self.topic).inc(len(got))
-        return got
+
+async def read_records(consumer_factory: Callable[[], Any], topic: str, partition: int,
+                       start: int, end: int, ref: Any, why: str,
+                       timeout_s: float = 60.0) -> list[RawRecord]:
+    """Records [start, end) of one partition of `topic`, read straight from Kafka with a
+    group-less consumer from `consumer_factory` (each carries `ref`), counted as refetched."""
+    from aiokafka import TopicPartition
+
+    log.warning("%s[%d]: offsets %d..%d %s; reading them from Kafka",
+                topic, partition, start, end - 1, why)
+    tp = TopicPartition(topic, partition)
+    consumer = consumer_factory()
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        got: list[RawRecord] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while await consumer.position(tp) < end:
+            if loop.time() > deadline:
+                raise TimeoutError(f"could not read {tp} {start}..{end - 1}")
+            for msg in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
+                if msg.offset < end:
+                    got.append(RawRecord(msg.key, msg.value, partition, msg.offset,
+                                         msg.timestamp or 0, ref))
+    finally:
+        await consumer.stop()
+    m.REFETCHED.labels(topic=topic).inc(len(got))
+    return got
 
 
 def commit_offsets(records: list[RawRecord], partitions: set[int]) -> dict[Any, int]:

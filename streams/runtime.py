@@ -34,7 +34,7 @@ from models.user_state import UserState
 from streams import metrics as m
 from streams.catalog import CatalogBacklog, CatalogEncoder, RawRecord, collapse_item_vectors
 from streams.clients import aio_options, kafka_producer
-from streams.gaps import GapFiller
+from streams.gaps import GapFiller, read_records
 from streams.processor import BatchOutput, EventProcessor
 from streams.replica import TopicReplica
 from streams.settings import Settings
@@ -155,7 +155,6 @@ class Runtime:
         self.snapshots = TopicReplica(self._consumer, s.topic(s.snapshots_topic),
                                       self.follower.feed)
         self.gaps = GapFiller(lambda: self._consumer(), s.topic(s.events_topic))
-        self.catalog_gaps = GapFiller(lambda: self._consumer(), s.topic(s.catalog_topic))
         self._vectors_producer: Any = None  # catch_up_catalog's, made on first use
         self.catalog_backlog = CatalogBacklog(
             lambda: admin_client(s.bootstrap, 10, **s.kafka_security()),
@@ -286,8 +285,9 @@ class Runtime:
         lag = await asyncio.to_thread(self.catalog_backlog.lag)
         records: list[RawRecord] = []
         for p, (start, end) in lag.items():
-            records += await self.catalog_gaps.read(p, start, end, None,
-                                                    "were not embedded by a catalog agent")
+            records += await read_records(self._consumer, self.catalog_backlog.topic, p,
+                                          start, end, None,
+                                          "were not embedded by a catalog agent")
         out = await asyncio.to_thread(self.catalog.process, records)
         await asyncio.to_thread(self._publish_vectors, out.vectors)
         self.catalog_backlog.caught_up.update({p: end for p, (_, end) in lag.items()})

@@ -154,3 +154,15 @@ def _replay(seed: int) -> tuple[object, list[dict]]:
     events = list(SyntheticStream(world, n_users=N_USERS, seed=seed + 1).events(N_EVENTS))
     assert len({ev["user_id"] for ev in events}) >= 500
     return world, events
+
+
+def _serving(s, trainer, workers: list[WorkerProcess], items: list[dict]) -> None:
+    """Publish the catalog, then wait until the trainer is ready and every worker serves all
+    of it (ready, its index holding every item)."""
+    from streams.publish import publish_items
+
+    publish_items(s, items, quiet=True)
+    trainer.wait_ready()
+    for w in workers:
+        w.wait_ready()
+        w.wait_for("streamrec_index_items", len(items), timeout=180)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faults import _applied, _audit, _histories, _replay, _wait_applied, _wait_committed
+from faults import _applied, _audit, _histories, _replay, _serving, _wait_applied, _wait_committed
 from helpers import expected_states, make_settings, read_all, wait_states
 from netproxy import Proxy, _free_port
 
@@ -63,11 +63,7 @@ def test_a_worker_cut_off_past_the_session_timeout_is_fenced_and_loses_nothing(
     b = WorkerProcess(via(s, proxies["VIA_B"], tmp_path, "b"), tmp_path / "b.log").start()
     workers = [a, b]
     try:
-        publish_items(s, world.items, quiet=True)
-        trainer.wait_ready()
-        for w in (a, b):
-            w.wait_ready()
-            w.wait_for("streamrec_index_items", len(world.items), timeout=180)
+        _serving(s, trainer, [a, b], world.items)
         publish_events(s, events, quiet=True)
         _wait_applied([a, b], len(events) // 4, timeout=300)
         a_pid, b_pid, a_applied = a.proc.pid, b.proc.pid, _applied(a)

@@ -19,13 +19,13 @@ from collections import defaultdict
 import numpy as np
 import orjson
 import pytest
-from faults import APPLIED, N_EVENTS, PARTITIONS, _check_final, _replay, _wait_applied
+from faults import APPLIED, N_EVENTS, PARTITIONS, _check_final, _replay, _serving, _wait_applied
 from helpers import expected_states, make_settings, read_all, wait_states
 
 from models.config import LearnerConfig
 from models.covisit import CoVisitation
 from streams.demo import free_port
-from streams.publish import publish_events, publish_items
+from streams.publish import publish_events
 from streams.supervisor import TrainerProcess, WorkerProcess, total
 from streams.topics import ensure_topics
 
@@ -94,11 +94,7 @@ def test_two_workers_and_a_trainer_each_killed_once(kafka, tmp_path):
     b = WorkerProcess(sb, tmp_path / "b-0.log").start()
     procs = [trainer, a, b]
     try:
-        publish_items(sa, world.items, quiet=True)
-        trainer.wait_ready()
-        for w in (a, b):
-            w.wait_ready()
-            w.wait_for("streamrec_index_items", len(world.items), timeout=180)
+        _serving(sa, trainer, [a, b], world.items)
         publish_events(sa, events, quiet=True)
         # the trainer dies once it has trained a random share, and comes back
         point = rng.randrange(with_target // 5, with_target // 2)
