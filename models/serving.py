@@ -177,7 +177,7 @@ class Server:
     def refresh(self) -> int:
         """Build a new index from the current item tower and swap it in; returns its version."""
         self._build = None  # a background build still running is superseded by this one
-        self._changes, self._batches_since, self._last_refresh = [], 0, time.monotonic()
+        self._start_over()
         return self.index.swap(self.build_index(self.model))
 
     def build_index(self, model: SharedModel) -> FaissIndex:
@@ -201,8 +201,12 @@ class Server:
 
     def _snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         keys, vecs = self._vectors(self.model)
-        self._changes, self._batches_since, self._last_refresh = [], 0, time.monotonic()
+        self._start_over()
         return keys, vecs
+
+    def _start_over(self) -> None:
+        """No catalog change pending: the index being built covers them all."""
+        self._changes, self._batches_since, self._last_refresh = [], 0, time.monotonic()
 
     def _start_build(self) -> None:
         keys, vecs = self._snapshot()

@@ -114,9 +114,8 @@ def _print_secure(kafka: Any) -> None:
     sec = kafka.security
     admin = _settings(kafka.url, **sec.client())
     ensure_topics(admin)
-    for user in SECURE_USERS:
-        role = "publisher" if user == "publisher" else user
-        acls.apply(admin, f"User:{user}", acls.grants(admin, role))  # type: ignore[arg-type]
+    for user in SECURE_USERS:  # each user is named for its role
+        acls.apply(admin, f"User:{user}", acls.grants(admin, user))  # type: ignore[arg-type]
     click.echo(f"export STREAMREC_SECURITY_PROTOCOL=SASL_SSL STREAMREC_SASL_MECHANISM="
                f"SCRAM-SHA-512 STREAMREC_SSL_CAFILE={sec.ca_file}")
     for user in ("admin", *SECURE_USERS):
