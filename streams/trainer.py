@@ -11,8 +11,9 @@ moments, progress, and where to resume each training-examples partition) -> cons
 Exactly once: an example whose source (partition, offset) was trained is skipped
 (`Trainer.progress`, checkpointed with the consumer positions), and its co-visitation pairs
 are counted only past what the newest snapshot's counts cover (`Trainer.counted`, from the
-snapshot log), so a restart neither loses nor repeats training or counts. Versions go on
-from the newest published one.
+snapshot log), so a restart neither loses nor repeats training or counts. For that a
+checkpoint is written only right after a publish: its progress never passes what the
+snapshot log counts. Versions go on from the newest published one.
 
 K ranks (`--ranks K`, or RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT as torchrun sets them):
 rank r consumes the training-examples partitions p with p % K == r; the ranks step in
@@ -111,8 +112,8 @@ class TrainerService:
         self._next_snapshot = now + s.snapshot_interval_s
         self._next_base = now + s.snapshot_base_interval_s
         self._next_checkpoint = now + s.checkpoint_interval_s
-        if self.version == 0 and self.leader:  # nothing published ever: workers wait for it
-            await self._publish(base=True)
+        if self.version == 0:  # nothing published ever: workers wait for it (every rank
+            await self._publish(base=True)  # the same log, so all take part in its gather)
         log.info("trainer rank %d/%d ready: %d items, version %d, %d examples trained, "
                  "partitions %s", self.sync.rank, self.sync.world, self.model.n_items,
                  self.version, self.trainer.trained, sorted(self.positions))
@@ -245,6 +246,8 @@ class TrainerService:
                     "stop": self.stopping.is_set()}
         if decision["stop"]:
             decision.update(snapshot=True, checkpoint=True)
+        if decision["checkpoint"]:  # a checkpoint's progress never passes what a snapshot
+            decision["snapshot"] = True  # counts cover (see `_checkpoint`)
         if self.sync.world > 1:
             decision = self.sync.broadcast(decision)  # type: ignore[attr-defined]
         if decision["snapshot"]:
@@ -260,6 +263,10 @@ class TrainerService:
         """A new version (a delta, or a base when due), or a heartbeat when nothing moved."""
         pending = self.trainer.take_pending()  # every rank: they all hold the same counts
         changed = self._dirty or pending.touched or pending.covis
+        covered = dict(self.trainer.counted)
+        if self.sync.world > 1:  # each rank counts its own source partitions' positions
+            for theirs in self.sync.all_gather(covered):  # type: ignore[attr-defined]
+                covered.update(theirs)
         if not self.leader:
             self._dirty = False
             return
@@ -269,7 +276,7 @@ class TrainerService:
         t0 = time.perf_counter()
         self.version += 1
         self.model.version = self.version
-        covered, trained = dict(self.trainer.counted), self.trainer.trained
+        trained = self.trainer.trained
         if base:
             data = await asyncio.to_thread(encode_base, self.model, covered, trained)
         else:
@@ -284,7 +291,12 @@ class TrainerService:
                  len(data))
 
     async def _checkpoint(self, final: bool = False) -> None:
-        """Every rank's positions and progress in rank 0's checkpoint (when anything moved)."""
+        """Every rank's positions and progress in rank 0's checkpoint (when anything moved).
+
+        Always right after a publish (`_decide`): a restart takes its counts from the snapshot
+        log and skips what the checkpoint's progress says was trained, so an example trained
+        after the newest snapshot but before the checkpoint would never be counted (every
+        worker one short for its pairs)."""
         if self.trainer.steps == self._checkpointed and not final:
             return  # the same on every rank (steps are in lockstep, `final` is rank 0's)
         self._checkpointed = self.trainer.steps
