@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.lr_rules import rule_fields
+
 EVENT_TYPE_IDS: dict[str, int] = {
     "view": 1,
     "click": 2,
@@ -154,12 +156,6 @@ class LearnerConfig(BaseModel):
     seed: int = Field(0, description="Seed of parameter init and sampling.")
 
     def rule_params(self) -> dict[str, float]:
-        return {
-            "alpha0": self.alpha0,
-            "beta": self.beta,
-            "alpha_min": self.alpha_min,
-            "jump_z": self.jump_z,
-            "raise_frac": self.raise_frac,
-            "loss_decay": self.loss_decay,
-            "rms_decay": self.rms_decay,
-        }
+        """The parameters of the chosen rule (the other rules' fields do not reach it)."""
+        return {name: getattr(self, name) for name in rule_fields(self.lr_rule)
+                if name in type(self).model_fields}

@@ -5,6 +5,9 @@ micro-batch: it gets the users' current rule state, the gradient of each user's 
 respect to p_u and each user's loss, and returns the update Δp_u (to be *added*), mutating
 the state in place. Shared parameters use a global optimizer; only p_u is per user.
 
+A rule's fields are its parameters, validated when it is built: a parameter out of range or
+one the rule does not have is an error (`make_rule("fixed", alpha0=0.1, beta=2)` raises).
+
 >>> import numpy as np
 >>> st = RuleState.fresh(1, alpha0=0.1)
 >>> rule = PaperAdaptive(alpha0=0.1, beta=1.0, alpha_min=0.001)
@@ -15,9 +18,16 @@ the state in place. Shared parameters use a global optimizer; only p_u is per us
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Annotated, ClassVar
 
 import numpy as np
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as validated
+
+Positive = Annotated[float, Field(gt=0)]
+Decay = Annotated[float, Field(gt=0, lt=1)]
+_rule = validated(frozen=True, config=ConfigDict(extra="forbid"))
 
 
 @dataclass
@@ -54,13 +64,13 @@ def _update_loss_stats(state: RuleState, loss: np.ndarray, decay: float) -> np.n
     return z
 
 
+@_rule
 class Fixed:
     """α_u = α0 for ever: Δ = -α0 g."""
 
-    name = "fixed"
-
-    def __init__(self, alpha0: float, loss_decay: float = 0.9, **_: float):
-        self.alpha0, self.loss_decay = alpha0, loss_decay
+    name: ClassVar[str] = "fixed"
+    alpha0: Positive
+    loss_decay: Decay = 0.9
 
     def step(self, state: RuleState, grad: np.ndarray, loss: np.ndarray) -> np.ndarray:
         _update_loss_stats(state, loss, self.loss_decay)
@@ -68,6 +78,7 @@ class Fixed:
         return -self.alpha0 * grad
 
 
+@_rule
 class AdaGradNorm:
     """AdaGrad-Norm (Ward, Wu & Bottou 2019): one scalar accumulator per user.
 
@@ -75,10 +86,10 @@ class AdaGradNorm:
     per-user state stays one number (the vector form would double the residual's size).
     """
 
-    name = "adagrad"
-
-    def __init__(self, alpha0: float, eps: float = 1e-8, loss_decay: float = 0.9, **_: float):
-        self.alpha0, self.eps, self.loss_decay = alpha0, eps, loss_decay
+    name: ClassVar[str] = "adagrad"
+    alpha0: Positive
+    eps: Positive = 1e-8
+    loss_decay: Decay = 0.9
 
     def step(self, state: RuleState, grad: np.ndarray, loss: np.ndarray) -> np.ndarray:
         _update_loss_stats(state, loss, self.loss_decay)
@@ -87,6 +98,7 @@ class AdaGradNorm:
         return -state.alpha[:, None] * grad
 
 
+@_rule
 class RMSPropNorm:
     """RMSProp-Norm: one scalar running average of ||g||² per user, forgetting at `rms_decay`.
 
@@ -96,21 +108,23 @@ class RMSPropNorm:
     a user whose interests drift is followed as quickly as a new one.
     """
 
-    name = "rmsprop"
-
-    def __init__(self, alpha0: float, rms_decay: float = 0.9, eps: float = 1e-8,
-                 loss_decay: float = 0.9, **_: float):
-        self.alpha0, self.rho, self.eps, self.loss_decay = alpha0, rms_decay, eps, loss_decay
+    name: ClassVar[str] = "rmsprop"
+    alpha0: Positive
+    rms_decay: Decay = 0.9
+    eps: Positive = 1e-8
+    loss_decay: Decay = 0.9
 
     def step(self, state: RuleState, grad: np.ndarray, loss: np.ndarray) -> np.ndarray:
         _update_loss_stats(state, loss, self.loss_decay)
         sq = np.einsum("ij,ij->i", grad, grad)
         first = state.steps == 1
-        state.accum = np.where(first, sq, self.rho * state.accum + (1 - self.rho) * sq)
+        rho = self.rms_decay
+        state.accum = np.where(first, sq, rho * state.accum + (1 - rho) * sq)
         state.alpha[:] = self.alpha0 / np.sqrt(state.accum + self.eps)
         return -state.alpha[:, None] * grad
 
 
+@_rule
 class PaperAdaptive:
     """The source papers' rule, α_{t+1} = max(α_min, α_t / (1 + β·||Δu_t||)), Δu_t = -α_t g_t.
 
@@ -119,26 +133,14 @@ class PaperAdaptive:
     `warmup` steps) α is raised back toward α0 by the fraction `raise_frac`.
     """
 
-    name = "adaptive"
-
-    def __init__(
-        self,
-        alpha0: float,
-        beta: float = 1.0,
-        alpha_min: float = 1e-3,
-        jump_z: float = 2.0,
-        raise_frac: float = 0.5,
-        warmup: int = 3,
-        loss_decay: float = 0.9,
-        **_: float,
-    ):
-        self.alpha0, self.beta, self.alpha_min = alpha0, beta, alpha_min
-        self.jump_z, self.raise_frac, self.warmup, self.loss_decay = (
-            jump_z,
-            raise_frac,
-            warmup,
-            loss_decay,
-        )
+    name: ClassVar[str] = "adaptive"
+    alpha0: Positive
+    beta: Annotated[float, Field(ge=0)] = 1.0
+    alpha_min: Positive = 1e-3
+    jump_z: Positive = 2.0
+    raise_frac: Annotated[float, Field(ge=0, le=1)] = 0.5
+    warmup: Annotated[int, Field(ge=0)] = 3
+    loss_decay: Decay = 0.9
 
     def step(self, state: RuleState, grad: np.ndarray, loss: np.ndarray) -> np.ndarray:
         z = _update_loss_stats(state, loss, self.loss_decay)
@@ -156,8 +158,13 @@ Rule = Fixed | AdaGradNorm | RMSPropNorm | PaperAdaptive
 
 
 def make_rule(name: str, **params: float) -> Rule:
-    """Build a rule by its settings name (`fixed`, `adagrad`, `adaptive`)."""
-    try:
-        return RULES[name](**params)
-    except KeyError:
-        raise ValueError(f"unknown lr rule {name!r}; choose from {sorted(RULES)}") from None
+    """Build a rule by its settings name (`fixed`, `adagrad`, `rmsprop`, `adaptive`); its
+    parameters are validated (pydantic's ValidationError is a ValueError)."""
+    if name not in RULES:
+        raise ValueError(f"unknown lr rule {name!r}; choose from {sorted(RULES)}")
+    return RULES[name](**params)
+
+
+def rule_fields(name: str) -> list[str]:
+    """The parameters rule `name` takes."""
+    return [f.name for f in fields(RULES[name])]

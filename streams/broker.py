@@ -375,57 +375,63 @@ class EmbeddedKafka:
             cp = kafka_classpath(self.version)
             java = _java()
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            if self.port is None:
-                self.port = _free_port()
-            elif not _port_free(self.port):  # fail in ms with a clear message, not after a JVM
-                raise BrokerError(f"cannot start Kafka: port {self.port} is already in use")
-            if self.controller_port is None:
-                self.controller_port = _free_port()
-                while self.controller_port == self.port:
-                    self.controller_port = _free_port()
+            self._pick_ports()
             props = self._write_config()
             if not (self.data_dir / "logs" / "meta.properties").exists():
                 self._format(java, cp, props)
-
-            cmd = [
-                java,
-                f"-Xmx{self.heap}",
-                "-XX:+UseSerialGC",
-                "-Djava.awt.headless=true",
-                f"-Dlog4j.configuration={(self.data_dir / 'log4j.properties').as_uri()}",
-                "-cp",
-                cp,
-                "kafka.Kafka",
-                str(props),
-            ]
-            self._log_file = open(self.log_path, "ab")  # lives as long as the JVM
-            self._log_file.write(f"\n{_START_MARKER} {' '.join(cmd[:-4])} ...\n".encode())
-            self._log_file.flush()
-            self._proc = subprocess.Popen(
-                cmd,
-                cwd=self.data_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=self._log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_pdeathsig_preexec(),
-            )
-            self._frozen = False
-            with _RUNNING_LOCK:
-                _RUNNING.add(self)
-            log.info(
-                "starting Kafka %s (pid %d) at %s, data in %s",
-                self.version,
-                self._proc.pid,
-                self.bootstrap,
-                self.data_dir,
-            )
+            self._launch(java, cp, props)
             try:
                 self._wait_ready(timeout)
             except BaseException:
                 self.stop(grace=2)
                 raise
             return self
+
+    def _pick_ports(self) -> None:
+        if self.port is None:
+            self.port = _free_port()
+        elif not _port_free(self.port):  # fail in ms with a clear message, not after a JVM
+            raise BrokerError(f"cannot start Kafka: port {self.port} is already in use")
+        if self.controller_port is None:
+            self.controller_port = _free_port()
+            while self.controller_port == self.port:
+                self.controller_port = _free_port()
+
+    def _launch(self, java: str, cp: str, props: Path) -> None:
+        """The broker's JVM, logging to broker.log, registered for clean-up at exit."""
+        cmd = [
+            java,
+            f"-Xmx{self.heap}",
+            "-XX:+UseSerialGC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration={(self.data_dir / 'log4j.properties').as_uri()}",
+            "-cp",
+            cp,
+            "kafka.Kafka",
+            str(props),
+        ]
+        self._log_file = open(self.log_path, "ab")  # lives as long as the JVM
+        self._log_file.write(f"\n{_START_MARKER} {' '.join(cmd[:-4])} ...\n".encode())
+        self._log_file.flush()
+        self._proc = subprocess.Popen(
+            cmd,
+            cwd=self.data_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_pdeathsig_preexec(),
+        )
+        self._frozen = False
+        with _RUNNING_LOCK:
+            _RUNNING.add(self)
+        log.info(
+            "starting Kafka %s (pid %d) at %s, data in %s",
+            self.version,
+            self._proc.pid,
+            self.bootstrap,
+            self.data_dir,
+        )
 
     def stop(self, grace: float = 10, cleanup: bool = False) -> None:
         """Stop the broker: SIGTERM (Kafka's orderly shutdown), after ``grace`` s SIGKILL.

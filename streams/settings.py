@@ -94,11 +94,6 @@ class Settings(BaseSettings):
         65_536, ge=256, description="Records above this size go to the DLQ before parsing."
     )
     max_item_bytes: int = Field(262_144, ge=256, description="Same limit for catalog items.")
-    fault_user_id: str | None = Field(
-        None,
-        description="Testing only, off by default: processing an event of this user raises, "
-        "to prove that a poison record is isolated to the DLQ and the rest of its batch applied.",
-    )
 
     # -- recommendations -------------------------------------------------------------------------
     top_k: int = Field(10, ge=1, le=1000, description="Items per recommendation.")

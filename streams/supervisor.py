@@ -55,9 +55,11 @@ class WorkerProcess:
     command = "worker"
 
     def __init__(self, settings: Settings, log_path: str | Path, extra_env: dict | None = None,
-                 cwd: str | Path | None = None, args: list[str] | None = None):
+                 cwd: str | Path | None = None, args: list[str] | None = None,
+                 program: list[str] | None = None):
         self.settings = settings
         self.args = args or []
+        self.program = program or ["-m", "streams.cli"]  # (tests run a wrapped CLI)
         self.log_path = Path(log_path)
         self.extra_env = extra_env or {}
         self.cwd = cwd
@@ -76,7 +78,7 @@ class WorkerProcess:
                "PYTHONUNBUFFERED": "1"}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", self.command,
+        self.proc = subprocess.Popen([sys.executable, *self.program, self.command,
                                       *self.args], env=env,
                                      stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
                                      start_new_session=True)

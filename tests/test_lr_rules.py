@@ -13,7 +13,15 @@ import pytest
 
 from models.config import LearnerConfig
 from models.learner import Interaction, OnlineLearner
-from models.lr_rules import AdaGradNorm, Fixed, PaperAdaptive, RMSPropNorm, RuleState, make_rule
+from models.lr_rules import (
+    AdaGradNorm,
+    Fixed,
+    PaperAdaptive,
+    RMSPropNorm,
+    RuleState,
+    make_rule,
+    rule_fields,
+)
 from models.user_state import UserState
 
 # Hand-chosen gradients (one user, d = 3) and losses: six steps, varied norms.
@@ -251,7 +259,7 @@ def test_paper_adaptive_loss_drop_is_not_a_jump():
 def test_two_users_in_one_call_equal_two_single_calls(name):
     params = dict(alpha0=0.2, beta=2.0, alpha_min=1e-3, jump_z=2.0, raise_frac=0.5,
                   loss_decay=0.9)
-    rule = make_rule(name, **params)
+    rule = make_rule(name, **{k: v for k, v in params.items() if k in rule_fields(name)})
     both = RuleState.fresh(2, 0.2)
     single = [RuleState.fresh(1, 0.2), RuleState.fresh(1, 0.2)]
     # user 0 has a loss jump at the last step, user 1 is stable; different gradients
@@ -277,11 +285,24 @@ def test_make_rule_by_name_and_unknown_name():
     r = make_rule("adaptive", alpha0=0.1, beta=0.5, alpha_min=0.002)
     assert isinstance(r, PaperAdaptive)
     assert (r.alpha0, r.beta, r.alpha_min) == (0.1, 0.5, 0.002)
-    # the learner's config params are accepted by every rule
+    # the learner's config passes each rule its own parameters
     for name in ("fixed", "adagrad", "rmsprop", "adaptive"):
-        make_rule(name, **LearnerConfig().rule_params())
+        make_rule(name, **LearnerConfig(lr_rule=name).rule_params())
+    assert LearnerConfig(lr_rule="rmsprop").rule_params() == {
+        "alpha0": 0.05, "rms_decay": 0.9, "loss_decay": 0.9}
     with pytest.raises(ValueError, match="unknown lr rule"):
         make_rule("sgd", alpha0=0.1)
+
+
+@pytest.mark.parametrize(("name", "params", "field"), [
+    ("fixed", {"alpha0": 0.1, "beta": 2.0}, "beta"),  # another rule's parameter
+    ("rmsprop", {"alpha0": 0.1, "rms_decay": 1.5}, "rms_decay"),  # out of range
+    ("adaptive", {"alpha0": 0.0}, "alpha0"),
+    ("adagrad", {}, "alpha0"),  # required
+])
+def test_a_rule_rejects_parameters_it_does_not_have_or_out_of_range(name, params, field):
+    with pytest.raises(ValueError, match=field):
+        make_rule(name, **params)
 
 
 def test_rule_state_fresh():

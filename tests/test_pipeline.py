@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import orjson
 import pytest
@@ -52,7 +53,8 @@ BAD_INPUT: list[tuple[bytes, str | None]] = [
     (orjson.dumps(_event(item_id="no-such-item")), "unknown_item"),
     (orjson.dumps(_event(user_id="")), "empty_id"),
     (orjson.dumps(_event(ts=-5)), "bad_timestamp"),
-    # a valid event whose processing raises (the fault hook): isolated, its batch still applied
+    # a valid event whose processing raises (tests/poison_worker.py): isolated, the rest of
+    # its batch still applied
     (orjson.dumps(_event(user_id="poison-user")), "processing_error"),
     # keyed by something else than its user id (`_send` keys this one "bad-user"): its
     # user's state lives on another partition
@@ -65,13 +67,14 @@ BAD_INPUT: list[tuple[bytes, str | None]] = [
 @pytest.fixture(scope="module")
 def run(kafka, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
-    s = make_settings(kafka, tmp, max_event_bytes=MAX_EVENT_BYTES, fault_user_id="poison-user")
+    s = make_settings(kafka, tmp, max_event_bytes=MAX_EVENT_BYTES)
     ensure_topics(s)
     world = make_world(480, n_topics=8, seed=3)
     stream = SyntheticStream(world, n_users=80, seed=4, drift_prob=0.01, noise=0.05)
     events = list(stream.events(N_EVENTS))
     trainer = TrainerProcess(s, tmp / "trainer.log").start()
-    worker = WorkerProcess(s, tmp / "worker.log").start()
+    worker = WorkerProcess(s, tmp / "worker.log", extra_env={"POISON_USER_ID": "poison-user"},
+                           program=[str(Path(__file__).with_name("poison_worker.py"))]).start()
     try:
         sent_bad_items = _send(s, s.topic(s.catalog_topic), BAD_ITEMS)
         publish_items(s, world.items, quiet=True)
