@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.synthetic import SyntheticStream, SyntheticWorld
+from evaluation.synthetic import SyntheticStream, SyntheticWorld
 from streams.metrics import STAGES
 from streams.settings import Settings
 from streams.supervisor import Samples, TrainerProcess, WorkerProcess, scrape, total
@@ -101,7 +101,7 @@ def machine() -> dict:
 
 
 class BenchEvents:
-    """Synthetic events (models/synthetic.py) with user ids remapped onto `n_users` users.
+    """Synthetic events (evaluation/synthetic.py) with user ids remapped onto `n_users` users.
 
     SyntheticStream draws its users from a Zipf law, so 200k events of 100k synthetic users
     hold far fewer than 100k distinct ones. Here the i-th event's user id is replaced by

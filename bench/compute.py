@@ -26,10 +26,10 @@ from rich.console import Console
 from rich.table import Table
 
 from bench._common import BenchEvents, machine
+from evaluation.synthetic import make_world
 from models.encoder import TextEncoder
 from models.learner import OnlineLearner
 from models.serving import Server
-from models.synthetic import make_world
 from models.user_state import UserState
 from streams.catalog import RawRecord
 from streams.process import configure_process

@@ -6,7 +6,7 @@
 
 Loads models.encoder.TextEncoder (the bundled all-MiniLM-L6-v2; nothing is downloaded) on the
 device it picks by itself (--device auto: CUDA when torch sees one, else CPU) and times it on
-a synthetic catalog (models.synthetic.make_world items through models.encoder.item_text, the
+a synthetic catalog (evaluation.synthetic.make_world items through models.encoder.item_text, the
 catalog agent's text recipe). The batch size is the texts per forward pass, the worker's
 Settings.encoder_batch_size (128 by default): it is set on the encoder so one encode() call is
 one forward pass. Each size encodes up to --items items (--items-b1 at batch size 1) in full
@@ -35,8 +35,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bench._common import save_figure
+from evaluation.synthetic import make_world
 from models.encoder import TextEncoder, item_text
-from models.synthetic import make_world
 
 # piped output would otherwise be cut to 80 columns
 console = Console(width=None if sys.stdout.isatty() else 120)

@@ -9,7 +9,7 @@ The maximum rate is --max-eps if given, else `pipeline_eps` of <out>/throughput.
 the worker is ready, --probe-events are published as fast as possible and the worker's
 `streamrec_events_total` is sampled while it drains them (as bench/throughput.py does).
 
-Starts the embedded Apache Kafka broker and one worker, loads a synthetic catalog (models/
+Starts the embedded Apache Kafka broker and one worker, loads a synthetic catalog (evaluation/
 synthetic.py) and waits until the index holds it. Then, for each load level in turn, publishes
 events paced at load × max rate for --seconds (same event stream as bench/throughput.py: user
 ids round-robin over --users, see bench/_common.py), each event stamped with the wall clock
@@ -62,7 +62,7 @@ from bench._common import (
     take_sample,
     worker_env,
 )
-from models.synthetic import make_world
+from evaluation.synthetic import make_world
 from streams.clients import kafka_consumer, kafka_producer
 from streams.demo import free_port
 from streams.publish import publish_items

@@ -48,8 +48,8 @@ from bench._common import (
     save_figure,
     worker_env,
 )
+from evaluation.synthetic import make_world
 from models.config import EVENT_TYPE_IDS, LearnerConfig
-from models.synthetic import make_world
 from models.user_state import UserState
 from streams.catalog import encode_item_vector
 from streams.clients import aio_options
@@ -61,7 +61,7 @@ from streams.topics import create_topics, ensure_topics
 
 console = Console()
 TYPES = [EVENT_TYPE_IDS[t] for t in ("view", "click", "add_to_cart", "purchase", "rate")]
-TYPE_P = np.array([0.6, 0.2, 0.07, 0.05, 0.05]) / 0.97  # models/synthetic.py's event mix
+TYPE_P = np.array([0.6, 0.2, 0.07, 0.05, 0.05]) / 0.97  # evaluation/synthetic.py's event mix
 SEARCH = EVENT_TYPE_IDS["search"]
 # Faust reports a finished rebalance, table recovery included, with this histogram
 RECOVERED = "streamrec_faust_rebalance_done_latency_count"

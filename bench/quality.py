@@ -13,9 +13,9 @@ import argparse
 import time
 from pathlib import Path
 
-from models import comparison as cmp
+from evaluation import comparison as cmp
+from evaluation.datasets import movielens_events, movielens_items
 from models.config import LearnerConfig
-from models.datasets import movielens_events, movielens_items
 from models.encoder import TextEncoder
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"

@@ -38,10 +38,10 @@ from rich.console import Console
 from rich.table import Table
 
 from bench._common import BenchEvents, cpu_seconds, machine
+from evaluation.synthetic import make_world
 from models.encoder import encoder_dim
 from models.learner import Interaction, observe
 from models.model import SharedModel
-from models.synthetic import make_world
 from models.user_state import UserState
 from streams.catalog import encode_item_vector
 from streams.clients import kafka_consumer, kafka_producer

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from bench._common import save_figure
-from models import comparison as cmp
+from evaluation import comparison as cmp
+from evaluation.datasets import movielens_events, movielens_items
 from models.config import LearnerConfig
-from models.datasets import movielens_events, movielens_items
 from models.encoder import TextEncoder
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"

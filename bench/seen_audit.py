@@ -22,7 +22,7 @@ from pathlib import Path
 import orjson
 from kafka import KafkaConsumer
 
-from models.datasets import movielens_events, movielens_items
+from evaluation.datasets import movielens_events, movielens_items
 from streams.broker import EmbeddedKafka
 from streams.demo import free_port
 from streams.publish import publish_events, publish_items

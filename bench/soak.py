@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.soak [--minutes 10] [--rate 200] [--out bench/out]
 
 Starts the embedded Apache Kafka broker and one worker process, loads a synthetic catalog,
-then replays a synthetic event stream (models/synthetic.py, wall-clock timestamps) at a
+then replays a synthetic event stream (evaluation/synthetic.py, wall-clock timestamps) at a
 steady rate for --minutes. Every --sample-s seconds it records the worker's resident memory
 (VmRSS from /proc) and its counters. Prints the RSS after warm-up and at the end, and the
 least-squares slope of RSS over the post-warm-up samples (MB/hour): a leak shows as a slope
@@ -28,7 +28,7 @@ from rich.progress import (
 )
 
 from bench._common import first_snapshot, save_figure
-from models.synthetic import SyntheticStream, make_world
+from evaluation.synthetic import SyntheticStream, make_world
 from streams.broker import EmbeddedKafka
 from streams.clients import kafka_producer
 from streams.demo import free_port

@@ -4,7 +4,7 @@
                                          [--max-seconds 600] [--out bench/out]
                                          [--skip-raw] [--skip-faust] [--worker-env K=V ...]
 
-Starts the embedded Apache Kafka broker and loads ONE backlog of synthetic events (models/
+Starts the embedded Apache Kafka broker and loads ONE backlog of synthetic events (evaluation/
 synthetic.py items and event types, user ids remapped round-robin onto --users users: see
 bench/_common.py BenchEvents) into the worker's events topic before anything is timed. Then
 three consumers each drain that same backlog with a fresh consumer group:
@@ -69,7 +69,7 @@ from bench._common import (
     start_worker,
     worker_env,
 )
-from models.synthetic import make_world
+from evaluation.synthetic import make_world
 from streams.clients import aio_options, faust_credentials
 from streams.demo import free_port
 from streams.metrics import STAGES

@@ -327,8 +327,8 @@ def eval_(ml_dir: str | None, events_path: str | None, items_path: str | None,
           plot_path: str | None, jobs: int, limit: int | None, workers: int,
           snapshot_every: int | None, independent: bool, trainer_ranks: int) -> None:
     """Prequential (test-then-train) evaluation with full ranking; no Kafka involved."""
-    from models import comparison as cmp
-    from models.datasets import load_events, load_items, movielens_events, movielens_items
+    from evaluation import comparison as cmp
+    from evaluation.datasets import load_events, load_items, movielens_events, movielens_items
     from models.encoder import TextEncoder
 
     if ml_dir:

@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from models.synthetic import SyntheticStream, SyntheticWorld, bad_events, make_world, topic_hit_rate
+from evaluation.synthetic import (
+    SyntheticStream,
+    SyntheticWorld,
+    bad_events,
+    make_world,
+    topic_hit_rate,
+)
 from streams.publish import event_records, publish, publish_items
 from streams.settings import Settings
 from streams.supervisor import TrainerProcess, WorkerProcess, total

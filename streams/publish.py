@@ -18,7 +18,7 @@ import orjson
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from models.datasets import SourceLine, source_lines
+from evaluation.datasets import SourceLine, source_lines
 from streams.clients import kafka_producer
 from streams.schemas import InvalidRecord, Reason, parse_event, parse_item
 from streams.settings import Settings

@@ -8,7 +8,7 @@ from collections import defaultdict
 
 from helpers import latest_recommendations
 
-from models.synthetic import SyntheticStream, make_world
+from evaluation.synthetic import SyntheticStream, make_world
 from streams.supervisor import WorkerProcess, total
 
 N_EVENTS = 20_000

@@ -1,4 +1,4 @@
-"""Tests for models/baselines.py: hand-computed updates and a prequential sanity check.
+"""Tests for evaluation/baselines.py: hand-computed updates and a prequential sanity check.
 
 The expected values below are written from the formulas in the docstrings (plain Python
 floats), not by calling the models, so a model that drifts from its formula fails here.
@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from models.baselines import (
+from evaluation.baselines import (
     BASELINES,
     ISGD,
     ItemKNN,
@@ -21,7 +21,7 @@ from models.baselines import (
     StreamModel,
     make_baseline,
 )
-from models.evaluate import prequential
+from evaluation.evaluate import prequential
 
 N_ITEMS = 200
 N_CLUSTERS = 10
@@ -54,7 +54,7 @@ def clustered_stream(seed: int = 7, n_users: int = 250, per_user: int = 20) -> l
 
 
 def prequential_hr10(model: StreamModel, events: list, batch_size: int = 8) -> float:
-    """HR@10 of the project's prequential evaluator (models/evaluate.py)."""
+    """HR@10 of the project's prequential evaluator (evaluation/evaluate.py)."""
     return prequential(model, events, batch_size).metrics["hr@10"]
 
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import orjson
 import pytest
 
-from models.datasets import (
+from evaluation.datasets import (
     load_events,
     load_items,
     movielens_events,
     movielens_items,
     read_jsonl,
 )
-from models.synthetic import (
+from evaluation.synthetic import (
     TOPICS,
     SyntheticStream,
     SyntheticWorld,

@@ -8,10 +8,10 @@ import numpy as np
 import orjson
 import pytest
 
-from models import comparison as cmp
-from models.baselines import ItemKNNSeq
+from evaluation import comparison as cmp
+from evaluation.baselines import ItemKNNSeq
+from evaluation.evaluate import StreamrecModel, metrics_of, prequential, rank_of
 from models.config import LearnerConfig
-from models.evaluate import StreamrecModel, metrics_of, prequential, rank_of
 
 
 class FixedScores:

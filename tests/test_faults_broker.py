@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from helpers import expected_states, make_settings, wait_states
 
-from models.synthetic import SyntheticStream, make_world
+from evaluation.synthetic import SyntheticStream, make_world
 from streams.publish import publish_events, publish_items
 from streams.supervisor import WorkerProcess, total
 from streams.topics import ensure_topics

@@ -12,7 +12,7 @@ import pytest
 from faults import _audit, _histories
 from helpers import expected_states, make_settings, user_states, wait_states
 
-from models.synthetic import SyntheticStream, make_world
+from evaluation.synthetic import SyntheticStream, make_world
 from streams.local_store import partition_stores
 from streams.publish import publish_events, publish_items
 from streams.supervisor import WorkerProcess

@@ -26,7 +26,7 @@ import orjson
 import pytest
 from helpers import dead_letters, expected_states, make_settings, wait_states
 
-from models.synthetic import SyntheticStream, bad_events, make_world
+from evaluation.synthetic import SyntheticStream, bad_events, make_world
 from streams.clients import kafka_producer
 from streams.publish import publish_events, publish_items
 from streams.schemas import EVENT_TYPES, MAX_TS_MS
@@ -55,7 +55,7 @@ COUNTS = {
     "unknown_item": 500,
     "empty": 100,
     "strict_value": 500,
-    "classic": 500,  # models.synthetic.bad_events: missing field, wrong type, not an object...
+    "classic": 500,  # evaluation.synthetic.bad_events: missing field, wrong type, not an object...
 }
 
 #: byte values a JSON text can start with (incl. whitespace): random bytes avoid them first

@@ -22,7 +22,7 @@ import orjson
 import pytest
 from helpers import expected_states, make_settings, read_all, wait_states
 
-from models.synthetic import SyntheticStream, make_world
+from evaluation.synthetic import SyntheticStream, make_world
 from streams.demo import free_port
 from streams.publish import publish_events, publish_items
 from streams.supervisor import WorkerProcess, settings_env

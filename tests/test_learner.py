@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
+from evaluation.synthetic import SyntheticStream, make_world
 from models.config import EVENT_TYPE_IDS, LearnerConfig
 from models.learner import Interaction, OnlineLearner, Pending, event_weight
 from models.sequences import Seqs
-from models.synthetic import SyntheticStream, make_world
 from models.trainer import checkpoint, restore
 from models.two_tower import UserTower
 from models.user_state import UserState
@@ -43,7 +43,7 @@ def make_learner(capacity: int = 256, **kw) -> OnlineLearner:
 
 
 def synthetic_batches(n_batches: int, batch: int = 32, n_items: int = 200, seed: int = 0):
-    """Batches of Interactions from models.synthetic (no search / dislike events)."""
+    """Batches of Interactions from evaluation.synthetic (no search / dislike events)."""
     world = make_world(n_items=n_items, n_topics=8, seed=seed)
     stream = SyntheticStream(world, n_users=30, seed=seed, noise=0.05, drift_prob=0.0,
                              search_prob=0.0, dislike_prob=0.0, step_ms=1000)

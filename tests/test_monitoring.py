@@ -24,7 +24,7 @@ import pytest
 import yaml
 from helpers import make_settings, read_all
 
-from models.synthetic import SyntheticStream, make_world
+from evaluation.synthetic import SyntheticStream, make_world
 from streams.clients import kafka_producer
 from streams.demo import free_port
 from streams.publish import publish_events, publish_items

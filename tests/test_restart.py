@@ -20,7 +20,7 @@ from helpers import (
     wait_states,
 )
 
-from models.synthetic import SyntheticStream, make_world
+from evaluation.synthetic import SyntheticStream, make_world
 from models.user_state import UserState
 from streams.publish import publish_events, publish_items
 from streams.supervisor import TrainerProcess, WorkerProcess, total

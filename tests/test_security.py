@@ -21,7 +21,7 @@ import pytest
 from faults import _audit, _histories
 from helpers import expected_states, make_settings, wait_states
 
-from models.synthetic import SyntheticStream, make_world
+from evaluation.synthetic import SyntheticStream, make_world
 from streams import acls
 from streams.clients import kafka_consumer
 from streams.publish import publish_events, publish_items

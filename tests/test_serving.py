@@ -348,7 +348,7 @@ def test_serving_and_the_evaluator_exclude_the_same_items(mode):
     exactly what the evaluator drops from that user's ranking at their next event, in every
     mode: both apply models/seen.py to the same state. Users here have 3x history_len
     distinct items, so "the history" and "everything seen" differ."""
-    from models.evaluate import prequential
+    from evaluation.evaluate import prequential
 
     learner, ids, _ = make_learner(n_items=60)
     H = learner.cfg.history_len

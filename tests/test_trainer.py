@@ -235,7 +235,7 @@ def test_the_trainer_service_checkpoints_only_right_after_a_publish():
 def test_sharded_workers_score_like_the_single_learner():
     """N serving shards + one trainer, snapshots after every batch: the same as the single
     in-process learner (the trainer sees every example, in order, whatever N is)."""
-    from models.evaluate import StreamrecModel, prequential
+    from evaluation.evaluate import StreamrecModel, prequential
 
     ids, vecs = catalog(30)
     rng = np.random.default_rng(0)

@@ -1,6 +1,6 @@
 """Streaming peer recommenders for the prequential (test-then-train) evaluator.
 
-Every peer follows the evaluator's protocol (models/evaluate.py, :class:`StreamModel`):
+Every peer follows the evaluator's protocol (evaluation/evaluate.py, :class:`StreamModel`):
 ``step(batch, which, excluded)`` returns one row of scores over the whole catalog (items
 ``0..n_items-1``) for each event ``batch[j]``, j in ``which`` — user-side state (the profile
 of recent items) as it was just before that event, shared state (counts, factors) as of the

@@ -1,6 +1,6 @@
 """The full quality comparison: streamrec, its ablations and the streaming peers, side by side.
 
-Each model runs the same prequential protocol (models/evaluate.py) in its own process (two
+Each model runs the same prequential protocol (evaluation/evaluate.py) in its own process (two
 at a time on two cores, one torch thread each); item texts are embedded once with the
 agent's encoder and recipe. Results come back as a table, a JSON document and a plot.
 """
@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from models.baselines import BASELINES, make_baseline
+from evaluation.baselines import BASELINES, make_baseline
+from evaluation.evaluate import Event, Result, StreamrecModel, moving_ndcg, prequential
 from models.config import LearnerConfig
-from models.evaluate import Event, Result, StreamrecModel, moving_ndcg, prequential
 from models.seen import ExcludeSeen
 
 #: Ablations of the default learner: name suffix -> overrides of LearnerConfig.
