@@ -13,7 +13,7 @@ import orjson
 import pytest
 from helpers import dead_letters, latest_recommendations, make_settings, read_all
 
-from models.synthetic import SyntheticStream, make_world, topic_hit_rate
+from evaluation.synthetic import SyntheticStream, make_world, topic_hit_rate
 from streams.clients import kafka_producer
 from streams.publish import publish_events, publish_items
 from streams.supervisor import TrainerProcess, WorkerProcess, total
