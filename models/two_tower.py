@@ -23,7 +23,17 @@ QUERY_TYPE = 9
 
 
 class ItemTower(nn.Module):
-    """Row 0 is padding (its vector is always zero). Rows are grown by doubling."""
+    """v_i = E[i] + W·t_i (mode `both`; `id`: E[i] alone, `text`: W·t_i alone). Row 0 is
+    padding (its vector is always zero). Rows are grown by doubling.
+
+    >>> import torch
+    >>> tower = ItemTower(capacity=4, text_dim=3, dim=2, mode="text")
+    >>> tower.T[1] = torch.tensor([1.0, 0.0, 0.0])         # item 1's text embedding t_1
+    >>> torch.equal(tower(torch.tensor([1]))[0], tower.proj.weight[:, 0])  # v_1 = W·t_1
+    True
+    >>> tower(torch.tensor([0])).abs().sum().item()        # padding
+    0.0
+    """
 
     def __init__(self, capacity: int, text_dim: int, dim: int, mode: str):
         super().__init__()
@@ -61,7 +71,19 @@ class ItemTower(nn.Module):
 
 
 class UserTower(nn.Module):
-    """Causal sequence encoder; sequences are left-padded to a common length L."""
+    """u = pool + out(norm(enc(x)[query])): a causal sequence encoder over the history (left-
+    padded to a common length L) read out at a query token, added to a recency-weighted
+    mean of the history's item vectors, `pool` = s · Σ_t softmax(-λ·age_t) v_t. `out` starts
+    at zero, so an untrained tower points u at what the user just touched:
+
+    >>> import torch
+    >>> tower = UserTower(dim=4, history_len=3, kind="transformer", n_layers=1, n_heads=1,
+    ...                   dropout=0.0)
+    >>> seq = torch.zeros(1, 3, 4); seq[0, 2] = torch.tensor([1.0, 0, 0, 0])  # one event
+    >>> types = torch.tensor([[0, 0, 1]])                  # two padding slots, then a view
+    >>> tower(seq, types, torch.zeros(1, 3, dtype=torch.long)).tolist()
+    [[1.0, 0.0, 0.0, 0.0]]
+    """
 
     def __init__(self, dim: int, history_len: int, kind: str, n_layers: int, n_heads: int,
                  dropout: float):
@@ -147,8 +169,20 @@ class UserTower(nn.Module):
 
 class PriorHead(nn.Module):
     """The ranker: a learned blend of the two-tower score, co-visitation features and
-    log-popularity. Starts as "two-tower score + the classic sequence-aware item-kNN blend"
-    (one co-visitation feature, 0.05 popularity, scaled to softmax logits); learned online."""
+    log-popularity, with a user's own correction θ_u of the weights (models/personal.py):
+
+        score(u, i) = (w + θ_u) · [u·v_i, c_1(u, i) … c_K(u, i), log pop_i]
+
+    It starts as "two-tower score + the classic sequence-aware item-kNN blend" (one
+    co-visitation feature, 0.05 popularity, scaled to softmax logits); learned online.
+
+    >>> import torch
+    >>> head = PriorHead(n_covis=2, init_feature=0)        # w = [1, 5, 0, 0.25]
+    >>> tower = torch.tensor([[1.0, 2.0]])                  # one user, two candidates
+    >>> covis = torch.tensor([[[0.5, 0.0]], [[9.0, 9.0]]])  # feature 2 starts unweighted
+    >>> head(tower, covis, torch.zeros(2)).tolist()
+    [[3.5, 2.0]]
+    """
 
     def __init__(self, n_covis: int, init_feature: int, scale: float = 5.0):
         super().__init__()

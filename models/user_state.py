@@ -40,7 +40,19 @@ def unb64(text: str) -> np.ndarray:
 @dataclass
 class UserState:
     """Per-user state. `items[i]` is None for text-only events (search); their text vector is
-    kept (float16) in `texts[i]` so the sequence encoder can see what the user searched for."""
+    kept (float16) in `texts[i]` so the sequence encoder can see what the user searched for.
+
+    >>> st = UserState()
+    >>> for k, item in enumerate(["a", "b", "c"]):
+    ...     st.append(item, etype=1, ts=k, text_vec=None, max_len=2)
+    >>> st.items, sorted(st.recent_items()), st.n_events   # a ring of the last 2
+    (['b', 'c'], ['b', 'c'], 3)
+    >>> st.mark_applied(partition=0, offset=41)
+    >>> st.already_applied(0, 41), st.already_applied(0, 42)  # a replay, then a new event
+    (True, False)
+    >>> UserState.from_bytes(st.to_bytes()).items            # its changelog form
+    ['b', 'c']
+    """
 
     items: list[str | None] = field(default_factory=list)
     types: list[int] = field(default_factory=list)

@@ -3,23 +3,16 @@ learns from them (models/covisit.py, models/two_tower.PriorHead, models/serving)
 
 from __future__ import annotations
 
-import doctest
-
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import models.covisit
 from models.config import LearnerConfig
 from models.covisit import CoVisitation
 from models.learner import Interaction, OnlineLearner
 from models.seen import exclusions
 from models.serving import Server, rank_candidates
 from models.user_state import UserState
-
-
-def test_doctest():
-    assert doctest.testmod(models.covisit).failed == 0
 
 
 def test_counts_follow_the_sequence_aware_formula():
