@@ -339,27 +339,15 @@ def _send(s, topic: str, records: list[tuple[bytes | None, bytes | None]]
         producer.close()
 
 
-def test_hostile_events_go_to_the_dlq_and_good_ones_are_applied(kafka, tmp_path):
-    t0 = time.monotonic()
-    s = make_settings(kafka, tmp_path, max_event_bytes=MAX_EVENT_BYTES, batch_size=500)
-    ensure_topics(s)
-    world = make_world(300, n_topics=6, seed=11)
-    items = [it["item_id"] for it in world.items]
-    stream = SyntheticStream(world, n_users=120, seed=12)
-    warmup = list(stream.events(N_WARMUP))
-    good = list(stream.events(N_GOOD)) + valid_oddities(items)
-    bad = generate_bad(stream.user_ids, items, MAX_EVENT_BYTES)
-    by_category = Counter(c for c, *_ in bad)
-    by_reason = Counter(r for *_, r in bad)
-    assert len(bad) >= 10_000
-
-    # interleave: bad records at random places, good events keep their relative order
+def _interleave(good: list[dict], bad: list[tuple[str, bytes, str]]
+                ) -> tuple[list[tuple[bytes | None, bytes | None]], list[tuple[str, str | None]]]:
+    """Bad records at random places among the good events (which keep their order), keyed as
+    a real producer would key them; with each record's (category or "good", reason)."""
     rng = random.Random(SEED + 99)
-    slots = sorted(rng.sample(range(len(good) + len(bad)), len(good)))
+    slot_set = set(rng.sample(range(len(good) + len(bad)), len(good)))
     records: list[tuple[bytes | None, bytes | None]] = []
-    kinds: list[tuple[str, str | None]] = []  # (category or "good", expected reason)
+    kinds: list[tuple[str, str | None]] = []
     gi = bi = 0
-    slot_set = set(slots)
     for pos in range(len(good) + len(bad)):
         if pos in slot_set:
             ev = good[gi]
@@ -369,63 +357,18 @@ def test_hostile_events_go_to_the_dlq_and_good_ones_are_applied(kafka, tmp_path)
         else:
             category, raw, reason = bad[bi]
             bi += 1
-            # keyed like a real producer would: by the user id when the record has one (see
-            # test_misrouted_event_... for what a foreign key does), else junk keys
+            # by the user id when the record has one (see test_misrouted_event_... for what a
+            # foreign key does), else junk keys
             key = _user_key(raw) or (rng.randbytes(rng.randrange(0, 40))
                                      if category == "random_bytes" else f"bad-{bi}".encode())
             records.append((key, raw))
             kinds.append((category, reason))
+    return records, kinds
 
-    worker = WorkerProcess(s, tmp_path / "worker.log").start()
-    sampler = Sampler(worker)
-    try:
-        publish_items(s, world.items, quiet=True)
-        worker.wait_ready(snapshot=False)
-        worker.wait_for("streamrec_index_items", len(world.items), timeout=180)
-        publish_events(s, warmup, quiet=True)
-        worker.wait_for("streamrec_events_total", N_WARMUP, timeout=180, outcome="applied")
-        worker.wait_idle()
-        pid = worker.proc.pid
-        rss_warm = rss_mb(pid)
-        sampler.start()
-        t_pub = time.monotonic()
-        positions = _send(s, s.topic(s.events_topic), records)
-        pub_s = time.monotonic() - t_pub
-        n_total = N_WARMUP + len(records)
-        worker.wait_for("streamrec_events_total", n_total, timeout=600)
-        proc_s = time.monotonic() - t_pub
-        expected = expected_states(warmup + good, s.learner.history_len)
-        states = wait_states(s, expected, timeout=120)
-        time.sleep(1)
-        samples = worker.metrics()
-        sampler.stop_event.set()
-        sampler.join(5)
-        alive = worker.proc.poll() is None
-        same_pid = worker.proc.pid == pid
-    finally:
-        sampler.stop_event.set()
-        worker.stop()
-    log_text = (tmp_path / "worker.log").read_text(errors="replace")
 
-    # -- figures (printed with -s) ----------------------------------------------------------
-    rss_values = [r for _, r in sampler.rss]
-    rss_max = max(rss_values, default=rss_warm)
-    print(f"\n[faults-input] {len(records)} records ({len(bad)} bad, {len(good)} good) + "
-          f"{N_WARMUP} warm-up; published in {pub_s:.1f}s, all consumed after {proc_s:.1f}s; "
-          f"test {time.monotonic() - t0:.0f}s")
-    print(f"[faults-input] bad by category: {dict(by_category)}")
-    print(f"[faults-input] expected reasons: {dict(by_reason)}")
-    print(f"[faults-input] RSS warm {rss_warm:.0f} MB, max {rss_max:.0f} MB, "
-          f"end {rss_values[-1] if rss_values else float('nan'):.0f} MB "
-          f"({len(rss_values)} samples); bound {1.5 * rss_warm + 200:.0f} MB")
-
-    # -- the worker survived: same process, never restarted, counters monotonic -------------
-    assert alive and same_pid, worker.log_tail()
-    assert sampler.counts == sorted(sampler.counts), "events counter went backwards (restart?)"
-    assert "crashed" not in log_text.lower(), [ln for ln in log_text.splitlines()
-                                               if "crash" in ln.lower()][:5]
-
-    # -- every bad record is in the DLQ with its reason and source position ------------------
+def _assert_each_bad_record_in_the_dlq(s, kinds, records, positions) -> None:  # noqa: ANN001
+    """Every bad record in the DLQ, once, with its expected reason, its bytes and its source
+    position; no good event there."""
     dlq = dead_letters(s, s.topic(s.events_dlq_topic))
     got = {(int(h["streamrec.source.partition"]), int(h["streamrec.source.offset"])): (v, h)
            for v, h in dlq}
@@ -447,20 +390,103 @@ def test_hostile_events_go_to_the_dlq_and_good_ones_are_applied(kafka, tmp_path)
                          f"({headers.get('streamrec.detail', '')[:100]}); raw {raw!r:.120}")
     assert missing == 0, f"{missing} bad records not in the DLQ"
     assert not wrong, f"{len(wrong)} wrong DLQ records, e.g. {wrong[:5]}"
-    assert len(dlq) == len(bad)
+    assert len(dlq) == sum(reason is not None for _, reason in kinds)
 
-    # -- every good event applied exactly once ------------------------------------------------
+
+def _assert_dlq_counters(samples, topic: str, by_reason: Counter) -> None:  # noqa: ANN001
+    assert total(samples, "streamrec_events_total", outcome="dlq") == sum(by_reason.values())
+    for reason, n in by_reason.items():
+        assert total(samples, "streamrec_dlq_total", topic=topic, reason=reason) == n, reason
+
+
+def _assert_states(states: dict, expected: dict) -> None:
     for user, (items_, n) in expected.items():
         st = states.get(user)
         assert st is not None, f"no state for {user!r}"
         assert st.n_events == n, (user, st.n_events, n)
         assert st.items == items_, user
+
+
+def _warm_up(s, worker: WorkerProcess, items: list[dict], warmup: list[dict]) -> None:  # noqa: ANN001
+    """The catalog indexed and the warm-up events applied: the RSS baseline."""
+    publish_items(s, items, quiet=True)
+    worker.wait_ready(snapshot=False)
+    worker.wait_for("streamrec_index_items", len(items), timeout=180)
+    publish_events(s, warmup, quiet=True)
+    worker.wait_for("streamrec_events_total", len(warmup), timeout=180, outcome="applied")
+    worker.wait_idle()
+
+
+def _print_figures(bad: list[tuple[str, bytes, str]], sampler: Sampler, rss_warm: float
+                   ) -> float:
+    """The run's figures (shown with -s); returns the largest RSS sampled."""
+    rss_values = [r for _, r in sampler.rss]
+    rss_max = max(rss_values, default=rss_warm)
+    print(f"[faults-input] bad by category: {dict(Counter(c for c, *_ in bad))}\n"
+          f"[faults-input] expected reasons: {dict(Counter(r for *_, r in bad))}\n"
+          f"[faults-input] RSS warm {rss_warm:.0f} MB, max {rss_max:.0f} MB, "
+          f"end {rss_values[-1] if rss_values else float('nan'):.0f} MB "
+          f"({len(rss_values)} samples); bound {1.5 * rss_warm + 200:.0f} MB")
+    return rss_max
+
+
+def test_hostile_events_go_to_the_dlq_and_good_ones_are_applied(kafka, tmp_path):
+    t0 = time.monotonic()
+    s = make_settings(kafka, tmp_path, max_event_bytes=MAX_EVENT_BYTES, batch_size=500)
+    ensure_topics(s)
+    world = make_world(300, n_topics=6, seed=11)
+    items = [it["item_id"] for it in world.items]
+    stream = SyntheticStream(world, n_users=120, seed=12)
+    warmup = list(stream.events(N_WARMUP))
+    good = list(stream.events(N_GOOD)) + valid_oddities(items)
+    bad = generate_bad(stream.user_ids, items, MAX_EVENT_BYTES)
+    by_reason = Counter(r for *_, r in bad)
+    assert len(bad) >= 10_000
+
+    records, kinds = _interleave(good, bad)
+
+    worker = WorkerProcess(s, tmp_path / "worker.log").start()
+    sampler = Sampler(worker)
+    try:
+        _warm_up(s, worker, world.items, warmup)
+        pid = worker.proc.pid
+        rss_warm = rss_mb(pid)
+        sampler.start()
+        t_pub = time.monotonic()
+        positions = _send(s, s.topic(s.events_topic), records)
+        pub_s = time.monotonic() - t_pub
+        n_total = N_WARMUP + len(records)
+        worker.wait_for("streamrec_events_total", n_total, timeout=600)
+        proc_s = time.monotonic() - t_pub
+        expected = expected_states(warmup + good, s.learner.history_len)
+        states = wait_states(s, expected, timeout=120)
+        samples = worker.wait_idle()  # the last batch's counters are in
+        alive = worker.proc.poll() is None
+        same_pid = worker.proc.pid == pid
+    finally:
+        sampler.stop_event.set()
+        worker.stop()
+    sampler.join(5)
+
+    print(f"\n[faults-input] {len(records)} records ({len(bad)} bad, {len(good)} good) + "
+          f"{N_WARMUP} warm-up; published in {pub_s:.1f}s, all consumed after {proc_s:.1f}s; "
+          f"test {time.monotonic() - t0:.0f}s")
+    rss_max = _print_figures(bad, sampler, rss_warm)
+
+    # -- the worker survived: same process, never restarted, counters monotonic -------------
+    assert alive and same_pid, worker.log_tail()
+    assert sampler.counts == sorted(sampler.counts), "events counter went backwards (restart?)"
+    log_text = (tmp_path / "worker.log").read_text(errors="replace")
+    assert "crashed" not in log_text.lower(), [ln for ln in log_text.splitlines()
+                                               if "crash" in ln.lower()][:5]
+
+    _assert_each_bad_record_in_the_dlq(s, kinds, records, positions)
+
+    # -- every good event applied exactly once ------------------------------------------------
+    _assert_states(states, expected)
     assert total(samples, "streamrec_events_total") == n_total
     assert total(samples, "streamrec_events_total", outcome="applied") == N_WARMUP + len(good)
-    assert total(samples, "streamrec_events_total", outcome="dlq") == len(bad)
-    for reason, n in by_reason.items():
-        assert total(samples, "streamrec_dlq_total", topic=s.topic(s.events_topic),
-                     reason=reason) == n, reason
+    _assert_dlq_counters(samples, s.topic(s.events_topic), by_reason)
 
     # -- memory stayed bounded ------------------------------------------------------------------
     assert rss_max < 1.5 * rss_warm + 200, (rss_warm, rss_max)

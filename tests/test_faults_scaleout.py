@@ -80,6 +80,21 @@ def wait_model(trainer: TrainerProcess, workers: list[WorkerProcess], trained: i
                        f"serve {served}\n{trainer.log_tail()}")
 
 
+def _versions_by_worker(s) -> int:  # noqa: ANN001
+    """Every recommendation names its model version, and no worker ever went backwards;
+    returns how many workers wrote recommendations."""
+    by_worker: dict[bytes, list[tuple[int, int, int]]] = defaultdict(list)
+    for msg in read_all(s, s.topic(s.recommendations_topic)):
+        rec = orjson.loads(msg.value)
+        assert rec["model"]["model_version"] >= 1, rec["model"]
+        by_worker[dict(msg.headers)["streamrec.worker"]].append(
+            (rec["generated_at"], msg.offset, rec["model"]["model_version"]))
+    for worker, recs in by_worker.items():
+        versions = [v for _, _, v in sorted(recs)]
+        assert versions == sorted(versions), f"{worker!r}: model_version went down"
+    return len(by_worker)
+
+
 def test_two_workers_and_a_trainer_each_killed_once(kafka, tmp_path):
     rng = random.Random(20_261_202)
     sa = make_settings(kafka, tmp_path, partitions=PARTITIONS, batch_size=200,
@@ -129,17 +144,7 @@ def test_two_workers_and_a_trainer_each_killed_once(kafka, tmp_path):
         assert f.keys() == ref_f.keys(), f"worker {name}: other item pairs than one process's"
         np.testing.assert_allclose([f[k] for k in ref_f], [ref_f[k] for k in ref_f],
                                    rtol=1e-5, err_msg=f"worker {name}: pair counts")
-    # every recommendation names its model version, and no worker ever went backwards
-    by_worker: dict[bytes, list[tuple[int, int, int]]] = defaultdict(list)
-    for msg in read_all(sa, sa.topic(sa.recommendations_topic)):
-        rec = orjson.loads(msg.value)
-        assert rec["model"]["model_version"] >= 1, rec["model"]
-        by_worker[dict(msg.headers)["streamrec.worker"]].append(
-            (rec["generated_at"], msg.offset, rec["model"]["model_version"]))
-    assert len(by_worker) >= 3  # A, B and B's successor
-    for worker, recs in by_worker.items():
-        versions = [v for _, _, v in sorted(recs)]
-        assert versions == sorted(versions), f"{worker!r}: model_version went down"
+    assert _versions_by_worker(sa) >= 3  # A, B and B's successor
     keys = {m.key for m in read_all(sa, sa.topic(sa.checkpoints_topic))}
     assert keys and all(k.startswith(f"{sa.app_id}/trainer/".encode()) for k in keys), keys
     print(f"\n[faults] scale-out: {len(events)} events, {with_target} examples trained once "

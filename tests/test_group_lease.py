@@ -9,6 +9,7 @@ import asyncio
 import time
 
 import pytest
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 
 from streams import faust_internals as fi
 from streams import group_lease
@@ -51,61 +52,69 @@ def test_a_rebalance_extends_the_lease_up_to_the_rebalance_timeout_until_the_joi
     assert lease.newest() == (1, 112.0 - MARGIN)
 
 
+class _SlowRevoke(ConsumerRebalanceListener):
+    """Revokes as Faust does with a batch in flight: only when it is done, here after longer
+    than a session timeout."""
+
+    def __init__(self) -> None:
+        self.revoked_for: list[float] = []
+
+    async def on_partitions_revoked(self, revoked):  # noqa: ANN001, ANN201
+        if revoked:
+            t0 = time.monotonic()
+            await asyncio.sleep(SESSION + 3)
+            self.revoked_for.append(time.monotonic() - t0)
+
+    async def on_partitions_assigned(self, assigned):  # noqa: ANN001, ANN201
+        pass
+
+
+async def _wait_until(cond, timeout: float = 60.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
+async def _join_during_a_slow_revoke(bootstrap: str, group: str) -> tuple[str, str]:
+    """c1 holds the group's partitions; c2 joins while c1's revocation takes longer than a
+    session. c1's member id before and after (aiokafka's coordinator, read by the test only)."""
+
+    def consumer() -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                                session_timeout_ms=int(SESSION * 1000),
+                                heartbeat_interval_ms=500, rebalance_timeout_ms=30_000)
+
+    slow = _SlowRevoke()
+    c1, c2 = consumer(), consumer()
+    c1.subscribe([group], listener=slow)
+    await c1.start()
+    try:
+        await _wait_until(lambda: c1.assignment())
+        member = c1._coordinator.member_id
+        c2.subscribe([group])
+        await c2.start()
+        await _wait_until(lambda: slow.revoked_for and c1.assignment() is not None
+                          and c1._coordinator.generation > 1 and c2.assignment())
+        return member, c1._coordinator.member_id
+    finally:
+        await c2.stop()
+        await c1.stop()
+
+
 @pytest.mark.kafka
 def test_a_member_whose_joingroup_waits_on_a_batch_stays_in_the_group_past_its_session(kafka):
     """c1 holds its partitions; c2 joins; c1's revocation (as Faust's, waiting for its batch)
     takes longer than a session timeout. Its heartbeats, answered REBALANCE_IN_PROGRESS,
     keep it in the group: it rejoins with the same member id, and the lease its proofs give
     covers the whole wait."""
-    from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
-
     group = f"lease-{time.monotonic_ns()}"
     create_topics(kafka.bootstrap, {group: {"partitions": 2, "replication": 1, "config": {}}})
     proofs: list[tuple[int, float, str]] = []
     fi.on_membership_proved(lambda g, gen, sent, proof: g == group and proofs.append(
         (gen, sent, proof)))
-    revoked_for: list[float] = []
-
-    class SlowRevoke(ConsumerRebalanceListener):
-        async def on_partitions_revoked(self, revoked):
-            if revoked:  # a batch in flight: longer than the session timeout
-                t0 = time.monotonic()
-                await asyncio.sleep(SESSION + 3)
-                revoked_for.append(time.monotonic() - t0)
-
-        async def on_partitions_assigned(self, assigned):
-            pass
-
-    def consumer() -> AIOKafkaConsumer:
-        return AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=group,
-                                session_timeout_ms=int(SESSION * 1000),
-                                heartbeat_interval_ms=500, rebalance_timeout_ms=30_000)
-
-    async def wait_for(cond, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            assert time.monotonic() < deadline, proofs
-            await asyncio.sleep(0.1)
-
-    async def run() -> tuple[str, str]:
-        c1 = consumer()
-        c1.subscribe([group], listener=SlowRevoke())
-        await c1.start()
-        c2 = consumer()
-        try:
-            await wait_for(lambda: c1.assignment())
-            member = c1._coordinator.member_id
-            c2.subscribe([group])
-            await c2.start()
-            await wait_for(lambda: revoked_for and c1.assignment() is not None
-                           and c1._coordinator.generation > 1 and c2.assignment())
-            return member, c1._coordinator.member_id
-        finally:
-            await c2.stop()
-            await c1.stop()
-
     try:
-        before, after = asyncio.run(run())
+        before, after = asyncio.run(_join_during_a_slow_revoke(kafka.bootstrap, group))
     finally:
         group_lease.install()  # the worker's callback again, for later tests in this process
     assert before == after  # not evicted
