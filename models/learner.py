@@ -108,8 +108,8 @@ def personal_step(cfg: LearnerConfig) -> PersonalStep:
 
 
 def alphas(cfg: LearnerConfig, pend: Pending) -> dict[str, float]:
-    return {u: cfg.alpha0 if pend.states[u].alpha is None else pend.states[u].alpha
-            for u in pend.users}
+    rules = {u: pend.states[u].rule for u in pend.users}
+    return {u: cfg.alpha0 if r.alpha is None else r.alpha for u, r in rules.items()}
 
 
 class OnlineLearner:

@@ -18,6 +18,7 @@ one the rule does not have is an error (`make_rule("fixed", alpha0=0.1, beta=2)`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Annotated, ClassVar
 
@@ -31,8 +32,29 @@ _rule = validated(frozen=True, config=ConfigDict(extra="forbid"))
 
 
 @dataclass
+class RuleRecord:
+    """One user's rule state, as the user's state keeps it (`alpha` None: α0, no step yet;
+    `loss_ema` None: no loss seen)."""
+
+    alpha: float | None = None
+    accum: float = 0.0
+    loss_ema: float | None = None
+    loss_var: float = 0.0
+    steps: int = 0
+
+
+@dataclass
 class RuleState:
-    """Per-user scalars a rule reads and writes (one entry per user of the batch)."""
+    """Per-user scalars a rule reads and writes (one entry per user of the batch): the
+    users' `RuleRecord`s side by side, so one rule step serves the whole batch.
+
+    >>> records = [RuleRecord(), RuleRecord(alpha=0.01, steps=3)]
+    >>> batch = RuleState.gather(records, alpha0=0.05)
+    >>> batch.alpha.tolist(), batch.steps.tolist()
+    ([0.05, 0.01], [0, 3])
+    >>> batch.steps += 1; batch.scatter(records); records[0].alpha, records[1].steps
+    (0.05, 4)
+    """
 
     alpha: np.ndarray  # current step size α_u
     accum: np.ndarray  # AdaGrad-Norm: running sum of ||g||²
@@ -49,6 +71,25 @@ class RuleState:
             loss_var=np.zeros(n),
             steps=np.zeros(n, dtype=np.int64),
         )
+
+    @classmethod
+    def gather(cls, records: Sequence[RuleRecord], alpha0: float) -> RuleState:
+        def column(name: str, missing: float) -> np.ndarray:
+            values = (getattr(r, name) for r in records)
+            return np.fromiter((missing if v is None else v for v in values), np.float64,
+                               len(records))
+
+        return cls(alpha=column("alpha", alpha0), accum=column("accum", 0.0),
+                   loss_ema=column("loss_ema", np.nan), loss_var=column("loss_var", 0.0),
+                   steps=np.array([r.steps for r in records], dtype=np.int64))
+
+    def scatter(self, records: Sequence[RuleRecord]) -> None:
+        """Write each user's entries back into its record (a NaN loss EMA as None)."""
+        for j, r in enumerate(records):
+            r.alpha, r.accum = float(self.alpha[j]), float(self.accum[j])
+            ema = float(self.loss_ema[j])
+            r.loss_ema, r.loss_var = (None if np.isnan(ema) else ema), float(self.loss_var[j])
+            r.steps = int(self.steps[j])
 
 
 def _update_loss_stats(state: RuleState, loss: np.ndarray, decay: float) -> np.ndarray:

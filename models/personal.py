@@ -62,23 +62,11 @@ class PersonalStep:
                states: Sequence[UserState], n_user: int) -> None:
         """The rule's step for users `idx`, written back into their states."""
         picked = [states[i] for i in idx]
-        rs = rule_state(picked, self.alpha0)
+        rs = RuleState.gather([st.rule for st in picked], self.alpha0)
         delta = self.rule.step(rs, grad[idx].astype(np.float64), loss[idx].astype(np.float64))
+        rs.scatter([st.rule for st in picked])
         for j, st in enumerate(picked):
             base = np.zeros(n_user, np.float32)
             if st.residual is not None:
                 base[: len(st.residual)] = st.residual[:n_user]
             st.residual = (base + delta[j]).astype(np.float32)
-            st.alpha, st.accum = float(rs.alpha[j]), float(rs.accum[j])
-            st.loss_ema, st.loss_var = float(rs.loss_ema[j]), float(rs.loss_var[j])
-            st.steps = int(rs.steps[j])
-
-
-def rule_state(states: Sequence[UserState], alpha0: float) -> RuleState:
-    return RuleState(
-        alpha=np.array([alpha0 if s.alpha is None else s.alpha for s in states]),
-        accum=np.array([s.accum for s in states]),
-        loss_ema=np.array([np.nan if s.loss_ema is None else s.loss_ema for s in states]),
-        loss_var=np.array([s.loss_var for s in states]),
-        steps=np.array([s.steps for s in states], dtype=np.int64),
-    )

@@ -10,12 +10,13 @@ skipped: the offsets are written in the same changelog record as the effect they
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import orjson
 
 from index.ids import item_hash
+from models.lr_rules import RuleRecord
 from models.seen import SeenItems
 
 #: 1: history, residual, rule state, offsets. 2: + `seen` (every item interacted with).
@@ -59,11 +60,7 @@ class UserState:
     ts: list[int] = field(default_factory=list)
     texts: list[str | None] = field(default_factory=list)
     residual: np.ndarray | None = None
-    alpha: float | None = None
-    accum: float = 0.0
-    loss_ema: float | None = None
-    loss_var: float = 0.0
-    steps: int = 0
+    rule: RuleRecord = field(default_factory=RuleRecord)  # the LR rule's own state
     n_events: int = 0
     offsets: dict[str, int] = field(default_factory=dict)
     seen: SeenItems = field(default_factory=SeenItems)
@@ -114,11 +111,7 @@ class UserState:
             "ts": self.ts,
             "texts": self.texts,
             "residual": None if self.residual is None else _b64(self.residual, _F32),
-            "alpha": self.alpha,
-            "accum": self.accum,
-            "loss_ema": self.loss_ema,
-            "loss_var": self.loss_var,
-            "steps": self.steps,
+            **asdict(self.rule),  # (flat in the wire form: alpha, accum, loss_ema, ...)
             "n_events": self.n_events,
             "offsets": self.offsets,
             "seen": self.seen.to_wire(),
@@ -142,11 +135,7 @@ class UserState:
             ts=d["ts"],
             texts=d["texts"],
             residual=None if res is None else _unb64(res, _F32).copy(),
-            alpha=d["alpha"],
-            accum=d["accum"],
-            loss_ema=d["loss_ema"],
-            loss_var=d["loss_var"],
-            steps=d["steps"],
+            rule=RuleRecord(**{f.name: d[f.name] for f in fields(RuleRecord)}),
             n_events=d["n_events"],
             offsets=d["offsets"],
             seen=seen,

@@ -40,7 +40,8 @@ def test_user_state_of_every_version(version):
     assert st.types == [1, 6, 4] and st.ts == [T0, T0 + 1000, T0 + 2000]
     np.testing.assert_allclose(st.text_vector(1), np.linspace(-1, 1, 8), atol=1e-3)
     np.testing.assert_array_equal(st.residual, [0.5, -0.25, 0.125, 1.0])
-    assert (st.alpha, st.accum, st.loss_ema, st.loss_var, st.steps, st.n_events) == \
+    r = st.rule
+    assert (r.alpha, r.accum, r.loss_ema, r.loss_var, r.steps, st.n_events) == \
         (0.0125, 4.5, 3.25, 0.5, 7, 3)
     assert st.offsets == {"0": 41, "3": 7} and st.already_applied(0, 41)
     # v1 knew only the history ring: that is what it counts as seen

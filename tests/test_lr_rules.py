@@ -350,4 +350,4 @@ def test_interest_change_raises_adaptive_alpha_again():
     before = alphas[-1]
     after = learner.learn_batch(batch(1), states).alphas["u"]
     assert after > 1.1 * before
-    assert states["u"].alpha == after
+    assert states["u"].rule.alpha == after

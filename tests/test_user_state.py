@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from models.lr_rules import RuleRecord
 from models.seen import item_keys
 from models.user_state import UserState
 
@@ -27,11 +28,7 @@ def _assert_same(a: UserState, b: UserState) -> None:
     else:
         assert b.residual is not None and b.residual.dtype == np.float32
         np.testing.assert_array_equal(a.residual.astype(np.float32), b.residual)
-    assert a.alpha == b.alpha
-    assert a.accum == b.accum
-    assert a.loss_ema == b.loss_ema
-    assert a.loss_var == b.loss_var
-    assert a.steps == b.steps
+    assert a.rule == b.rule
     assert a.n_events == b.n_events
     assert a.offsets == b.offsets
     assert a.seen == b.seen
@@ -45,7 +42,7 @@ def _full_state() -> UserState:
     s.append(None, 6, 1_700_000_001_000, q, 10)
     s.append("item-ü/2", 8, 1_700_000_002_000, None, 10)
     s.residual = rng.standard_normal(DIM).astype(np.float32)
-    s.alpha, s.accum, s.loss_ema, s.loss_var, s.steps = 0.0123, 4.5, 3.25, 0.5, 7
+    s.rule = RuleRecord(alpha=0.0123, accum=4.5, loss_ema=3.25, loss_var=0.5, steps=7)
     s.mark_applied(0, 41)
     s.mark_applied(3, 7)
     return s
@@ -78,7 +75,7 @@ def test_empty_and_fresh_state_round_trip():
     fresh = UserState()
     back = UserState.from_bytes(fresh.to_bytes())
     _assert_same(fresh, back)
-    assert back.residual is None and back.alpha is None and back.loss_ema is None
+    assert back.residual is None and back.rule == RuleRecord()
     assert back.last_ts == 0 and back.recent_items() == set() and len(back.seen) == 0
 
 
@@ -158,11 +155,9 @@ def user_states(draw) -> UserState:
         s.append(item, etype, ts, vec, H)
     if draw(st.booleans()):
         s.residual = np.asarray(draw(st.lists(_f32, min_size=DIM, max_size=DIM)), np.float32)
-    s.alpha = draw(st.one_of(st.none(), _finite))
-    s.accum = draw(_finite)
-    s.loss_ema = draw(st.one_of(st.none(), _finite))
-    s.loss_var = draw(_finite)
-    s.steps = draw(st.integers(0, 2**40))
+    s.rule = RuleRecord(alpha=draw(st.one_of(st.none(), _finite)), accum=draw(_finite),
+                        loss_ema=draw(st.one_of(st.none(), _finite)), loss_var=draw(_finite),
+                        steps=draw(st.integers(0, 2**40)))
     for part, off in draw(st.lists(st.tuples(st.integers(0, 63), st.integers(0, 2**62)),
                                    max_size=6)):
         s.mark_applied(part, off)
@@ -186,8 +181,8 @@ def test_round_trip_property(s: UserState):
 def test_nan_loss_ema_is_not_preserved_exactly():
     """JSON has no NaN: a NaN loss_ema comes back as None, which the learner reads as
     'no EMA yet' (the same meaning), so this is safe; documented here."""
-    s = UserState(loss_ema=math.nan)
-    assert UserState.from_bytes(s.to_bytes()).loss_ema is None
+    s = UserState(rule=RuleRecord(loss_ema=math.nan))
+    assert UserState.from_bytes(s.to_bytes()).rule.loss_ema is None
 
 
 @pytest.mark.parametrize("bad", [b"{", b"[]"])
