@@ -263,10 +263,12 @@ class TrainerService:
         """A new version (a delta, or a base when due), or a heartbeat when nothing moved."""
         pending = self.trainer.take_pending()  # every rank: they all hold the same counts
         changed = self._dirty or pending.touched or pending.covis
-        covered = dict(self.trainer.counted)
-        if self.sync.world > 1:  # each rank counts its own source partitions' positions
-            for theirs in self.sync.all_gather(covered):  # type: ignore[attr-defined]
-                covered.update(theirs)
+        covered, trained = dict(self.trainer.counted), self.trainer.trained
+        if self.sync.world > 1:  # each rank counts its own source partitions and examples
+            trained = 0
+            for counted, n in self.sync.all_gather((covered, trained)):  # type: ignore
+                covered.update(counted)
+                trained += n
         if not self.leader:
             self._dirty = False
             return
@@ -276,7 +278,6 @@ class TrainerService:
         t0 = time.perf_counter()
         self.version += 1
         self.model.version = self.version
-        trained = self.trainer.trained
         if base:
             data = await asyncio.to_thread(encode_base, self.model, covered, trained)
         else:
