@@ -175,6 +175,28 @@ def run_level(s: Settings, worker: WorkerProcess, tail: LatencyTail, producer: A
     pids = {"worker": worker.proc.pid, "broker": broker_pid}
     before = take_sample(worker, pids)
     i0 = tail.count
+    wall0, wall1, send_s = _send_paced(s, worker, producer, events, n, rate, bar, task)
+    at_end = take_sample(worker, pids)
+    # let the worker finish this level's events and the tail read their recommendations
+    bar.update(task, completed=n, info="draining")
+    t_drain = time.monotonic()
+    worker.wait_for("streamrec_events_total", before.events + n, timeout=120 + n / max_eps)
+    after = settle(worker, tail, i0, before, pids)
+    drain_s = time.monotonic() - t_drain
+    i1 = tail.count
+    recv = np.array(tail.recv_ms[i0:i1])
+    src = np.array(tail.src_ms[i0:i1], dtype=np.float64)
+    keep = (src >= wall0 + warmup_s * 1000) & (src <= wall1)
+    lat = recv[keep] - src[keep]
+    result = _level_result(load, rate, n, send_s, drain_s, lat, i1 - i0, before, at_end, after,
+                           worker)
+    bar.update(task, info=f"{result['eps']:,.0f}/s, p99 {result['p99_ms']:.0f} ms")
+    return result
+
+
+def _send_paced(s: Settings, worker: WorkerProcess, producer: Any, events: BenchEvents, n: int,
+                rate: float, bar: Progress, task: Any) -> tuple[float, float, float]:
+    """A level's publishing phase: `n` events paced at `rate`/s, stamped as sent."""
     topic = s.topic(s.events_topic)
     failures: list[BaseException] = []
     it = events.take(n, now_ms=lambda: time.time() * 1000)
@@ -196,18 +218,13 @@ def run_level(s: Settings, worker: WorkerProcess, tail: LatencyTail, producer: A
     wall1 = time.time() * 1000
     if failures:
         raise RuntimeError(f"{len(failures)} events not acknowledged: {failures[0]!r}")
-    at_end = take_sample(worker, pids)
-    # let the worker finish this level's events and the tail read their recommendations
-    bar.update(task, completed=n, info="draining")
-    t_drain = time.monotonic()
-    worker.wait_for("streamrec_events_total", before.events + n, timeout=120 + n / max_eps)
-    after = settle(worker, tail, i0, before, pids)
-    drain_s = time.monotonic() - t_drain
-    i1 = tail.count
-    recv = np.array(tail.recv_ms[i0:i1])
-    src = np.array(tail.src_ms[i0:i1], dtype=np.float64)
-    keep = (src >= wall0 + warmup_s * 1000) & (src <= wall1)
-    lat = recv[keep] - src[keep]
+    return wall0, wall1, send_s
+
+
+def _level_result(load: float, rate: float, n: int, send_s: float, drain_s: float,
+                  lat: np.ndarray, recommendations: int, before: Sample, at_end: Sample,
+                  after: Sample, worker: WorkerProcess) -> dict:
+    """A level's row of latency.json: the latency percentiles and the worker's own view."""
 
     def pct(q: float) -> float:
         return round(float(np.percentile(lat, q)), 1) if len(lat) else float("nan")
@@ -216,7 +233,7 @@ def run_level(s: Settings, worker: WorkerProcess, tail: LatencyTail, producer: A
         return round(hist_quantile(before.e2r_buckets, after.e2r_buckets, q) * 1000, 1)
 
     wall = max(at_end.t - before.t, 1e-9)
-    result = {
+    return {
         "load": load,
         "target_eps": round(rate, 1),
         "eps": round(n / send_s, 1),
@@ -226,7 +243,7 @@ def run_level(s: Settings, worker: WorkerProcess, tail: LatencyTail, producer: A
         "mean_ms": round(float(lat.mean()), 1) if len(lat) else float("nan"),
         "max_ms": round(float(lat.max()), 1) if len(lat) else float("nan"),
         "n": int(len(lat)),
-        "recommendations": int(i1 - i0),
+        "recommendations": int(recommendations),
         "processed_eps": round((at_end.events - before.events) / wall, 1),
         "backlog_at_end": int(before.events + n - at_end.events),
         "drain_s": round(drain_s, 2),
@@ -237,8 +254,6 @@ def run_level(s: Settings, worker: WorkerProcess, tail: LatencyTail, producer: A
         "worker_rss_mb": round(rss_mb(worker.proc.pid), 1),
         "dlq": int(after.dlq - before.dlq),
     }
-    bar.update(task, info=f"{result['eps']:,.0f}/s, p99 {result['p99_ms']:.0f} ms")
-    return result
 
 
 def settle(worker: WorkerProcess, tail: LatencyTail, i0: int, before: Sample,
@@ -320,7 +335,8 @@ def plot(doc: dict, path: Path) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def _parse_args() -> tuple[argparse.Namespace, dict[str, str], list[float]]:
+    """The command line: the options, the worker's extra environment and the load levels."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-eps", type=float, default=None,
                     help="the worker's maximum rate (default: throughput.json, else measured)")
@@ -347,13 +363,11 @@ def main() -> None:
     loads = [float(x) for x in args.loads.split(",") if x.strip()]
     if not loads or any(not 0 < x for x in loads):
         ap.error("--loads: positive fractions, e.g. 0.25,0.5,0.75")
-    warmup_s = min(args.warmup_s, args.seconds / 4)
-    # The publisher and the recommendation consumer are threads of this process: hand the GIL
-    # over sooner than the default 5 ms so a receive time is taken close to the arrival.
-    sys.setswitchinterval(0.001)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    return args, extra_env, loads
 
+
+def _workload(args: argparse.Namespace, out: Path) -> tuple[float | None, str, int, int]:
+    """Max rate, items and users: the options, else throughput.json's, else defaults."""
     max_eps, source, tp_doc = args.max_eps, "--max-eps", None
     if max_eps is None and (out / "throughput.json").exists():
         tp_doc = orjson.loads((out / "throughput.json").read_bytes())
@@ -363,11 +377,16 @@ def main() -> None:
             tp_doc = None
     items = args.items or (tp_doc or {}).get("items") or DEFAULT_ITEMS
     users = args.users or (tp_doc or {}).get("users") or DEFAULT_USERS
+    return max_eps, source, items, users
 
+
+def _measure(args: argparse.Namespace, out: Path, info: dict, items: int, users: int,
+             extra_env: dict[str, str], loads: list[float], warmup_s: float,
+             max_eps: float | None, source: str
+             ) -> tuple[float | None, str, dict | None, list[dict]]:
+    """The measured part: broker, worker, catalog and consumer up, then every level."""
     from streams.broker import EmbeddedKafka
 
-    t_begin = time.monotonic()
-    info = machine()
     stamp = f"{int(time.time())}"
     levels: list[dict] = []
     probe: dict | None = None
@@ -391,26 +410,43 @@ def main() -> None:
             tail.start()
             if not tail.assigned.wait(60):
                 raise RuntimeError(f"recommendation consumer not assigned: {tail.error!r}")
-            columns = (TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[info]}"), TimeElapsedColumn())
             # one producer for every level, connected before the first event is stamped
             producer = kafka_producer(s)
             producer.partitions_for(s.topic(s.events_topic))
-            with Progress(*columns, console=console) as bar:
-                if max_eps is None:
-                    probe = probe_max(s, worker, tail, events, args.probe_events, kafka.pid,
-                                      bar)
-                    max_eps, source = probe["eps"], f"a {args.probe_events:,}-event drain"
-                for load in loads:
-                    levels.append(run_level(s, worker, tail, producer, events, load, max_eps,
-                                            args.seconds, warmup_s, kafka.pid, bar))
+            max_eps, source, probe = _run_levels(s, worker, tail, producer, events, kafka.pid,
+                                                 args, loads, warmup_s, max_eps, source, levels)
         finally:
             if producer is not None:
                 producer.close()
             tail.stop()
             worker.stop()
+    return max_eps, source, probe, levels
 
-    doc = {
+
+def _run_levels(s: Settings, worker: WorkerProcess, tail: LatencyTail, producer: Any,
+                events: BenchEvents, broker_pid: int | None, args: argparse.Namespace,
+                loads: list[float], warmup_s: float, max_eps: float | None, source: str,
+                levels: list[dict]) -> tuple[float, str, dict | None]:
+    """Under one progress display: the max-rate probe if needed, then each level."""
+    probe: dict | None = None
+    columns = (TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        if max_eps is None:
+            probe = probe_max(s, worker, tail, events, args.probe_events, broker_pid, bar)
+            max_eps, source = probe["eps"], f"a {args.probe_events:,}-event drain"
+        for load in loads:
+            levels.append(run_level(s, worker, tail, producer, events, load, max_eps,
+                                    args.seconds, warmup_s, broker_pid, bar))
+    return max_eps, source, probe
+
+
+def _document(args: argparse.Namespace, max_eps: float | None, source: str,
+              probe: dict | None, levels: list[dict], warmup_s: float,
+              extra_env: dict[str, str], items: int, users: int, info: dict,
+              t_begin: float) -> dict:
+    """The contents of latency.json, the targets' verdicts included."""
+    return {
         "benchmark": "latency",
         "max_eps": max_eps,
         "max_eps_source": source,
@@ -430,6 +466,11 @@ def main() -> None:
         "machine": info,
         "wall_s": round(time.monotonic() - t_begin, 1),
     }
+
+
+def _report(doc: dict, out: Path) -> None:
+    """Results out: latency.json and latency.png written, the table and the verdicts printed."""
+    levels = doc["levels"]
     (out / "latency.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     plot(doc, out / "latency.png")
     print_table(doc)
@@ -443,6 +484,24 @@ def main() -> None:
                           f"{_verdict(lv['p99_ms'], ms).upper()}")
     console.print(f"wall time {doc['wall_s']:.0f}s; results in {out}/latency.json, "
                   f"{out}/latency.png")
+
+
+def main() -> None:
+    args, extra_env, loads = _parse_args()
+    warmup_s = min(args.warmup_s, args.seconds / 4)
+    # The publisher and the recommendation consumer are threads of this process: hand the GIL
+    # over sooner than the default 5 ms so a receive time is taken close to the arrival.
+    sys.setswitchinterval(0.001)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    max_eps, source, items, users = _workload(args, out)
+    t_begin = time.monotonic()
+    info = machine()
+    max_eps, source, probe, levels = _measure(args, out, info, items, users, extra_env, loads,
+                                              warmup_s, max_eps, source)
+    doc = _document(args, max_eps, source, probe, levels, warmup_s, extra_env, items, users,
+                    info, t_begin)
+    _report(doc, out)
 
 
 if __name__ == "__main__":

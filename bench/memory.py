@@ -48,7 +48,7 @@ from bench._common import (
     save_figure,
     worker_env,
 )
-from evaluation.synthetic import make_world
+from evaluation.synthetic import SyntheticWorld, make_world
 from models.config import EVENT_TYPE_IDS, LearnerConfig
 from models.user_state import UserState
 from streams.catalog import encode_item_vector
@@ -389,7 +389,8 @@ def plot(doc: dict, path: Path) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def _parse_args() -> tuple[argparse.Namespace, dict[str, str]]:
+    """The command line: the options and the worker's extra environment."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", type=int, default=1_000_000, help="users with pre-loaded state")
     ap.add_argument("--items", type=int, default=100_000,
@@ -413,11 +414,12 @@ def main() -> None:
         extra_env = worker_env(args.worker_env)
     except ValueError as exc:
         ap.error(str(exc))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_begin = time.monotonic()
-    info = machine()
+    return args, extra_env
 
+
+def _part1_state_sizes(args: argparse.Namespace, info: dict) -> tuple[
+        LearnerConfig, tuple[int, int], SyntheticWorld, dict, list[bytes]]:
+    """Part 1 (no broker): state sizes, and the pre-loaded states of part 2."""
     cfg = LearnerConfig()
     dims = model_dims(cfg)
     world = make_world(args.items, n_topics=16, seed=1)
@@ -431,12 +433,15 @@ def main() -> None:
                             cfg.history_len, {}).to_bytes() for _ in range(args.templates)]
     sizes["preloaded"] = stats([len(t) for t in templates])
     console.print(f"state sizes: {sizes}; load average {info['loadavg_1m_at_start']}")
+    return cfg, dims, world, sizes, templates
 
+
+def _part2_worker(args: argparse.Namespace, out: Path, extra_env: dict[str, str],
+                  world: SyntheticWorld, dims: tuple[int, int], templates: list[bytes],
+                  trace: list[list]) -> tuple[Settings, dict[str, Any]]:
+    """Part 2: broker, item vectors, --baseline, users' states, measured worker."""
     from streams.broker import EmbeddedKafka
 
-    trace: list[list] = []
-    baseline_rss = baseline_peak = None
-    baseline: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="streamrec-memory-") as tmp_s, \
             EmbeddedKafka() as kafka:
         tmp = Path(tmp_s)
@@ -452,54 +457,78 @@ def main() -> None:
         console.print(f"broker {kafka.bootstrap} (pid {kafka.pid}); data {kafka.data_dir}")
         _, items_s = load(s, s.topic(s.item_vectors_topic),
                           item_vector_records(world.items, dims[1]), args.items, "item vectors")
-
-        if args.baseline:
-            b = Settings(app_id="memory-baseline", data_dir=tmp / "baseline",
-                         metrics_port=free_port(), **common)
-            first_snapshot(b, out / "memory-baseline-trainer.log")
-            bw = WorkerProcess(b, out / "memory-baseline-worker.log", extra_env)
-            try:
-                baseline = start_worker(bw, "baseline", args.startup_timeout, trace)
-                assert bw.proc is not None
-                baseline_rss = round(rss_mb(bw.proc.pid), 1)
-                baseline_peak = round(peak_rss_mb(bw.proc.pid), 1)
-            finally:
-                bw.stop()
-
+        baseline_rss, baseline_peak, baseline = (
+            _baseline(args, out, extra_env, tmp, common, trace) if args.baseline
+            else (None, None, {}))
         events = BenchEvents(world, args.users, seed=2)
         changelog_bytes, preload_s = load(s, changelog,
                                           state_records(events.user_ids, templates),
                                           args.users, "user states")
         changelog_disk = disk_mb(kafka.data_dir / "logs", changelog)
-
-        log_path = out / "memory-worker.log"
-        log_path.unlink(missing_ok=True)
-        first_snapshot(s, out / "memory-trainer.log")
-        worker = WorkerProcess(s, log_path, extra_env)
-        try:
-            marks = start_worker(worker, "worker", args.startup_timeout, trace)
-            assert worker.proc is not None
-            pid = worker.proc.pid
-            rss_ready = round(rss_mb(pid), 1)
-            rocks_ready = disk_mb(s.data_dir)
-            m = worker.metrics()
-            n_index = int(total(m, "streamrec_index_items"))
-            console.print(f"ready: RSS {rss_ready:,.0f} MB, RocksDB {rocks_ready:,.0f} MB, "
-                          f"{n_index:,} items in the index, marks {marks}")
-            ev = run_events(s, worker, events, args.events, args.events_timeout, trace,
-                            trace[-1][0] if trace else 0.0)
-            rss_events = round(rss_mb(pid), 1)
-            peak = round(peak_rss_mb(pid), 1)
-        finally:
-            worker.stop()
+        meas = _measured_worker(args, out, extra_env, s, events, trace)
         rocks_end = disk_mb(s.data_dir)
+    return s, {**meas, "items_s": items_s, "baseline_rss": baseline_rss,
+               "baseline_peak": baseline_peak, "baseline": baseline,
+               "changelog_bytes": changelog_bytes, "preload_s": preload_s,
+               "changelog_disk": changelog_disk, "rocks_end": rocks_end}
 
+
+def _baseline(args: argparse.Namespace, out: Path, extra_env: dict[str, str], tmp: Path,
+              common: dict[str, Any], trace: list[list]
+              ) -> tuple[float, float, dict[str, float]]:
+    """--baseline: a worker with the catalog and no users, for the RSS users add."""
+    b = Settings(app_id="memory-baseline", data_dir=tmp / "baseline",
+                 metrics_port=free_port(), **common)
+    first_snapshot(b, out / "memory-baseline-trainer.log")
+    bw = WorkerProcess(b, out / "memory-baseline-worker.log", extra_env)
+    try:
+        baseline = start_worker(bw, "baseline", args.startup_timeout, trace)
+        assert bw.proc is not None
+        baseline_rss = round(rss_mb(bw.proc.pid), 1)
+        baseline_peak = round(peak_rss_mb(bw.proc.pid), 1)
+    finally:
+        bw.stop()
+    return baseline_rss, baseline_peak, baseline
+
+
+def _measured_worker(args: argparse.Namespace, out: Path, extra_env: dict[str, str],
+                     s: Settings, events: BenchEvents, trace: list[list]) -> dict[str, Any]:
+    """The measured worker: recovery of every state, RSS, then the events."""
+    log_path = out / "memory-worker.log"
+    log_path.unlink(missing_ok=True)
+    first_snapshot(s, out / "memory-trainer.log")
+    worker = WorkerProcess(s, log_path, extra_env)
+    try:
+        marks = start_worker(worker, "worker", args.startup_timeout, trace)
+        assert worker.proc is not None
+        pid = worker.proc.pid
+        rss_ready = round(rss_mb(pid), 1)
+        rocks_ready = disk_mb(s.data_dir)
+        m = worker.metrics()
+        n_index = int(total(m, "streamrec_index_items"))
+        console.print(f"ready: RSS {rss_ready:,.0f} MB, RocksDB {rocks_ready:,.0f} MB, "
+                      f"{n_index:,} items in the index, marks {marks}")
+        ev = run_events(s, worker, events, args.events, args.events_timeout, trace,
+                        trace[-1][0] if trace else 0.0)
+        rss_events = round(rss_mb(pid), 1)
+        peak = round(peak_rss_mb(pid), 1)
+    finally:
+        worker.stop()
+    return {"marks": marks, "rss_ready": rss_ready, "rocks_ready": rocks_ready,
+            "n_index": n_index, "ev": ev, "rss_events": rss_events, "peak": peak}
+
+
+def _document(args: argparse.Namespace, cfg: LearnerConfig, dims: tuple[int, int],
+              sizes: dict, s: Settings, m: dict[str, Any], extra_env: dict[str, str],
+              trace: list[list], info: dict, t_begin: float) -> dict:
+    """The contents of memory.json, from part 1's sizes and part 2's measurements `m`."""
+    marks, baseline_rss = m["marks"], m["baseline_rss"]
     recovery_s = max(marks["recovered_s"] - marks.get("web_s", 0.0), 1e-9)
-    doc = {
+    return {
         "benchmark": "memory",
         "users": args.users,
         "items": args.items,
-        "index_items": n_index,
+        "index_items": m["n_index"],
         "index_kind": index_kind(s, args.items),
         "history_len": cfg.history_len,
         "residual_dim": dims[0],
@@ -507,32 +536,36 @@ def main() -> None:
         "text_share": args.text_share,
         "state_bytes": sizes,
         "bytes_per_user_mean": sizes["preloaded"]["mean"],
-        "changelog_bytes": changelog_bytes,
-        "changelog_disk_mb": round(changelog_disk, 1),
-        "rocksdb_mb": round(rocks_ready, 1),
-        "rocksdb_mb_end": round(rocks_end, 1),
+        "changelog_bytes": m["changelog_bytes"],
+        "changelog_disk_mb": round(m["changelog_disk"], 1),
+        "rocksdb_mb": round(m["rocks_ready"], 1),
+        "rocksdb_mb_end": round(m["rocks_end"], 1),
         "baseline_rss_mb": baseline_rss,
-        "baseline_peak_rss_mb": baseline_peak,
-        "baseline_startup": baseline,
-        "rss_ready_mb": rss_ready,
-        "rss_after_events_mb": rss_events,
-        "peak_rss_mb": peak,
-        "rss_per_user_bytes": (round((rss_ready - baseline_rss) * 2**20 / args.users, 1)
+        "baseline_peak_rss_mb": m["baseline_peak"],
+        "baseline_startup": m["baseline"],
+        "rss_ready_mb": m["rss_ready"],
+        "rss_after_events_mb": m["rss_events"],
+        "peak_rss_mb": m["peak"],
+        "rss_per_user_bytes": (round((m["rss_ready"] - baseline_rss) * 2**20 / args.users, 1)
                                if baseline_rss else None),
         "startup_s": marks["recovered_s"],
         "index_ready_s": marks["index_s"],
         "web_s": marks.get("web_s"),
         "recovery_s": round(recovery_s, 1),
         "recovery_records_per_s": round(args.users / recovery_s, 1),
-        "item_vectors_publish_s": round(items_s, 1),
-        "preload_s": round(preload_s, 1),
-        "preload_records_per_s": round(args.users / max(preload_s, 1e-9), 1),
-        **ev,
+        "item_vectors_publish_s": round(m["items_s"], 1),
+        "preload_s": round(m["preload_s"], 1),
+        "preload_records_per_s": round(args.users / max(m["preload_s"], 1e-9), 1),
+        **m["ev"],
         "worker_env": extra_env,
         "rss_trace": trace,
         "machine": info,
         "wall_s": round(time.monotonic() - t_begin, 1),
     }
+
+
+def _report(doc: dict, ev: dict[str, Any], out: Path) -> None:
+    """Results out: memory.json and memory.png written, the tables printed."""
     (out / "memory.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     plot(doc, out / "memory.png")
     print_tables(doc)
@@ -542,6 +575,19 @@ def main() -> None:
                       f"({ev['events_dlq']:,} DLQ, {ev['events_duplicate']:,} duplicate)[/]")
     console.print(f"wall time {doc['wall_s']:.0f}s; results in {out}/memory.json, "
                   f"{out}/memory.png")
+
+
+def main() -> None:
+    args, extra_env = _parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_begin = time.monotonic()
+    info = machine()
+    cfg, dims, world, sizes, templates = _part1_state_sizes(args, info)
+    trace: list[list] = []
+    s, m = _part2_worker(args, out, extra_env, world, dims, templates, trace)
+    doc = _document(args, cfg, dims, sizes, s, m, extra_env, trace, info, t_begin)
+    _report(doc, m["ev"], out)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from streams.clients import kafka_producer
 from streams.demo import free_port
 from streams.publish import publish_items
 from streams.settings import Settings
-from streams.supervisor import WorkerProcess, total
+from streams.supervisor import Samples, WorkerProcess, total
 from streams.topics import ensure_topics
 
 
@@ -78,7 +78,8 @@ def plot(samples: list[dict], warmup_s: float, path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
+    """The command line: duration, rate, sampling, workload size and --out."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=10.0, help="stream duration")
     ap.add_argument("--rate", type=float, default=200.0, help="events per second")
@@ -88,14 +89,12 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=1000, help="catalog size")
     ap.add_argument("--users", type=int, default=2000, help="distinct users")
     ap.add_argument("--out", default="bench/out")
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    duration = args.minutes * 60
-    warmup_s = min(args.warmup_s, duration / 4)
-    n_events = int(duration * args.rate)
-    t_begin = time.monotonic()
+    return ap.parse_args()
 
+
+def _soak(args: argparse.Namespace, out: Path, n_events: int, t_begin: float
+          ) -> tuple[list[dict], float, Samples, bool]:
+    """The run: broker, catalog and worker up, the paced stream, then the drain."""
     with tempfile.TemporaryDirectory(prefix="streamrec-soak-") as tmp, EmbeddedKafka() as kafka:
         s = Settings(broker=kafka.url, app_id="soak", topic_prefix="soak.",
                      data_dir=Path(tmp) / "worker", metrics_port=free_port(),
@@ -127,7 +126,11 @@ def main() -> None:
             alive = worker.proc.poll() is None
         finally:
             worker.stop()
+    return samples, drain_s, final, alive
 
+
+def _rss_trend(samples: list[dict], warmup_s: float, duration: float) -> dict:
+    """The leak analysis: RSS after warm-up and at the end, and the slopes over the run."""
     post = [(p["t_s"], p["rss_mb"]) for p in samples if p["t_s"] >= warmup_s]
     start_rss = post[0][1] if post else float("nan")
     end_rss = samples[-1]["rss_mb"] if samples else float("nan")
@@ -141,7 +144,16 @@ def main() -> None:
     # slope steep; a leak keeps its slope, so the second half is the telling part
     late = [(t, v) for t, v in post if t >= duration / 2]
     late_slope = slope_per_hour(late)
-    doc = {
+    return {"post": post, "start_rss": start_rss, "end_rss": end_rss, "slope": slope,
+            "net_slope": net_slope, "covis": covis, "late": late, "late_slope": late_slope}
+
+
+def _document(args: argparse.Namespace, n_events: int, final: Samples, drain_s: float,
+              alive: bool, warmup_s: float, samples: list[dict], r: dict,
+              t_begin: float) -> dict:
+    """The contents of soak.json, from the run and its RSS trend `r`."""
+    late = r["late"]
+    return {
         "benchmark": "soak",
         "minutes": args.minutes,
         "rate_per_s": args.rate,
@@ -153,34 +165,54 @@ def main() -> None:
         "worker_alive_at_end": alive,
         "warmup_s": warmup_s,
         "sample_s": args.sample_s,
-        "rss_start_mb": round(start_rss, 1),
-        "rss_end_mb": round(end_rss, 1),
+        "rss_start_mb": round(r["start_rss"], 1),
+        "rss_end_mb": round(r["end_rss"], 1),
         "rss_max_mb": round(max((p["rss_mb"] for p in samples), default=float("nan")), 1),
-        "rss_slope_mb_per_hour": round(slope, 1),
-        "rss_slope_second_half_mb_per_hour": round(late_slope, 1),
+        "rss_slope_mb_per_hour": round(r["slope"], 1),
+        "rss_slope_second_half_mb_per_hour": round(r["late_slope"], 1),
         "rss_second_half_mb": [late[0][1], late[-1][1]] if late else None,
-        "covisit_mb_start": covis[0],
-        "covisit_mb_end": covis[-1],
-        "rss_net_of_covisit_slope_mb_per_hour": round(net_slope, 1),
+        "covisit_mb_start": r["covis"][0],
+        "covisit_mb_end": r["covis"][-1],
+        "rss_net_of_covisit_slope_mb_per_hour": round(r["net_slope"], 1),
         "samples": samples,
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
         "wall_s": round(time.monotonic() - t_begin, 1),
     }
+
+
+def _report(args: argparse.Namespace, doc: dict, r: dict, n_events: int, drain_s: float,
+            alive: bool, warmup_s: float, out: Path) -> None:
+    """Results out: soak.json and soak.png written, the events and the RSS trend printed."""
+    samples, slope, late, covis = doc["samples"], r["slope"], r["late"], r["covis"]
     (out / "soak.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     plot(samples, warmup_s, out / "soak.png",
          f"Worker RSS, {args.rate:g} events/s for {args.minutes:g} min "
          f"(slope {slope:+.1f} MB/h after warm-up)")
     print(f"events: sent {n_events}, consumed {doc['events_consumed']:.0f}, applied "
           f"{doc['events_applied']:.0f} (drain {drain_s:.0f}s); worker alive: {alive}")
-    print(f"RSS after warm-up ({warmup_s:.0f}s): {start_rss:.1f} MB; at end: {end_rss:.1f} MB; "
-          f"max {doc['rss_max_mb']} MB; slope {slope:+.1f} MB/hour "
-          f"({len(post)} samples)")
+    print(f"RSS after warm-up ({warmup_s:.0f}s): {r['start_rss']:.1f} MB; at end: "
+          f"{r['end_rss']:.1f} MB; max {doc['rss_max_mb']} MB; slope {slope:+.1f} MB/hour "
+          f"({len(r['post'])} samples)")
     if late:
         print(f"second half ({late[0][0] / 60:.0f}-{late[-1][0] / 60:.0f} min): RSS "
-              f"{late[0][1]:.1f} -> {late[-1][1]:.1f} MB, slope {late_slope:+.1f} MB/hour")
+              f"{late[0][1]:.1f} -> {late[-1][1]:.1f} MB, slope {r['late_slope']:+.1f} MB/hour")
     print(f"co-visitation counts: {covis[0]:.1f} MB after warm-up, {covis[-1]:.1f} MB at end; "
-          f"RSS net of them: slope {net_slope:+.1f} MB/hour")
+          f"RSS net of them: slope {r['net_slope']:+.1f} MB/hour")
     print(f"wall time {doc['wall_s']:.0f}s; results in {out}/soak.json, {out}/soak.png")
+
+
+def main() -> None:
+    args = _parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    duration = args.minutes * 60
+    warmup_s = min(args.warmup_s, duration / 4)
+    n_events = int(duration * args.rate)
+    t_begin = time.monotonic()
+    samples, drain_s, final, alive = _soak(args, out, n_events, t_begin)
+    r = _rss_trend(samples, warmup_s, duration)
+    doc = _document(args, n_events, final, drain_s, alive, warmup_s, samples, r, t_begin)
+    _report(args, doc, r, n_events, drain_s, alive, warmup_s, out)
 
 
 def run_stream(s: Settings, worker: WorkerProcess, stream: SyntheticStream, n_events: int,

@@ -69,7 +69,7 @@ from bench._common import (
     start_worker,
     worker_env,
 )
-from evaluation.synthetic import make_world
+from evaluation.synthetic import SyntheticWorld, make_world
 from streams.clients import aio_options, faust_credentials
 from streams.demo import free_port
 from streams.metrics import STAGES
@@ -425,7 +425,8 @@ def plot(doc: dict, path: Path) -> None:
 # =========================================================================== main
 
 
-def main() -> None:
+def _parse_args() -> tuple[argparse.Namespace, dict[str, str]]:
+    """The command line (--stage: a child) and the worker's extra environment."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=200_000, help="backlog size")
     ap.add_argument("--users", type=int, default=100_000, help="distinct users in the backlog")
@@ -443,23 +444,20 @@ def main() -> None:
     ap.add_argument("--stage", choices=("raw", "faust"), help=argparse.SUPPRESS)
     ap.add_argument("--stage-config", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.stage:
-        cfg = orjson.loads(args.stage_config)
-        (raw_stage if args.stage == "raw" else faust_stage)(cfg)
-        return
-
-    from streams.broker import EmbeddedKafka
-
+    if args.stage:  # a child stage (a) or (b): no worker
+        return args, {}
     try:
         extra_env = worker_env(args.worker_env)
     except ValueError as exc:
         ap.error(str(exc))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_begin = time.monotonic()
-    info = machine()
-    stamp = f"{int(time.time())}"
-    runs: dict[str, dict | None] = {"raw": None, "faust": None, "pipeline": None}
+    return args, extra_env
+
+
+def _measure(args: argparse.Namespace, out: Path, info: dict, stamp: str,
+             extra_env: dict[str, str]
+             ) -> tuple[dict[str, dict | None], int, float | None, float | None]:
+    """The measured part: broker, topics and the backlog, then the three drains."""
+    from streams.broker import EmbeddedKafka
 
     with tempfile.TemporaryDirectory(prefix="streamrec-throughput-") as tmp_s, \
             EmbeddedKafka() as kafka:
@@ -484,32 +482,47 @@ def main() -> None:
                        total=args.events, label="backlog")
         console.print(f"backlog: {sent:,} events in {events_topic} "
                       f"({min(args.events, args.users):,} distinct users)")
-
-        child = {"broker": kafka.url, "broker_pid": kafka.pid, "topic": events_topic,
-                 "expected": sent, "max_seconds": args.max_seconds}
-        child_timeout = args.max_seconds + 180
-        columns = (TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-        with Progress(*columns, console=console) as bar:
-            if not args.skip_raw:
-                runs["raw"] = run_child("raw", {**child, "group": f"tp-raw-{stamp}",
-                                                "out_topic": scratch},
-                                        tmp, out / "throughput-raw.log", bar, child_timeout)
-            if not args.skip_faust:
-                runs["faust"] = run_child("faust", {**child, "group": f"tp-faust-{stamp}",
-                                                    "datadir": str(tmp / "faust")},
-                                          tmp, out / "throughput-faust.log", bar,
-                                          child_timeout)
-            runs["pipeline"] = run_pipeline(kafka.pid, pipe, prep, world, sent,
-                                            args.max_seconds, out, bar, extra_env)
+        runs = _run_all(args, out, tmp, stamp, kafka.url, kafka.pid, pipe, prep, world, sent,
+                        scratch, extra_env)
         broker_rss = round(rss_mb(kafka.pid), 1) if kafka.pid else None
         broker_cpu_s = round(cpu_seconds(kafka.pid), 1) if kafka.pid else None
+    return runs, sent, broker_rss, broker_cpu_s
 
+
+def _run_all(args: argparse.Namespace, out: Path, tmp: Path, stamp: str, broker_url: str,
+             broker_pid: int | None, pipe: Settings, prep: Settings, world: SyntheticWorld,
+             sent: int, scratch: str, extra_env: dict[str, str]) -> dict[str, dict | None]:
+    """The drains under one progress display: (a) and (b) unless skipped, then (c)."""
+    runs: dict[str, dict | None] = {"raw": None, "faust": None, "pipeline": None}
+    child = {"broker": broker_url, "broker_pid": broker_pid, "topic": pipe.topic(pipe.events_topic),
+             "expected": sent, "max_seconds": args.max_seconds}
+    child_timeout = args.max_seconds + 180
+    columns = (TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        if not args.skip_raw:
+            runs["raw"] = run_child("raw", {**child, "group": f"tp-raw-{stamp}",
+                                            "out_topic": scratch},
+                                    tmp, out / "throughput-raw.log", bar, child_timeout)
+        if not args.skip_faust:
+            runs["faust"] = run_child("faust", {**child, "group": f"tp-faust-{stamp}",
+                                                "datadir": str(tmp / "faust")},
+                                      tmp, out / "throughput-faust.log", bar,
+                                      child_timeout)
+        runs["pipeline"] = run_pipeline(broker_pid, pipe, prep, world, sent,
+                                        args.max_seconds, out, bar, extra_env)
+    return runs
+
+
+def _document(args: argparse.Namespace, sent: int, runs: dict[str, dict | None],
+              broker_rss: float | None, broker_cpu_s: float | None,
+              extra_env: dict[str, str], info: dict, t_begin: float) -> dict:
+    """The contents of throughput.json: the rates, their ratios and the targets' verdicts."""
     raw_eps = runs["raw"]["eps"] if runs["raw"] else None
     faust_eps = runs["faust"]["eps"] if runs["faust"] else None
     pipe_r = runs["pipeline"]
     pipeline_eps = pipe_r["eps"]
-    doc = {
+    return {
         "benchmark": "throughput",
         "events": sent,
         "users": args.users,
@@ -538,6 +551,12 @@ def main() -> None:
         "machine": info,
         "wall_s": round(time.monotonic() - t_begin, 1),
     }
+
+
+def _report(doc: dict, out: Path) -> None:
+    """Results out: throughput.json and .png written, tables and verdicts printed."""
+    sent, pipe_r = doc["events"], doc["runs"]["pipeline"]
+    faust_eps, raw_eps = doc["faust_eps"], doc["raw_eps"]
     (out / "throughput.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     plot(doc, out / "throughput.png")
     print_tables(doc)
@@ -555,6 +574,22 @@ def main() -> None:
                       f"{doc['ratio_raw']:.1%} -> {'MET' if ok else 'NOT MET'}")
     console.print(f"wall time {doc['wall_s']:.0f}s; results in {out}/throughput.json, "
                   f"{out}/throughput.png")
+
+
+def main() -> None:
+    args, extra_env = _parse_args()
+    if args.stage:
+        cfg = orjson.loads(args.stage_config)
+        (raw_stage if args.stage == "raw" else faust_stage)(cfg)
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_begin = time.monotonic()
+    info = machine()
+    stamp = f"{int(time.time())}"
+    runs, sent, broker_rss, broker_cpu_s = _measure(args, out, info, stamp, extra_env)
+    doc = _document(args, sent, runs, broker_rss, broker_cpu_s, extra_env, info, t_begin)
+    _report(doc, out)
 
 
 if __name__ == "__main__":
