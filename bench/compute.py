@@ -31,9 +31,9 @@ from models.encoder import TextEncoder
 from models.learner import OnlineLearner
 from models.serving import Server
 from models.user_state import UserState
-from streams.catalog import RawRecord
 from streams.process import configure_process
 from streams.processor import EventProcessor
+from streams.records import RawRecord
 from streams.settings import Settings
 
 #: serving worker: decode, process (serve), learn (per-user step), state; the trainer: train

@@ -50,6 +50,7 @@ from bench._common import (
 )
 from evaluation.synthetic import SyntheticWorld, make_world
 from models.config import EVENT_TYPE_IDS, LearnerConfig
+from models.lr_rules import RuleRecord
 from models.user_state import UserState
 from streams.catalog import encode_item_vector
 from streams.clients import aio_options
@@ -80,7 +81,7 @@ def model_dims(cfg: LearnerConfig) -> tuple[int, int]:
     text_dim = int(orjson.loads((Path(default_model_path()) / "config.json").read_bytes())
                    ["hidden_size"])
     learner = OnlineLearner(cfg.model_copy(update={"device": "cpu"}), text_dim=text_dim)
-    return learner.n_user, text_dim
+    return learner.model.n_user, text_dim
 
 
 def unit(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -102,10 +103,10 @@ def make_state(rng: np.random.Generator, item_ids: Sequence[str], n_hist: int,
             st.append(item_ids[int(rng.integers(len(item_ids)))],
                       int(rng.choice(TYPES, p=TYPE_P)), ts, None, history_len)
     st.residual = (rng.standard_normal(dims[0]) * 0.05).astype(np.float32)
-    st.alpha, st.accum = float(rng.uniform(0.005, 0.05)), float(rng.uniform(0.0, 1.0))
-    st.loss_ema, st.loss_var = float(rng.uniform(4.0, 9.0)), float(rng.uniform(0.0, 2.0))
     st.n_events += int(rng.integers(0, 500))
-    st.steps = st.n_events
+    st.rule = RuleRecord(alpha=float(rng.uniform(0.005, 0.05)), accum=float(rng.uniform(0, 1)),
+                         loss_ema=float(rng.uniform(4.0, 9.0)),
+                         loss_var=float(rng.uniform(0.0, 2.0)), steps=st.n_events)
     st.offsets = dict(offsets)
     return st
 

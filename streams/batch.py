@@ -30,7 +30,6 @@ import faust
 
 from models.user_state import UserState
 from streams import metrics as m
-from streams.catalog import RawRecord
 from streams.dead_letters import dlq_headers
 from streams.faust_internals import (
     DurableTable,
@@ -43,6 +42,7 @@ from streams.faust_internals import (
 from streams.gaps import commit_offsets, progress, progress_key
 from streams.group_lease import GroupLease
 from streams.processor import BatchOutput
+from streams.records import RawRecord
 from streams.runtime import Runtime
 from streams.schemas import InvalidRecord, Reason
 from streams.settings import Settings

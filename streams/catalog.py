@@ -18,21 +18,10 @@ from typing import Any
 import numpy as np
 import orjson
 
+from streams.records import RawRecord, isolate_failures
 from streams.schemas import InvalidRecord, Reason, parse_item
 
 log = logging.getLogger("streamrec.catalog")
-
-
-@dataclass(frozen=True)
-class RawRecord:
-    """A consumed Kafka record, independent of the client library that fetched it."""
-
-    key: bytes | None
-    value: bytes | None
-    partition: int
-    offset: int
-    timestamp_ms: int = 0
-    ref: Any = None  # the Faust event, for table routing
 
 
 # ------------------------------------------------------------------ item-vectors wire form
@@ -59,23 +48,6 @@ def decode_item_vector(raw: bytes) -> tuple[str, np.ndarray]:
 class CatalogOutput:
     vectors: list[tuple[bytes, bytes | None]]  # (item key, item-vector record or None = delete)
     rejected: list[tuple[RawRecord, InvalidRecord]]
-
-
-def isolate_failures(fn: Callable[[list], list], items: list) -> tuple[list, list[tuple]]:
-    """Run `fn` on `items` as one batch; if it raises, bisect until the poison items are alone.
-
-    Returns (results for the good items in order, [(item, exception)] for the bad ones); a
-    single poison record costs log2(n) extra calls, and the rest of the batch still goes through.
-    """
-    try:
-        return list(zip(items, fn(items), strict=True)), []
-    except Exception as exc:  # noqa: BLE001 - any failure of the batch is isolated
-        if len(items) == 1:
-            return [], [(items[0], exc)]
-    mid = len(items) // 2
-    good_a, bad_a = isolate_failures(fn, items[:mid])
-    good_b, bad_b = isolate_failures(fn, items[mid:])
-    return good_a + good_b, bad_a + bad_b
 
 
 class CatalogEncoder:

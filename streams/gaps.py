@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from streams import metrics as m
-from streams.catalog import RawRecord
+from streams.records import RawRecord
 
 log = logging.getLogger("streamrec.gaps")
 

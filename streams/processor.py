@@ -21,7 +21,7 @@ from models.personal import PersonalStep
 from models.serving import Server
 from models.user_state import UserState
 from streams import metrics as m
-from streams.catalog import RawRecord, isolate_failures
+from streams.records import RawRecord, isolate_failures
 from streams.schemas import (
     BehaviorEvent,
     InvalidRecord,

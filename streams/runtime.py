@@ -32,10 +32,11 @@ from models.serving import Server
 from models.snapshot import SnapshotMeta, apply_base, apply_delta
 from models.user_state import UserState
 from streams import metrics as m
-from streams.catalog import CatalogBacklog, CatalogEncoder, RawRecord, collapse_item_vectors
+from streams.catalog import CatalogBacklog, CatalogEncoder, collapse_item_vectors
 from streams.clients import aio_options, kafka_producer
 from streams.gaps import GapFiller, read_records
 from streams.processor import BatchOutput, EventProcessor
+from streams.records import RawRecord
 from streams.replica import TopicReplica
 from streams.settings import Settings
 from streams.snapshots import Snapshot, SnapshotLog, reachable

@@ -17,11 +17,11 @@ from models.learner import Pending
 from models.user_state import UserState
 from streams.app import faust_config
 from streams.batch import EventBatches, record_of
-from streams.catalog import RawRecord
 from streams.dead_letters import H_REASON
 from streams.faust_internals import partition_event
 from streams.group_lease import GroupLease
 from streams.processor import BatchOutput, UserUpdate
+from streams.records import RawRecord
 from streams.runtime import Runtime
 from streams.schemas import InvalidRecord, Reason
 from streams.settings import Settings

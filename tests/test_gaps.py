@@ -8,9 +8,9 @@ import asyncio
 import pytest
 from helpers import make_settings
 
-from streams.catalog import RawRecord
 from streams.clients import aio_options, kafka_producer
 from streams.gaps import GapFiller, progress, progress_key
+from streams.records import RawRecord
 from streams.topics import ensure_topics
 
 pytestmark = pytest.mark.kafka

@@ -14,9 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.catalog import CatalogEncoder, RawRecord, decode_item_vector, isolate_failures
+from streams.catalog import CatalogEncoder, decode_item_vector
 from streams.checkpoint import CheckpointStore
 from streams.faust_internals import current_event
+from streams.records import RawRecord, isolate_failures
 from streams.schemas import (
     InvalidRecord,
     Item,
