@@ -108,8 +108,7 @@ def personal_step(cfg: LearnerConfig) -> PersonalStep:
 
 
 def alphas(cfg: LearnerConfig, pend: Pending) -> dict[str, float]:
-    rules = {u: pend.states[u].rule for u in pend.users}
-    return {u: cfg.alpha0 if r.alpha is None else r.alpha for u, r in rules.items()}
+    return {u: pend.states[u].rule.step_size(cfg.alpha0) for u in pend.users}
 
 
 class OnlineLearner:

@@ -42,6 +42,10 @@ class RuleRecord:
     loss_var: float = 0.0
     steps: int = 0
 
+    def step_size(self, alpha0: float) -> float:
+        """The user's current α (α0 before its first step)."""
+        return alpha0 if self.alpha is None else self.alpha
+
 
 @dataclass
 class RuleState:

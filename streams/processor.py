@@ -224,7 +224,7 @@ class EventProcessor:
             for user, st, recs in zip(users, states, lists, strict=True):
                 out.users[user].recommendation = recommendation_bytes(
                     user, scenario[user], [(r.item_id, r.score, r.reason_item_id) for r in recs],
-                    now_ms, st.last_ts, info, alpha0 if st.rule.alpha is None else st.rule.alpha)
+                    now_ms, st.last_ts, info, st.rule.step_size(alpha0))
         m.INDEX_ITEMS.set(self.server.n_items)
         m.INDEX_VERSION.set(self.server.version)
 
