@@ -104,6 +104,14 @@ class IndexConfig(BaseModel):
         "embedding-like vectors (bench/index.py) 1M items gave recall@10 0.934 at 64, 0.982 "
         "at 128, 0.997 at 256; 128 is the cheapest setting above 0.95.",
     )
+    filter_min_share: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="A search restricted to fewer than this share of an HNSW index's items "
+        "(a small scenario) runs on an exact sub-index of them instead: HNSW under a "
+        "restrictive selector loses recall (bench/scenario_search.py).",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="Where flat indexes live. 'auto' uses a GPU when faiss sees one, 'cuda' "
@@ -255,7 +263,15 @@ class _Backend(Protocol):
     def remove(self, ids: np.ndarray) -> None: ...
     def needs_rebuild(self) -> bool: ...
     def rebuild(self, ids: np.ndarray, vecs: np.ndarray) -> None: ...
-    def search(self, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def search(self, q: np.ndarray, kk: int, allowed: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def _bitmap(mask: np.ndarray) -> tuple[faiss.IDSelectorBitmap, np.ndarray]:
+    """A selector of the labels where `mask` holds (keep the array referenced while the
+    selector is in use: FAISS reads it through a raw pointer)."""
+    bits = np.packbits(mask, bitorder="little")
+    return faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits)), bits
 
 
 class _FlatBackend:
@@ -282,9 +298,17 @@ class _FlatBackend:
     def rebuild(self, ids: np.ndarray, vecs: np.ndarray) -> None:
         self._stale = True
 
-    def search(self, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, q: np.ndarray, kk: int, allowed: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         self._sync()
-        scores, rows = self.index.search(q, kk)
+        if allowed is None:
+            scores, rows = self.index.search(q, kk)
+        elif self.kind == "flat-gpu":  # no selector on GPU: fetch what the kernel allows
+            scores, rows = self.index.search(q, min(self.index.ntotal, self.max_k or kk))
+            rows = np.where(np.isin(self._store.ids_of_rows(rows), allowed), rows, -1)
+        else:
+            sel, _bits = _bitmap(np.isin(self._store.ids[: self.index.ntotal], allowed))
+            scores, rows = self.index.search(q, kk, params=faiss.SearchParameters(sel=sel))
         return scores, self._store.ids_of_rows(rows)
 
     def _sync(self) -> None:
@@ -336,16 +360,16 @@ class _HnswBackend:
         self._reset()
         self.upsert(ids, vecs, np.zeros(len(ids), dtype=bool))
 
-    def search(self, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, q: np.ndarray, kk: int, allowed: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         ntotal = self.index.ntotal
         owner = self._owner[:ntotal]
         kwargs: dict[str, object] = {"efSearch": max(self._cfg.ef_search, kk)}
-        if self.dead:
-            # Labels are sequential, so a bitmap of live labels is the cheapest selector;
-            # `bitmap` and `sel` must stay referenced until the search returns.
-            bitmap = np.packbits(owner >= 0, bitorder="little")
-            sel = faiss.IDSelectorBitmap(ntotal, faiss.swig_ptr(bitmap))
-            kwargs["sel"] = sel
+        if self.dead or allowed is not None:
+            # Labels are sequential, so a bitmap of live (and allowed) labels is the
+            # cheapest selector; `_bits` and `sel` stay referenced until the search returns.
+            mask = owner >= 0 if allowed is None else np.isin(owner, allowed)
+            kwargs["sel"], _bits = _bitmap(mask)
         scores, labels = self.index.search(q, kk, params=faiss.SearchParametersHNSW(**kwargs))
         ids = np.full(labels.shape, -1, dtype=np.int64)
         ok = labels >= 0
@@ -475,14 +499,18 @@ class FaissIndex:
     # ---- reads
 
     def search(
-        self, queries: np.ndarray, k: int, exclude: Sequence[Collection[int]] | None = None
+        self, queries: np.ndarray, k: int, exclude: Sequence[Collection[int]] | None = None,
+        allowed: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: scores (n, k) float32 and ids (n, k) int64.
 
         ``exclude[i]`` holds ids that must not appear in row ``i`` (e.g. the user's seen
         items); the search over-fetches to still return ``k`` results when the catalog has
-        enough.  Missing slots are id ``-1`` with score ``-inf``.  On GPU the fetch is
-        capped at :data:`GPU_MAX_K`, so a very long ``exclude`` can leave padded slots.
+        enough.  ``allowed`` (sorted ids) restricts every query of the call to those ids
+        (a scenario's items) by an ``IDSelectorBitmap`` over the labels.  Missing slots
+        are id ``-1`` with score ``-inf``.  On GPU the fetch is capped at
+        :data:`GPU_MAX_K`, so a very long ``exclude`` can leave padded slots (and GPU flat
+        search, which takes no selector, filters ``allowed`` after the fetch).
         """
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
@@ -494,7 +522,8 @@ class FaissIndex:
                 return _padded(len(q), k)
             extra = max((len(e) for e in excl), default=0)
             kk = min(k + extra, n, self._backend.max_k or n)
-            scores, ids = self._backend.search(q, kk)
+            scores, ids = self._backend.search(
+                q, kk, None if allowed is None else np.asarray(allowed, np.int64))
         return self._top_k(scores, ids, k, excl)
 
     @staticmethod

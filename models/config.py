@@ -152,6 +152,19 @@ class LearnerConfig(BaseModel):
         0.9, gt=0, lt=1, description="`rmsprop`: decay of the per-user mean of ||g||²."
     )
     loss_decay: float = Field(0.9, gt=0, lt=1, description="Decay of the per-user loss EMA.")
+    scenario_params: bool = Field(
+        True,
+        description="Per-scenario parameters (q_s, φ_s) added to the user vector and the "
+        "ranker's weights, learned online from zero by the scenario's own LR rule "
+        "(models/scenarios.py); False: one shared model, the scenario only filters items.",
+    )
+    max_scenarios: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="Scenarios with their own parameters; a worker sends events of a "
+        "scenario beyond this bound to the DLQ (`scenario_limit`).",
+    )
     device: str = Field("auto", description="`auto` (CUDA if present), `cpu` or `cuda[:n]`.")
     seed: int = Field(0, description="Seed of parameter init and sampling.")
 

@@ -18,6 +18,7 @@ import os
 import threading
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -58,6 +59,14 @@ class DistSync(Sync):
         t = torch.tensor([n], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t[0])
+
+    def sum(self, x: np.ndarray) -> np.ndarray:
+        t = torch.as_tensor(np.asarray(x, np.float64)).clone()
+        dist.all_reduce(t)
+        return t.numpy()
+
+    def union(self, names: Sequence[str]) -> list[str]:
+        return list(dict.fromkeys(n for part in self.all_gather(list(names)) for n in part))
 
     def broadcast(self, obj: object) -> object:
         """Rank 0's `obj` on every rank (decisions all ranks must take together)."""
@@ -128,3 +137,10 @@ class ThreadSync(Sync):
 
     def max_int(self, n: int) -> int:
         return max(self.group.exchange(self.rank, n))
+
+    def sum(self, x: np.ndarray) -> np.ndarray:
+        return np.sum(self.group.exchange(self.rank, np.asarray(x, np.float64)), axis=0)
+
+    def union(self, names: Sequence[str]) -> list[str]:
+        return list(dict.fromkeys(n for part in self.group.exchange(self.rank, list(names))
+                                  for n in part))

@@ -12,6 +12,13 @@ arrives, and a deleted item keeps its row (and learned embedding) for a comeback
 ([1, 2, 1], 4)
 >>> rows.set_live(rows.add(["b"]), True); rows.has("a"), rows.has("b"), rows.n_live
 (False, True, 1)
+
+Items may be restricted to some scenarios (where they may be recommended); an item without
+a restriction is allowed everywhere:
+
+>>> rows.restrict(rows.add(["a"]), [["books"]])
+>>> rows.allowed("books")[1:3].tolist(), rows.allowed("games")[1:3].tolist()
+([True, True], [False, True])
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ class ItemRows:
         self.keys = np.zeros(capacity, dtype=np.int64)  # row -> stable key (index/ids.py)
         self.live = np.zeros(capacity, dtype=bool)
         self._lock = threading.Lock()  # a server's snapshot thread adds rows too
+        self.scenarios: dict[int, frozenset[str]] = {}  # row -> where it may be shown
+        self._allowed: dict[str, np.ndarray] = {}  # scenario -> row mask (cache)
 
     @property
     def capacity(self) -> int:
@@ -63,6 +72,33 @@ class ItemRows:
         pad = capacity - self.capacity
         self.keys = np.concatenate([self.keys, np.zeros(pad, np.int64)])
         self.live = np.concatenate([self.live, np.zeros(pad, bool)])
+
+    def restrict(self, rows: np.ndarray, scenarios: Sequence[Sequence[str] | None]) -> None:
+        """Set where each row's item may be recommended (None: everywhere)."""
+        for row, where in zip(np.asarray(rows).tolist(), scenarios, strict=True):
+            if where is None:
+                self.scenarios.pop(row, None)
+            else:
+                self.scenarios[row] = frozenset(where)
+        self._allowed = {}
+
+    def allowed(self, scenario: str) -> np.ndarray | None:
+        """Mask over rows of the items allowed in `scenario`; None when no item is
+        restricted (everything is allowed everywhere, the common case, at no cost)."""
+        if not self.scenarios:
+            return None
+        mask = self._allowed.get(scenario)
+        if mask is None or len(mask) != self.capacity:
+            mask = np.ones(self.capacity, bool)
+            mask[[r for r, where in self.scenarios.items() if scenario not in where]] = False
+            self._allowed[scenario] = mask
+        return mask
+
+    def allowed_keys(self, scenario: str) -> np.ndarray | None:
+        """Sorted keys of the live items allowed in `scenario` (None: all are), for an
+        index search restricted to them."""
+        mask = self.allowed(scenario)
+        return None if mask is None else np.sort(self.keys[mask & self.live])
 
     def row(self, item_id: str | None) -> int:
         """The item's row, 0 (padding) if unknown or None (a text-only event)."""

@@ -57,6 +57,7 @@ class Pending:
     targets: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)
+    scenarios: list[str] = field(default_factory=list)  # per pair
     examples: list[TrainingExample] = field(default_factory=list)  # per pair
 
 
@@ -85,6 +86,8 @@ def observe(model: SharedModel, events: Sequence[Interaction],
         owner = pend.users.setdefault(ev.user_id, len(pend.users))
         snap = model.history(st)
         pend.before.append(snap)
+        if ev.event_type == "request":  # asks for a recommendation: no pair, no history
+            continue
         target = None if ev.event_type in TEXT_ONLY_TYPES else model.catalog.live_row(ev.item_id)
         if target is not None:
             weight = event_weight(cfg, ev.event_type)
@@ -92,6 +95,7 @@ def observe(model: SharedModel, events: Sequence[Interaction],
             pend.targets.append(target)
             pend.weights.append(weight)
             pend.owners.append(owner)
+            pend.scenarios.append(ev.scenario)
             pend.examples.append(TrainingExample.cut(
                 st, ev.user_id, ev.item_id, ev.event_type, weight, ev.ts, ev.scenario,
                 ev.partition, ev.offset))
@@ -122,8 +126,9 @@ class OnlineLearner:
         self.personal = personal_step(self.cfg)
         self._offset = 0  # source positions of this process's examples (no Kafka here)
 
-    def upsert_items(self, item_ids: Sequence[str], text_vectors: np.ndarray) -> None:
-        self.trainer.upsert_items(item_ids, text_vectors)
+    def upsert_items(self, item_ids: Sequence[str], text_vectors: np.ndarray,
+                     scenarios: Sequence[Sequence[str] | None] | None = None) -> None:
+        self.trainer.upsert_items(item_ids, text_vectors, scenarios)
 
     def delete_items(self, item_ids: Sequence[str]) -> None:
         self.model.delete_items(item_ids)
@@ -141,7 +146,7 @@ class OnlineLearner:
         """The per-user step (with the model as it is), then the trainer's steps."""
         states = [pend.states[u] for u in pend.users]
         self.personal.step(self.model, pend.hists, pend.targets, pend.weights, pend.owners,
-                           states)
+                           states, pend.scenarios)
         loss = self.trainer.train(pend.examples).loss
         return BatchResult(loss, len(pend.targets), list(pend.users), alphas(self.cfg, pend))
 

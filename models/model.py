@@ -1,8 +1,10 @@
 """The shared model: what every serving worker holds and only the trainer moves.
 
     item tower   v_i = E[i] + W·t_i                       (models/two_tower.py ItemTower)
-    user tower   u   = f(last H events) + p_u              (UserTower; p_u is per user)
-    ranker       s_ui = w_u · [u·v_i, covis_k(u, i), log(1 + n_i)]   (PriorHead; w_u = w + θ_u)
+    user tower   u   = f(last H events) + p_u + q_s        (UserTower; p_u per user, q_s per
+                                                            scenario, models/scenarios.py)
+    ranker       s_ui = w_us · [u·v_i, covis_k(u, i), log(1 + n_i)]
+                                                 (PriorHead; w_us = w + θ_u + φ_s)
     loss         -log softmax_i(s_u)[target]   (full softmax up to `full_softmax_max_items`,
                  sampled softmax with logQ correction above; -log(1 - p) for a dislike)
 
@@ -27,6 +29,7 @@ from models.config import LearnerConfig
 from models.covisit import CoVisitation
 from models.encoder import pick_device
 from models.items import ItemRows
+from models.scenarios import ScenarioTable
 from models.sequences import History, Seqs
 from models.two_tower import ItemTower, PriorHead, UserTower
 from models.user_state import UserState
@@ -61,6 +64,7 @@ class SharedModel:
         # correction θ_u of its blend weights; both move by the user's own learning rate
         self.n_head = 0 if self.head is None else self.head.n_params
         self.n_user = c.dim + self.n_head
+        self.scenarios = ScenarioTable(c.max_scenarios, self.n_user).to(self.device)
 
     def fork(self) -> SharedModel:
         """An independent copy of the parameters and counts that shares this model's catalog
@@ -68,7 +72,7 @@ class SharedModel:
         serves from this one). The trainer's model is never forked."""
         new = copy.copy(self)
         new.items, new.users = copy.deepcopy(self.items), copy.deepcopy(self.users)
-        new.head = copy.deepcopy(self.head)
+        new.head, new.scenarios = copy.deepcopy(self.head), copy.deepcopy(self.scenarios)
         new.counts = self.counts.copy()
         if self.covis is not None:  # C and F are replaced, never changed in place, on add
             new.covis = copy.copy(self.covis)
@@ -76,12 +80,15 @@ class SharedModel:
         return new
 
     # ---------------------------------------------------------------- catalog
-    def upsert_items(self, item_ids: Sequence[str], text_vectors: np.ndarray) -> None:
-        """Add or update items (their frozen text vectors); a re-added item keeps its E row."""
+    def upsert_items(self, item_ids: Sequence[str], text_vectors: np.ndarray,
+                     scenarios: Sequence[Sequence[str] | None] | None = None) -> None:
+        """Add or update items (their frozen text vectors, and where each may be shown:
+        None = everywhere); a re-added item keeps its E row."""
         rows = self.add_rows(item_ids)
         if len(rows):
             self.items.T[torch.as_tensor(rows, device=self.device)] = torch.as_tensor(
                 np.asarray(text_vectors, dtype=np.float32), device=self.device)
+            self.catalog.restrict(rows, scenarios or [None] * len(rows))
             self.catalog.set_live(rows, True)
 
     def add_rows(self, item_ids: Sequence[str]) -> np.ndarray:
@@ -114,6 +121,7 @@ class SharedModel:
         yield from (("users." + n, p) for n, p in self.users.named_parameters())
         if self.head is not None:
             yield from (("head." + n, p) for n, p in self.head.named_parameters())
+        yield "scenarios.P", self.scenarios.P
 
     # ---------------------------------------------------------------- sequences
     def history(self, st: UserState) -> History:
@@ -235,63 +243,72 @@ class SharedModel:
 
     def residuals(self, states: Sequence[UserState]) -> torch.Tensor:
         """(n, n_user) per-user parameters of `states` (zeros where a user has none yet)."""
-        resid = torch.zeros(len(states), self.n_user, device=self.device)
-        if self.cfg.use_residual:
-            for k, st in enumerate(states):
-                if st.residual is not None:
-                    resid[k, : len(st.residual)] = torch.as_tensor(st.residual, device=self.device)
-        return resid
+        return torch.as_tensor(self.own_params([st.residual for st in states]),
+                               device=self.device)
+
+    def own_params(self, residuals: Sequence[np.ndarray | None] | None, n: int = 0
+                   ) -> np.ndarray:
+        """(n, n_user) users' own (p_u, θ_u), zeros where a user has none (or none used)."""
+        out = np.zeros((len(residuals) if residuals else n, self.n_user), np.float32)
+        if residuals and self.cfg.use_residual:
+            for k, res in enumerate(residuals):
+                if res is not None:
+                    out[k, : min(len(res), self.n_user)] = res[: self.n_user]
+        return out
+
+    def scenario_params(self, scenarios: Sequence[str] | None, n: int) -> np.ndarray:
+        """(n, n_user) scenarios' (q_s, φ_s); zeros without scenarios or with them off."""
+        if not scenarios or not self.cfg.scenario_params:
+            return np.zeros((n, self.n_user), np.float32)
+        return self.scenarios.values(scenarios)
+
+    def query_params(self, residuals: Sequence[np.ndarray | None] | None,
+                     scenarios: Sequence[str] | None, n: int) -> np.ndarray:
+        """(n, n_user) what each query adds to the shared model: (p_u + q_s, θ_u + φ_s)."""
+        return self.own_params(residuals, n) + self.scenario_params(scenarios, n)
 
     # ---------------------------------------------------------------- serving
-    def user_vectors(self, states: Sequence[UserState]) -> np.ndarray:
-        """(n, dim) user vectors u = encoder(history) + p_u, for querying the index."""
+    def user_vectors(self, states: Sequence[UserState],
+                     scenarios: Sequence[str] | None = None) -> np.ndarray:
+        """(n, dim) user vectors u = encoder(history) + p_u + q_s, for querying the index."""
         return self.history_vectors([self.history(st) for st in states],
-                                    [st.residual for st in states])
+                                    [st.residual for st in states], scenarios)
 
     @torch.no_grad()
     def history_vectors(self, hists: Sequence[History],
-                        residuals: Sequence[np.ndarray | None]) -> np.ndarray:
-        """User vectors from history snapshots and the users' residuals."""
+                        residuals: Sequence[np.ndarray | None] | None,
+                        scenarios: Sequence[str] | None = None) -> np.ndarray:
+        """User vectors from history snapshots, the users' residuals and the scenarios."""
         if not hists:
             return np.zeros((0, self.cfg.dim), dtype=np.float32)
         seqs = Seqs.pad(hists)
         u = self.encode(seqs, *self.item_table(seqs.newest(self.cfg.encoder_window).rows)
                         ).cpu().numpy()
-        if self.cfg.use_residual:
-            for k, res in enumerate(residuals):
-                if res is not None:
-                    u[k] += res[: self.cfg.dim]
+        u += self.query_params(residuals, scenarios, len(hists))[:, : self.cfg.dim]
         return u.astype(np.float32)
 
     def scores(self, hists: Sequence[History], residuals: Sequence[np.ndarray | None],
-               rows: np.ndarray) -> np.ndarray:
+               rows: np.ndarray, scenarios: Sequence[str] | None = None) -> np.ndarray:
         """Final scores (P, len(rows)) of the items `rows` for history snapshots."""
-        return self.blend(hists, self.history_vectors(hists, residuals), rows, residuals)
+        return self.blend(hists, self.history_vectors(hists, residuals, scenarios), rows,
+                          residuals, scenarios)
 
     @torch.no_grad()
     def blend(self, hists: Sequence[History], U: np.ndarray, rows: np.ndarray,
-              residuals: Sequence[np.ndarray | None] | None = None) -> np.ndarray:
+              residuals: Sequence[np.ndarray | None] | None = None,
+              scenarios: Sequence[str] | None = None) -> np.ndarray:
         """Final scores from user vectors U: u·v alone, or with co-visitation the ranker's
         learned blend of u·v, the co-visitation features and popularity (with each user's
-        own correction of the blend weights, from their residuals)."""
+        and each scenario's own correction of the blend weights)."""
         _, V = self.item_vectors(rows)
         out = U @ V.T
         if self.head is not None:
             feats, log_pop = self.features([h.rows for h in hists], rows)
-            theta = self._thetas(residuals, len(hists))
-            out = self.head(torch.as_tensor(out, device=self.device), feats, log_pop, theta)
+            theta = self.query_params(residuals, scenarios, len(hists))[:, self.cfg.dim :]
+            out = self.head(torch.as_tensor(out, device=self.device), feats, log_pop,
+                            torch.as_tensor(theta, device=self.device))
             out = out.cpu().numpy()
         return out
-
-    def _thetas(self, residuals: Sequence[np.ndarray | None] | None, n: int
-                ) -> torch.Tensor | None:
-        if not residuals or not self.cfg.use_residual:
-            return None
-        theta = np.zeros((n, self.n_head), np.float32)
-        for k, res in enumerate(residuals):
-            if res is not None and len(res) > self.cfg.dim:
-                theta[k] = res[self.cfg.dim : self.n_user]
-        return torch.as_tensor(theta, device=self.device)
 
     def covisit_candidates(self, hist: History, recent: int = 10, per_item: int = 50
                            ) -> np.ndarray:

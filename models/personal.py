@@ -4,7 +4,8 @@ A user's parameters are the residual p_u of the user vector and θ_u, the user's
 correction of the ranker's blend weights (models/model.py). After a micro-batch, for each
 user with events in it:
 
-    g_u = ∇_(p_u, θ_u) of the user's weighted mean pair loss   (shared model frozen)
+    g_u = ∇_(p_u, θ_u) of the user's weighted mean pair loss   (shared model frozen, each
+          pair in its scenario: (p_u + q_s, θ_u + φ_s), models/scenarios.py)
     Δ_u, α_u = rule.step(g_u, loss_u)                           (models/lr_rules.py)
     (p_u, θ_u) ← (p_u, θ_u) + Δ_u
 
@@ -33,10 +34,10 @@ class PersonalStep:
         self.rng = np.random.default_rng(seed)
 
     def step(self, model: SharedModel, hists: Sequence[History], targets: Sequence[int],
-             weights: Sequence[float], owners: Sequence[int], states: Sequence[UserState]
-             ) -> float:
-        """One rule step for every user (`states[owner]`) with pairs here; returns the
-        weighted mean pair loss (nan: no pair)."""
+             weights: Sequence[float], owners: Sequence[int], states: Sequence[UserState],
+             scenarios: Sequence[str] | None = None) -> float:
+        """One rule step for every user (`states[owner]`) with pairs here (`scenarios`: each
+        pair's scenario); returns the weighted mean pair loss (nan: no pair)."""
         t, w, o = (np.asarray(x) for x in (targets, weights, owners))
         keep = np.flatnonzero(model.catalog.live[t] & (w != 0)) if len(t) else np.zeros(0, int)
         if len(keep) > self.budget:
@@ -46,7 +47,10 @@ class PersonalStep:
         t, w, o = t[keep], w[keep], o[keep].astype(np.int64)
         resid = model.residuals(states).requires_grad_(True)
         own = torch.as_tensor(o, device=model.device)
-        losses = model.pair_losses(Seqs.pad([hists[i] for i in keep]), t, w, resid[own],
+        scen = torch.as_tensor(model.scenario_params(
+            None if scenarios is None else [scenarios[i] for i in keep], len(keep)),
+            device=model.device)
+        losses = model.pair_losses(Seqs.pad([hists[i] for i in keep]), t, w, resid[own] + scen,
                                    np.ones(len(t), bool), model.sample_negatives(self.rng))
         aw = torch.as_tensor(np.abs(w), dtype=torch.float32, device=model.device)
         n = len(states)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,12 +37,14 @@ class Scored:
 
 def rank_candidates(model: SharedModel, hists: Sequence[History], U: np.ndarray,
                     tower_rows: Sequence[np.ndarray], excluded: Sequence[Exclusion],
-                    residuals: Sequence[np.ndarray | None] | None = None
+                    residuals: Sequence[np.ndarray | None] | None = None,
+                    scenarios: Sequence[str] | None = None
                     ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The serving ranker: the index's (two-tower) candidates plus, with co-visitation, the
-    items co-visited most with the user's recent ones; live and not `excluded` only; scored
-    by the model's blend. Returns (item rows, scores) per user, best first. The offline
-    evaluator ranks through this same function, so it measures what the agent serves.
+    items co-visited most with the user's recent ones; live, allowed in the query's scenario
+    and not `excluded` only; scored by the model's blend (with the scenario's parameters).
+    Returns (item rows, scores) per user, best first. The offline evaluator ranks through
+    this same function, so it measures what the agent serves.
 
     One flat array of (user, row) pairs for the whole batch, not a loop per user: the
     agent ranks ~500 users per micro-batch under load."""
@@ -55,11 +57,13 @@ def rank_candidates(model: SharedModel, hists: Sequence[History], U: np.ndarray,
     code = unique_ints(owner * base + np.concatenate(parts + [np.zeros(0, np.int64)]))
     owner, rows = np.divmod(code, base)
     keep = model.catalog.live[rows] & ~_excluded(owner, model.catalog.keys[rows], excluded)
+    if scenarios is not None:
+        keep &= allowed_pairs(model, scenarios, owner, rows)
     owner, rows = owner[keep], rows[keep]
     cols = unique_ints(rows)
     if len(cols) == 0:
         return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(n)]
-    S = model.blend(hists, U, cols, residuals)
+    S = model.blend(hists, U, cols, residuals, scenarios)
     scores = S[owner, np.searchsorted(cols, rows)]
     order = np.lexsort((-scores, owner))  # per user best first; ties keep row order
     splits = np.cumsum(np.bincount(owner, minlength=n))[:-1]
@@ -67,7 +71,47 @@ def rank_candidates(model: SharedModel, hists: Sequence[History], U: np.ndarray,
                     strict=True))
 
 
-def search_allowed(idx: FaissIndex, U: np.ndarray, excluded: Sequence[Exclusion], want: int
+def allowed_pairs(model: SharedModel, scenarios: Sequence[str], owner: np.ndarray,
+                  rows: np.ndarray) -> np.ndarray:
+    """Whether each (owner, row) candidate is allowed in its owner's scenario."""
+    names = sorted(set(scenarios))
+    masks = [model.catalog.allowed(s) for s in names]
+    if all(mask is None for mask in masks):
+        return np.ones(len(rows), bool)
+    table = np.stack([np.ones(model.catalog.capacity, bool) if mask is None else mask
+                      for mask in masks])
+    which = np.searchsorted(names, np.asarray(scenarios))
+    return table[which[owner], rows]
+
+
+SearchTarget = Callable[[str], tuple[FaissIndex, np.ndarray | None]]
+
+
+def search_scenarios(idx: FaissIndex, U: np.ndarray, excluded: Sequence[Exclusion],
+                     want: int, scenarios: Sequence[str] | None, target: SearchTarget
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`search_allowed` per scenario of the batch, each in the index and allowed set that
+    `target(scenario)` names (one search for the whole batch when nothing is restricted)."""
+    groups: dict[str, list[int]] = {}
+    for p, name in enumerate(scenarios or []):
+        groups.setdefault(name, []).append(p)
+    where = {name: target(name) for name in groups}
+    if all(t[0] is idx and t[1] is None for t in where.values()):
+        return search_allowed(idx, U, excluded, want)
+    parts = {name: search_allowed(where[name][0], U[ps], [excluded[p] for p in ps], want,
+                                  where[name][1])
+             for name, ps in groups.items()}
+    width = max(part[1].shape[1] for part in parts.values())
+    scores = np.full((len(U), width), -np.inf, np.float32)
+    keys, ok = np.full((len(U), width), -1, np.int64), np.zeros((len(U), width), bool)
+    for name, ps in groups.items():
+        s, k, m = parts[name]
+        scores[ps, : s.shape[1]], keys[ps, : k.shape[1]], ok[ps, : m.shape[1]] = s, k, m
+    return scores, keys, ok
+
+
+def search_allowed(idx: FaissIndex, U: np.ndarray, excluded: Sequence[Exclusion], want: int,
+                   allowed: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The `want` best index neighbours of each user vector that are not excluded: scores
     and keys (n, fetch) plus the mask of the chosen ones (`tower_candidates`). The index is
@@ -75,13 +119,13 @@ def search_allowed(idx: FaissIndex, U: np.ndarray, excluded: Sequence[Exclusion]
     left short by more exclusions than that is searched again alone, deeper, so no user's
     search depth depends on another's."""
     fetch = want + min(max(map(len, excluded), default=0), want)
-    scores, keys = idx.search(U, fetch)
+    scores, keys = idx.search(U, fetch, allowed=allowed)
     ok = tower_candidates(keys, excluded, want)
     short = [p for p, ex in enumerate(excluded)
              if ok[p].sum() < want and len(ex) > fetch - want and fetch < len(idx)]
     if short:
         deep = want + max(len(excluded[p]) for p in short)
-        s2, k2 = idx.search(U[short], deep)
+        s2, k2 = idx.search(U[short], deep, allowed=allowed)
         pad = ((0, 0), (0, deep - fetch))
         scores = np.pad(scores, pad, constant_values=-np.inf)
         keys = np.pad(keys, pad, constant_values=-1)
@@ -134,6 +178,7 @@ class Server:
         self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-build")
         self._build: Future[FaissIndex] | None = None
         self._changes: list[tuple[bool, list[str]]] = []  # catalog changes since the snapshot
+        self._subs: dict[tuple[int, str], FaissIndex] = {}  # (index version, scenario)
 
     # ------------------------------------------------------------------ catalog changes
     def add_items(self, item_ids: Sequence[str]) -> None:
@@ -142,6 +187,7 @@ class Server:
         rows = np.array([self.model.catalog.rows[i] for i in item_ids], dtype=np.int64)
         self.key_rows.add(keys, rows)
         self._changes.append((True, list(item_ids)))
+        self._subs = {}
         idx, _ = self.index.current()
         if idx is not None and len(keys):
             idx.upsert(keys, self.model.item_vectors(rows)[1])
@@ -149,6 +195,7 @@ class Server:
     def remove_items(self, item_ids: Sequence[str]) -> None:
         keys = [k for k in (self.ids.to_int(i) for i in item_ids) if k is not None]
         self._changes.append((False, list(item_ids)))
+        self._subs = {}
         idx, _ = self.index.current()
         if idx is not None and keys:
             idx.remove(keys)
@@ -244,9 +291,11 @@ class Server:
 
     # ------------------------------------------------------------------ recommend
     def recommend(self, states: Sequence[UserState], user_vecs: np.ndarray, k: int,
-                  reason_window: int = 10) -> tuple[list[list[Scored]], int]:
-        """Top-k items per user that `exclude_seen` allows (models/seen.py), each with the
-        recent item it is most similar to.
+                  reason_window: int = 10, scenarios: Sequence[str] | None = None
+                  ) -> tuple[list[list[Scored]], int]:
+        """Top-k items per user that `exclude_seen` allows (models/seen.py) and the query's
+        scenario allows (`scenarios[p]` for user p), each with the recent item it is most
+        similar to.
 
         Returns the lists and the index version they came from (one version per batch).
         """
@@ -255,27 +304,50 @@ class Server:
             return [[] for _ in states], version
         excluded = [exclusions(st, self.exclude_seen) for st in states]
         if self.model.head is None:  # two-tower alone: the index's ranking is final
-            scores, keys, ok = search_allowed(idx, user_vecs, excluded, k)
+            scores, keys, ok = search_scenarios(idx, user_vecs, excluded, k, scenarios,
+                                                lambda name: self._target(idx, version, name))
             ranked = [(krow[m], srow[m]) for srow, krow, m in zip(scores, keys, ok, strict=True)]
         else:
-            ranked = self._rerank(idx, states, user_vecs, k, excluded)
+            ranked = self._rerank(idx, version, states, user_vecs, k, excluded, scenarios)
         reasons = self._reasons(idx, states, [keys for keys, _ in ranked], reason_window)
         out = [[Scored(i, s, r) for i, s, r in zip(self.ids.to_strs(keys), scores.tolist(), why,
                                                    strict=True)]
                for (keys, scores), why in zip(ranked, reasons, strict=True)]
         return out, version
 
-    def _rerank(self, idx: FaissIndex, states: Sequence[UserState], user_vecs: np.ndarray,
-                k: int, excluded: Sequence[Exclusion]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _target(self, idx: FaissIndex, version: int, scenario: str
+                ) -> tuple[FaissIndex, np.ndarray | None]:
+        """Where to search for `scenario`'s items: the index with its allowed keys as a
+        selector, or, for a small scenario on an HNSW index (whose recall drops under a
+        restrictive selector), an exact sub-index of the scenario's items, kept until the
+        index or the catalog changes."""
+        keys = self.model.catalog.allowed_keys(scenario)
+        if keys is None:
+            return idx, None
+        if idx.kind != "hnsw" or len(keys) >= self.config.filter_min_share * len(idx):
+            return idx, keys
+        sub = self._subs.get((version, scenario))
+        if sub is None:
+            keys = np.array([key for key in keys.tolist() if key in idx], np.int64)
+            sub = FaissIndex.build(keys, idx.vectors(keys), IndexConfig(kind="flat")) \
+                if len(keys) else FaissIndex(idx.dim, IndexConfig(kind="flat"))
+            self._subs = {k: v for k, v in self._subs.items() if k[0] == version}
+            self._subs[(version, scenario)] = sub
+        return sub, None
+
+    def _rerank(self, idx: FaissIndex, version: int, states: Sequence[UserState],
+                user_vecs: np.ndarray, k: int, excluded: Sequence[Exclusion],
+                scenarios: Sequence[str] | None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Index candidates + co-visitation candidates, ordered by the learned ranker. The
         index is asked for more than `candidates` and the excluded ones are masked."""
-        _, keys, ok = search_allowed(idx, user_vecs, excluded, self.candidates)
+        _, keys, ok = search_scenarios(idx, user_vecs, excluded, self.candidates, scenarios,
+                                       lambda name: self._target(idx, version, name))
         cand = self.key_rows.rows_of(keys)
         ok &= cand >= 0  # (a key the model lacks: never seen in practice)
         tower_rows = [c[m] for c, m in zip(cand, ok, strict=True)]
         hists = [self.model.history(st) for st in states]
         ranked = rank_candidates(self.model, hists, user_vecs, tower_rows, excluded,
-                                 [st.residual for st in states])
+                                 [st.residual for st in states], scenarios)
         return [(self.key_rows.keys_of(c[:k]), s[:k]) for c, s in ranked]
 
     def _reasons(self, idx: FaissIndex, states: Sequence[UserState],

@@ -70,7 +70,8 @@ def _meta(model: SharedModel, kind: str, version: int, covered: dict[int, int],
     return {"format": FORMAT, "kind": kind, "version": str(version),
             "config": structural(model), "ids": json.dumps(list(ids)),
             "covered": json.dumps({str(p): o for p, o in covered.items()}),
-            "created_ms": str(int(time.time() * 1000)), "trained": str(trained)}
+            "created_ms": str(int(time.time() * 1000)), "trained": str(trained),
+            "scenarios": json.dumps(model.scenarios.names[1:])}
 
 
 def read_meta(data: bytes) -> tuple[SnapshotMeta, dict[str, str]]:
@@ -170,10 +171,14 @@ def _check(model: SharedModel, raw: dict[str, str]) -> list[str]:
     return json.loads(raw["ids"])
 
 
-def _set_dense(model: SharedModel, tensors: dict[str, torch.Tensor]) -> None:
+def _set_dense(model: SharedModel, tensors: dict[str, torch.Tensor], raw: dict[str, str]
+               ) -> None:
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if n != "items.E":
+            if n == "scenarios.P":
+                model.scenarios.load(tensors.get("param.scenarios.P"),
+                                     json.loads(raw.get("scenarios", "[]")))
+            elif n != "items.E":
                 p.copy_(tensors[f"param.{n}"].to(model.device))
 
 
@@ -185,7 +190,7 @@ def apply_base(model: SharedModel, data: bytes) -> SnapshotMeta:
     ids = _check(model, raw)
     tensors = st_load(data)
     rows = model.add_rows(ids[1:])  # row 0 of the trainer is padding
-    _set_dense(model, tensors)
+    _set_dense(model, tensors, raw)
     with torch.no_grad():
         model.items.E[torch.as_tensor(rows)] = tensors["E"][1:].to(model.device)
     model.counts[:] = 0.0
@@ -226,7 +231,7 @@ def apply_delta(model: SharedModel, data: bytes) -> SnapshotMeta:
         idx = tensors[key].numpy().astype(np.int64)
         return rows[idx] if len(idx) else np.zeros(0, np.int64)
 
-    _set_dense(model, tensors)
+    _set_dense(model, tensors, raw)
     with torch.no_grad():
         model.items.E[torch.as_tensor(mapped("E.rows"))] = tensors["E"].to(model.device)
     for k, kind in enumerate(json.loads(raw.get("ops", "[]"))):

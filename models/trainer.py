@@ -8,7 +8,9 @@ Serving workers apply events and publish one training example per event
 2. takes one gradient step per `max_pairs_per_step` examples, each with a replay sample of
    `replay_ratio` past pairs, moving the towers and the ranker by Adam (SparseAdam for the
    item embeddings E);
-3. adds the examples' co-visitation pairs and popularity to the counts, and keeps what it
+3. steps each scenario's own parameters (models/scenarios.py) by the gradient of that
+   scenario's mean pair loss, through the scenario's learning-rate rule (models/lr_rules.py);
+4. adds the examples' co-visitation pairs and popularity to the counts, and keeps what it
    added, and which E rows moved, for the next snapshot delta (models/snapshot.py).
 
 With K ranks (torch.distributed), each rank trains the examples of its own source
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -32,6 +34,7 @@ from safetensors.torch import save as st_save
 
 from models.covisit import Increment
 from models.examples import TrainingExample
+from models.lr_rules import RuleRecord, RuleState, make_rule
 from models.model import SharedModel
 from models.sequences import Seqs
 from models.snapshot import load_covis
@@ -68,6 +71,14 @@ class Sync:
     def max_int(self, n: int) -> int:
         return n
 
+    def sum(self, x: np.ndarray) -> np.ndarray:
+        """Element-wise sum of every rank's `x`."""
+        return x
+
+    def union(self, names: Sequence[str]) -> list[str]:
+        """Every rank's `names`, in rank order, each once (so all ranks register alike)."""
+        return list(dict.fromkeys(names))
+
 
 @dataclass
 class _Pending:
@@ -91,11 +102,15 @@ class Trainer:
         self.progress: dict[int, int] = {}  # source partition -> newest offset trained
         self.counted: dict[int, int] = {}  # source partition -> newest offset counted
         self.pending = _Pending()
+        self.scenario_rule = make_rule(self.cfg.lr_rule, **self.cfg.rule_params())
+        self.scenario_rules: list[RuleRecord] = [RuleRecord()]  # per scenario row
         self._make_optimizers()
 
     # ---------------------------------------------------------------- catalog
-    def upsert_items(self, item_ids: Sequence[str], text_vectors: np.ndarray) -> None:
-        self._keep_optimizers(lambda: self.model.upsert_items(item_ids, text_vectors))
+    def upsert_items(self, item_ids: Sequence[str], text_vectors: np.ndarray,
+                     scenarios: Sequence[Sequence[str] | None] | None = None) -> None:
+        self._keep_optimizers(lambda: self.model.upsert_items(item_ids, text_vectors,
+                                                              scenarios))
 
     def add_rows(self, item_ids: Sequence[str]) -> np.ndarray:
         out: list[np.ndarray] = []
@@ -121,7 +136,8 @@ class Trainer:
     def _make_optimizers(self, keep_dense: bool = False) -> None:
         cfg = self.cfg
         if not keep_dense:
-            named = [(n, p) for n, p in self.model.named_parameters() if n != "items.E"]
+            named = [(n, p) for n, p in self.model.named_parameters()
+                     if n not in ("items.E", "scenarios.P")]  # those have their own steps
             groups = [{"params": [p for n, p in named if not n.startswith("head.")]},
                       {"params": [p for n, p in named if n.startswith("head.")],
                        "lr": cfg.head_lr, "weight_decay": 0.0}]
@@ -152,10 +168,18 @@ class Trainer:
                 self.progress[ex.partition] = ex.offset
             self.counted[ex.partition] = max(ex.offset, self.counted.get(ex.partition, -1))
         out.trained = len(fresh)
+        self._register(fresh)
         out.loss = self._learn(fresh)
         self._count(countable)
         self.trained += len(fresh)
         return out
+
+    def _register(self, examples: list[TrainingExample]) -> None:
+        """Rows for the examples' new scenarios (up to the bound), alike on every rank."""
+        table = self.model.scenarios
+        new = [ex.scenario for ex in examples if ex.scenario not in table.rows]
+        for _ in table.register(self.sync.union(new)):
+            self.scenario_rules.append(RuleRecord())
 
     def _learn(self, examples: list[TrainingExample]) -> float:
         """Gradient steps over `examples` (and replayed pairs), then keep them for replay."""
@@ -166,11 +190,9 @@ class Trainer:
         seqs = Seqs.pad([ex.history(m.catalog) for ex in examples]) if examples else None
         targets = np.array([m.catalog.live_row(ex.target) for ex in examples], np.int64)
         weights = np.array([ex.weight for ex in examples], np.float64)
-        resid = torch.zeros(len(examples), m.n_user, device=m.device)
-        if cfg.use_residual:
-            for k, ex in enumerate(examples):
-                if ex.residual is not None:
-                    resid[k, : len(ex.residual)] = torch.as_tensor(ex.residual[: m.n_user])
+        resid = torch.as_tensor(m.own_params([ex.residual for ex in examples], 0),
+                                device=m.device)
+        scen = m.scenarios.rows_of([ex.scenario for ex in examples])
         size = cfg.max_pairs_per_step
         chunks = [np.arange(i, min(i + size, len(examples)))
                   for i in range(0, len(examples), size)]
@@ -178,33 +200,37 @@ class Trainer:
         for _ in range(cfg.steps_per_batch):
             for k in range(self.sync.steps(len(chunks))):
                 chunk = chunks[k] if k < len(chunks) else np.zeros(0, np.int64)
-                loss = self._step(seqs, targets, weights, resid, chunk)
+                loss = self._step(seqs, targets, weights, resid, scen, chunk)
         if examples:
-            self.replay.add(seqs.newest(cfg.history_len), targets, weights)
+            self.replay.add(seqs.newest(cfg.history_len), targets, weights, scen)
         return loss
 
     def _step(self, seqs: Seqs | None, targets: np.ndarray, weights: np.ndarray,
-              resid: torch.Tensor, chunk: np.ndarray) -> float:
+              resid: torch.Tensor, scen: np.ndarray, chunk: np.ndarray) -> float:
         """One step on the pairs `chunk` plus a replay sample; every rank takes it."""
         m = self.model
         parts = []
         if len(chunk):
             parts.append((seqs.take(chunk), targets[chunk], weights[chunk], resid[chunk],
-                          np.ones(len(chunk), bool)))
+                          np.ones(len(chunk), bool), scen[chunk]))
         replay = self.replay.sample(int(round(self.cfg.replay_ratio * len(chunk))), self.rng)
         if replay is not None:
-            r_seqs, r_t, r_w = replay
+            r_seqs, r_t, r_w, r_s = replay
             parts.append((r_seqs, r_t, r_w, torch.zeros(len(r_t), m.n_user, device=m.device),
-                          np.zeros(len(r_t), bool)))
-        s, t, w, r, fresh = _stack(parts)
+                          np.zeros(len(r_t), bool), r_s))
+        s, t, w, r, fresh, sc = _stack(parts)
         keep = (m.catalog.live[t] if len(t) else np.zeros(0, bool)) & (w != 0)
-        s, t, w, r, fresh = (s.take(np.flatnonzero(keep)) if s is not None else None,
-                             t[keep], w[keep], r[torch.as_tensor(keep)], fresh[keep])
+        s, t, w, r, fresh, sc = (s.take(np.flatnonzero(keep)) if s is not None else None,
+                                 t[keep], w[keep], r[torch.as_tensor(keep)], fresh[keep],
+                                 sc[keep])
         total = self.sync.total_weight(float(np.abs(w).sum()))
         self.dense_opt.zero_grad(set_to_none=True)
         self.sparse_opt.zero_grad(set_to_none=True)
-        loss_val = float("nan")
+        m.scenarios.P.grad = None
+        loss_val, losses = float("nan"), torch.zeros(0)
         if len(t):
+            if self.cfg.scenario_params:
+                r = r + m.scenarios.P[torch.as_tensor(sc, device=m.device)]
             losses = m.pair_losses(s, t, w, r, fresh, m.sample_negatives(self.rng))
             loss = (losses * torch.as_tensor(np.abs(w), dtype=torch.float32,
                                              device=m.device)).sum() / total
@@ -213,12 +239,37 @@ class Trainer:
         self.sync.reduce_grads([p for k, p in m.named_parameters() if k != "items.E"],
                                [m.items.E])
         if total > 0:
+            self._step_scenarios(sc, np.abs(w), losses.detach().cpu().numpy(), total)
             self.dense_opt.step()
             if m.items.E.grad is not None:
                 self.pending.touched.update(m.items.E.grad.coalesce().indices()[0].tolist())
                 self.sparse_opt.step()
             self.steps += 1
         return loss_val
+
+    def _step_scenarios(self, rows: np.ndarray, aw: np.ndarray, losses: np.ndarray,
+                        total: float) -> None:
+        """Each scenario's rule step on the gradient of its own weighted mean pair loss
+        (the step's gradient is of the mean over all pairs: rescaled by total / w_s)."""
+        P = self.model.scenarios.P
+        if not self.cfg.scenario_params or P.grad is None:
+            return
+        size = len(P)
+        sums = self.sync.sum(np.stack([np.bincount(rows, aw, size),
+                                       np.bincount(rows, aw * losses, size)]))
+        idx = np.flatnonzero(sums[0] > 0)
+        idx = idx[idx > 0]  # row 0 (no scenario parameters) stays zero
+        if not len(idx):
+            return
+        grad = P.grad.detach().cpu().numpy()[idx].astype(np.float64)
+        grad *= (total / sums[0, idx])[:, None]
+        records = [self.scenario_rules[r] for r in idx]
+        rs = RuleState.gather(records, self.cfg.alpha0)
+        delta = self.scenario_rule.step(rs, grad, sums[1, idx] / sums[0, idx])
+        rs.scatter(records)
+        with torch.no_grad():
+            P[torch.as_tensor(idx, device=P.device)] += torch.as_tensor(
+                delta, dtype=P.dtype, device=P.device)
 
     def _count(self, examples: list[TrainingExample]) -> None:
         """Co-visitation pairs and popularity of the positive examples (all ranks' alike)."""
@@ -250,14 +301,16 @@ class Trainer:
 
 
 def _stack(parts: list[tuple]) -> tuple:
-    """Concatenate (seqs, targets, weights, resid, fresh) parts into one batch."""
+    """Concatenate (seqs, targets, weights, resid, fresh, scenario rows) parts into one."""
     if not parts:
-        return (None, np.zeros(0, np.int64), np.zeros(0), torch.zeros(0, 1), np.zeros(0, bool))
+        return (None, np.zeros(0, np.int64), np.zeros(0), torch.zeros(0, 1), np.zeros(0, bool),
+                np.zeros(0, np.int64))
     s = parts[0][0]
     for p in parts[1:]:
         s = s.concat(p[0])
-    return (s, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]),
-            torch.cat([p[3] for p in parts]), np.concatenate([p[4] for p in parts]))
+    return (s, *(np.concatenate([p[k] for p in parts]) for k in (1, 2)),
+            torch.cat([p[3] for p in parts]), *(np.concatenate([p[k] for p in parts])
+                                                for k in (4, 5)))
 
 
 class Replay:
@@ -274,10 +327,12 @@ class Replay:
         self.gaps = np.zeros((capacity, history_len), dtype=np.int64)
         self.target = np.zeros(capacity, dtype=np.int64)
         self.weight = np.zeros(capacity, dtype=np.float64)
+        self.scenario = np.zeros(capacity, dtype=np.int64)  # scenario row
         self.n = 0
         self.pos = 0
 
-    def add(self, s: Seqs, targets: np.ndarray, weights: np.ndarray) -> None:
+    def add(self, s: Seqs, targets: np.ndarray, weights: np.ndarray, scenarios: np.ndarray
+            ) -> None:
         if self.cap == 0:
             return
         L = s.rows.shape[1]
@@ -286,7 +341,8 @@ class Replay:
             for arr, src in ((self.rows, s.rows), (self.types, s.types), (self.gaps, s.gaps)):
                 arr[i] = 0
                 arr[i, self.H - L:] = src[p]
-            self.target[i], self.weight[i] = targets[p], weights[p]
+            self.target[i], self.weight[i], self.scenario[i] = \
+                targets[p], weights[p], scenarios[p]
             self.pos = (self.pos + 1) % self.cap
             self.n = min(self.n + 1, self.cap)
 
@@ -295,7 +351,7 @@ class Replay:
             return None
         idx = rng.choice(self.n, size=min(k, self.n), replace=False)
         seqs = Seqs(self.rows[idx], self.types[idx], self.gaps[idx], [])
-        return seqs, self.target[idx], self.weight[idx]
+        return seqs, self.target[idx], self.weight[idx], self.scenario[idx]
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -322,6 +378,8 @@ def checkpoint(trainer: Trainer, extra: dict[str, str] | None = None) -> bytes:
             "ids": json.dumps(m.catalog.ids), "steps": str(trainer.steps),
             "trained": str(trainer.trained),
             "progress": json.dumps({str(p): o for p, o in trainer.progress.items()}),
+            "scenarios": json.dumps(m.scenarios.names[1:]),
+            "scenario_rules": json.dumps([asdict(r) for r in trainer.scenario_rules]),
             **(extra or {})}
     return st_save(tensors, metadata=meta)
 
@@ -345,11 +403,13 @@ def restore(trainer: Trainer, data: bytes) -> dict[str, str]:
     params = dict(m.named_parameters())
     with torch.no_grad():
         for k, p in params.items():
-            src = tensors[f"param.{k}"].to(m.device)
+            src = tensors.get(f"param.{k}")
             if k == "items.E":
-                p[rows] = src[1 : len(ids)]
+                p[rows] = src[1 : len(ids)].to(m.device)
+            elif k == "scenarios.P":  # absent before scenarios; its bound may have changed
+                m.scenarios.load(src, json.loads(meta.get("scenarios", "[]")))
             else:
-                p.copy_(src)
+                p.copy_(src.to(m.device))
     for k, p in params.items():
         state = {name.rsplit(".", 1)[1]: v for name, v in tensors.items()
                  if name.startswith(f"opt.{k}.") and name.count(".") == k.count(".") + 2}
@@ -361,6 +421,8 @@ def restore(trainer: Trainer, data: bytes) -> dict[str, str]:
         return meta
     trainer.trained = int(meta["trained"])
     trainer.progress = {int(p): o for p, o in json.loads(meta["progress"]).items()}
+    rules = [RuleRecord(**r) for r in json.loads(meta.get("scenario_rules", "[{}]"))]
+    trainer.scenario_rules = rules[: len(m.scenarios.names)]
     return meta
 
 

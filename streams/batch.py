@@ -155,9 +155,9 @@ class EventBatches:
         with m.STAGE_SECONDS.labels(stage="emit").time():
             topic = self.s.topic(self.s.recommendations_topic)
             for user, upd in out.users.items():
-                if upd.recommendation is not None:
-                    await self.app.producer.send(topic, user.encode(), upd.recommendation,
-                                                 None, None, self.headers)
+                for rec in upd.recommendations:
+                    await self.app.producer.send(topic, user.encode(), rec, None, None,
+                                                 self.headers)
             await send_dead_letters(self.dead_letters, self.s.topic(self.s.events_topic),
                                     out.rejected)
         self.runtime.observe_emit(out)

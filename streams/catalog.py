@@ -13,7 +13,7 @@ import base64
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -25,22 +25,37 @@ log = logging.getLogger("streamrec.catalog")
 
 
 # ------------------------------------------------------------------ item-vectors wire form
-#: 1: {"item_id", "title", "v": base64 float32 vector}; records written before the field
-#: existed carry no "format" and are format 1.
+#: 1: {"item_id", "title", "v": base64 float32 vector, "s": scenarios or null}; records
+#: written before a field existed lack it ("format": 1; "s": everywhere).
 ITEM_VECTOR_FORMAT = 1
 
 
-def encode_item_vector(item_id: str, title: str, vec: np.ndarray) -> bytes:
+class ItemVector(NamedTuple):
+    vector: np.ndarray
+    scenarios: list[str] | None  # where the item may be recommended (None: everywhere)
+
+
+def encode_item_vector(item_id: str, title: str, vec: np.ndarray,
+                       scenarios: list[str] | None = None) -> bytes:
     v = base64.b64encode(np.ascontiguousarray(vec, dtype="<f4").tobytes()).decode("ascii")
     return orjson.dumps({"format": ITEM_VECTOR_FORMAT, "item_id": item_id, "title": title,
-                         "v": v})
+                         "v": v, "s": scenarios})
 
 
-def decode_item_vector(raw: bytes) -> tuple[str, np.ndarray]:
+def decode_item_vector(raw: bytes) -> tuple[str, ItemVector]:
     d = orjson.loads(raw)
     if d.get("format", 1) != ITEM_VECTOR_FORMAT:
         raise ValueError(f"item-vector format {d.get('format')!r}, expected {ITEM_VECTOR_FORMAT}")
-    return d["item_id"], np.frombuffer(base64.b64decode(d["v"]), dtype="<f4")
+    return d["item_id"], ItemVector(np.frombuffer(base64.b64decode(d["v"]), dtype="<f4"),
+                                    d.get("s"))
+
+
+def upsert_args(upserts: dict[str, ItemVector]
+                ) -> tuple[list[str], np.ndarray, list[list[str] | None]]:
+    """(ids, stacked vectors, scenarios): what `upsert_items` takes."""
+    ids = list(upserts)
+    return (ids, np.stack([upserts[i].vector for i in ids]),
+            [upserts[i].scenarios for i in ids])
 
 
 # ------------------------------------------------------------------ the catalog agent's work
@@ -81,8 +96,8 @@ class CatalogEncoder:
             lambda batch: list(self.encode([it.embedding_text() for _, it in batch])), todo
         )
         for (_, item), vec in good:
-            out.vectors.append((item.item_id.encode(),
-                                encode_item_vector(item.item_id, item.title, vec)))
+            out.vectors.append((item.item_id.encode(), encode_item_vector(
+                item.item_id, item.title, vec, item.scenarios)))
         for (rec, _), exc in bad:
             out.rejected.append((rec, InvalidRecord(Reason.PROCESSING_ERROR,
                                                     f"encoder failed: {exc!r}"[:300])))
@@ -90,9 +105,9 @@ class CatalogEncoder:
 
 
 # ------------------------------------------------------------------ every worker's copy
-def collapse_item_vectors(messages: list[Any]) -> tuple[dict[str, np.ndarray], list[str]]:
+def collapse_item_vectors(messages: list[Any]) -> tuple[dict[str, ItemVector], list[str]]:
     """item-vectors records (in order) -> the last change per item: (upserts, deletes)."""
-    upserts: dict[str, np.ndarray] = {}
+    upserts: dict[str, ItemVector] = {}
     deletes: dict[str, None] = {}
     for m in messages:
         item_id = m.key.decode("utf-8", "replace") if m.key else None

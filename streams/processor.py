@@ -8,12 +8,14 @@ the shared model learns in the trainer, from the batch's training examples.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from models.config import EVENT_TYPE_IDS
 from models.encoder import TextEncoder
 from models.examples import TrainingExample
 from models.learner import Interaction, Pending, alphas, observe
@@ -44,7 +46,7 @@ class UserUpdate:
 
     state: UserState
     record: RawRecord  # the user's newest record: routes the table write to its partition
-    recommendation: bytes | None = None
+    recommendations: list[bytes] = field(default_factory=list)  # one per scenario served
     newest_kafka_ts: int = 0
 
 
@@ -76,6 +78,7 @@ class EventProcessor:
         self.personal = personal
         self.encoder = encoder
         self.last_seen: dict[str, float] = {}  # user -> monotonic time (users_active gauge)
+        self.admitted: set[str] = set()  # scenarios this worker let in beyond the snapshot's
         self._loss_ema: float | None = None
 
     # ------------------------------------------------------------------ decode
@@ -123,7 +126,7 @@ class EventProcessor:
             batch_states = {u: upd.state for u, upd in out.users.items()}
             out.pending = observe(self.server.model, inters, batch_states)
             self._mark(todo, out)
-            self._recommend(todo, out)
+            self._recommend(todo, inters, out)
         return out
 
     def learn(self, out: BatchOutput) -> None:
@@ -134,7 +137,8 @@ class EventProcessor:
         with m.STAGE_SECONDS.labels(stage="learn").time():
             out.loss = self.personal.step(self.server.model, pend.hists, pend.targets,
                                           pend.weights, pend.owners,
-                                          [pend.states[u] for u in pend.users])
+                                          [pend.states[u] for u in pend.users],
+                                          pend.scenarios)
         for alpha in alphas(self.server.model.cfg, pend).values():
             m.LEARNING_RATE.observe(alpha)
         if out.loss == out.loss:  # not NaN
@@ -161,6 +165,12 @@ class EventProcessor:
             elif ev.item_id is not None and not self.server.model.has_item(ev.item_id):
                 out.rejected.append((rec, InvalidRecord(
                     Reason.UNKNOWN_ITEM, f"item_id {ev.item_id[:100]!r} is not in the catalog")))
+                outcome = "dlq"
+            elif not self._admit(ev.scenario):
+                out.rejected.append((rec, InvalidRecord(
+                    Reason.SCENARIO_LIMIT, f"scenario {ev.scenario!r} is new and "
+                    f"{self.server.model.cfg.max_scenarios} scenarios are known "
+                    "(learner.max_scenarios)")))
                 outcome = "dlq"
             else:
                 todo.append((rec, ev))
@@ -198,6 +208,20 @@ class EventProcessor:
                   for rec, ev in todo]
         return todo, inters
 
+    def _admit(self, scenario: str) -> bool:
+        """Whether events of `scenario` may be applied: a known scenario (in the served
+        snapshot, or admitted here before), or a new one while fewer than
+        `max_scenarios` are known. (Workers admit independently between snapshots; the
+        trainer's bound is the final word: beyond it a scenario is served by the shared
+        model alone.)"""
+        known = self.server.model.scenarios.rows
+        if scenario in known or scenario in self.admitted:
+            return True
+        if len(known.keys() | self.admitted) >= self.server.model.cfg.max_scenarios:
+            return False
+        self.admitted.add(scenario)
+        return True
+
     def _mark(self, todo: list[Decoded], out: BatchOutput) -> None:
         """Note each user's newest record: its changelog write carries the applied offsets."""
         now = time.monotonic()
@@ -208,23 +232,39 @@ class EventProcessor:
             self.last_seen[ev.user_id] = now
         out.applied = len(todo)
 
-    def _recommend(self, todo, out: BatchOutput) -> None:
+    def _queries(self, todo: list[Decoded], inters: list[Interaction], out: BatchOutput
+                 ) -> dict[tuple[str, str], tuple[UserState, int]]:
+        """One recommendation per (user, scenario) of the batch, from the user's state after
+        the batch, with the ts of the newest event that asked for it. A request's context
+        text joins its own query's history (a copy), not the user's."""
+        queries: dict[tuple[str, str], tuple[UserState, int]] = {}
+        for (_, ev), inter in zip(todo, inters, strict=True):
+            st = out.users[ev.user_id].state
+            if ev.event_type == "request" and inter.text_vec is not None:
+                st = copy.deepcopy(st)
+                st.append(None, EVENT_TYPE_IDS["search"], ev.ts, inter.text_vec,
+                          self.server.model.cfg.history_len)
+            queries.pop((ev.user_id, ev.scenario), None)  # newest last: in ts order
+            queries[(ev.user_id, ev.scenario)] = st, ev.ts
+        return queries
+
+    def _recommend(self, todo: list[Decoded], inters: list[Interaction], out: BatchOutput
+                   ) -> None:
         with m.STAGE_SECONDS.labels(stage="search").time():
             model = self.server.model
-            users = list(out.users)
-            states = [out.users[u].state for u in users]
-            vecs = model.user_vectors(states)
+            queries = self._queries(todo, inters, out)
+            states, scenarios = [st for st, _ in queries.values()], [s for _, s in queries]
+            vecs = model.user_vectors(states, scenarios)
             lists, version = self.server.recommend(states, vecs, self.s.top_k,
-                                                   self.s.reason_window)
-            scenario = {ev.user_id: ev.scenario for _, ev in todo}
+                                                   self.s.reason_window, scenarios)
             now_ms = int(time.time() * 1000)
             info = ModelInfo(encoder=self.encoder.name, index_version=version,
                              model_version=model.version)
             alpha0 = model.cfg.alpha0
-            for user, st, recs in zip(users, states, lists, strict=True):
-                out.users[user].recommendation = recommendation_bytes(
-                    user, scenario[user], [(r.item_id, r.score, r.reason_item_id) for r in recs],
-                    now_ms, st.last_ts, info, st.rule.step_size(alpha0))
+            for ((user, scenario), (st, ts)), recs in zip(queries.items(), lists, strict=True):
+                out.users[user].recommendations.append(recommendation_bytes(
+                    user, scenario, [(r.item_id, r.score, r.reason_item_id) for r in recs],
+                    now_ms, ts, info, st.rule.step_size(alpha0)))
         m.INDEX_ITEMS.set(self.server.n_items)
         m.INDEX_VERSION.set(self.server.version)
 

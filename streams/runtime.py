@@ -32,7 +32,7 @@ from models.serving import Server
 from models.snapshot import SnapshotMeta, apply_base, apply_delta
 from models.user_state import UserState
 from streams import metrics as m
-from streams.catalog import CatalogBacklog, CatalogEncoder, collapse_item_vectors
+from streams.catalog import CatalogBacklog, CatalogEncoder, collapse_item_vectors, upsert_args
 from streams.clients import aio_options, kafka_producer
 from streams.gaps import GapFiller, read_records
 from streams.processor import BatchOutput, EventProcessor
@@ -60,7 +60,7 @@ class SnapshotFollower:
         self._queue: list[Snapshot] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
         self._build: Future | None = None
-        self._changes: list[tuple[list[str], np.ndarray | None]] = []  # catalog since fork
+        self._changes: list[tuple] = []  # catalog changes since the fork (catalog_changed)
 
     @property
     def version(self) -> int:
@@ -80,10 +80,11 @@ class SnapshotFollower:
             self.meta = _apply(self.server.model, snap)
         return len(todo)
 
-    def catalog_changed(self, ids: list[str], vectors: np.ndarray | None) -> None:
+    def catalog_changed(self, ids: list[str], vectors: np.ndarray | None,
+                        scenarios: list[list[str] | None] | None = None) -> None:
         """A catalog change applied to the served model, to re-apply to a fork in the works."""
         if self._build is not None:
-            self._changes.append((ids, vectors))
+            self._changes.append((ids, vectors, scenarios))
 
     def maybe_swap(self) -> bool:
         """Between batches: swap a finished build in, or start building the next version."""
@@ -108,13 +109,13 @@ class SnapshotFollower:
             return False
         if meta is None:  # nothing applicable (e.g. a delta behind a gap: wait for a base)
             return False
-        for ids, vectors in changes:  # the catalog moved on while the fork was built
+        for ids, vectors, scenarios in changes:  # the catalog moved on meanwhile
             if vectors is None:
                 model.delete_items(ids)
                 index.remove([k for k in (self.server.ids.to_int(i) for i in ids)
                               if k is not None])
             else:
-                model.upsert_items(ids, vectors)
+                model.upsert_items(ids, vectors, scenarios)
                 rows = np.array([model.catalog.rows[i] for i in ids], np.int64)
                 index.upsert(self.server.ids.add_many(ids), model.item_vectors(rows)[1])
         self.server.swap(model, index)
@@ -220,11 +221,10 @@ class Runtime:
             return
         upserts, deletes = collapse_item_vectors(messages)
         if upserts:
-            ids = list(upserts)
-            vectors = np.stack([upserts[i] for i in ids])
-            self.model.upsert_items(ids, vectors)
+            ids, vectors, scenarios = upsert_args(upserts)
+            self.model.upsert_items(ids, vectors, scenarios)
             self.server.add_items(ids)
-            self.follower.catalog_changed(ids, vectors)
+            self.follower.catalog_changed(ids, vectors, scenarios)
         if deletes:
             self.model.delete_items(deletes)
             self.server.remove_items(deletes)
@@ -319,8 +319,8 @@ class Runtime:
     def observe_emit(out: BatchOutput) -> None:
         now_ms = time.time() * 1000
         for upd in out.users.values():
-            if upd.recommendation is not None:
-                m.RECOMMENDATIONS.inc()
+            if upd.recommendations:
+                m.RECOMMENDATIONS.inc(len(upd.recommendations))
                 if upd.newest_kafka_ts:
                     m.EVENT_TO_REC.observe(max(0.0, now_ms - upd.newest_kafka_ts) / 1000)
 

@@ -19,7 +19,8 @@ from pydantic_core import PydanticCustomError
 from models.encoder import item_text
 
 EventType = Literal[
-    "view", "click", "add_to_cart", "purchase", "rate", "search", "comment", "dislike"
+    "view", "click", "add_to_cart", "purchase", "rate", "search", "comment", "dislike",
+    "request",
 ]
 EVENT_TYPES: tuple[str, ...] = EventType.__args__  # type: ignore[attr-defined]
 
@@ -32,6 +33,7 @@ MAX_TS_MS = 4_102_444_800_000
 _ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]*$"
 UserId = Annotated[str, Field(min_length=1, max_length=256, pattern=_ID_PATTERN)]
 ItemId = Annotated[str, Field(min_length=1, max_length=256, pattern=_ID_PATTERN)]
+Scenario = Annotated[str, Field(min_length=1, max_length=64, pattern=_ID_PATTERN)]
 
 
 class Reason(StrEnum):
@@ -51,6 +53,7 @@ class Reason(StrEnum):
     ID_COLLISION = "id_collision"  # two item ids with the same 63-bit hash (astronomically rare)
     PROCESSING_ERROR = "processing_error"  # a record that made the encoder/index fail alone
     MISROUTED = "misrouted"  # Kafka key is not the event's user_id: wrong partition for its state
+    SCENARIO_LIMIT = "scenario_limit"  # a new scenario beyond `learner.max_scenarios`
 
 
 class InvalidRecord(ValueError):
@@ -69,7 +72,11 @@ class _Wire(BaseModel):
 
 
 class BehaviorEvent(_Wire):
-    """One user action. `item_id` may be null only for text events (search/comment)."""
+    """One user action. `item_id` may be null only for text events (search/comment).
+
+    A `request` is no action: it asks for a fresh recommendation for (user, scenario) now,
+    optionally with context `text` (e.g. the page's search box). It names no item, does not
+    train, is not a prediction target and does not enter the user's history."""
 
     user_id: UserId
     item_id: ItemId | None = None
@@ -78,11 +85,14 @@ class BehaviorEvent(_Wire):
     value: float | None = Field(default=None, strict=True,
                                 description="rating or other magnitude: a JSON number")
     text: str | None = Field(default=None, max_length=2000)
-    scenario: str = Field(default="default", min_length=1, max_length=64)
+    scenario: Scenario = "default"
 
     @model_validator(mode="after")
     def _item_or_text(self) -> BehaviorEvent:
-        if self.item_id is None and not self.text:
+        if self.event_type == "request":
+            if self.item_id is not None:
+                raise PydanticCustomError("value_error", "a request names no item_id")
+        elif self.item_id is None and not self.text:
             raise PydanticCustomError("missing", "item_id is null and no text is given")
         return self
 
@@ -95,6 +105,9 @@ class Item(_Wire):
     text: str | None = Field(default=None, max_length=10_000)
     tags: list[Annotated[str, Field(max_length=100)]] = Field(default_factory=list, max_length=100)
     category: str | None = Field(default=None, max_length=200)
+    scenarios: list[Scenario] | None = Field(
+        default=None, max_length=1000,
+        description="Where the item may be recommended; absent or null: everywhere.")
     deleted: bool = False
 
     @field_validator("title")

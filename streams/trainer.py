@@ -33,8 +33,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from models.encoder import encoder_dim
 from models.examples import TrainingExample
 from models.model import SharedModel
@@ -42,7 +40,7 @@ from models.snapshot import SnapshotMeta, apply_base, apply_delta, encode_base, 
 from models.trainer import Sync, Trainer, checkpoint, restore
 from streams import acls
 from streams import metrics as m
-from streams.catalog import collapse_item_vectors
+from streams.catalog import collapse_item_vectors, upsert_args
 from streams.checkpoint import CheckpointStore, read_topic
 from streams.clients import aio_options, reached, wait_assignment, wait_for_broker
 from streams.process import configure_process
@@ -181,8 +179,7 @@ class TrainerService:
     def _apply_items(self, messages: list[Any]) -> None:
         upserts, deletes = collapse_item_vectors(messages)
         if upserts:
-            ids = list(upserts)
-            self.trainer.upsert_items(ids, np.stack([upserts[i] for i in ids]))
+            self.trainer.upsert_items(*upsert_args(upserts))
         if deletes:
             self.model.delete_items(deletes)
 

@@ -92,7 +92,7 @@ def test_emit_examples_and_deliver_land_in_kafka(kafka, tmp_path, encoder):
             st = _state(2)
             ex = [TrainingExample.cut(st, u, "item-9", "click", 1.0, 1, "", rec.partition,
                                       rec.offset) for u, rec in (("u0", r0), ("u1", r1))]
-            out = BatchOutput(users={"u0": UserUpdate(st, r0, recommendation=b'{"r":0}'),
+            out = BatchOutput(users={"u0": UserUpdate(st, r0, recommendations=[b'{"r":0}']),
                                      "u1": UserUpdate(st, r1)},
                               rejected=[(r1, InvalidRecord(Reason.INVALID_JSON, "not JSON"))],
                               pending=Pending(states={}, examples=ex))

@@ -153,7 +153,7 @@ def test_catalog_encoder_with_the_real_encoder(encoder):
     out = CatalogEncoder(encoder.encode, 10_000).process(records)
     vectors = dict(out.vectors)
     assert vectors[b"c"] is None and vectors[b"d"] is None
-    item_id, vec = decode_item_vector(vectors[b"a"])
+    item_id, (vec, _) = decode_item_vector(vectors[b"a"])
     assert item_id == "a" and vec.shape == (encoder.dim,)
     assert abs(np.linalg.norm(vec) - 1) < 1e-4
     np.testing.assert_allclose(vec, encoder.encode(["Galaxy telescope"])[0], atol=1e-5)
@@ -289,7 +289,7 @@ def test_processor_hands_back_users_whose_events_were_all_replays(encoder, tmp_p
     assert (out.applied, out.duplicates) == (1, 3)
     assert list(out.users) == ["u2"]  # u2 has a new event: written with it, as always
     assert list(out.replayed) == ["u1"]
-    assert out.replayed["u1"].state is states["u1"] and out.replayed["u1"].recommendation is None
+    assert out.replayed["u1"].state is states["u1"] and out.replayed["u1"].recommendations == []
     assert out.replayed["u1"].record.offset == 9  # routes the write to u1's partition
 
 
@@ -342,7 +342,7 @@ def test_processor_isolates_a_search_text_that_makes_the_encoder_fail(encoder, t
     assert {exc.reason for _, exc in out.rejected} == {Reason.PROCESSING_ERROR}
     assert out.applied == 4
     assert {u: upd.state.n_events for u, upd in out.users.items()} == {"u1": 2, "u2": 1, "u3": 1}
-    assert all(upd.recommendation is not None for upd in out.users.values())
+    assert all(len(upd.recommendations) == 1 for upd in out.users.values())
 
 
 @pytest.mark.kafka

@@ -1,0 +1,228 @@
+"""Scenarios in the model: per-scenario parameters that start at the shared model and adapt
+by their own learning-rate rule in the trainer, travel in snapshots and checkpoints, stay
+identical across trainer ranks, and items restricted to scenarios that never leave them
+(co-visitation candidates and the FAISS search included)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from index.faiss_index import FaissIndex, IndexConfig
+from models.distributed import ThreadGroup
+from models.learner import Interaction, OnlineLearner
+from models.model import SharedModel
+from models.serving import Server, rank_candidates
+from models.snapshot import apply_base, apply_delta, encode_base, encode_delta
+from models.trainer import Trainer, checkpoint, restore
+from models.user_state import UserState
+from tests.test_trainer import T0, TEXT_DIM, catalog, cfg
+
+
+def stream(n: int, ids: list[str], scenarios: tuple[str, ...] = ("a", "b"), n_users: int = 8,
+           seed: int = 0) -> list[Interaction]:
+    """Users act in every scenario; in scenario k they pick from the k-th block of items
+    (the scenario's taste, which only the scenario's parameters can learn: the histories
+    mix the scenarios)."""
+    rng = np.random.default_rng(seed)
+    block = len(ids) // len(scenarios)
+    out = []
+    for k in range(n):
+        s = int(rng.integers(len(scenarios)))
+        item = ids[s * block + int(rng.integers(block))]
+        out.append(Interaction(f"u{int(rng.integers(n_users))}", item, "view", T0 + 1000 * k,
+                               scenario=scenarios[s]))
+    return out
+
+
+def learn(learner: OnlineLearner, events: list[Interaction], batch: int = 16
+          ) -> dict[str, UserState]:
+    states: dict[str, UserState] = {}
+    for k in range(0, len(events), batch):
+        part = events[k : k + batch]
+        for ev in part:
+            states.setdefault(ev.user_id, UserState())
+        learner.learn_batch(part, states)
+    return states
+
+
+def block_preference(model: SharedModel, states: dict[str, UserState], scenario: str,
+                     ids: list[str]) -> float:
+    """Mean score of the first half of the catalog minus the second's, in `scenario`."""
+    rows = np.asarray(model.catalog.add(ids))
+    hists = [model.history(st) for st in states.values()]
+    S = model.scores(hists, [st.residual for st in states.values()], rows,
+                     [scenario] * len(hists))
+    half = len(ids) // 2
+    return float(S[:, :half].mean() - S[:, half:].mean())
+
+
+@pytest.mark.parametrize("adapted", [True, False])
+def test_each_scenario_learns_its_own_taste_only_with_scenario_parameters(adapted):
+    ids, vecs = catalog(40)
+    learner = OnlineLearner(cfg(scenario_params=adapted), TEXT_DIM)
+    learner.upsert_items(ids, vecs)
+    states = learn(learner, stream(1200, ids))
+    a, b = (block_preference(learner.model, states, s, ids) for s in ("a", "b"))
+    P = learner.model.scenarios.P.detach().numpy()
+    if adapted:  # a's items score higher in a than in b
+        assert a - b > 0.1, (a, b)
+        assert np.abs(P[1:3]).sum() > 0 and sorted(learner.model.scenarios.names) == ["", "a", "b"]
+        rules = learner.trainer.scenario_rules
+        assert rules[1].steps > 0 and rules[2].steps > 0 and rules[0].steps == 0
+    else:
+        assert a == pytest.approx(b, abs=1e-6) and not P.any()
+
+
+def test_a_new_scenario_is_served_by_the_shared_model_at_once():
+    ids, vecs = catalog(40)
+    learner = OnlineLearner(cfg(), TEXT_DIM)
+    learner.upsert_items(ids, vecs)
+    states = learn(learner, stream(400, ids))
+    model, rows = learner.model, np.arange(1, 41)
+    hists = [model.history(st) for st in states.values()]
+    res = [st.residual for st in states.values()]
+    np.testing.assert_allclose(model.scores(hists, res, rows, ["never-seen"] * len(hists)),
+                               model.scores(hists, res, rows), rtol=1e-6)
+    assert model.scores(hists, res, rows, ["a"] * len(hists)).tolist() != \
+        model.scores(hists, res, rows).tolist()
+
+
+def test_scenarios_beyond_the_bound_get_no_parameters():
+    ids, vecs = catalog(40)
+    learner = OnlineLearner(cfg(max_scenarios=2), TEXT_DIM)
+    learner.upsert_items(ids, vecs)
+    learn(learner, stream(300, ids, scenarios=("a", "b", "c")))
+    table = learner.model.scenarios
+    assert len(table.names) == 3 and table.full
+    assert sorted(table.rows_of(["a", "b", "c"]).tolist()) == [0, 1, 2]  # the last one: none
+    assert not table.P.detach()[0].any()  # row 0 (no parameters) never moves
+
+
+def test_snapshots_and_checkpoints_carry_the_scenarios():
+    ids, vecs = catalog(40)
+    t = Trainer(SharedModel(cfg(), TEXT_DIM))
+    t.upsert_items(ids, vecs)
+    server = SharedModel(cfg(), TEXT_DIM)
+    events = stream(200, ids, scenarios=("x", "y"))
+    learner = OnlineLearner(cfg(), TEXT_DIM)  # cuts the examples as a worker would
+    learner.upsert_items(ids, vecs)
+    states = {ev.user_id: UserState() for ev in events}
+    t.train(learner.observe(events[:100], states).examples)
+    t.model.version = 1
+    apply_base(server, encode_base(t.model, {}))
+    t.take_pending()
+    t.train(learner.observe(events[100:], states).examples)
+    pending = t.take_pending()
+    t.model.version = 2
+    apply_delta(server, encode_delta(t.model, 2, pending.touched, pending.covis, {}))
+    assert server.scenarios.names == t.model.scenarios.names
+    assert sorted(t.model.scenarios.names) == ["", "x", "y"]
+    np.testing.assert_array_equal(server.scenarios.P.detach(), t.model.scenarios.P.detach())
+    again = Trainer(SharedModel(cfg(), TEXT_DIM))
+    restore(again, checkpoint(t))
+    assert again.model.scenarios.names == t.model.scenarios.names
+    np.testing.assert_array_equal(again.model.scenarios.P.detach(), t.model.scenarios.P.detach())
+    assert again.scenario_rules == t.scenario_rules and t.scenario_rules[1].steps > 0
+
+
+def test_two_ranks_register_scenarios_alike_and_stay_identical():
+    """Each rank sees other scenarios first; rows and parameters still agree."""
+    ids, vecs = catalog(40)
+    group = ThreadGroup(2)
+    ranks = [Trainer(SharedModel(cfg(), TEXT_DIM), group.sync(r)) for r in range(2)]
+    for t in ranks:
+        t.upsert_items(ids, vecs)
+    learner = OnlineLearner(cfg(), TEXT_DIM)
+    learner.upsert_items(ids, vecs)
+    events = stream(240, ids, scenarios=("p", "q", "r"))
+    states = {ev.user_id: UserState() for ev in events}
+    exs = [ex for k in range(0, 240, 40)
+           for ex in learner.observe(events[k : k + 40], states).examples]
+    for k, ex in enumerate(exs):  # rank 0 gets the even examples, rank 1 the odd ones
+        object.__setattr__(ex, "partition", k % 2)
+    for k in range(0, len(exs), 40):
+        part = exs[k : k + 40]
+        threads = [threading.Thread(target=t.train, args=([e for e in part
+                                                            if e.partition == r],))
+                   for r, t in enumerate(ranks)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    assert ranks[0].model.scenarios.names == ranks[1].model.scenarios.names
+    assert sorted(ranks[0].model.scenarios.names) == ["", "p", "q", "r"]
+    np.testing.assert_array_equal(ranks[0].model.scenarios.P.detach(),
+                                  ranks[1].model.scenarios.P.detach())
+    assert ranks[0].scenario_rules == ranks[1].scenario_rules
+
+
+# --------------------------------------------------------------------------- the filter
+def restricted_learner(kind: str = "flat", filter_min_share: float = 0.2
+                       ) -> tuple[OnlineLearner, list[str], Server]:
+    """Items 0-19 only in 'a', 20-29 only in 'b', 30-39 everywhere; trained on a stream
+    that visits all of them, so the co-visitation candidates cross the scenarios."""
+    ids, vecs = catalog(40)
+    learner = OnlineLearner(cfg(), TEXT_DIM)
+    learner.upsert_items(ids, vecs, [["a"]] * 20 + [["b"]] * 10 + [None] * 10)
+    rng = np.random.default_rng(3)
+    events = [Interaction(f"u{k % 5}", ids[int(rng.integers(40))], "view", T0 + 1000 * k)
+              for k in range(400)]
+    learn(learner, events)
+    server = Server(learner.model, IndexConfig(kind=kind, filter_min_share=filter_min_share),
+                    refresh_batches=10**6,
+                    refresh_s=1e9, candidates=15, exclude_seen="none")
+    server.refresh()
+    return learner, ids, server
+
+
+def allowed_ids(ids: list[str], scenario: str) -> set[str]:
+    return set(ids[:20] if scenario == "a" else ids[20:30]) | set(ids[30:])
+
+
+@pytest.mark.parametrize("kind,share", [("flat", 0.2), ("hnsw", 0.2), ("hnsw", 0.9)])
+def test_recommendations_stay_inside_the_scenario(kind, share):
+    """(HNSW at share 0.9: both scenarios are 'small', served from exact sub-indexes.)"""
+    learner, ids, server = restricted_learner(kind, share)
+    st = UserState()
+    for k, item in enumerate(ids[:20:2] + ids[20:30:2]):  # history in both scenarios
+        st.append(item, 1, T0 + k, None, 50)
+    model = learner.model
+    for scenario in ("a", "b"):
+        vecs = model.user_vectors([st], [scenario])
+        (recs,), _ = server.recommend([st], vecs, 10, scenarios=[scenario])
+        got = {r.item_id for r in recs}
+        assert len(got) == 10 and got <= allowed_ids(ids, scenario), (scenario, got)
+    assert len(server._subs) == (2 if share > 0.5 else 0)
+    (recs,), _ = server.recommend([st], model.user_vectors([st]), 40)
+    assert {r.item_id for r in recs} & set(ids[:20]) and {r.item_id for r in recs} & set(
+        ids[20:30])  # without a scenario filter both blocks are reachable
+
+
+def test_co_visitation_candidates_are_filtered_too():
+    learner, ids, _ = restricted_learner()
+    model = learner.model
+    st = UserState()
+    st.append(ids[0], 1, T0, None, 50)
+    hist = model.history(st)
+    assert set(model.catalog.ids_of(model.covisit_candidates(hist))) - allowed_ids(ids, "b")
+    U = model.history_vectors([hist], [None], ["b"])
+    from models.seen import Exclusion
+    (rows, _), = rank_candidates(model, [hist], U, [np.zeros(0, np.int64)], [Exclusion()],
+                                 None, ["b"])
+    assert len(rows) and set(model.catalog.ids_of(rows)) <= allowed_ids(ids, "b")
+
+
+def test_the_index_search_takes_an_allowed_set():
+    rng = np.random.default_rng(0)
+    keys = np.arange(100, 300, dtype=np.int64)
+    vecs = rng.standard_normal((200, 8)).astype(np.float32)
+    for kind in ("flat", "hnsw"):
+        idx = FaissIndex.build(keys, vecs, IndexConfig(kind=kind))
+        allowed = keys[::7]
+        _, got = idx.search(vecs[:3], 5, allowed=allowed)
+        assert np.isin(got, allowed).all(), kind
+        exact = allowed[np.argsort(-(vecs[:3] @ vecs[::7].T), axis=1)[:, :5]]
+        assert (got == exact).mean() >= 0.9, kind
