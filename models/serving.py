@@ -187,18 +187,24 @@ class Server:
         rows = np.array([self.model.catalog.rows[i] for i in item_ids], dtype=np.int64)
         self.key_rows.add(keys, rows)
         self._changes.append((True, list(item_ids)))
-        self._subs = {}
         idx, _ = self.index.current()
         if idx is not None and len(keys):
-            idx.upsert(keys, self.model.item_vectors(rows)[1])
+            vecs = self.model.item_vectors(rows)[1]
+            idx.upsert(keys, vecs)
+            for (_, scenario), sub in self._subs.items():  # (an item may leave a scenario)
+                mask = self.model.catalog.allowed(scenario)
+                ok = np.ones(len(rows), bool) if mask is None else mask[rows]
+                sub.upsert(keys[ok], vecs[ok])
+                sub.remove(keys[~ok])
 
     def remove_items(self, item_ids: Sequence[str]) -> None:
         keys = [k for k in (self.ids.to_int(i) for i in item_ids) if k is not None]
         self._changes.append((False, list(item_ids)))
-        self._subs = {}
         idx, _ = self.index.current()
         if idx is not None and keys:
             idx.remove(keys)
+            for sub in self._subs.values():
+                sub.remove(keys)
 
     # ------------------------------------------------------------------ refresh
     def maybe_refresh(self) -> bool:
@@ -317,14 +323,14 @@ class Server:
 
     def _target(self, idx: FaissIndex, version: int, scenario: str
                 ) -> tuple[FaissIndex, np.ndarray | None]:
-        """Where to search for `scenario`'s items: the index with its allowed keys as a
-        selector, or, for a small scenario on an HNSW index (whose recall drops under a
-        restrictive selector), an exact sub-index of the scenario's items, kept until the
-        index or the catalog changes."""
+        """Where to search for `scenario`'s items: a scenario of at most
+        `sub_index_max_items` items in an exact sub-index of them (built at its first query
+        on each index version, then kept in step with the catalog), a larger one in the
+        index with its allowed keys as a selector (bench/scenario_search.py measured both)."""
         keys = self.model.catalog.allowed_keys(scenario)
         if keys is None:
             return idx, None
-        if idx.kind != "hnsw" or len(keys) >= self.config.filter_min_share * len(idx):
+        if len(keys) > self.config.sub_index_max_items:
             return idx, keys
         sub = self._subs.get((version, scenario))
         if sub is None:

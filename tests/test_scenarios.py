@@ -160,7 +160,7 @@ def test_two_ranks_register_scenarios_alike_and_stay_identical():
 
 
 # --------------------------------------------------------------------------- the filter
-def restricted_learner(kind: str = "flat", filter_min_share: float = 0.2
+def restricted_learner(kind: str = "flat", sub_max: int = 0, candidates: int = 15
                        ) -> tuple[OnlineLearner, list[str], Server]:
     """Items 0-19 only in 'a', 20-29 only in 'b', 30-39 everywhere; trained on a stream
     that visits all of them, so the co-visitation candidates cross the scenarios."""
@@ -171,9 +171,9 @@ def restricted_learner(kind: str = "flat", filter_min_share: float = 0.2
     events = [Interaction(f"u{k % 5}", ids[int(rng.integers(40))], "view", T0 + 1000 * k)
               for k in range(400)]
     learn(learner, events)
-    server = Server(learner.model, IndexConfig(kind=kind, filter_min_share=filter_min_share),
+    server = Server(learner.model, IndexConfig(kind=kind, sub_index_max_items=sub_max),
                     refresh_batches=10**6,
-                    refresh_s=1e9, candidates=15, exclude_seen="none")
+                    refresh_s=1e9, candidates=candidates, exclude_seen="none")
     server.refresh()
     return learner, ids, server
 
@@ -182,10 +182,10 @@ def allowed_ids(ids: list[str], scenario: str) -> set[str]:
     return set(ids[:20] if scenario == "a" else ids[20:30]) | set(ids[30:])
 
 
-@pytest.mark.parametrize("kind,share", [("flat", 0.2), ("hnsw", 0.2), ("hnsw", 0.9)])
-def test_recommendations_stay_inside_the_scenario(kind, share):
-    """(HNSW at share 0.9: both scenarios are 'small', served from exact sub-indexes.)"""
-    learner, ids, server = restricted_learner(kind, share)
+@pytest.mark.parametrize("kind,sub_max", [("flat", 0), ("hnsw", 0), ("hnsw", 100)])
+def test_recommendations_stay_inside_the_scenario(kind, sub_max):
+    """(sub_max 0: the ID selector on the whole index; 100: exact sub-indexes.)"""
+    learner, ids, server = restricted_learner(kind, sub_max)
     st = UserState()
     for k, item in enumerate(ids[:20:2] + ids[20:30:2]):  # history in both scenarios
         st.append(item, 1, T0 + k, None, 50)
@@ -195,10 +195,32 @@ def test_recommendations_stay_inside_the_scenario(kind, share):
         (recs,), _ = server.recommend([st], vecs, 10, scenarios=[scenario])
         got = {r.item_id for r in recs}
         assert len(got) == 10 and got <= allowed_ids(ids, scenario), (scenario, got)
-    assert len(server._subs) == (2 if share > 0.5 else 0)
+    assert len(server._subs) == (2 if sub_max else 0)
     (recs,), _ = server.recommend([st], model.user_vectors([st]), 40)
     assert {r.item_id for r in recs} & set(ids[:20]) and {r.item_id for r in recs} & set(
         ids[20:30])  # without a scenario filter both blocks are reachable
+
+
+def test_a_sub_index_follows_the_catalog():
+    learner, ids, server = restricted_learner("hnsw", 100, candidates=40)
+    model, st = learner.model, UserState()
+    st.append(ids[25], 1, T0, None, 50)
+
+    def recommended(scenario: str) -> set[str]:
+        (recs,), _ = server.recommend([st], model.user_vectors([st], [scenario]), 30,
+                                      scenarios=[scenario])
+        return {r.item_id for r in recs}
+
+    assert recommended("b") == allowed_ids(ids, "b")  # k = 30 >= the 20 allowed
+    new, vec = "new-b", learner.model.items.T[26 + 1].numpy()[None]  # (ids[26]'s text)
+    learner.upsert_items([new], vec, [["b"]])
+    server.add_items([new])
+    learner.upsert_items([ids[0]], learner.model.items.T[1].numpy()[None], [["b"]])  # a -> b
+    server.add_items([ids[0]])
+    learner.delete_items([ids[21]])
+    server.remove_items([ids[21]])
+    assert recommended("b") == allowed_ids(ids, "b") - {ids[21]} | {new, ids[0]}
+    assert ids[0] not in recommended("a")
 
 
 def test_co_visitation_candidates_are_filtered_too():
