@@ -170,10 +170,12 @@ class SharedModel:
         return live[rng.choice(len(live), size=self.cfg.n_negatives, p=q / q.sum())]
 
     def pair_losses(self, seqs: Seqs, targets: np.ndarray, weights: np.ndarray,
-                    resid: torch.Tensor, fresh: np.ndarray, negatives: np.ndarray | None
-                    ) -> torch.Tensor:
+                    resid: torch.Tensor, fresh: np.ndarray, negatives: np.ndarray | None,
+                    scenarios: Sequence[str] | None = None) -> torch.Tensor:
         """Per-pair loss of each (history -> target) pair, given each pair's per-user
-        parameters `resid` (P, n_user: p_u then θ_u; zeros for replayed pairs).
+        parameters `resid` (P, n_user: p_u then θ_u; zeros for replayed pairs). The softmax
+        of a pair runs over the items allowed in its scenario ("": no filter), as serving
+        ranks them: an item that can never be shown there is no negative.
 
         The two-tower loss, plus with co-visitation the loss of the ranker that blends the
         (detached) two-tower score with the co-visitation features: the towers learn on
@@ -193,7 +195,9 @@ class SharedModel:
         else:  # column 0 is each pair's own target, then the shared negatives
             cols, (logq, pos, logits) = negatives, self._sampled_logits(u, targets, negatives,
                                                                         V, need)
-        losses = self._nll(self._logp(logits, pos, logq, targets, negatives), weights)
+        shut = self._disallowed(scenarios, cols, pos, negatives is not None)
+        shown = logits if shut is None else logits.masked_fill(shut, float("-inf"))
+        losses = self._nll(self._logp(shown, pos, logq, targets, negatives), weights)
         f = np.flatnonzero(fresh)
         if self.head is None or not len(f):
             return losses
@@ -207,9 +211,31 @@ class SharedModel:
         blend = self.head(logits.detach()[ft], feats, log_pop, resid[ft, d:])
         if logq is not None:
             blend[:, 0] = blend[:, 0] + self.head.pop_w * tp
+        if shut is not None:
+            blend = blend.masked_fill(shut[ft], float("-inf"))
         head = self._nll(self._logp(blend, pos[ft], None if logq is None else logq[ft],
                                     targets[f], negatives), weights[f])
         return losses.index_add(0, ft, head)
+
+    def _disallowed(self, scenarios: Sequence[str] | None, cols: np.ndarray,
+                    pos: torch.Tensor, sampled: bool) -> torch.Tensor | None:
+        """(P, columns) mask of the items not allowed in each pair's scenario (the target's
+        own column always open; None when nothing is restricted)."""
+        names = sorted(set(scenarios or []) - {""})
+        masks = [self.catalog.allowed(n) for n in names]
+        if all(mask is None for mask in masks):
+            return None
+        table = np.zeros((len(names) + 1, len(cols)), bool)  # row 0: "" (no filter)
+        for k, mask in enumerate(masks):
+            if mask is not None:
+                table[k + 1] = ~mask[cols]
+        which = {n: k + 1 for k, n in enumerate(names)}
+        shut = torch.as_tensor(table[[which.get(s, 0) for s in scenarios]], device=self.device)
+        if sampled:  # column 0 holds each pair's own target
+            shut = torch.cat([torch.zeros(len(shut), 1, dtype=torch.bool, device=self.device),
+                              shut], 1)
+        return shut.index_put((torch.arange(len(shut), device=self.device), pos),
+                              torch.tensor(False, device=self.device))
 
     def _logp(self, logits: torch.Tensor, pos: torch.Tensor, logq: torch.Tensor | None,
               targets: np.ndarray, negatives: np.ndarray | None) -> torch.Tensor:

@@ -47,11 +47,11 @@ class PersonalStep:
         t, w, o = t[keep], w[keep], o[keep].astype(np.int64)
         resid = model.residuals(states).requires_grad_(True)
         own = torch.as_tensor(o, device=model.device)
-        scen = torch.as_tensor(model.scenario_params(
-            None if scenarios is None else [scenarios[i] for i in keep], len(keep)),
-            device=model.device)
+        where = None if scenarios is None else [scenarios[i] for i in keep]
+        scen = torch.as_tensor(model.scenario_params(where, len(keep)), device=model.device)
         losses = model.pair_losses(Seqs.pad([hists[i] for i in keep]), t, w, resid[own] + scen,
-                                   np.ones(len(t), bool), model.sample_negatives(self.rng))
+                                   np.ones(len(t), bool), model.sample_negatives(self.rng),
+                                   where)
         aw = torch.as_tensor(np.abs(w), dtype=torch.float32, device=model.device)
         n = len(states)
         w_user = torch.zeros(n, device=model.device).index_add_(0, own, aw)

@@ -231,7 +231,8 @@ class Trainer:
         if len(t):
             if self.cfg.scenario_params:
                 r = r + m.scenarios.P[torch.as_tensor(sc, device=m.device)]
-            losses = m.pair_losses(s, t, w, r, fresh, m.sample_negatives(self.rng))
+            losses = m.pair_losses(s, t, w, r, fresh, m.sample_negatives(self.rng),
+                                   [m.scenarios.names[k] for k in sc.tolist()])
             loss = (losses * torch.as_tensor(np.abs(w), dtype=torch.float32,
                                              device=m.device)).sum() / total
             loss.backward()

@@ -248,3 +248,32 @@ def test_the_index_search_takes_an_allowed_set():
         assert np.isin(got, allowed).all(), kind
         exact = allowed[np.argsort(-(vecs[:3] @ vecs[::7].T), axis=1)[:, :5]]
         assert (got == exact).mean() >= 0.9, kind
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_the_training_softmax_runs_over_the_scenarios_items(sampled):
+    """A pair in scenario b is not pushed away from items that can never be shown in b."""
+    import torch
+
+    from models.sequences import Seqs
+
+    learner, ids, _ = restricted_learner()
+    model = learner.model
+    if sampled:
+        model.cfg.full_softmax_max_items = 1  # (this learner's own config)
+    seqs = Seqs.pad([model.history(UserState())] * 2)
+    targets = np.asarray(model.catalog.add([ids[25], ids[35]]))
+    weights, fresh = np.ones(2), np.ones(2, bool)
+    resid = torch.zeros(2, model.n_user)
+    negatives = np.asarray(model.catalog.add(ids)) if sampled else None
+
+    def losses(scenarios):
+        return model.pair_losses(seqs, targets, weights, resid, fresh, negatives,
+                                 scenarios).detach().numpy()
+
+    before = losses(["b", "b"]), losses(None)
+    with torch.no_grad():  # an a-only item now outscores everything
+        model.items.E[model.catalog.rows[ids[3]]] += 100 * model.items(
+            torch.as_tensor(targets[:1]))[0]
+    np.testing.assert_allclose(losses(["b", "b"]), before[0], rtol=1e-5)
+    assert (losses(None) > before[1] + 1).all()
