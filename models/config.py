@@ -158,6 +158,13 @@ class LearnerConfig(BaseModel):
         "ranker's weights, learned online from zero by the scenario's own LR rule "
         "(models/scenarios.py); False: one shared model, the scenario only filters items.",
     )
+    scenario_lr_rule: Literal["fixed", "adagrad", "rmsprop", "adaptive"] = Field(
+        "adagrad",
+        description="LR rule of each scenario's parameters (models/lr_rules.py, with the "
+        "users' rule parameters). A scenario takes a step with every trainer step, thousands "
+        "where a user takes a few: a rule whose rate anneals (`adagrad`) settles, where "
+        "`rmsprop`'s constant step length keeps it wandering.",
+    )
     max_scenarios: int = Field(
         64,
         ge=1,
@@ -168,7 +175,8 @@ class LearnerConfig(BaseModel):
     device: str = Field("auto", description="`auto` (CUDA if present), `cpu` or `cuda[:n]`.")
     seed: int = Field(0, description="Seed of parameter init and sampling.")
 
-    def rule_params(self) -> dict[str, float]:
-        """The parameters of the chosen rule (the other rules' fields do not reach it)."""
-        return {name: getattr(self, name) for name in rule_fields(self.lr_rule)
+    def rule_params(self, rule: str | None = None) -> dict[str, float]:
+        """The parameters of `rule` (default: the users' `lr_rule`); the other rules' fields
+        do not reach it."""
+        return {name: getattr(self, name) for name in rule_fields(rule or self.lr_rule)
                 if name in type(self).model_fields}

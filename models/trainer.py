@@ -102,7 +102,8 @@ class Trainer:
         self.progress: dict[int, int] = {}  # source partition -> newest offset trained
         self.counted: dict[int, int] = {}  # source partition -> newest offset counted
         self.pending = _Pending()
-        self.scenario_rule = make_rule(self.cfg.lr_rule, **self.cfg.rule_params())
+        rule = self.cfg.scenario_lr_rule
+        self.scenario_rule = make_rule(rule, **self.cfg.rule_params(rule))
         self.scenario_rules: list[RuleRecord] = [RuleRecord()]  # per scenario row
         self._make_optimizers()
 
