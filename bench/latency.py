@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.latency [--max-eps EPS] [--seconds 60] [--loads 0.25,0.5,0.75]
                                       [--items N] [--users N] [--warmup-s 5] [--out bench/out]
                                       [--probe-events 20000] [--worker-env K=V ...]
+                                      [--requests SHARE]
 
 The maximum rate is --max-eps if given, else `pipeline_eps` of <out>/throughput.json (whose
 --items/--users then become the defaults, so the workload matches), else measured here: after
@@ -23,7 +24,9 @@ and the consumer are allowed to catch up before the next starts. Reports p50/p99
 the achieved rate and the count per level, plus the worker's own view (its
 `streamrec_event_to_recommendation_seconds` histogram: record timestamp -> emit) and its CPU.
 Prints whether p99 <= 100 ms at 50 % load and <= 250 ms at 75 %; writes latency.json and
-latency.png to --out.
+latency.png to --out. With --requests SHARE, that share of the paced events are `request`
+events instead (a recommendation asked for, no behaviour), and each level also reports the
+p50/p99 of the requests' answers and of the other events' apart.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class LatencyTail(threading.Thread):
         self.settings = settings
         self.recv_ms: list[float] = []
         self.src_ms: list[int] = []
+        self.users: list[str] = []
         self.assigned = threading.Event()
         self.error: BaseException | None = None
         self._halt = threading.Event()
@@ -109,9 +113,10 @@ class LatencyTail(threading.Thread):
                 for msgs in polled.values():
                     now = time.time() * 1000
                     for msg in msgs:
-                        ts = orjson.loads(msg.value)["source_event_ts"]
+                        rec = orjson.loads(msg.value)
                         self.recv_ms.append(now)  # list.append: atomic under the GIL
-                        self.src_ms.append(ts)
+                        self.src_ms.append(rec["source_event_ts"])
+                        self.users.append(rec["user_id"])
         except BaseException as exc:  # noqa: BLE001
             self.error = exc
         finally:
@@ -168,14 +173,16 @@ def probe_max(s: Settings, worker: WorkerProcess, tail: LatencyTail, events: Ben
 
 def run_level(s: Settings, worker: WorkerProcess, tail: LatencyTail, producer: Any,
               events: BenchEvents, load: float, max_eps: float, seconds: float,
-              warmup_s: float, broker_pid: int | None, bar: Progress) -> dict:
+              warmup_s: float, broker_pid: int | None, bar: Progress,
+              requests: float = 0.0) -> dict:
     rate = load * max_eps
     n = max(1, int(rate * seconds))
     task = bar.add_task(f"{load:.0%} load", total=n, info=f"{rate:,.0f}/s")
     pids = {"worker": worker.proc.pid, "broker": broker_pid}
     before = take_sample(worker, pids)
     i0 = tail.count
-    wall0, wall1, send_s = _send_paced(s, worker, producer, events, n, rate, bar, task)
+    wall0, wall1, send_s, asked = _send_paced(s, worker, producer, events, n, rate, bar, task,
+                                              requests)
     at_end = take_sample(worker, pids)
     # let the worker finish this level's events and the tail read their recommendations
     bar.update(task, completed=n, info="draining")
@@ -190,15 +197,25 @@ def run_level(s: Settings, worker: WorkerProcess, tail: LatencyTail, producer: A
     lat = recv[keep] - src[keep]
     result = _level_result(load, rate, n, send_s, drain_s, lat, i1 - i0, before, at_end, after,
                            worker)
+    if requests:  # the answers to requests apart from the recommendations after behaviour
+        is_req = np.array([(u, int(t)) in asked for u, t in zip(
+            tail.users[i0:i1], tail.src_ms[i0:i1], strict=True)], bool)[keep]
+        for name, part in (("request", lat[is_req]), ("event", lat[~is_req])):
+            result |= {f"{name}_p50_ms": _pct(part, 50), f"{name}_p99_ms": _pct(part, 99),
+                       f"{name}_n": int(len(part))}
     bar.update(task, info=f"{result['eps']:,.0f}/s, p99 {result['p99_ms']:.0f} ms")
     return result
 
 
 def _send_paced(s: Settings, worker: WorkerProcess, producer: Any, events: BenchEvents, n: int,
-                rate: float, bar: Progress, task: Any) -> tuple[float, float, float]:
-    """A level's publishing phase: `n` events paced at `rate`/s, stamped as sent."""
+                rate: float, bar: Progress, task: Any, requests: float = 0.0
+                ) -> tuple[float, float, float, set[tuple[str, int]]]:
+    """A level's publishing phase: `n` events paced at `rate`/s, stamped as sent, a share
+    `requests` of them turned into requests (returned as (user, ts) pairs)."""
     topic = s.topic(s.events_topic)
     failures: list[BaseException] = []
+    asked: set[tuple[str, int]] = set()
+    rng = np.random.default_rng(n)
     it = events.take(n, now_ms=lambda: time.time() * 1000)
     wall0 = time.time() * 1000
     start = time.monotonic()
@@ -207,6 +224,9 @@ def _send_paced(s: Settings, worker: WorkerProcess, producer: Any, events: Bench
         if delay > 0:
             time.sleep(delay)
         ev = next(it)  # stamped now, after the pacing sleep: ts = send time
+        if requests and rng.random() < requests:
+            ev = {"user_id": ev["user_id"], "event_type": "request", "ts": ev["ts"]}
+            asked.add((ev["user_id"], ev["ts"]))
         producer.send(topic, key=ev["user_id"].encode(),
                       value=orjson.dumps(ev)).add_errback(failures.append)
         if i % 100 == 0:
@@ -218,16 +238,17 @@ def _send_paced(s: Settings, worker: WorkerProcess, producer: Any, events: Bench
     wall1 = time.time() * 1000
     if failures:
         raise RuntimeError(f"{len(failures)} events not acknowledged: {failures[0]!r}")
-    return wall0, wall1, send_s
+    return wall0, wall1, send_s, asked
+
+
+def _pct(lat: np.ndarray, q: float) -> float:
+    return round(float(np.percentile(lat, q)), 1) if len(lat) else float("nan")
 
 
 def _level_result(load: float, rate: float, n: int, send_s: float, drain_s: float,
                   lat: np.ndarray, recommendations: int, before: Sample, at_end: Sample,
                   after: Sample, worker: WorkerProcess) -> dict:
     """A level's row of latency.json: the latency percentiles and the worker's own view."""
-
-    def pct(q: float) -> float:
-        return round(float(np.percentile(lat, q)), 1) if len(lat) else float("nan")
 
     def worker_q(q: float) -> float:
         return round(hist_quantile(before.e2r_buckets, after.e2r_buckets, q) * 1000, 1)
@@ -239,7 +260,7 @@ def _level_result(load: float, rate: float, n: int, send_s: float, drain_s: floa
         "eps": round(n / send_s, 1),
         "sent": n,
         "seconds": round(send_s, 2),
-        "p50_ms": pct(50), "p99_ms": pct(99), "p999_ms": pct(99.9),
+        "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99), "p999_ms": _pct(lat, 99.9),
         "mean_ms": round(float(lat.mean()), 1) if len(lat) else float("nan"),
         "max_ms": round(float(lat.max()), 1) if len(lat) else float("nan"),
         "n": int(len(lat)),
@@ -297,6 +318,12 @@ def print_table(doc: dict) -> None:
     t.caption = ("wkr p99: the worker's own histogram (record ts -> emit, bucketed, whole "
                  "level); CPU%: the worker's, 100 = one core")
     console.print(t)
+    for lv in doc["levels"]:
+        if "request_n" in lv:
+            console.print(f"{lv['load']:.0%}: requests p50/p99 {lv['request_p50_ms']:.1f}/"
+                          f"{lv['request_p99_ms']:.1f} ms (n {lv['request_n']:,}); other "
+                          f"events {lv['event_p50_ms']:.1f}/{lv['event_p99_ms']:.1f} ms "
+                          f"(n {lv['event_n']:,})")
 
 
 def _verdict(p99: float, limit: float) -> str:
@@ -354,6 +381,8 @@ def _parse_args() -> tuple[argparse.Namespace, dict[str, str], list[float]]:
     ap.add_argument("--worker-env", action="append", metavar="KEY=VALUE",
                     help="extra environment of the worker (repeatable), e.g. "
                     "OMP_NUM_THREADS=1; default: none")
+    ap.add_argument("--requests", type=float, default=0.0,
+                    help="share of the paced events sent as `request` events (0..1)")
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()
     try:
@@ -437,7 +466,7 @@ def _run_levels(s: Settings, worker: WorkerProcess, tail: LatencyTail, producer:
             max_eps, source = probe["eps"], f"a {args.probe_events:,}-event drain"
         for load in loads:
             levels.append(run_level(s, worker, tail, producer, events, load, max_eps,
-                                    args.seconds, warmup_s, broker_pid, bar))
+                                    args.seconds, warmup_s, broker_pid, bar, args.requests))
     return max_eps, source, probe
 
 

@@ -4,15 +4,18 @@ Every peer follows the evaluator's protocol (evaluation/evaluate.py, :class:`Str
 ``step(batch, which, excluded)`` returns one row of scores over the whole catalog (items
 ``0..n_items-1``) for each event ``batch[j]``, j in ``which`` — user-side state (the profile
 of recent items) as it was just before that event, shared state (counts, factors) as of the
-start of the micro-batch — and then learns the batch's events ``(user, item, ts_ms)`` in
-stream order. Every event is an implicit positive interaction. Unknown users always get a
-valid row (zeros, or the popularity term where the model has one). Peers score every item,
-so they ignore ``excluded``: the evaluator drops those items from the ranking itself.
+start of the micro-batch — and then learns the batch's events ``(user, item, ts_ms[,
+scenario])`` in stream order. With ``own_history=False`` (a batch that is one day, whose
+order is unknown) every event sees its user's profile as of the batch's start. Every event
+is an implicit positive interaction. Unknown users always get a valid row (zeros, or the
+popularity term where the model has one). Peers score every item, so they ignore
+``excluded`` and the scenario's item restriction: the evaluator drops those items from the
+ranking itself.
 
 Peers (``BASELINES`` maps each ``name`` to its class; ``make_baseline`` builds one by name):
 
 ==============  ==========================================================================
-``pop``         cumulative interaction counts
+``pop``         cumulative interaction counts within the event's scenario
 ``pop_decay``   exponentially decayed counts, half-life in events
 ``itemknn``     incremental item-item cosine over user co-occurrence counts
 ``isgd``        incremental SGD matrix factorisation for positive-only feedback
@@ -32,7 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-Event = tuple[str, int, int]  # (user, item, ts_ms)
+Event = tuple  # (user, item, ts_ms[, scenario name]); a triple is in scenario "default"
 
 
 @runtime_checkable
@@ -42,7 +45,8 @@ class StreamModel(Protocol):
     name: str
 
     def step(self, batch: Sequence[Event], which: Sequence[int],
-             excluded: Sequence[Any] | None = None) -> np.ndarray: ...
+             excluded: Sequence[Any] | None = None, own_history: bool = True
+             ) -> np.ndarray: ...
 
 
 class _RecentDistinct:
@@ -67,7 +71,8 @@ class _StateAtBatchStart:
     """Peers whose only user-side state is learnt: score everybody, then learn the batch."""
 
     def step(self, batch: Sequence[Event], which: Sequence[int],
-             excluded: Sequence[Any] | None = None) -> np.ndarray:
+             excluded: Sequence[Any] | None = None, own_history: bool = True
+             ) -> np.ndarray:
         out = self.score([batch[j][0] for j in which])  # type: ignore[attr-defined]
         self.learn(batch)  # type: ignore[attr-defined]
         return out
@@ -86,8 +91,10 @@ class _ProfileBeforeEvent:
                                      for u in users])
 
     def step(self, batch: Sequence[Event], which: Sequence[int],
-             excluded: Sequence[Any] | None = None) -> np.ndarray:
-        out = self._score_profiles(self._profiles_before(batch, which))
+             excluded: Sequence[Any] | None = None, own_history: bool = True
+             ) -> np.ndarray:
+        out = self._score_profiles(self._profiles_before(batch, which)) if own_history \
+            else self.score([batch[j][0] for j in which])
         self.learn(batch)  # type: ignore[attr-defined]
         return out
 
@@ -99,7 +106,7 @@ class _ProfileBeforeEvent:
         wanted = set(which)
         extra: dict[str, list[int]] = {}
         out = []
-        for j, (user, item, _) in enumerate(batch):
+        for j, (user, item, *_) in enumerate(batch):
             if j in wanted:
                 prof = self._profile.get(user)
                 base = list(prof.items()) if prof is not None else []
@@ -146,10 +153,14 @@ def _cosine_scores(
 
 
 class Pop(_StateAtBatchStart):
-    """Popularity: ``score_i = n_i``, the cumulative number of interactions with item i.
+    """Popularity: ``score_i = n_si``, the cumulative number of interactions with item i in
+    the scored event's scenario s (``counts``: over all scenarios; ``score`` ranks by it).
 
     The non-personalised baseline of every top-N study (e.g. Cremonesi, Koren & Turrin,
     RecSys 2010, "Performance of recommender algorithms on top-N recommendation tasks").
+    Counted per scenario because "popular here" is the natural peer of a model adapted to
+    the scenario: a page of games should not lead with the books everybody rates. With
+    one scenario (plain triples) both are the same.
     """
 
     name = "pop"
@@ -157,13 +168,32 @@ class Pop(_StateAtBatchStart):
     def __init__(self, n_items: int) -> None:
         self.n_items = n_items
         self.counts = np.zeros(n_items)
+        self.by_scenario: dict[str, np.ndarray] = {}
 
     def score(self, users: Sequence[str]) -> np.ndarray:
         return np.tile(self.counts, (len(users), 1))
 
+    def step(self, batch: Sequence[Event], which: Sequence[int],
+             excluded: Sequence[Any] | None = None, own_history: bool = True
+             ) -> np.ndarray:
+        out = np.zeros((len(which), self.n_items))
+        for k, j in enumerate(which):
+            counts = self.by_scenario.get(_scenario(batch[j]))
+            if counts is not None:
+                out[k] = counts
+        self.learn(batch)
+        return out
+
     def learn(self, batch: Sequence[Event]) -> None:
-        for _, item, _ in batch:
+        for event in batch:
+            item = event[1]
             self.counts[item] += 1.0
+            scen = self.by_scenario.setdefault(_scenario(event), np.zeros(self.n_items))
+            scen[item] += 1.0
+
+
+def _scenario(event: Event) -> str:
+    return event[3] if len(event) > 3 else "default"
 
 
 class PopDecay(_StateAtBatchStart):
@@ -201,7 +231,7 @@ class PopDecay(_StateAtBatchStart):
         return np.tile(self.counts, (len(users), 1))
 
     def learn(self, batch: Sequence[Event]) -> None:
-        for _, item, _ in batch:
+        for _, item, *_ in batch:
             self._scale /= self.decay
             self._raw[item] += self._scale
             if self._scale > self.renorm_at:
@@ -245,7 +275,7 @@ class ItemKNN(_ProfileBeforeEvent):
         return out
 
     def learn(self, batch: Sequence[Event]) -> None:
-        for user, item, _ in batch:
+        for user, item, *_ in batch:
             self._learn_one(user, item)
 
     def _learn_one(self, user: str, item: int) -> None:
@@ -312,7 +342,7 @@ class ISGD(_StateAtBatchStart):
         return 1.0 - np.abs(1.0 - p @ self.item_vecs.T)  # p = 0 or q = 0 gives exactly 0
 
     def learn(self, batch: Sequence[Event]) -> None:
-        for user, item, _ in batch:
+        for user, item, *_ in batch:
             self._step(user, item)
 
     def _step(self, user: str, item: int) -> None:
@@ -377,7 +407,7 @@ class ItemKNNSeq(_ProfileBeforeEvent):
         return knn + self.pop_weight * np.log1p(self.counts)
 
     def learn(self, batch: Sequence[Event]) -> None:
-        for user, item, _ in batch:
+        for user, item, *_ in batch:
             self._learn_one(user, item)
 
     def _learn_one(self, user: str, item: int) -> None:

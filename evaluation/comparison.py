@@ -20,7 +20,15 @@ import numpy as np
 import orjson
 
 from evaluation.baselines import BASELINES, make_baseline
-from evaluation.evaluate import Event, Result, StreamrecModel, moving_ndcg, prequential
+from evaluation.evaluate import (
+    SMALL_SCENARIOS,
+    Event,
+    PerScenario,
+    Result,
+    StreamrecModel,
+    moving_ndcg,
+    prequential,
+)
 from models.config import LearnerConfig
 from models.seen import ExcludeSeen
 
@@ -38,6 +46,12 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 #: Run only when named (`--models`): keeps bench/quality.py within its 15-minute budget.
 ON_REQUEST = {"nocovisit"}
+#: Scenario variants (a stream whose events carry scenarios): `streamrec-shared` is one
+#: model without per-scenario parameters (the scenario only filters the items),
+#: `streamrec-separate` one independent model per scenario (no transfer at all).
+SCENARIO_VARIANTS = ("streamrec-shared", "streamrec-separate")
+#: What `streamrec eval --ciao` runs unless --models says otherwise.
+SCENARIO_MODELS = ("streamrec", *SCENARIO_VARIANTS, "pop", "itemknn_seq")
 
 
 @dataclass(frozen=True)
@@ -45,21 +59,31 @@ class Dataset:
     name: str
     item_ids: list[str]
     text_vectors: np.ndarray
-    events: list[Event]
+    events: list[Event]  # (user, item index, ts ms, scenario)
+    item_scenarios: list[list[str] | None] | None = None  # None: every item everywhere
+    by_day: bool = False  # a batch is one day (timestamps only say the day)
 
 
 def make_dataset(name: str, items: Sequence[dict], events: Sequence[dict],
-                 encode: Any) -> Dataset:
-    """Items embedded with `encode` (the agent's recipe); events in time order (stable)."""
+                 encode: Any, by_day: bool = False) -> Dataset:
+    """Items embedded with `encode` (the agent's recipe); events in time order (stable),
+    each with its scenario ("default" when it names none); items' `scenarios` kept."""
     from models.encoder import item_text
 
     item_ids = [str(it["item_id"]) for it in items]
     index = {i: n for n, i in enumerate(item_ids)}
     ordered = sorted(events, key=lambda e: e["ts"])  # sorted() is stable: ties keep file order
-    evs = [(str(e["user_id"]), index[str(e["item_id"])], int(e["ts"])) for e in ordered
+    evs = [(str(e["user_id"]), index[str(e["item_id"])], int(e["ts"]),
+            str(e.get("scenario") or "default")) for e in ordered
            if e.get("item_id") is not None and str(e["item_id"]) in index]
-    vectors = encode([item_text(it) for it in items])
-    return Dataset(name, item_ids, np.asarray(vectors, dtype=np.float32), evs)
+    where = [None if it.get("scenarios") is None else [str(s) for s in it["scenarios"]]
+             for it in items]
+    texts = [item_text(it) for it in items]
+    unique = list(dict.fromkeys(texts))  # Ciao: 105k items, a few dozen distinct texts
+    at = {t: k for k, t in enumerate(unique)}
+    vectors = np.asarray(encode(unique), dtype=np.float32)[[at[t] for t in texts]]
+    return Dataset(name, item_ids, np.asarray(vectors, dtype=np.float32), evs,
+                   where if any(w is not None for w in where) else None, by_day)
 
 
 def model_names(peers: bool = True, ablations: bool = True) -> list[str]:
@@ -90,8 +114,9 @@ def sharded_name(workers: int, snapshot_every: int | None = None, independent: b
 
 
 def build_model(name: str, data: Dataset, base: LearnerConfig) -> Any:
+    where = data.item_scenarios
     if name == "streamrec":
-        return StreamrecModel(data.item_ids, data.text_vectors, base)
+        return StreamrecModel(data.item_ids, data.text_vectors, base, item_scenarios=where)
     sharded = _SHARDED.match(name)
     if sharded:
         every = sharded["every"]
@@ -99,10 +124,17 @@ def build_model(name: str, data: Dataset, base: LearnerConfig) -> Any:
                               workers=int(sharded["workers"]),
                               snapshot_every=None if every is None else int(every),
                               independent=bool(sharded["independent"]),
-                              trainer_ranks=int(sharded["ranks"] or 1))
+                              trainer_ranks=int(sharded["ranks"] or 1), item_scenarios=where)
+    if name == "streamrec-separate":
+        return PerScenario(data.item_ids, data.text_vectors, where, base, name=name)
+    if name == "streamrec-shared":
+        return StreamrecModel(data.item_ids, data.text_vectors,
+                              base.model_copy(update={"scenario_params": False}), name=name,
+                              item_scenarios=where)
     if name.startswith("streamrec-"):
         cfg = base.model_copy(update=ABLATIONS[name.split("-", 1)[1]])
-        return StreamrecModel(data.item_ids, data.text_vectors, cfg, name=name)
+        return StreamrecModel(data.item_ids, data.text_vectors, cfg, name=name,
+                              item_scenarios=where)
     return make_baseline(name, len(data.item_ids))
 
 
@@ -115,7 +147,8 @@ def _run_one(name: str, data: Dataset, base: LearnerConfig, batch_size: int,
     report = (lambda n: progress.put((name, n))) if progress is not None else None
     return prequential(model, data.events, batch_size, on_batch=report,
                        item_ids=data.item_ids, exclude_seen=exclude_seen,
-                       history_len=base.history_len)
+                       history_len=base.history_len, item_scenarios=data.item_scenarios,
+                       by_day=data.by_day)
 
 
 def run_comparison(data: Dataset, names: Sequence[str], batch_size: int = 64,
@@ -152,13 +185,30 @@ def _progress(futures: dict, queue: Any, total: int) -> None:
 
 
 def to_json(data: Dataset, results: dict[str, Result], batch_size: int) -> dict:
+    """Figures per model; with scenarios also per scenario ({ndcg@10, hr@10, n}) and the
+    mean NDCG@10 of the SMALL_SCENARIOS smallest (`small10_ndcg@10`)."""
     models = {}
     for name, res in results.items():
         models[name] = {k: round(v, 5) if isinstance(v, float) else v
                         for k, v in res.summary().items()}
         models[name]["last_half"] = {k: round(v, 5) for k, v in res.last_half.items()}
-    return {"dataset": data.name, "batch_size": batch_size, "events": len(data.events),
-            "items": len(data.item_ids), "models": models}
+        if res.by_scenario:
+            models[name]["per_scenario"] = {
+                s: {k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()}
+                for s, m in res.by_scenario.items()}
+    doc = {"dataset": data.name, "batch_size": "day" if data.by_day else batch_size,
+           "events": len(data.events), "items": len(data.item_ids), "models": models}
+    if any(res.by_scenario for res in results.values()):
+        doc["scenario_items"] = scenario_sizes(data)
+    return doc
+
+
+def scenario_sizes(data: Dataset) -> dict[str, int]:
+    """Items each scenario of the stream may show: how hard its ranking is (a scenario of
+    ten items has HR@10 = 1 for any model)."""
+    names = sorted({e[3] for e in data.events})
+    where = data.item_scenarios or [None] * len(data.item_ids)
+    return {s: sum(1 for w in where if w is None or s in w) for s in names}
 
 
 def write_json(path: str | Path, doc: dict) -> None:
@@ -169,16 +219,43 @@ def print_table(doc: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    small = f"small{SMALL_SCENARIOS}_ndcg@10"
+    scen = any(small in m for m in doc["models"].values())
     table = Table(title=f"{doc['dataset']}: prequential, full ranking, batch "
                         f"{doc['batch_size']} ({doc['events']:,} events, {doc['items']:,} items)")
     for col in ("model", "HR@10", "NDCG@10", "MRR", "Recall@50", "evaluated", "events/s",
-                "NDCG@10 last half"):
+                "NDCG@10 last half", *([f"NDCG@10 {SMALL_SCENARIOS} smallest"] if scen else [])):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, m in sorted(doc["models"].items(), key=lambda kv: -kv[1]["ndcg@10"]):
         table.add_row(name, f"{m['hr@10']:.4f}", f"{m['ndcg@10']:.4f}", f"{m['mrr']:.4f}",
                       f"{m['recall@50']:.4f}", f"{m['evaluated']:,}",
-                      f"{m['events_per_s']:,.0f}", f"{m['last_half']['ndcg@10']:.4f}")
-    Console(width=max(Console().width, 130)).print(table)  # full names when piped
+                      f"{m['events_per_s']:,.0f}", f"{m['last_half']['ndcg@10']:.4f}",
+                      *([f"{m.get(small, float('nan')):.4f}"] if scen else []))
+    console = Console(width=max(Console().width, 130))  # full names when piped
+    console.print(table)
+    if scen:
+        console.print(scenario_table(doc))
+
+
+def scenario_table(doc: dict) -> Any:
+    """NDCG@10 / HR@10 per scenario (rows, largest first) and model (columns)."""
+    from rich.table import Table
+
+    names = [n for n in doc["models"] if "per_scenario" in doc["models"][n]]
+    first = doc["models"][names[0]]["per_scenario"]
+    table = Table(title="per scenario: NDCG@10 / HR@10 (items: the scenario's catalog, "
+                        "n: evaluated events)")
+    sizes = doc.get("scenario_items", {})
+    table.add_column("scenario")
+    table.add_column("items", justify="right")
+    table.add_column("n", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    for s in sorted(first, key=lambda s: (-first[s]["n"], s)):
+        cells = [doc["models"][n]["per_scenario"].get(s) for n in names]
+        table.add_row(s, f"{sizes.get(s, 0):,}", f"{first[s]['n']:,}", *(
+            "-" if c is None else f"{c['ndcg@10']:.4f} / {c['hr@10']:.3f}" for c in cells))
+    return table
 
 
 def plot(results: dict[str, Result], path: str | Path, title: str, window: int = 5000) -> None:
@@ -189,6 +266,7 @@ def plot(results: dict[str, Result], path: str | Path, title: str, window: int =
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 5.5))
+    window = min(window, max(1, min((len(r.ranks) for r in results.values()), default=0) // 5))
     for name, res in sorted(results.items(), key=lambda kv: -kv[1].metrics["ndcg@10"]):
         x, y = moving_ndcg(res, window)
         style = "-" if name == "streamrec" else (":" if name.startswith("streamrec-") else "--")

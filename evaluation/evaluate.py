@@ -14,6 +14,19 @@ batch size 1 this is plain test-then-train.
 Reported: HR@10, NDCG@10, MRR, Recall@50 (one target: hit within 50), over all evaluated
 events and over the last half of the stream, plus events/s of learn + score.
 
+Scenarios: an event may carry a scenario (the page or domain it happened in: a 4th field),
+and an item may list the scenarios where it may be shown (`item_scenarios`; none: all).
+An event is then ranked within its scenario: items it does not allow are dropped from the
+ranking as excluded items are, and an event whose own item is not allowed there is not
+evaluated (no model could serve it). With more than one scenario, the result also has
+NDCG@10 / HR@10 / n per scenario and the mean NDCG@10 of the 10 smallest scenarios (by
+evaluated events), where transfer between scenarios should show most.
+
+By day (`by_day=True`, for data whose timestamps only say the day, like Ciao): a batch is
+one day, and every event of it is scored against the state before that day, its user's
+history and exclusions included (the order within a day is unknown, so it must not help);
+a (user, item) pair is evaluated at most once a day. Then the model learns the day.
+
 Every model, the streamrec learner included, implements `StreamModel`; the streamrec adapter
 runs exactly the agent's learner (models/learner.py) and scorer.
 """
@@ -39,7 +52,14 @@ from models.serving import rank_candidates, tower_candidates
 from models.trainer import Trainer
 from models.user_state import UserState
 
-Event = tuple[str, int, int]  # (user, item index in catalog order, ts ms)
+Event = tuple  # (user, item index in catalog order, ts ms[, scenario name]): see scenario_of
+DAY_MS = 86_400_000
+SMALL_SCENARIOS = 10  # the report's "small scenarios": this many, fewest evaluated events
+
+
+def scenario_of(event: Event) -> str:
+    """An event's scenario: its 4th field, "default" for a plain (user, item, ts) triple."""
+    return event[3] if len(event) > 3 else "default"
 
 
 class StreamModel(Protocol):
@@ -50,7 +70,10 @@ class StreamModel(Protocol):
         """Scores (len(which), n_items) for the events `batch[j]`, j in `which`, each with
         its user's history strictly before it and shared state from before the batch; then
         learn the batch. `excluded[k]`: what event which[k] may not be recommended (a
-        serving path uses it to pick candidates; full-catalog scorers may ignore it)."""
+        serving path uses it to pick candidates; full-catalog scorers may ignore it).
+        A batch of one day (`prequential(by_day=True)`) is called with `own_history=False`:
+        then every event sees its user's history as of the batch's start, since the order
+        of a day's events is unknown."""
         ...
 
 
@@ -64,10 +87,16 @@ class Result:
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
     last_half: dict[str, float] = field(default_factory=dict)
+    scenarios: np.ndarray = field(default_factory=lambda: np.zeros(0, object))  # per evaluated
+    by_scenario: dict[str, dict[str, float]] = field(default_factory=dict)  # >1 scenario only
+    small_ndcg: float | None = None  # mean NDCG@10 of the SMALL_SCENARIOS smallest scenarios
 
     def summary(self) -> dict[str, float]:
-        return {**self.metrics, "evaluated": int(len(self.ranks)),
-                "events_per_s": round(self.n_events / max(self.seconds, 1e-9), 1)}
+        out = {**self.metrics, "evaluated": int(len(self.ranks)),
+               "events_per_s": round(self.n_events / max(self.seconds, 1e-9), 1)}
+        if self.small_ndcg is not None:
+            out[f"small{SMALL_SCENARIOS}_ndcg@10"] = self.small_ndcg
+        return out
 
 
 def metrics_of(ranks: np.ndarray) -> dict[str, float]:
@@ -83,57 +112,159 @@ def metrics_of(ranks: np.ndarray) -> dict[str, float]:
     }
 
 
+def scenario_report(ranks: np.ndarray, scenarios: np.ndarray, small: int = SMALL_SCENARIOS
+                    ) -> tuple[dict[str, dict[str, float]], float | None]:
+    """Per scenario {ndcg@10, hr@10, n} of the evaluated events, and the mean NDCG@10 over
+    the `small` scenarios with the fewest evaluated events (ties by name; only scenarios with
+    at least one). The set is the same for every model: which events are evaluated does not
+    depend on the model. Empty and None when the stream has a single scenario."""
+    names = sorted(set(scenarios.tolist()))
+    if len(names) < 2:
+        return {}, None
+    out = {}
+    for name in names:
+        m = metrics_of(ranks[scenarios == name])
+        out[name] = {"ndcg@10": m["ndcg@10"], "hr@10": m["hr@10"],
+                     "n": int(np.count_nonzero(scenarios == name))}
+    smallest = sorted(names, key=lambda n: (out[n]["n"], n))[:small]
+    return out, float(np.mean([out[n]["ndcg@10"] for n in smallest]))
+
+
 def rank_of(scores: np.ndarray, target: int, excluded: np.ndarray | Sequence[int]) -> int:
     """Rank of `target` among the items not `excluded` (a boolean mask over the catalog, or
     item indexes), ties split in half (rounded down). Scores may be -inf (not retrieved by a
-    serving path); those tie with each other."""
+    serving path); those tie with each other. NaN counts as -inf: compared as it is, a NaN
+    target would be above nothing and rank first, flattering a broken model."""
     keep = np.ones(len(scores), dtype=bool)
     excluded = np.asarray(excluded)
     keep[excluded if excluded.dtype == bool else excluded.astype(np.int64)] = False
+    scores = np.where(np.isnan(scores), -np.inf, scores)
     s, t = scores[keep], scores[target]
     above = int(np.count_nonzero(s > t))
     ties = int(np.count_nonzero(s == t)) - 1  # the target itself is not "other"
     return above + ties // 2
 
 
+class Allowed:
+    """Which catalog items each scenario may show: an item's `scenarios` list, or every
+    scenario when it has none (the catalog's rule, models/items.py). Masks are cached."""
+
+    def __init__(self, item_scenarios: Sequence[Sequence[str] | None] | None):
+        self.where = [None if s is None else frozenset(s) for s in item_scenarios or []]
+        self.restricted = any(w is not None for w in self.where)
+        self._masks: dict[str, np.ndarray] = {}
+
+    def __call__(self, scenario: str) -> np.ndarray | None:
+        """Bool mask over items (None: every item is allowed everywhere)."""
+        if not self.restricted:
+            return None
+        mask = self._masks.get(scenario)
+        if mask is None:
+            mask = np.array([w is None or scenario in w for w in self.where], dtype=bool)
+            self._masks[scenario] = mask
+        return mask
+
+
+def batches(events: Sequence[Event], batch_size: int, by_day: bool) -> list[tuple[int, int]]:
+    """[start, end) of each batch: `batch_size` events, or (by_day) all events of one
+    UTC day (ts // 86,400,000 ms) however many, so none of a day is learned before all of
+    that day is scored."""
+    if not by_day:
+        return [(b, min(b + batch_size, len(events))) for b in range(0, len(events), batch_size)]
+    days = np.array([e[2] // DAY_MS for e in events], dtype=np.int64)
+    cuts = [0, *(np.flatnonzero(np.diff(days)) + 1).tolist(), len(events)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+
+
+@dataclass
+class _Protocol:
+    """What the evaluator keeps between batches: each user's serving state (for the seen
+    rule) and what is needed to rank."""
+
+    ids: list[str] | None
+    exclude_seen: ExcludeSeen
+    history_len: int
+    allowed: Allowed
+    by_day: bool
+    states: dict[str, UserState] = field(default_factory=dict)
+
+    def item_id(self, item: int) -> str:
+        return self.ids[item] if self.ids is not None else str(item)
+
+    def select(self, batch: Sequence[Event]) -> tuple[list[int], list[Exclusion]]:
+        """Which events of the batch are evaluated, and what each may not be recommended:
+        a returning user, an item the serving rule does not exclude and the scenario allows.
+        By day: everything as of the day's start, and a (user, item) once per day."""
+        which, excl, done = [], [], set()
+        pending: list[tuple[UserState, str, int]] = []
+        for j, event in enumerate(batch):
+            user, item, ts = event[0], event[1], event[2]
+            st = self.states.setdefault(user, UserState())
+            item_id = self.item_id(item)
+            ex = exclusions(st, self.exclude_seen)
+            mask = self.allowed(scenario_of(event))
+            if st.n_events and not ex.contains(item_keys([item_id]))[0] and \
+                    (mask is None or mask[item]) and (user, item) not in done:
+                which.append(j)
+                excl.append(ex)
+                if self.by_day:
+                    done.add((user, item))
+            pending.append((st, item_id, ts))
+            if not self.by_day:
+                self._append(pending.pop())
+        for p in pending:
+            self._append(p)
+        return which, excl
+
+    def _append(self, p: tuple[UserState, str, int]) -> None:
+        st, item_id, ts = p
+        st.append(item_id, 0, ts, None, self.history_len)
+
+
 def prequential(model: StreamModel, events: Sequence[Event], batch_size: int = 64,
                 on_batch: Callable[[int], None] | None = None,
                 item_ids: Sequence[str] | None = None, exclude_seen: ExcludeSeen = "all",
-                history_len: int = 50) -> Result:
+                history_len: int = 50,
+                item_scenarios: Sequence[Sequence[str] | None] | None = None,
+                by_day: bool = False) -> Result:
     """Test-then-train over `events` (already in time order). What a user may not be
     recommended comes from the serving rule (models/seen.py) on a UserState kept per user,
     the same state and rule the agent uses; `item_ids` names the catalog's items (default:
-    their indexes as strings)."""
-    states: dict[str, UserState] = {}
-    ids = list(item_ids) if item_ids is not None else None
+    their indexes as strings). `item_scenarios[i]`: where item i may be shown (None: every
+    scenario); an event is ranked among the items its scenario allows. `by_day`: a batch is
+    one day (see `batches`) and its events are all scored against the state before it."""
+    proto = _Protocol(list(item_ids) if item_ids is not None else None, exclude_seen,
+                      history_len, Allowed(item_scenarios), by_day)
     catalog_keys: np.ndarray | None = None
-    ranks, positions = [], []
+    ranks, positions, scens = [], [], []
+    kw = {"own_history": False} if by_day else {}
     start = time.perf_counter()
-    for b in range(0, len(events), batch_size):
-        batch = events[b : b + batch_size]
-        which, todo, excl = [], [], []  # todo: (position, item)
-        for j, (user, item, ts) in enumerate(batch):
-            st = states.setdefault(user, UserState())
-            item_id = ids[item] if ids is not None else str(item)
-            ex = exclusions(st, exclude_seen)
-            if st.n_events and not ex.contains(item_keys([item_id]))[0]:
-                which.append(j)
-                todo.append((b + j, item))
-                excl.append(ex)
-            st.append(item_id, 0, ts, None, history_len)
-        scores = model.step(batch, which, excl)
+    for b, e in batches(events, batch_size, by_day):
+        batch = events[b:e]
+        which, excl = proto.select(batch)
+        scores = model.step(batch, which, excl, **kw)
         if catalog_keys is None and len(scores):
-            catalog_keys = item_keys(ids if ids is not None else
-                                     [str(i) for i in range(scores.shape[1])])
-        for row, (pos, item), ex in zip(scores, todo, excl, strict=True):
-            ranks.append(rank_of(row, item, ex.contains(catalog_keys)))
-            positions.append(pos)
+            catalog_keys = item_keys([proto.item_id(i) for i in range(scores.shape[1])])
+        for row, j, ex in zip(scores, which, excl, strict=True):
+            drop = ex.contains(catalog_keys)
+            mask = proto.allowed(scenario_of(batch[j]))
+            ranks.append(rank_of(row, batch[j][1], drop if mask is None else drop | ~mask))
+            positions.append(b + j)
+            scens.append(scenario_of(batch[j]))
         if on_batch:
             on_batch(len(batch))
-    res = Result(model.name, batch_size, np.array(ranks, dtype=np.int64),
-                 np.array(positions, dtype=np.int64), len(events), time.perf_counter() - start)
+    return _result(model.name, batch_size, ranks, positions, scens, len(events),
+                   time.perf_counter() - start)
+
+
+def _result(name: str, batch_size: int, ranks: list[int], positions: list[int],
+            scens: list[str], n_events: int, seconds: float) -> Result:
+    res = Result(name, batch_size, np.array(ranks, dtype=np.int64),
+                 np.array(positions, dtype=np.int64), n_events, seconds,
+                 scenarios=np.array(scens, dtype=object))
     res.metrics = metrics_of(res.ranks)
-    res.last_half = metrics_of(res.ranks[res.positions >= len(events) // 2])
+    res.last_half = metrics_of(res.ranks[res.positions >= n_events // 2])
+    res.by_scenario, res.small_ndcg = scenario_report(res.ranks, res.scenarios)
     return res
 
 
@@ -153,6 +284,9 @@ class StreamrecModel:
     `candidates` items by u·v (what the FAISS index returns; exact here) plus co-visitation
     candidates, reranked; items the path does not retrieve rank below all it does (ties
     among them split as the protocol says). `candidates=None` scores the whole catalog.
+    Each event is served in its scenario (the 4th field of an event; `item_scenarios` says
+    where each item may be shown): the scenario's parameters join the user's, and the tower
+    candidates, like the index's, are the allowed items only.
 
     `workers` serving shards (users hashed to shards, as Kafka partitions them) serve from a
     snapshot of the trainer's model that is refreshed every `snapshot_every` events (None:
@@ -166,17 +300,18 @@ class StreamrecModel:
                  config: LearnerConfig | None = None, name: str = "streamrec",
                  event_type: str = "rate", candidates: int | None = 200, workers: int = 1,
                  snapshot_every: int | None = None, independent: bool = False,
-                 trainer_ranks: int = 1):
+                 trainer_ranks: int = 1,
+                 item_scenarios: Sequence[Sequence[str] | None] | None = None):
         self.name = name
         self.event_type = event_type
         cfg = config or LearnerConfig()
         n = workers if independent else 1
         self.learners = [OnlineLearner(cfg, text_dim=text_vectors.shape[1]) for _ in range(n)]
         for learner in self.learners:
-            learner.upsert_items(list(item_ids), text_vectors)
+            learner.upsert_items(list(item_ids), text_vectors, item_scenarios)
         self.workers, self.independent = workers, independent
-        self.ranks = _ranks(trainer_ranks, cfg, item_ids, text_vectors) if trainer_ranks > 1 \
-            else [learner.trainer for learner in self.learners[:1]]
+        self.ranks = _ranks(trainer_ranks, cfg, item_ids, text_vectors, item_scenarios) \
+            if trainer_ranks > 1 else [learner.trainer for learner in self.learners[:1]]
         self.snapshot_every, self._since = snapshot_every, 0
         self.serving = self.ranks[0].model  # what the shards serve from
         self.personal = [personal_step(cfg) for _ in range(workers)]
@@ -192,17 +327,21 @@ class StreamrecModel:
         return xxhash.xxh64_intdigest(user.encode()) % (n or self.workers)
 
     def step(self, batch: Sequence[Event], which: Sequence[int],
-             excluded: Sequence[Exclusion] | None = None) -> np.ndarray:
-        shards = [self._shard(u) for u, _, _ in batch]
+             excluded: Sequence[Exclusion] | None = None, own_history: bool = True
+             ) -> np.ndarray:
+        shards = [self._shard(e[0]) for e in batch]
         inters = []
-        for u, i, ts in batch:
-            self.states.setdefault(u, UserState())
+        for e in batch:
+            self.states.setdefault(e[0], UserState())
             self._offset += 1
-            inters.append(Interaction(u, self.item_ids[i], self.event_type, ts,
-                                      partition=self._shard(u, PARTITIONS),
+            inters.append(Interaction(e[0], self.item_ids[e[1]], self.event_type, e[2],
+                                      scenario=scenario_of(e),
+                                      partition=self._shard(e[0], PARTITIONS),
                                       offset=self._offset))
+        start = {} if own_history else {e[0]: self.serving.history(self.states[e[0]])
+                                        for e in batch}
         pend = observe(self.serving, inters, self.states)  # residuals untouched until learned
-        hists = [pend.before[j] for j in which]
+        hists = [pend.before[j] if own_history else start[batch[j][0]] for j in which]
         if excluded is None:  # no rule given: the user's history before the event
             excluded = [Exclusion(recent=self.serving.catalog.keys[np.asarray(h.rows, np.int64)])
                         for h in hists]
@@ -213,7 +352,8 @@ class StreamrecModel:
                 model = self.learners[k].model if self.independent else self.serving
                 scores[mine] = self._serve(model, [hists[p] for p in mine],
                                            [self.states[batch[which[p]][0]].residual
-                                            for p in mine], [excluded[p] for p in mine])
+                                            for p in mine], [excluded[p] for p in mine],
+                                           [scenario_of(batch[which[p]]) for p in mine])
         self._learn(pend, shards)
         return scores
 
@@ -227,7 +367,8 @@ class StreamrecModel:
                 model = self.learners[k].model if self.independent else self.serving
                 personal.step(model, [pend.hists[p] for p in mine],
                               [pend.targets[p] for p in mine], [pend.weights[p] for p in mine],
-                              [pend.owners[p] for p in mine], states)
+                              [pend.owners[p] for p in mine], states,
+                              [pend.scenarios[p] for p in mine])
         if self.independent:
             for k, learner in enumerate(self.learners):
                 learner.trainer.train([ex for ex in pend.examples
@@ -239,27 +380,87 @@ class StreamrecModel:
             self.serving, self._since = self.ranks[0].model.fork(), 0
 
     def _serve(self, model: SharedModel, hists: list[History], residuals: list,
-               excluded: Sequence[Exclusion]) -> np.ndarray:
-        U = model.history_vectors(hists, residuals)
+               excluded: Sequence[Exclusion], scenarios: list[str]) -> np.ndarray:
+        U = model.history_vectors(hists, residuals, scenarios)
         if self.candidates is None or model.head is None and \
                 self.candidates >= len(self.rows):
-            return model.blend(hists, U, self.rows, residuals)
+            return model.blend(hists, U, self.rows, residuals, scenarios)
         _, V = model.item_vectors(self.rows)
         top = np.argsort(-(U @ V.T), axis=1, kind="stable")  # the exact index's order
-        ok = tower_candidates(model.catalog.keys[self.rows[top]], excluded, self.candidates)
+        keys = model.catalog.keys[self.rows[top]]
+        allowed = self._allowed(model, scenarios)
+        if allowed is not None:  # the index searches the scenario's items only
+            keys[~np.take_along_axis(allowed, top, axis=1)] = -1
+        ok = tower_candidates(keys, excluded, self.candidates)
         tower_rows = [self.rows[t[m]] for t, m in zip(top, ok, strict=True)]
-        ranked = rank_candidates(model, hists, U, tower_rows, excluded, residuals)
+        ranked = rank_candidates(model, hists, U, tower_rows, excluded, residuals, scenarios)
         out = np.full((len(hists), len(self.rows)), -np.inf)
         for p, (rows, scores) in enumerate(ranked):
             out[p, self.col_of[rows]] = scores
+        return out
+
+    def _allowed(self, model: SharedModel, scenarios: list[str]) -> np.ndarray | None:
+        """(n, n_items) which output columns each query's scenario allows; None: all."""
+        masks = {s: model.catalog.allowed(s) for s in set(scenarios)}
+        if all(m is None for m in masks.values()):
+            return None
+        cols = {s: np.ones(len(self.rows), bool) if m is None else m[self.rows]
+                for s, m in masks.items()}
+        return np.stack([cols[s] for s in scenarios])
+
+
+class PerScenario:
+    """streamrec with no transfer between scenarios: one independent StreamrecModel per
+    scenario, over that scenario's items only, trained on that scenario's events only (a
+    user's history in it is their events there). The baseline that per-scenario
+    parameters on one shared model must beat on small scenarios. Models are made on a
+    scenario's first event; items outside a scenario score -inf there."""
+
+    def __init__(self, item_ids: Sequence[str], text_vectors: np.ndarray,
+                 item_scenarios: Sequence[Sequence[str] | None] | None,
+                 config: LearnerConfig | None = None, name: str = "streamrec-separate"):
+        self.name, self.cfg = name, config or LearnerConfig()
+        self.item_ids, self.vectors = list(item_ids), text_vectors
+        self.allowed = Allowed(item_scenarios)
+        self.models: dict[str, tuple[StreamrecModel, np.ndarray, np.ndarray]] = {}
+
+    def _model(self, scenario: str) -> tuple[StreamrecModel, np.ndarray, np.ndarray]:
+        """The scenario's model, its items (global indexes) and global -> local index."""
+        if scenario not in self.models:
+            mask = self.allowed(scenario)
+            cols = np.arange(len(self.item_ids)) if mask is None else np.flatnonzero(mask)
+            local = np.full(len(self.item_ids), -1, np.int64)
+            local[cols] = np.arange(len(cols))
+            model = StreamrecModel([self.item_ids[c] for c in cols], self.vectors[cols],
+                                   self.cfg, name=f"{self.name}:{scenario}")
+            self.models[scenario] = (model, cols, local)
+        return self.models[scenario]
+
+    def step(self, batch: Sequence[Event], which: Sequence[int],
+             excluded: Sequence[Exclusion] | None = None, own_history: bool = True
+             ) -> np.ndarray:
+        out = np.full((len(which), len(self.item_ids)), -np.inf)
+        row_of = {j: k for k, j in enumerate(which)}
+        groups: dict[str, list[int]] = {}
+        for j, e in enumerate(batch):
+            groups.setdefault(scenario_of(e), []).append(j)
+        for scenario, js in groups.items():
+            model, cols, local = self._model(scenario)
+            js = [j for j in js if local[batch[j][1]] >= 0]  # (an item not shown here)
+            sub = [(batch[j][0], int(local[batch[j][1]]), batch[j][2], scenario) for j in js]
+            mine = [p for p, j in enumerate(js) if j in row_of]
+            ex = None if excluded is None else [excluded[row_of[js[p]]] for p in mine]
+            scores = model.step(sub, mine, ex, own_history=own_history)
+            for p, row in zip(mine, scores, strict=True):
+                out[row_of[js[p]], cols] = row
         return out
 
 
 PARTITIONS = 8  # source partitions the evaluator numbers examples by (users hashed)
 
 
-def _ranks(k: int, cfg: LearnerConfig, item_ids: Sequence[str], vectors: np.ndarray
-           ) -> list[Trainer]:
+def _ranks(k: int, cfg: LearnerConfig, item_ids: Sequence[str], vectors: np.ndarray,
+           item_scenarios: Sequence[Sequence[str] | None] | None = None) -> list[Trainer]:
     """K trainer ranks over identical model copies, synchronised as threads."""
     from models.distributed import ThreadGroup
 
@@ -268,7 +469,7 @@ def _ranks(k: int, cfg: LearnerConfig, item_ids: Sequence[str], vectors: np.ndar
     for r in range(k):
         model = SharedModel(cfg, vectors.shape[1])
         trainer = Trainer(model, group.sync(r))
-        trainer.upsert_items(list(item_ids), vectors)
+        trainer.upsert_items(list(item_ids), vectors, item_scenarios)
         ranks.append(trainer)
     return ranks
 

@@ -302,11 +302,21 @@ def demo(n_events: int, exit_: bool, rate: float, n_items: int, n_users: int,
 @main.command("eval")
 @click.option("--movielens-100k", "ml_dir", type=click.Path(exists=True, file_okay=False),
               help="MovieLens 100K directory (u.data + u.item).")
+@click.option("--ciao", "ciao_dir", type=click.Path(exists=True, file_okay=False),
+              help="Ciao directory (interactions.csv.gz): 28 categories as scenarios, each "
+              "event ranked within its category, a day at a time (implies --by-day).")
 @click.option("--events", "events_path", type=click.Path(exists=True), help="BehaviorEvent JSONL.")
 @click.option("--items", "items_path", type=click.Path(exists=True), help="Item JSONL.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--by-day", is_flag=True, help="A batch is one day of events, all scored against "
+              "the state before that day (for timestamps that only say the day).")
+@click.option("--last-days", type=click.IntRange(min=1), default=None,
+              help="--ciao: only the last N days of the stream.")
+@click.option("--min-item-events", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--ciao: only items with at least K events (in the kept days).")
 @click.option("--models", "model_list", default=None,
-              help="Comma-separated model names (default: streamrec, its ablations, all peers).")
+              help="Comma-separated model names (default: streamrec, its ablations, all peers; "
+              "with --ciao: streamrec, streamrec-shared, streamrec-separate, pop, itemknn_seq).")
 @click.option("--no-ablations", is_flag=True, help="Only streamrec and the peers.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write figures here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG here.")
@@ -322,26 +332,25 @@ def demo(n_events: int, exit_: bool, rate: float, n_items: int, n_users: int,
 @click.option("--trainer-ranks", type=click.IntRange(min=1), default=1, show_default=True,
               help="The trainer as K ranks in lockstep, each training its share of the "
               "source partitions (threads here; torch.distributed processes when deployed).")
-def eval_(ml_dir: str | None, events_path: str | None, items_path: str | None,
-          batch_size: int, model_list: str | None, no_ablations: bool, json_path: str | None,
-          plot_path: str | None, jobs: int, limit: int | None, workers: int,
-          snapshot_every: int | None, independent: bool, trainer_ranks: int) -> None:
+def eval_(ml_dir: str | None, ciao_dir: str | None, events_path: str | None,
+          items_path: str | None, batch_size: int, by_day: bool, last_days: int | None,
+          min_item_events: int, model_list: str | None, no_ablations: bool,
+          json_path: str | None, plot_path: str | None, jobs: int, limit: int | None,
+          workers: int, snapshot_every: int | None, independent: bool,
+          trainer_ranks: int) -> None:
     """Prequential (test-then-train) evaluation with full ranking; no Kafka involved."""
     from evaluation import comparison as cmp
-    from evaluation.datasets import load_events, load_items, movielens_events, movielens_items
     from models.encoder import TextEncoder
 
-    if ml_dir:
-        name, items, events = "ml-100k", movielens_items(ml_dir), movielens_events(ml_dir)
-    elif events_path and items_path:
-        name, items, events = Path(events_path).stem, load_items(items_path), \
-            load_events(events_path)
-    else:
-        raise click.UsageError("give --movielens-100k DIR, or --events FILE and --items FILE")
+    name, items, events = _eval_data(ml_dir, ciao_dir, events_path, items_path, last_days,
+                                     min_item_events)
+    by_day = by_day or ciao_dir is not None
     s = Settings()
     encoder = TextEncoder(s.encoder_path, device="cpu", batch_size=s.encoder_batch_size)
-    data = cmp.make_dataset(name, items, events[:limit] if limit else events, encoder.encode)
-    names = model_list.split(",") if model_list else cmp.model_names(ablations=not no_ablations)
+    data = cmp.make_dataset(name, items, events[:limit] if limit else events, encoder.encode,
+                            by_day=by_day)
+    names = model_list.split(",") if model_list else list(cmp.SCENARIO_MODELS) if ciao_dir \
+        else cmp.model_names(ablations=not no_ablations)
     deployed = cmp.sharded_name(workers, snapshot_every, independent, trainer_ranks)
     names = [deployed if n == "streamrec" else n for n in names]
     results = cmp.run_comparison(data, names, batch_size, s.learner, jobs=jobs,
@@ -351,7 +360,27 @@ def eval_(ml_dir: str | None, events_path: str | None, items_path: str | None,
     if json_path:
         cmp.write_json(json_path, doc)
     if plot_path:
-        cmp.plot(results, plot_path, f"{name}: NDCG@10 over the stream (batch {batch_size})")
+        batch = "a day" if by_day else batch_size
+        cmp.plot(results, plot_path, f"{name}: NDCG@10 over the stream (batch {batch})")
+
+
+def _eval_data(ml_dir: str | None, ciao_dir: str | None, events_path: str | None,
+               items_path: str | None, last_days: int | None, min_item_events: int
+               ) -> tuple[str, list[dict], list[dict]]:
+    """(name, items, events) of the one source the options name."""
+    from evaluation.datasets import ciao, load_events, load_items, movielens_events, movielens_items
+
+    if ml_dir:
+        return "ml-100k", movielens_items(ml_dir), movielens_events(ml_dir)
+    if ciao_dir:
+        items, events = ciao(ciao_dir, last_days, min_item_events)
+        days = "" if last_days is None else f", last {last_days} days"
+        least = "" if min_item_events == 1 else f", items with >= {min_item_events} events"
+        return f"ciao{days}{least}", items, events
+    if events_path and items_path:
+        return Path(events_path).stem, load_items(items_path), load_events(events_path)
+    raise click.UsageError("give --movielens-100k DIR, --ciao DIR, or --events FILE and "
+                           "--items FILE")
 
 
 @main.command()

@@ -300,3 +300,87 @@ def test_real_movielens_100k() -> None:
     assert {e["item_id"] for e in evs} <= {it["item_id"] for it in items}
     by_id = {it["item_id"]: it for it in items}
     assert by_id["543"]["title"].startswith("Misérables")
+
+
+# --- Ciao (generated in Ciao's format: the project does not ship the data) ------------------
+
+CIAO_HEADER = "user_id,item_id,category_id,rating,helpfulness,timestamp,category"
+DAY = 86_400
+CIAO_ROWS = [  # (user, item, category id, rating, helpfulness, seconds, category), unsorted
+    (2, 20, 1, 4, 3, 3 * DAY, "DVDs"),
+    (1, 10, 1, 5, 4, 1 * DAY, "DVDs"),
+    (1, 11, 7, 3, 4, 1 * DAY, "Ciao Café"),
+    (2, 10, 1, 5, 4, 2 * DAY, "DVDs"),
+    (3, 11, 4, 2, 2, 2 * DAY, "Books"),  # item 11 is listed under two categories
+    (1, 10, 1, 4, 4, 3 * DAY, "DVDs"),  # a repeat of (1, 10): kept as an event
+]
+
+
+def write_ciao(d: Path, rows: list = CIAO_ROWS, header: str = CIAO_HEADER) -> Path:
+    import gzip
+
+    d.mkdir(exist_ok=True)
+    lines = [header] + [",".join(map(str, r)) for r in rows]
+    with gzip.open(d / "interactions.csv.gz", "wt", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return d
+
+
+def test_ciao_items_and_events(tmp_path: Path) -> None:
+    from evaluation.datasets import ciao
+
+    items, events = ciao(write_ciao(tmp_path / "ciao"))
+    assert [(e["user_id"], e["item_id"], e["ts"], e["scenario"]) for e in events] == [
+        ("1", "10", 1 * DAY * 1000, "DVDs"), ("1", "11", 1 * DAY * 1000, "Ciao Café"),
+        ("2", "10", 2 * DAY * 1000, "DVDs"), ("3", "11", 2 * DAY * 1000, "Books"),
+        ("2", "20", 3 * DAY * 1000, "DVDs"), ("1", "10", 3 * DAY * 1000, "DVDs"),
+    ]  # time order; the file's order within a day
+    assert [e["value"] for e in events] == [5.0, 3.0, 5.0, 2.0, 4.0, 4.0]
+    by_id = {it["item_id"]: it for it in items}
+    assert set(by_id) == {"10", "11", "20"}
+    assert by_id["11"]["scenarios"] == ["Ciao Café", "Books"]
+    assert by_id["10"]["scenarios"] == ["DVDs"] and by_id["10"]["text"] == "DVDs"
+    from models.encoder import item_text
+
+    assert item_text(by_id["11"]) == "Ciao Café, Books"  # the category is the only text
+    for e in events:
+        BehaviorEvent.model_validate(e)
+    for it in items:
+        assert Item.model_validate(it).scenarios == it["scenarios"]
+
+
+def test_ciao_subsets_and_bad_files(tmp_path: Path) -> None:
+    from evaluation.datasets import ciao
+
+    d = write_ciao(tmp_path / "ciao")
+    items, events = ciao(d, last_days=2)
+    assert {e["ts"] // 1000 // DAY for e in events} == {2, 3}
+    assert {it["item_id"] for it in items} == {"10", "11", "20"}
+    assert next(it for it in items if it["item_id"] == "11")["scenarios"] == ["Books"]
+    items, events = ciao(d, min_item_events=2)
+    assert {e["item_id"] for e in events} == {"10", "11"} and len(events) == 5
+    assert len(ciao(d, last_days=100)[1]) == len(CIAO_ROWS)
+    write_ciao(tmp_path / "bad", header="user,item,cat,rating,help,ts,category")
+    with pytest.raises(ValueError, match="expected columns"):
+        ciao(tmp_path / "bad")
+    write_ciao(tmp_path / "bad2", rows=[(1, "x", 1, 5, 4, DAY, "DVDs")])
+    with pytest.raises(ValueError, match="interactions.csv.gz:2"):
+        ciao(tmp_path / "bad2")
+
+
+def test_jsonl_loaders_keep_scenarios(tmp_path: Path) -> None:
+    items = [{"item_id": "a", "title": "A", "scenarios": ["books"]}, {"item_id": "b"}]
+    events = [{"user_id": "u", "item_id": "a", "event_type": "view", "ts": 1,
+               "scenario": "books"}, {"user_id": "u", "item_id": "b", "event_type": "view",
+                                      "ts": 2}]
+    (tmp_path / "i.jsonl").write_bytes(b"\n".join(orjson.dumps(x) for x in items))
+    (tmp_path / "e.jsonl").write_bytes(b"\n".join(orjson.dumps(x) for x in events))
+    assert load_items(tmp_path / "i.jsonl")[0]["scenarios"] == ["books"]
+    assert load_events(tmp_path / "e.jsonl")[0]["scenario"] == "books"
+    from evaluation.comparison import make_dataset
+
+    data = make_dataset("t", load_items(tmp_path / "i.jsonl"), load_events(tmp_path / "e.jsonl"),
+                        lambda texts: [[float(len(t)), 1.0] for t in texts])
+    assert data.events == [("u", 0, 1, "books"), ("u", 1, 2, "default")]
+    assert data.item_scenarios == [["books"], None]
+    assert data.text_vectors.shape == (2, 2) and data.text_vectors[0, 0] == len("A")
