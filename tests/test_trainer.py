@@ -36,9 +36,10 @@ def catalog(n: int = 40, seed: int = 0) -> tuple[list[str], np.ndarray]:
 
 
 def examples(n: int, n_users: int = 6, n_items: int = 40, partitions: int = 2,
-             seed: int = 1) -> list[TrainingExample]:
+             seed: int = 1, n_scenarios: int = 1) -> list[TrainingExample]:
     """A stream's training examples, cut as a serving worker cuts them (source positions
-    per partition: a user's events all on one partition, like Kafka's keyed topics)."""
+    per partition: a user's events all on one partition, like Kafka's keyed topics), in
+    `n_scenarios` scenarios ("default" for one)."""
     model = SharedModel(cfg(), TEXT_DIM)
     ids, vecs = catalog(n_items)
     model.upsert_items(ids, vecs)
@@ -51,7 +52,9 @@ def examples(n: int, n_users: int = 6, n_items: int = 40, partitions: int = 2,
         p = u % partitions
         item = ids[(u * 7 + k // n_users) % n_items] if rng.random() < 0.8 else \
             ids[int(rng.integers(n_items))]
-        ev = Interaction(f"u{u}", item, "view", T0 + 1000 * k, partition=p, offset=offsets[p])
+        scenario = "default" if n_scenarios == 1 else f"s{(u + k) % n_scenarios}"
+        ev = Interaction(f"u{u}", item, "view", T0 + 1000 * k, scenario=scenario, partition=p,
+                         offset=offsets[p])
         offsets[p] += 1
         states.setdefault(ev.user_id, UserState())
         out += observe(model, [ev], states).examples
@@ -265,10 +268,11 @@ def _rank(rank: int, world: int, port: int, out: mp.Queue) -> None:
     t = Trainer(SharedModel(cfg(), TEXT_DIM), sync)
     ids, vecs = catalog()
     t.upsert_items(ids, vecs)
-    stream = examples(400)
+    stream = examples(400, n_scenarios=3)  # the ranks see the scenarios in different orders
     for k in range(0, 400, 40):  # rounds: each rank its own share of each round
         t.train([ex for ex in stream[k : k + 40] if ex.partition % world == rank])
-    out.put((rank, params(t.model), counts(t.model), t.trained, t.steps))
+    out.put((rank, params(t.model), counts(t.model), t.trained, t.steps,
+             t.model.scenarios.names))
 
 
 def test_two_gloo_ranks_keep_identical_parameters_and_all_counts():
@@ -283,9 +287,11 @@ def test_two_gloo_ranks_keep_identical_parameters_and_all_counts():
     results = dict((r, rest) for r, *rest in (out.get(timeout=300) for _ in procs))
     for p in procs:
         p.join(timeout=60)
-    (p0, c0, n0, s0), (p1, c1, n1, s1) = results[0], results[1]
+    (p0, c0, n0, s0, names0), (p1, c1, n1, s1, names1) = results[0], results[1]
     for k in p0:
         np.testing.assert_array_equal(p0[k], p1[k], err_msg=k)
+    assert names0 == names1 and sorted(names0) == ["", "s0", "s1", "s2"]
+    assert np.abs(p0["scenarios.P"][1:4]).sum() > 0  # each scenario moved, alike on both
     assert c0 == c1 and s0 == s1 > 0
     assert n0 + n1 == 400 and sum(c0[0].values()) == 400  # each trains its share; all counted
 
