@@ -6,6 +6,7 @@ floats), not by calling the models, so a model that drifts from its formula fail
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -16,9 +17,12 @@ from evaluation.baselines import (
     ISGD,
     ItemKNN,
     ItemKNNSeq,
+    MarkovBackoff,
     Pop,
     PopDecay,
+    SRDecay,
     StreamModel,
+    _RecentDistinct,
     make_baseline,
 )
 from evaluation.evaluate import prequential
@@ -93,7 +97,10 @@ def test_score_shapes_and_unknown_users(name: str) -> None:
 
 
 def test_make_baseline() -> None:
-    assert set(BASELINES) == {"pop", "pop_decay", "itemknn", "isgd", "itemknn_seq"}
+    assert set(BASELINES) == {"pop", "pop_decay", "itemknn", "isgd", "itemknn_seq", "sr_decay",
+                              "markov_backoff"}
+    assert make_baseline("sr_decay", 3, window=5).window == 5
+    assert make_baseline("markov_backoff", 3, alpha=2.0, window=7).knn.window == 7
     assert isinstance(make_baseline("pop_decay", 3, half_life=10), PopDecay)
     assert make_baseline("pop_decay", 3, half_life=10).half_life == 10
     with pytest.raises(ValueError, match="unknown baseline"):
@@ -214,3 +221,129 @@ def test_isgd_initialises_new_vectors_and_is_seeded() -> None:
     assert a.item_known.tolist() == [False, False, True, False, False]
     assert a.user_vecs["u"].shape == (10,) and np.any(a.user_vecs["u"] != 0)
     np.testing.assert_array_equal(a.score(["u", "v"]), b.score(["u", "v"]))
+
+
+# u: 0 1 2 3, v: 1 2 1 (window 2). Rules, from each later item back k ≤ 2 steps, + 1/k:
+#   u: 1: 0→1 +1 | 2: 1→2 +1, 0→2 +1/2 | 3: 2→3 +1, 1→3 +1/2 (0 is 3 back: outside W)
+#   v: 2: 1→2 +1 | 1: 2→1 +1 (1→1, 2 back, is a self-pair: skipped)
+SR_EVENTS = [("u", 0, 0), ("u", 1, 1), ("u", 2, 2), ("u", 3, 3),
+             ("v", 1, 4), ("v", 2, 5), ("v", 1, 6)]
+SR_RULES = {(0, 1): 1.0, (0, 2): 0.5, (1, 2): 2.0, (1, 3): 0.5, (2, 3): 1.0, (2, 1): 1.0}
+
+
+def test_sr_decay_rule_weights_are_one_over_distance() -> None:
+    expected = np.zeros((5, 5))
+    for (a, b), w in SR_RULES.items():
+        expected[a, b] = w
+    for batches in ([SR_EVENTS], [[e] for e in SR_EVENTS]):  # merged per batch or per event
+        model = SRDecay(5, window=2)
+        for batch in batches:
+            model.learn(batch)
+        np.testing.assert_allclose(model.rules.matrix.toarray(), expected, rtol=1e-12)
+        np.testing.assert_allclose(model.rules.row_max, expected.max(axis=1), rtol=1e-12)
+        np.testing.assert_allclose(model.rules.row_sum, expected.sum(axis=1), rtol=1e-12)
+    wider = SRDecay(5, window=3)
+    wider.learn(SR_EVENTS[:4])
+    assert wider.rules.matrix[0, 3] == pytest.approx(1 / 3)  # 3 back: inside W = 3
+
+
+def test_sr_decay_score_is_decayed_max_normalised_rules() -> None:
+    model = SRDecay(5, window=2, profile_size=3, decay=0.5)
+    model.learn(SR_EVENTS)
+    # u's last 3 distinct items, newest first: 3 (d=1, w 1), 2 (d=2, w 0.5), 1 (d=3, w 0.25);
+    # row maxima: item 3 has no rules (max 0: no term), item 2 max 1, item 1 max 2
+    rules = [0.5 * SR_RULES.get((2, j), 0.0) / 1.0 + 0.25 * SR_RULES.get((1, j), 0.0) / 2.0
+             for j in range(5)]
+    counts = [1, 3, 2, 1, 0]  # events per item; the tie-break is 1e-6 · n / max n
+    scores = model.score(["u", "stranger"])
+    np.testing.assert_allclose(scores[0], [r + 1e-6 * c / 3 for r, c in zip(rules, counts,
+                                                                             strict=True)],
+                               rtol=1e-12)
+    assert rules == [0.0, 0.5, 0.25, 0.5625, 0.0]
+    np.testing.assert_allclose(scores[1], [1e-6 * c / 3 for c in counts], rtol=1e-12)
+
+
+MK_EVENTS = [("u", 0, 0), ("u", 1, 1), ("u", 2, 2), ("v", 0, 3), ("v", 1, 4),
+             ("w", 0, 5), ("w", 3, 6), ("x", 2, 7), ("x", 4, 8)]  # c(0→1) = 2, c(0→3) = 1
+
+
+def _knn_q(user: str, extra: tuple = ()) -> np.ndarray:
+    """itemknn_seq's row for `user` after MK_EVENTS (+ `extra`), normalised to sum 1."""
+    knn = ItemKNNSeq(6)
+    knn.learn([*MK_EVENTS, *extra])
+    q = knn.score([user])[0]
+    return q / q.sum()
+
+
+def test_markov_backoff_is_the_transition_probability_as_alpha_goes_to_zero() -> None:
+    for alpha in (0.0, 1e-9):
+        model = MarkovBackoff(6, alpha=alpha)
+        model.learn(MK_EVENTS)
+        model.learn([("y", 0, 9)])  # y's last item is 0: c(0→·) = 3
+        np.testing.assert_allclose(model.score(["y"])[0], [0, 2 / 3, 0, 1 / 3, 0, 0],
+                                   atol=1e-8)
+
+
+def test_markov_backoff_formula_and_backoff_to_itemknn_seq() -> None:
+    model = MarkovBackoff(6, alpha=2.0)
+    model.learn(MK_EVENTS)
+    model.learn([("y", 0, 9)])
+    q = _knn_q("y", (("y", 0, 9),))
+    c = np.array([0, 2, 0, 1, 0, 0])
+    np.testing.assert_allclose(model.score(["y"])[0], (c + 2.0 * q) / (3 + 2.0), rtol=1e-12)
+    # x's last item, 4, was never followed by anything: the row is itemknn_seq's, normalised
+    q = _knn_q("x", (("y", 0, 9),))
+    scores = model.score(["x"])[0]
+    np.testing.assert_allclose(scores, q, rtol=1e-12)
+    assert np.argsort(-scores, kind="stable").tolist() == np.argsort(-q, kind="stable").tolist()
+    assert len(set(np.round(q, 12))) > 2  # the ranking it follows is not a flat one
+
+
+@pytest.mark.parametrize("name", ["sr_decay", "markov_backoff"])
+def test_sequence_peers_score_each_event_with_the_profile_just_before_it(name: str) -> None:
+    model = make_baseline(name, 6)
+    model.learn(MK_EVENTS)
+    batch = [("w2", 0, 10), ("w2", 2, 11), ("u", 4, 12)]  # w2 is new: 0, then 2
+    start, later, day = (copy.deepcopy(model) for _ in range(3))
+    seen_0 = copy.deepcopy(model)  # batch-start shared state, w2's profile holding item 0
+    seen_0._profile["w2"] = _RecentDistinct(model.profile_size)
+    seen_0._profile["w2"].add(0)
+    rows = model.step(batch, which=[0, 1, 2])
+    np.testing.assert_allclose(rows[0], start.score(["w2"])[0], rtol=1e-12)
+    np.testing.assert_allclose(rows[1], seen_0.score(["w2"])[0], rtol=1e-12)
+    assert not np.allclose(rows[1], rows[0])  # it saw item 0 (rules/transitions from 0)
+    np.testing.assert_allclose(rows[2], start.score(["u"])[0], rtol=1e-12)
+    changed = later.step([*batch[:2], ("u", 5, 12)], which=[0, 1])  # the future differs
+    np.testing.assert_allclose(changed, rows[:2], rtol=1e-12)
+    # a day-batch (order unknown): every event sees the batch-start profile, w2's empty one
+    np.testing.assert_allclose(day.step(batch, which=[0, 1, 2], own_history=False),
+                               start.score(["w2", "w2", "u"]), rtol=1e-12)
+
+
+def test_sequence_peers_learn_the_batch_after_scoring() -> None:
+    for model in (SRDecay(6), MarkovBackoff(6)):
+        model.step(MK_EVENTS, which=[0])
+        ref = type(model)(6)
+        ref.learn(MK_EVENTS)
+        np.testing.assert_allclose(model.score(["u", "x"]), ref.score(["u", "x"]), rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_sequence_peers_run_in_the_comparison() -> None:
+    from evaluation import comparison as cmp
+    from models.config import LearnerConfig
+
+    assert {"sr_decay", "markov_backoff"} <= set(cmp.model_names())
+    items = [{"item_id": f"i{k}", "title": f"item {k}"} for k in range(N_ITEMS)]
+    events = [{"user_id": u, "item_id": f"i{i}", "ts": ts} for u, i, ts in
+              clustered_stream(n_users=40)]
+    data = cmp.make_dataset("tiny", items, events,
+                            lambda texts: np.zeros((len(texts), 4), dtype=np.float32))
+    for name in ("sr_decay", "markov_backoff"):
+        assert cmp.build_model(name, data, LearnerConfig()).name == name
+    results = cmp.run_comparison(data, ["sr_decay", "markov_backoff"], 8, jobs=1,
+                                 show_progress=False)
+    doc = cmp.to_json(data, results, 8)
+    for name in ("sr_decay", "markov_backoff"):
+        assert doc["models"][name]["evaluated"] == 800 - 40  # every event but users' first
+        assert doc["models"][name]["hr@10"] > 2 * 10 / N_ITEMS
