@@ -74,13 +74,16 @@ class ItemRows:
         self.live = np.concatenate([self.live, np.zeros(pad, bool)])
 
     def restrict(self, rows: np.ndarray, scenarios: Sequence[Sequence[str] | None]) -> None:
-        """Set where each row's item may be recommended (None: everywhere)."""
+        """Set where each row's item may be recommended (None: everywhere). The cached
+        masks are updated in place: a catalog change costs its rows, not a rebuild."""
         for row, where in zip(np.asarray(rows).tolist(), scenarios, strict=True):
             if where is None:
                 self.scenarios.pop(row, None)
             else:
                 self.scenarios[row] = frozenset(where)
-        self._allowed = {}
+            for scenario, mask in self._allowed.items():
+                if row < len(mask):
+                    mask[row] = where is None or scenario in where
 
     def allowed(self, scenario: str) -> np.ndarray | None:
         """Mask over rows of the items allowed in `scenario`; None when no item is

@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+from test_trainer import T0, TEXT_DIM, catalog, cfg
 
 from index.faiss_index import FaissIndex, IndexConfig
 from models.distributed import ThreadGroup
@@ -18,7 +19,6 @@ from models.serving import Server, rank_candidates
 from models.snapshot import apply_base, apply_delta, encode_base, encode_delta
 from models.trainer import Trainer, checkpoint, restore
 from models.user_state import UserState
-from tests.test_trainer import T0, TEXT_DIM, catalog, cfg
 
 
 def stream(n: int, ids: list[str], scenarios: tuple[str, ...] = ("a", "b"), n_users: int = 8,
