@@ -131,6 +131,7 @@ def test_two_workers_and_a_trainer_each_killed_once(kafka, tmp_path):
         trained = total(trainer.metrics(), "streamrec_trainer_trained")
         counts = [served_counts(w) for w in (a, b)]
         applied = total(a.metrics(), "streamrec_events_total", **APPLIED)
+        successor = total(b.metrics(), "streamrec_events_total", **APPLIED)
     finally:
         for p in procs:
             p.stop()
@@ -144,7 +145,9 @@ def test_two_workers_and_a_trainer_each_killed_once(kafka, tmp_path):
         assert f.keys() == ref_f.keys(), f"worker {name}: other item pairs than one process's"
         np.testing.assert_allclose([f[k] for k in ref_f], [ref_f[k] for k in ref_f],
                                    rtol=1e-5, err_msg=f"worker {name}: pair counts")
-    assert _versions_by_worker(sa) >= 3  # A, B and B's successor
+    # A, B and B's successor when it applied any event (A may have drained the backlog
+    # before the rebalance gave the successor its partitions back: then it has none to serve)
+    assert _versions_by_worker(sa) >= 2 + (successor > 0)
     keys = {m.key for m in read_all(sa, sa.topic(sa.checkpoints_topic))}
     assert keys and all(k.startswith(f"{sa.app_id}/trainer/".encode()) for k in keys), keys
     print(f"\n[faults] scale-out: {len(events)} events, {with_target} examples trained once "
