@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench._common import save_figure
 from evaluation import comparison as cmp
 from evaluation import drift
 from evaluation.datasets import movielens_events, movielens_items
@@ -138,9 +139,7 @@ def plot(doc: dict, path: Path) -> None:
                  "thin lines: pre-switch level")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
