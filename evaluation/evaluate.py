@@ -401,12 +401,11 @@ class StreamrecModel:
 
     def _allowed(self, model: SharedModel, scenarios: list[str]) -> np.ndarray | None:
         """(n, n_items) which output columns each query's scenario allows; None: all."""
-        masks = {s: model.catalog.allowed(s) for s in set(scenarios)}
-        if all(m is None for m in masks.values()):
+        allowed = model.catalog.allowed_table(scenarios)
+        if allowed is None:
             return None
-        cols = {s: np.ones(len(self.rows), bool) if m is None else m[self.rows]
-                for s, m in masks.items()}
-        return np.stack([cols[s] for s in scenarios])
+        table, which = allowed
+        return table[:, self.rows][which]
 
 
 class PerScenario:

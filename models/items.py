@@ -97,6 +97,18 @@ class ItemRows:
             self._allowed[scenario] = mask
         return mask
 
+    def allowed_table(self, scenarios: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per query scenario, which rows it allows: (masks (k, capacity), which
+        (len(scenarios),)), query p's mask being masks[which[p]]; "" is no filter. None
+        when nothing is restricted."""
+        names = sorted(set(scenarios))
+        masks = [None if n == "" else self.allowed(n) for n in names]
+        if all(mask is None for mask in masks):
+            return None
+        table = np.stack([np.ones(self.capacity, bool) if mask is None else mask
+                          for mask in masks])
+        return table, np.searchsorted(names, np.asarray(scenarios))
+
     def allowed_keys(self, scenario: str) -> np.ndarray | None:
         """Sorted keys of the live items allowed in `scenario` (None: all are), for an
         index search restricted to them."""

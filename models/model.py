@@ -221,16 +221,11 @@ class SharedModel:
                     pos: torch.Tensor, sampled: bool) -> torch.Tensor | None:
         """(P, columns) mask of the items not allowed in each pair's scenario (the target's
         own column always open; None when nothing is restricted)."""
-        names = sorted(set(scenarios or []) - {""})
-        masks = [self.catalog.allowed(n) for n in names]
-        if all(mask is None for mask in masks):
+        allowed = self.catalog.allowed_table(scenarios or [])
+        if allowed is None:
             return None
-        table = np.zeros((len(names) + 1, len(cols)), bool)  # row 0: "" (no filter)
-        for k, mask in enumerate(masks):
-            if mask is not None:
-                table[k + 1] = ~mask[cols]
-        which = {n: k + 1 for k, n in enumerate(names)}
-        shut = torch.as_tensor(table[[which.get(s, 0) for s in scenarios]], device=self.device)
+        table, which = allowed
+        shut = torch.as_tensor(~table[:, cols][which], device=self.device)
         if sampled:  # column 0 holds each pair's own target
             shut = torch.cat([torch.zeros(len(shut), 1, dtype=torch.bool, device=self.device),
                               shut], 1)

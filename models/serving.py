@@ -74,13 +74,10 @@ def rank_candidates(model: SharedModel, hists: Sequence[History], U: np.ndarray,
 def allowed_pairs(model: SharedModel, scenarios: Sequence[str], owner: np.ndarray,
                   rows: np.ndarray) -> np.ndarray:
     """Whether each (owner, row) candidate is allowed in its owner's scenario."""
-    names = sorted(set(scenarios))
-    masks = [model.catalog.allowed(s) for s in names]
-    if all(mask is None for mask in masks):
+    allowed = model.catalog.allowed_table(scenarios)
+    if allowed is None:
         return np.ones(len(rows), bool)
-    table = np.stack([np.ones(model.catalog.capacity, bool) if mask is None else mask
-                      for mask in masks])
-    which = np.searchsorted(names, np.asarray(scenarios))
+    table, which = allowed
     return table[which[owner], rows]
 
 
