@@ -178,6 +178,8 @@ class Sample:
     stage_sum: dict[str, float]
     stage_count: dict[str, float]
     e2r_buckets: list[tuple[float, float]]  # event->recommendation histogram (le, cumulative)
+    stall_buckets: list[tuple[float, float]] = field(default_factory=list)  # event-loop stalls
+    stall_max: float = 0.0  # the longest event-loop stall since the worker started (s)
     index_version: float = 0.0  # goes up by one per index rebuild (Server.refresh)
     cpu: dict[str, float] = field(default_factory=dict)
     scrape_s: float = 0.0
@@ -196,10 +198,10 @@ def take_sample(worker: WorkerProcess, pids: dict[str, int | None] | None = None
 
 
 def _sample(samples: Samples, pids: dict[str, int | None] | None) -> Sample:
-    buckets = sorted(
-        (float(dict(lab)["le"]), v) for (n, lab), v in samples.items()
-        if n == "streamrec_event_to_recommendation_seconds_bucket"
-    )
+    def buckets(name: str) -> list[tuple[float, float]]:
+        return sorted((float(dict(lab)["le"]), v) for (n, lab), v in samples.items()
+                      if n == f"{name}_bucket")
+
     return Sample(
         t=time.monotonic(),
         events=total(samples, "streamrec_events_total"),
@@ -212,10 +214,23 @@ def _sample(samples: Samples, pids: dict[str, int | None] | None) -> Sample:
         stage_sum={s: total(samples, "streamrec_stage_seconds_sum", stage=s) for s in STAGES},
         stage_count={s: total(samples, "streamrec_stage_seconds_count", stage=s)
                      for s in STAGES},
-        e2r_buckets=buckets,
+        e2r_buckets=buckets("streamrec_event_to_recommendation_seconds"),
+        stall_buckets=buckets("streamrec_event_loop_stall_seconds"),
+        stall_max=total(samples, "streamrec_event_loop_stall_max_seconds"),
         index_version=total(samples, "streamrec_index_version"),
         cpu={k: _safe(cpu_seconds, p) for k, p in (pids or {}).items() if p},
     )
+
+
+def hist_max(b0: list[tuple[float, float]], b1: list[tuple[float, float]]) -> float:
+    """Upper bound of the largest observation between two cumulative-bucket snapshots of
+    one histogram: the `le` of the lowest bucket that holds them all (inf: beyond the
+    largest bound; 0: none)."""
+    before = dict(b0)
+    cum = [(le, v - before.get(le, 0.0)) for le, v in b1]
+    if not cum or cum[-1][1] <= 0:
+        return 0.0
+    return next(le for le, c in cum if c >= cum[-1][1])
 
 
 def hist_quantile(b0: list[tuple[float, float]], b1: list[tuple[float, float]],

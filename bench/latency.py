@@ -57,6 +57,7 @@ from bench._common import (
     Sample,
     drain,
     first_snapshot,
+    hist_max,
     hist_quantile,
     machine,
     rss_mb,
@@ -269,6 +270,9 @@ def _level_result(load: float, rate: float, n: int, send_s: float, drain_s: floa
         "backlog_at_end": int(before.events + n - at_end.events),
         "drain_s": round(drain_s, 2),
         "worker_p50_ms": worker_q(0.5), "worker_p99_ms": worker_q(0.99),
+        # the longest event-loop stall of the level, as its histogram bucket's upper bound
+        "loop_stall_max_ms": round(hist_max(before.stall_buckets, after.stall_buckets) * 1000,
+                                   1),
         "worker_cpu_pct": round((at_end.cpu["worker"] - before.cpu["worker"]) / wall * 100, 1),
         "broker_cpu_pct": round((at_end.cpu["broker"] - before.cpu["broker"]) / wall * 100, 1)
         if "broker" in before.cpu else None,
@@ -307,16 +311,19 @@ def print_table(doc: dict) -> None:
     t = Table(title=f"Event -> recommendation latency, ms (max rate {doc['max_eps']:,.0f}/s "
                     f"from {doc['max_eps_source']}; {doc['seconds']:g} s per level)",
               box=box.SIMPLE_HEAD)
-    for col in ("load", "ev/s", "p50", "p99", "p99.9", "n", "wkr p99", "CPU%", "p99 target"):
+    for col in ("load", "ev/s", "p50", "p99", "p99.9", "n", "wkr p99", "stall", "CPU%",
+                "p99 target"):
         t.add_column(col, justify="right", no_wrap=True)
     for lv in doc["levels"]:
         target = TARGETS_P99_MS.get(lv["load"])
         verdict = "" if target is None else f"{target:.0f}: {_verdict(lv['p99_ms'], target)}"
         t.add_row(f"{lv['load']:.0%}", f"{lv['eps']:,.0f}", f"{lv['p50_ms']:.1f}",
                   f"{lv['p99_ms']:.1f}", f"{lv['p999_ms']:.1f}", f"{lv['n']:,}",
-                  f"{lv['worker_p99_ms']:.0f}", f"{lv['worker_cpu_pct']:.0f}", verdict)
+                  f"{lv['worker_p99_ms']:.0f}", f"<={lv['loop_stall_max_ms']:g}",
+                  f"{lv['worker_cpu_pct']:.0f}", verdict)
     t.caption = ("wkr p99: the worker's own histogram (record ts -> emit, bucketed, whole "
-                 "level); CPU%: the worker's, 100 = one core")
+                 "level); stall: the longest event-loop stall (its histogram bucket); CPU%: "
+                 "the worker's, 100 = one core")
     console.print(t)
     for lv in doc["levels"]:
         if "request_n" in lv:
@@ -481,6 +488,7 @@ def _document(args: argparse.Namespace, max_eps: float | None, source: str,
         "max_eps_source": source,
         "probe": probe,
         "levels": levels,
+        "loop_stall_max_ms": max((lv["loop_stall_max_ms"] for lv in levels), default=None),
         "targets": {
             f"p99_ms_at_{load:g}": {"limit": ms, "met": next(
                 (lv["p99_ms"] <= ms if lv["n"] else None for lv in levels

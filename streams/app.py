@@ -27,6 +27,7 @@ from streams.clients import faust_credentials, wait_for_broker
 from streams.errors import UserError
 from streams.faust_internals import DurableTable, Worker, shorten_fetch_wait
 from streams.local_store import discard_unreadable
+from streams.loop_stalls import watch_loop
 from streams.process import configure_process
 from streams.runtime import Runtime
 from streams.settings import Settings
@@ -51,7 +52,7 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
     event path itself is streams/batch.py."""
     s = settings
     app = faust.App(s.app_id, **faust_config(s))
-    setup_prometheus_sensors(app, pattern="/metrics", name_prefix="streamrec_faust")
+    add_metrics(app)
     shorten_fetch_wait(s.fetch_max_wait_ms)
     group_lease.install()
 
@@ -106,6 +107,12 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
 
     add_pages(app, runtime)
     return app
+
+
+def add_metrics(app: faust.App) -> None:
+    """Faust's own Prometheus sensors and the event-loop stall watch, on /metrics."""
+    setup_prometheus_sensors(app, pattern="/metrics", name_prefix="streamrec_faust")
+    app.task(watch_loop)
 
 
 def add_pages(app: faust.App, runtime: Runtime) -> None:

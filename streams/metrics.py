@@ -39,6 +39,12 @@ EVENT_TO_REC = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 RECOMMENDATIONS = Counter("streamrec_recommendations", "Recommendations emitted")
+LOOP_STALL = Histogram(
+    "streamrec_event_loop_stall_seconds", "How late the event loop ran a timer due every "
+    "20 ms (streams/loop_stalls.py): the time it was blocked, when nothing else could run "
+    "(no fetch, no delivery, no /metrics)", buckets=_LATENCY_BUCKETS)
+LOOP_STALL_MAX = Gauge("streamrec_event_loop_stall_max_seconds",
+                       "The longest event-loop stall since the worker started")
 LEARNING_RATE = Histogram(
     "streamrec_learning_rate", "Per-user learning rate α after each step", buckets=_LR_BUCKETS
 )

@@ -379,3 +379,27 @@ def test_catalog_backlog_counts_what_no_catalog_agent_has_committed(kafka, tmp_p
         assert backlog.behind() == 1
     finally:
         backlog.close()
+
+
+def test_the_loop_watch_measures_how_long_the_loop_was_blocked():
+    import time
+
+    from prometheus_client import REGISTRY
+
+    from streams.loop_stalls import watch_loop
+
+    def value(name: str) -> float:
+        return REGISTRY.get_sample_value(f"streamrec_event_loop_stall_{name}") or 0.0
+
+    async def main() -> None:
+        watch = asyncio.create_task(watch_loop())
+        await asyncio.sleep(0.1)  # a few unblocked wake-ups
+        time.sleep(0.3)  # the blocking work the watch exists to see
+        seen = value("seconds_count")
+        while value("seconds_count") == seen:  # the first wake-up after it
+            await asyncio.sleep(0.01)
+        watch.cancel()
+
+    asyncio.run(main())
+    assert 0.25 <= value("max_seconds") < 5.0
+    assert value("seconds_sum") >= 0.25
