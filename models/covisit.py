@@ -27,7 +27,7 @@ long-running catalog fills toward items x items). Increments are merged once per
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -155,11 +155,36 @@ class CoVisitation:
 
     def features(self, histories: Sequence[Sequence[int]], cols: np.ndarray) -> np.ndarray:
         """(n_features, len(histories), len(cols)) co-visitation features of item rows `cols`."""
-        out = np.zeros((self.n_features, len(histories), len(cols)), dtype=np.float32)
+        out = self._features(histories, cols, lambda M: _columns(M, cols))
+        return np.zeros((self.n_features, len(histories), len(cols)), np.float32) \
+            if out is None else np.stack(out)
+
+    def pair_features(self, histories: Sequence[Sequence[int]], owner: np.ndarray,
+                      rows: np.ndarray) -> np.ndarray:
+        """(n_features, len(rows)): `features` of the pairs (histories[owner[k]], rows[k])
+        only. Serving ranks a few hundred candidates per user; the dense form would fill
+        every user's row for every candidate of the batch.
+
+        >>> cv = CoVisitation(recencies=(0.8,))
+        >>> _ = cv.learn([([], 1), ([1], 2), ([1, 2], 3)])
+        >>> dense = cv.features([[2], [1]], np.array([1, 3]))
+        >>> pairs = cv.pair_features([[2], [1]], np.array([0, 1, 1]), np.array([3, 3, 1]))
+        >>> np.array_equal(pairs, dense[:, [0, 1, 1], [1, 1, 0]])
+        True
+        """
+        out = self._features(histories, rows,
+                             lambda M: np.asarray(M[owner, rows], np.float32).ravel())
+        return np.zeros((self.n_features, len(rows)), np.float32) if out is None \
+            else np.stack(out)
+
+    def _features(self, histories: Sequence[Sequence[int]], cols: np.ndarray,
+                  pick: Callable[[sp.csr_matrix], np.ndarray]) -> list[np.ndarray] | None:
+        """Each feature as `pick` takes it from its (users x items) product, the item rows
+        `cols` being what it takes (None: no history has an item)."""
         profiles = [self._profile(h) for h in histories]
         items = np.concatenate(profiles + [np.zeros(0, np.int64)])
         if len(items) == 0:
-            return out
+            return None
         self._ensure(int(max(items.max(), cols.max(initial=0))) + 1)
         inv = np.zeros(self.size)
         np.divide(1.0, np.sqrt(self.n), out=inv, where=self.n > 0)
@@ -167,11 +192,12 @@ class CoVisitation:
         age = np.concatenate([np.arange(len(p)) for p in profiles])
         inv_cols = inv[cols].astype(np.float32)
         shape = (len(profiles), self.size)
+        out: list[np.ndarray] = [inv_cols] * self.n_features
         for k, r in enumerate(self.recencies):
             W = sp.csr_matrix(((inv[items] * r**age).astype(np.float32), (owner, items)), shape)
-            out[k] = _columns(W @ self.C, cols) * inv_cols
+            out[k] = pick(W @ self.C) * inv_cols
             if k == len(self.recencies) // 2:
-                out[-1] = _columns(W @ self.F, cols) * inv_cols
+                out[-1] = pick(W @ self.F) * inv_cols
         return out
 
     def neighbours(self, rows: np.ndarray, k: int) -> np.ndarray:

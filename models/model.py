@@ -331,6 +331,35 @@ class SharedModel:
             out = out.cpu().numpy()
         return out
 
+    @torch.no_grad()
+    def blend_pairs(self, hists: Sequence[History], U: np.ndarray, owner: np.ndarray,
+                    rows: np.ndarray, residuals: Sequence[np.ndarray | None] | None = None,
+                    scenarios: Sequence[str] | None = None,
+                    V: np.ndarray | None = None) -> np.ndarray:
+        """`blend`'s scores of the pairs (user owner[k], item rows[k]) only, what serving
+        ranks: O(pairs), where `blend` fills (users x every candidate of the batch), which a
+        50k-item catalog makes the batch's largest cost. `V` (len(rows), dim): the items'
+        vectors if the caller has them (the index's), else the item tower's."""
+        if not len(rows):
+            return np.zeros(0, np.float32)
+        if V is None:
+            cols = unique_ints(rows)
+            V = self.item_vectors(cols)[1][np.searchsorted(cols, rows)]
+        tower = np.einsum("pd,pd->p", U[owner], V)
+        if self.head is None:
+            return tower
+        dev = self.device
+        feats = self.covis.pair_features([h.rows for h in hists], owner, rows)
+        n = self.covis.n
+        pop = np.where(rows < len(n), n[np.minimum(rows, len(n) - 1)], 0.0)
+        theta = self.query_params(residuals, scenarios, len(hists))[owner, self.cfg.dim :]
+        out = self.head(torch.as_tensor(tower[:, None], device=dev),
+                        torch.as_tensor(feats[:, :, None], device=dev),
+                        torch.as_tensor(np.log1p(pop)[:, None], dtype=torch.float32,
+                                        device=dev),
+                        torch.as_tensor(theta, device=dev))
+        return out[:, 0].cpu().numpy()
+
     def covisit_candidates(self, hist: History, recent: int = 10, per_item: int = 50
                            ) -> np.ndarray:
         """Live item rows co-visited most with the user's `recent` newest distinct items (an

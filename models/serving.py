@@ -38,7 +38,8 @@ class Scored:
 def rank_candidates(model: SharedModel, hists: Sequence[History], U: np.ndarray,
                     tower_rows: Sequence[np.ndarray], excluded: Sequence[Exclusion],
                     residuals: Sequence[np.ndarray | None] | None = None,
-                    scenarios: Sequence[str] | None = None
+                    scenarios: Sequence[str] | None = None,
+                    vectors: Callable[[np.ndarray], np.ndarray] | None = None
                     ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The serving ranker: the index's (two-tower) candidates plus, with co-visitation, the
     items co-visited most with the user's recent ones; live, allowed in the query's scenario
@@ -60,11 +61,8 @@ def rank_candidates(model: SharedModel, hists: Sequence[History], U: np.ndarray,
     if scenarios is not None:
         keep &= allowed_pairs(model, scenarios, owner, rows)
     owner, rows = owner[keep], rows[keep]
-    cols = unique_ints(rows)
-    if len(cols) == 0:
-        return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(n)]
-    S = model.blend(hists, U, cols, residuals, scenarios)
-    scores = S[owner, np.searchsorted(cols, rows)]
+    scores = model.blend_pairs(hists, U, owner, rows, residuals, scenarios,
+                               None if vectors is None else vectors(rows))
     order = np.lexsort((-scores, owner))  # per user best first; ties keep row order
     splits = np.cumsum(np.bincount(owner, minlength=n))[:-1]
     return list(zip(np.split(rows[order], splits), np.split(scores[order], splits),
@@ -350,8 +348,17 @@ class Server:
         tower_rows = [c[m] for c, m in zip(cand, ok, strict=True)]
         hists = [self.model.history(st) for st in states]
         ranked = rank_candidates(self.model, hists, user_vecs, tower_rows, excluded,
-                                 [st.residual for st in states], scenarios)
+                                 [st.residual for st in states], scenarios,
+                                 lambda rows: self._index_vectors(idx, rows))
         return [(self.key_rows.keys_of(c[:k]), s[:k]) for c, s in ranked]
+
+    def _index_vectors(self, idx: FaissIndex, rows: np.ndarray) -> np.ndarray:
+        """The vectors the index holds for `rows` (those its search scored; no item-tower
+        pass per batch), the tower's if it lacks one (an item not indexed yet)."""
+        try:
+            return idx.vectors(self.model.catalog.keys[rows])
+        except KeyError:
+            return self.model.item_vectors(rows)[1]
 
     def _reasons(self, idx: FaissIndex, states: Sequence[UserState],
                  keys: Sequence[np.ndarray], window: int) -> list[list[str | None]]:

@@ -198,11 +198,11 @@ class PriorHead(nn.Module):
 
     def forward(self, tower: torch.Tensor, covis: torch.Tensor, log_pop: torch.Tensor,
                 theta: torch.Tensor | None = None) -> torch.Tensor:
-        """tower (P, N) two-tower scores, covis (K, P, N), log_pop (N,) -> (P, N).
+        """tower (P, N) two-tower scores, covis (K, P, N), log_pop (N,) or (P, N) -> (P, N).
         `theta` (P, 2 + K): per-row corrections of [tower_w, covis_w..., pop_w]."""
         w = torch.cat([self.tower_w[None], self.covis_w, self.pop_w[None]])[None, :]
         if theta is not None:
             w = w + theta
         K = self.covis_w.numel()
         return (w[:, :1] * tower + torch.einsum("pk,kpn->pn", w[:, 1 : 1 + K], covis)
-                + w[:, 1 + K :] * log_pop[None, :])
+                + w[:, 1 + K :] * (log_pop if log_pop.dim() == 2 else log_pop[None, :]))

@@ -277,3 +277,31 @@ def test_the_training_softmax_runs_over_the_scenarios_items(sampled):
             torch.as_tensor(targets[:1]))[0]
     np.testing.assert_allclose(losses(["b", "b"]), before[0], rtol=1e-5)
     assert (losses(None) > before[1] + 1).all()
+
+
+def test_the_pairwise_ranker_scores_what_the_dense_blend_scores():
+    """Serving scores (user, candidate) pairs only; the evaluator's full ranking fills the
+    dense (users x items) matrix. Same model, same scores (scenario and users' parameters
+    included), whether item vectors come from the tower or from the index."""
+    learner, ids, server = restricted_learner()
+    model = learner.model
+    rng = np.random.default_rng(5)
+    states = [UserState() for _ in range(4)]
+    for k, st in enumerate(states):
+        for item in rng.choice(ids, 6):
+            st.append(str(item), 1, T0 + k, None, 50)
+        st.residual = rng.standard_normal(model.n_user).astype(np.float32)
+    hists = [model.history(st) for st in states]
+    res, scen = [st.residual for st in states], ["a", "b", "", "a"]
+    U = model.history_vectors(hists, res, scen)
+    owner = rng.integers(0, 4, 50)
+    rows = np.asarray(model.catalog.add(list(rng.choice(ids, 50))))
+    cols = np.unique(rows)
+    dense = model.blend(hists, U, cols, res, scen)[owner, np.searchsorted(cols, rows)]
+    np.testing.assert_allclose(model.blend_pairs(hists, U, owner, rows, res, scen), dense,
+                               rtol=1e-5, atol=1e-5)
+    idx = server.index.current()[0]
+    np.testing.assert_allclose(model.blend_pairs(hists, U, owner, rows, res, scen,
+                                                 server._index_vectors(idx, rows)), dense,
+                               rtol=1e-5, atol=1e-5)
+    assert model.blend_pairs(hists, U, owner[:0], rows[:0]).shape == (0,)
