@@ -395,8 +395,8 @@ def _parse_args() -> tuple[argparse.Namespace, dict[str, str]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", type=int, default=1_000_000, help="users with pre-loaded state")
     ap.add_argument("--items", type=int, default=100_000,
-                    help="catalog size (from IndexConfig.hnsw_threshold = 50,000 the index is "
-                    "HNSW, whose build takes minutes at 100k on 2 cores)")
+                    help="catalog size (from IndexConfig.hnsw_threshold = 500,000 the index "
+                    "is HNSW, whose build takes minutes on 2 cores)")
     ap.add_argument("--events", type=int, default=20_000, help="events of random users")
     ap.add_argument("--text-share", type=float, default=0.1,
                     help="share of searches in the 'with texts' state size")

@@ -456,7 +456,7 @@ def _parse_args() -> tuple[argparse.Namespace, dict[str, str]]:
     ap.add_argument("--users", type=int, default=100_000, help="distinct users in the backlog")
     ap.add_argument("--items", type=int, default=50_000,
                     help="catalog size (embedded once before timing, ~600 items/s on 2 cores; "
-                    "from 50,000 = IndexConfig.hnsw_threshold the worker's index is HNSW)")
+                    "from 500,000 = IndexConfig.hnsw_threshold the worker's index is HNSW)")
     ap.add_argument("--max-seconds", type=float, default=600.0,
                     help="per consumer: stop timing after this and report the rate so far")
     ap.add_argument("--out", default="bench/out")
