@@ -179,7 +179,6 @@ class Sample:
     stage_count: dict[str, float]
     e2r_buckets: list[tuple[float, float]]  # event->recommendation histogram (le, cumulative)
     stall_buckets: list[tuple[float, float]] = field(default_factory=list)  # event-loop stalls
-    stall_max: float = 0.0  # the longest event-loop stall since the worker started (s)
     index_version: float = 0.0  # goes up by one per index rebuild (Server.refresh)
     cpu: dict[str, float] = field(default_factory=dict)
     scrape_s: float = 0.0
@@ -216,7 +215,6 @@ def _sample(samples: Samples, pids: dict[str, int | None] | None) -> Sample:
                      for s in STAGES},
         e2r_buckets=buckets("streamrec_event_to_recommendation_seconds"),
         stall_buckets=buckets("streamrec_event_loop_stall_seconds"),
-        stall_max=total(samples, "streamrec_event_loop_stall_max_seconds"),
         index_version=total(samples, "streamrec_index_version"),
         cpu={k: _safe(cpu_seconds, p) for k, p in (pids or {}).items() if p},
     )

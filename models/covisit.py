@@ -192,13 +192,13 @@ class CoVisitation:
         age = np.concatenate([np.arange(len(p)) for p in profiles])
         inv_cols = inv[cols].astype(np.float32)
         shape = (len(profiles), self.size)
-        out: list[np.ndarray] = [inv_cols] * self.n_features
+        sym, fwd = [], inv_cols
         for k, r in enumerate(self.recencies):
             W = sp.csr_matrix(((inv[items] * r**age).astype(np.float32), (owner, items)), shape)
-            out[k] = pick(W @ self.C) * inv_cols
+            sym.append(pick(W @ self.C) * inv_cols)
             if k == len(self.recencies) // 2:
-                out[-1] = pick(W @ self.F) * inv_cols
-        return out
+                fwd = pick(W @ self.F) * inv_cols
+        return [*sym, fwd]
 
     def neighbours(self, rows: np.ndarray, k: int) -> np.ndarray:
         """Each row's `k` strongest co-visited items, concatenated (serving candidates; may
