@@ -84,7 +84,7 @@ class IndexConfig(BaseModel):
         ge=1,
         description="Catalog size at which 'auto' switches to HNSW: exact search costs "
         "O(items) per query, HNSW roughly O(log items) at recall@10 >= 0.95, but serving "
-        "fetches ~250 candidates, which HNSW pays for in its beam. Measured at k 250, 330 "
+        "fetches at least 200 candidates, which HNSW pays for in its beam. Measured at k 250, 330 "
         "queries a batch: flat is faster up to 300k items (bench.index, embedding-like: "
         "3,499 vs 2,644 q/s at 300k; random vectors: 50 vs 267 ms at 50k, 164 vs 265 ms at "
         "300k, 486 vs 298 ms at 1M).",
