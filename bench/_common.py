@@ -224,11 +224,17 @@ def hist_max(b0: list[tuple[float, float]], b1: list[tuple[float, float]]) -> fl
     """Upper bound of the largest observation between two cumulative-bucket snapshots of
     one histogram: the `le` of the lowest bucket that holds them all (inf: beyond the
     largest bound; 0: none)."""
-    before = dict(b0)
-    cum = [(le, v - before.get(le, 0.0)) for le, v in b1]
+    cum = _between(b0, b1)
     if not cum or cum[-1][1] <= 0:
         return 0.0
     return next(le for le, c in cum if c >= cum[-1][1])
+
+
+def _between(b0: list[tuple[float, float]], b1: list[tuple[float, float]]
+             ) -> list[tuple[float, float]]:
+    """Cumulative bucket counts of the observations made between two snapshots."""
+    before = dict(b0)
+    return [(le, v - before.get(le, 0.0)) for le, v in b1]
 
 
 def hist_quantile(b0: list[tuple[float, float]], b1: list[tuple[float, float]],
@@ -236,8 +242,7 @@ def hist_quantile(b0: list[tuple[float, float]], b1: list[tuple[float, float]],
     """Quantile `q` of the observations between two cumulative-bucket snapshots of one
     Prometheus histogram (linear within a bucket, like PromQL's histogram_quantile); nan if
     none."""
-    before = dict(b0)
-    cum = [(le, v - before.get(le, 0.0)) for le, v in b1]
+    cum = _between(b0, b1)
     if not cum or cum[-1][1] <= 0:
         return float("nan")
     rank = q * cum[-1][1]

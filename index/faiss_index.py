@@ -213,18 +213,19 @@ class _Store:
         self.ids = np.empty(capacity, dtype=np.int64)
         self.pos: dict[int, int] = {}
         self.n = 0
-        self._order: np.ndarray | None = None  # rows by id, for `rows_of`; None: stale
+        self._sorted: tuple[np.ndarray, np.ndarray] | None = None  # (ids, rows); None: stale
 
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Rows of `ids` (-1: not stored), vectorised: a serving batch looks up ~10^5 ids,
         and the catalog changes far less often than it is read."""
-        if self._order is None:
-            self._order = np.argsort(self.ids[: self.n], kind="stable")
-        live = self.ids[: self.n][self._order]
+        if self._sorted is None:
+            order = np.argsort(self.ids[: self.n], kind="stable")
+            self._sorted = self.ids[: self.n][order], order
+        live, order = self._sorted
         if not len(live):
             return np.full(len(ids), -1, np.int64)
         at = np.minimum(np.searchsorted(live, ids), len(live) - 1)
-        return np.where(live[at] == ids, self._order[at], -1)
+        return np.where(live[at] == ids, order[at], -1)
 
     def put(self, ids: np.ndarray, vecs: np.ndarray) -> np.ndarray:
         """Overwrite known ids in place, append new ones; returns the 'already existed' mask."""
@@ -241,7 +242,7 @@ class _Store:
             rows[j] = row
         self.vecs, self.ids = _grow(self.vecs, n), _grow(self.ids, n)
         self.vecs[rows], self.ids[rows], self.n = vecs, ids, n
-        self._order = None
+        self._sorted = None
         return existed
 
     def delete(self, ids: np.ndarray) -> np.ndarray:
@@ -257,7 +258,7 @@ class _Store:
                 moved = int(self.ids[last])
                 self.vecs[row], self.ids[row], self.pos[moved] = self.vecs[last], moved, row
             self.n = last
-        self._order = None
+        self._sorted = None
         return np.asarray(removed, dtype=np.int64)
 
     def live(self) -> tuple[np.ndarray, np.ndarray]:

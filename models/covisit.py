@@ -192,13 +192,10 @@ class CoVisitation:
         age = np.concatenate([np.arange(len(p)) for p in profiles])
         inv_cols = inv[cols].astype(np.float32)
         shape = (len(profiles), self.size)
-        sym, fwd = [], inv_cols
-        for k, r in enumerate(self.recencies):
-            W = sp.csr_matrix(((inv[items] * r**age).astype(np.float32), (owner, items)), shape)
-            sym.append(pick(W @ self.C) * inv_cols)
-            if k == len(self.recencies) // 2:
-                fwd = pick(W @ self.F) * inv_cols
-        return [*sym, fwd]
+        Ws = [sp.csr_matrix(((inv[items] * r**age).astype(np.float32), (owner, items)), shape)
+              for r in self.recencies]
+        sym = [pick(W @ self.C) * inv_cols for W in Ws]
+        return [*sym, pick(Ws[len(Ws) // 2] @ self.F) * inv_cols]
 
     def neighbours(self, rows: np.ndarray, k: int) -> np.ndarray:
         """Each row's `k` strongest co-visited items, concatenated (serving candidates; may

@@ -154,10 +154,14 @@ class SharedModel:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Co-visitation features (K, P, len(cols)) and log-popularity (len(cols),)."""
         c = torch.as_tensor(self.covis.features(hist_rows, cols), device=self.device)
-        n = self.covis.n  # global interaction counts (replicated with the pairs)
-        pop = np.where(cols < len(n), n[np.minimum(cols, len(n) - 1)], 0.0)
-        log_pop = torch.as_tensor(np.log1p(pop), dtype=torch.float32, device=self.device)
-        return c, log_pop
+        return c, self.log_pop(cols)
+
+    def log_pop(self, rows: np.ndarray) -> torch.Tensor:
+        """log(1 + n_i) of item rows, from the global interaction counts (replicated with
+        the pairs; 0 for a row the counts do not reach yet)."""
+        n = self.covis.n
+        pop = np.where(rows < len(n), n[np.minimum(rows, len(n) - 1)], 0.0)
+        return torch.as_tensor(np.log1p(pop), dtype=torch.float32, device=self.device)
 
     # ---------------------------------------------------------------- the loss
     def sample_negatives(self, rng: np.random.Generator) -> np.ndarray | None:
@@ -350,14 +354,10 @@ class SharedModel:
             return tower
         dev = self.device
         feats = self.covis.pair_features([h.rows for h in hists], owner, rows)
-        n = self.covis.n
-        pop = np.where(rows < len(n), n[np.minimum(rows, len(n) - 1)], 0.0)
         theta = self.query_params(residuals, scenarios, len(hists))[owner, self.cfg.dim :]
         out = self.head(torch.as_tensor(tower[:, None], device=dev),
                         torch.as_tensor(feats[:, :, None], device=dev),
-                        torch.as_tensor(np.log1p(pop)[:, None], dtype=torch.float32,
-                                        device=dev),
-                        torch.as_tensor(theta, device=dev))
+                        self.log_pop(rows)[:, None], torch.as_tensor(theta, device=dev))
         return out[:, 0].cpu().numpy()
 
     def covisit_candidates(self, hist: History, recent: int = 10, per_item: int = 50
