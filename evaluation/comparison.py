@@ -129,7 +129,8 @@ def build_model(name: str, data: Dataset, base: LearnerConfig) -> Any:
         return PerScenario(data.item_ids, data.text_vectors, where, base, name=name)
     if name == "streamrec-shared":
         return StreamrecModel(data.item_ids, data.text_vectors,
-                              base.model_copy(update={"scenario_params": False}), name=name,
+                              base.model_copy(update={"scenario_params": False,
+                                                      "scenario_history": False}), name=name,
                               item_scenarios=where)
     if name.startswith("streamrec-"):
         cfg = base.model_copy(update=ABLATIONS[name.split("-", 1)[1]])

@@ -62,13 +62,13 @@ class LearnerConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay (dense parameters).")
     steps_per_batch: int = Field(1, ge=1, description="Gradient steps per micro-batch.")
     max_pairs_per_step: int = Field(
-        64,
+        16,
         ge=1,
         description="(history -> next item) pairs per gradient step: a larger micro-batch takes "
         "several steps, so how much is learned per event does not depend on the batch size.",
     )
     max_steps_per_batch: int = Field(
-        2,
+        8,
         ge=1,
         description="Compute budget per micro-batch: above max_steps_per_batch × "
         "max_pairs_per_step pairs, a random subset trains (the rest only enters the replay), "
@@ -157,6 +157,12 @@ class LearnerConfig(BaseModel):
         description="Per-scenario parameters (q_s, φ_s) added to the user vector and the "
         "ranker's weights, learned online from zero by the scenario's own LR rule "
         "(models/scenarios.py); False: one shared model, the scenario only filters items.",
+    )
+    scenario_history: bool = Field(
+        True,
+        description="Co-visitation features read a query's history within its scenario: "
+        "the items it allows (the whole history when it holds none), with recency counted "
+        "there, as a model of that scenario alone would; False: the whole history.",
     )
     scenario_lr_rule: Literal["fixed", "adagrad", "rmsprop", "adaptive"] = Field(
         "adagrad",

@@ -156,6 +156,32 @@ class SharedModel:
         c = torch.as_tensor(self.covis.features(hist_rows, cols), device=self.device)
         return c, self.log_pop(cols)
 
+    def scenario_histories(self, hist_rows: Sequence[Sequence[int]] | np.ndarray,
+                           scenarios: Sequence[str] | None
+                           ) -> Sequence[Sequence[int]] | np.ndarray:
+        """Each history as its query's scenario reads it (`scenario_history`): the items
+        the scenario allows, others blanked (0), or the whole history when it holds none of
+        them. The co-visitation features of a query in scenario s then come from the user's
+        sequence in s, with recency counted there, as a model of s alone would read it; a
+        user new to s still brings what they did elsewhere. As given when nothing is
+        restricted (one scenario, or items without `scenarios`).
+
+        On Ciao's last 2,500 days this lifted NDCG@10 from 0.0822 to 0.0831 (seed 1: 0.0824
+        to 0.0832); on the last 1,460 it cost 0.0882 -> 0.0868 (README, Quality). The user
+        tower reads the whole history: restricted too, it measured lower."""
+        allowed = self.catalog.allowed_table(scenarios or []) \
+            if self.cfg.scenario_history else None
+        if allowed is None:
+            return hist_rows
+        table, which = allowed
+        cap = table.shape[1]
+        out = []
+        for rows, w in zip(hist_rows, which, strict=True):
+            rows = np.asarray(rows, np.int64)
+            kept = np.where(table[w, np.minimum(rows, cap - 1)] & (rows < cap), rows, 0)
+            out.append(kept if kept.any() else rows)
+        return out
+
     def log_pop(self, rows: np.ndarray) -> torch.Tensor:
         """log(1 + n_i) of item rows, from the global interaction counts (replicated with
         the pairs; 0 for a row the counts do not reach yet)."""
@@ -185,7 +211,8 @@ class SharedModel:
         (detached) two-tower score with the co-visitation features: the towers learn on
         their own, the ranker learns how much to trust each signal. The ranker learns from
         `fresh` pairs only: a replayed pair's target is already in the co-visitation counts,
-        which would teach it to over-trust them."""
+        which would teach it to over-trust them. Its co-visitation features read each pair's
+        history as serving reads it in the pair's scenario (`scenario_histories`)."""
         dev, d = self.device, self.cfg.dim
         live = np.flatnonzero(self.catalog.live)
         cand = live if negatives is None else np.concatenate([targets, negatives])
@@ -206,9 +233,11 @@ class SharedModel:
         if self.head is None or not len(f):
             return losses
         ft = torch.as_tensor(f, device=dev)
-        feats, log_pop = self.features(seqs.rows[f], cols)
+        fs = None if scenarios is None else [scenarios[k] for k in f]
+        frows = self.scenario_histories(seqs.rows[f], fs)
+        feats, log_pop = self.features(frows, cols)
         if logq is not None:  # put each pair's target in front, as in `logits`
-            tf, tp = self.features(seqs.rows[f], targets[f])
+            tf, tp = self.features(frows, targets[f])
             diag = torch.arange(len(f), device=dev)
             feats = torch.cat([tf[:, diag, diag][:, :, None], feats], 2)
             log_pop = torch.cat([tp[:1] * 0, log_pop])  # per-pair target pop added below
@@ -328,7 +357,8 @@ class SharedModel:
         _, V = self.item_vectors(rows)
         out = U @ V.T
         if self.head is not None:
-            feats, log_pop = self.features([h.rows for h in hists], rows)
+            feats, log_pop = self.features(
+                self.scenario_histories([h.rows for h in hists], scenarios), rows)
             theta = self.query_params(residuals, scenarios, len(hists))[:, self.cfg.dim :]
             out = self.head(torch.as_tensor(out, device=self.device), feats, log_pop,
                             torch.as_tensor(theta, device=self.device))
@@ -353,7 +383,8 @@ class SharedModel:
         if self.head is None:
             return tower
         dev = self.device
-        feats = self.covis.pair_features([h.rows for h in hists], owner, rows)
+        feats = self.covis.pair_features(
+            self.scenario_histories([h.rows for h in hists], scenarios), owner, rows)
         theta = self.query_params(residuals, scenarios, len(hists))[owner, self.cfg.dim :]
         out = self.head(torch.as_tensor(tower[:, None], device=dev),
                         torch.as_tensor(feats[:, :, None], device=dev),

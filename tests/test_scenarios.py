@@ -305,3 +305,23 @@ def test_the_pairwise_ranker_scores_what_the_dense_blend_scores():
                                                  server._index_vectors(idx, rows)), dense,
                                rtol=1e-5, atol=1e-5)
     assert model.blend_pairs(hists, U, owner[:0], rows[:0]).shape == (0,)
+
+
+def test_co_visitation_reads_the_history_within_the_query_scenario():
+    """A query in b ranks by what the user did among b's items (recency counted there), as a
+    model of b alone would; a user with nothing in b brings their whole history; with
+    `scenario_history` off, or nothing restricted, the history is read whole."""
+    learner, ids, _ = restricted_learner()
+    model = learner.model
+    row = model.catalog.rows
+    mixed = [row[ids[0]], row[ids[25]], row[ids[35]], row[ids[5]]]  # a-only, b-only, both, a
+    only_a = [row[ids[0]], row[ids[5]]]
+    got = model.scenario_histories([mixed, only_a, mixed], ["b", "b", ""])
+    assert [list(h) for h in got] == [[0, row[ids[25]], row[ids[35]], 0], only_a, mixed]
+    cols = np.asarray(model.catalog.add(ids[20:]))
+    in_b = model.features([[row[ids[25]], row[ids[35]]]], cols)[0]
+    as_served = model.features(model.scenario_histories([mixed], ["b"]), cols)[0]
+    np.testing.assert_array_equal(as_served, in_b)
+    assert not np.array_equal(model.features([mixed], cols)[0], in_b)
+    model.cfg.scenario_history = False  # (this learner's own config)
+    assert model.scenario_histories([mixed], ["b"]) == [mixed]
