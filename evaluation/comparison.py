@@ -166,11 +166,12 @@ def run_comparison(data: Dataset, names: Sequence[str], batch_size: int = 64,
             futures = {n: pool.submit(_run_one, n, data, base, batch_size, queue, exclude_seen)
                        for n in names}
             if show_progress:
-                _progress(futures, queue, len(data.events))
+                progress_bars(futures, queue, len(data.events))
             return {n: f.result() for n, f in futures.items()}
 
 
-def _progress(futures: dict, queue: Any, total: int) -> None:
+def progress_bars(futures: dict, queue: Any, total: int) -> None:
+    """One rich bar per model, advanced by (name, events) messages on `queue`."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     cols = (TextColumn("{task.description:<22}"), BarColumn(),
@@ -224,18 +225,26 @@ def print_table(doc: dict) -> None:
     scen = any(small in m for m in doc["models"].values())
     table = Table(title=f"{doc['dataset']}: prequential, full ranking, batch "
                         f"{doc['batch_size']} ({doc['events']:,} events, {doc['items']:,} items)")
-    for col in ("model", "HR@10", "NDCG@10", "MRR", "Recall@50", "evaluated", "events/s",
-                "NDCG@10 last half", *([f"NDCG@10 {SMALL_SCENARIOS} smallest"] if scen else [])):
+    for col in ("model", "HR@10", "NDCG@10", "MRR", "Recall@50", "retrieved (n)",
+                "evaluated", "events/s", "NDCG@10 last half",
+                *([f"NDCG@10 {SMALL_SCENARIOS} smallest"] if scen else [])):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, m in sorted(doc["models"].items(), key=lambda kv: -kv[1]["ndcg@10"]):
         table.add_row(name, f"{m['hr@10']:.4f}", f"{m['ndcg@10']:.4f}", f"{m['mrr']:.4f}",
-                      f"{m['recall@50']:.4f}", f"{m['evaluated']:,}",
+                      f"{m['recall@50']:.4f}", _retrieved(m), f"{m['evaluated']:,}",
                       f"{m['events_per_s']:,.0f}", f"{m['last_half']['ndcg@10']:.4f}",
                       *([f"{m.get(small, float('nan')):.4f}"] if scen else []))
-    console = Console(width=max(Console().width, 130))  # full names when piped
+    console = Console(width=max(Console().width, 150))  # full names when piped
     console.print(table)
     if scen:
         console.print(scenario_table(doc))
+
+
+def _retrieved(m: dict) -> str:
+    """Share of targets among the items a model scored, and how many it scored (mean)."""
+    if "candidate_recall" not in m:
+        return "-"
+    return f"{m['candidate_recall']:.4f} ({m['candidates']:,.0f})"
 
 
 def scenario_table(doc: dict) -> Any:

@@ -90,10 +90,17 @@ class Result:
     scenarios: np.ndarray = field(default_factory=lambda: np.zeros(0, object))  # per evaluated
     by_scenario: dict[str, dict[str, float]] = field(default_factory=dict)  # >1 scenario only
     small_ndcg: float | None = None  # mean NDCG@10 of the SMALL_SCENARIOS smallest scenarios
+    # per evaluated event: the target had a finite score (was among what the model retrieved),
+    # and how many rankable items did
+    retrieved: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    scored: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def summary(self) -> dict[str, float]:
         out = {**self.metrics, "evaluated": int(len(self.ranks)),
                "events_per_s": round(self.n_events / max(self.seconds, 1e-9), 1)}
+        if len(self.retrieved):  # a candidate set's recall, and its mean size
+            out["candidate_recall"] = float(np.mean(self.retrieved))
+            out["candidates"] = float(np.mean(self.scored))
         if self.small_ndcg is not None:
             out[f"small{SMALL_SCENARIOS}_ndcg@10"] = self.small_ndcg
         return out
@@ -135,6 +142,14 @@ def rank_of(scores: np.ndarray, target: int, excluded: np.ndarray | Sequence[int
     item indexes), ties split in half (rounded down). Scores may be -inf (not retrieved by a
     serving path); those tie with each other. NaN counts as -inf: compared as it is, a NaN
     target would be above nothing and rank first, flattering a broken model."""
+    return ranked(scores, target, excluded)[0]
+
+
+def ranked(scores: np.ndarray, target: int, excluded: np.ndarray | Sequence[int]
+           ) -> tuple[int, int]:
+    """`rank_of`, and how many rankable items (the target among them) score above -inf:
+    the size of what a serving path retrieved, the whole rankable catalog for a full
+    scorer."""
     keep = np.ones(len(scores), dtype=bool)
     excluded = np.asarray(excluded)
     keep[excluded if excluded.dtype == bool else excluded.astype(np.int64)] = False
@@ -142,7 +157,7 @@ def rank_of(scores: np.ndarray, target: int, excluded: np.ndarray | Sequence[int
     s, t = scores[keep], scores[target]
     above = int(np.count_nonzero(s > t))
     ties = int(np.count_nonzero(s == t)) - 1  # the target itself is not "other"
-    return above + ties // 2
+    return above + ties // 2, int(np.count_nonzero(s > -np.inf))
 
 
 class Allowed:
@@ -236,7 +251,7 @@ def prequential(model: StreamModel, events: Sequence[Event], batch_size: int = 6
     proto = _Protocol(list(item_ids) if item_ids is not None else None, exclude_seen,
                       history_len, Allowed(item_scenarios), by_day)
     catalog_keys: np.ndarray | None = None
-    ranks, positions, scens = [], [], []
+    ranks, positions, scens, scored = [], [], [], []
     kw = {"own_history": False} if by_day else {}
     start = time.perf_counter()
     for b, e in batches(events, batch_size, by_day):
@@ -248,20 +263,25 @@ def prequential(model: StreamModel, events: Sequence[Event], batch_size: int = 6
         for row, j, ex in zip(scores, which, excl, strict=True):
             drop = ex.contains(catalog_keys)
             mask = proto.allowed(scenario_of(batch[j]))
-            ranks.append(rank_of(row, batch[j][1], drop if mask is None else drop | ~mask))
+            rank, n = ranked(row, batch[j][1], drop if mask is None else drop | ~mask)
+            ranks.append(rank)
+            scored.append((n, np.isfinite(row[batch[j][1]])))
             positions.append(b + j)
             scens.append(scenario_of(batch[j]))
         if on_batch:
             on_batch(len(batch))
-    return _result(model.name, batch_size, ranks, positions, scens, len(events),
+    return _result(model.name, batch_size, ranks, positions, scens, scored, len(events),
                    time.perf_counter() - start)
 
 
 def _result(name: str, batch_size: int, ranks: list[int], positions: list[int],
-            scens: list[str], n_events: int, seconds: float) -> Result:
+            scens: list[str], scored: list[tuple[int, bool]], n_events: int,
+            seconds: float) -> Result:
     res = Result(name, batch_size, np.array(ranks, dtype=np.int64),
                  np.array(positions, dtype=np.int64), n_events, seconds,
-                 scenarios=np.array(scens, dtype=object))
+                 scenarios=np.array(scens, dtype=object),
+                 retrieved=np.array([r for _, r in scored], dtype=bool),
+                 scored=np.array([n for n, _ in scored], dtype=np.int64))
     res.metrics = metrics_of(res.ranks)
     res.last_half = metrics_of(res.ranks[res.positions >= n_events // 2])
     res.by_scenario, res.small_ndcg = scenario_report(res.ranks, res.scenarios)
@@ -322,6 +342,7 @@ class StreamrecModel:
         self.candidates = candidates
         self.states: dict[str, UserState] = {}
         self._offset = 0
+        self.train_seconds = 0.0  # in the trainer(s): the training budget's cost
 
     def _shard(self, user: str, n: int | None = None) -> int:
         return xxhash.xxh64_intdigest(user.encode()) % (n or self.workers)
@@ -374,7 +395,9 @@ class StreamrecModel:
                 learner.trainer.train([ex for ex in pend.examples
                                        if self._shard(ex.user_id) == k])
             return  # each shard serves its own live model
+        start = time.perf_counter()
         _train_ranks(self.ranks, pend.examples)
+        self.train_seconds += time.perf_counter() - start
         self._since += len(shards)
         if self.snapshot_every is not None and self._since >= self.snapshot_every:
             self.serving, self._since = self.ranks[0].model.fork(), 0

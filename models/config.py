@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.losses import softmax_fields
 from models.lr_rules import rule_fields
 
 EVENT_TYPE_IDS: dict[str, int] = {
@@ -82,11 +83,17 @@ class LearnerConfig(BaseModel):
         "A ratio, not a count, so the compute per event does not depend on the batch size.",
     )
     replay_capacity: int = Field(10_000, ge=0, description="Recent pairs kept for replay.")
+    softmax: Literal["auto", "full", "sampled"] = Field(
+        "auto",
+        description="The loss's softmax (models/losses.py): `auto` (full up to "
+        "`full_softmax_max_items` live items, sampled above), `full` (over the catalog), "
+        "`sampled` (popularity-sampled negatives with logQ correction).",
+    )
     full_softmax_max_items: int = Field(
         20_000,
         ge=1,
-        description="Full softmax over the catalog up to this size; sampled softmax with logQ "
-        "correction above it.",
+        description="`auto` softmax: full over the catalog up to this size; sampled softmax "
+        "with logQ correction above it.",
     )
     n_negatives: int = Field(
         2048, ge=1, description="Popularity-sampled negatives per step for sampled softmax."
@@ -180,6 +187,11 @@ class LearnerConfig(BaseModel):
     )
     device: str = Field("auto", description="`auto` (CUDA if present), `cpu` or `cuda[:n]`.")
     seed: int = Field(0, description="Seed of parameter init and sampling.")
+
+    def softmax_params(self) -> dict[str, int]:
+        """The parameters of the chosen softmax strategy, from their settings."""
+        named = {"max_items": self.full_softmax_max_items, "n_negatives": self.n_negatives}
+        return {k: v for k, v in named.items() if k in softmax_fields(self.softmax)}
 
     def rule_params(self, rule: str | None = None) -> dict[str, float]:
         """The parameters of `rule` (default: the users' `lr_rule`); the other rules' fields

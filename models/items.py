@@ -1,15 +1,21 @@
-"""Item id <-> row of this process's parameter tables.
+"""An item's one identity in a process: its id, its row in the parameter tables, its key.
 
-Rows are local: a trainer and a serving worker number the same items differently (each in
-the order it first heard of them), so everything that crosses a process boundary (training
-examples, snapshots) names items by id, and each side maps ids to its own rows here. Row 0
-is padding. A row may exist before its item is live: a snapshot can name an item whose
-catalog record has not reached this process yet; it becomes live when its text vector
-arrives, and a deleted item keeps its row (and learned embedding) for a comeback.
+The key is the item's stable 63-bit hash (index/ids.py): the FAISS index's label and what
+the seen-items sets hold; every process computes the same key for an id. Rows are local: a
+trainer and a serving worker number the same items differently (each in the order it first
+heard of them), so everything that crosses a process boundary (training examples,
+snapshots) names items by id, and each side maps ids to its own rows here. Row 0 is
+padding. A row may exist before its item is live: a snapshot can name an item whose catalog
+record has not reached this process yet; it becomes live when its text vector arrives, and
+a deleted item keeps its row (and learned embedding) for a comeback.
 
 >>> rows = ItemRows(capacity=4)
 >>> rows.add(["a", "b", "a"]).tolist(), rows.capacity
 ([1, 2, 1], 4)
+>>> rows.rows_of_keys(rows.keys[[2, 1]]).tolist(), rows.ids_of_keys([rows.key_of("b"), -1])
+([2, 1], ['b', None])
+
+Two ids whose keys collide are refused (IdCollisionError), never merged into one item.
 >>> rows.set_live(rows.add(["b"]), True); rows.has("a"), rows.has("b"), rows.n_live
 (False, True, 1)
 
@@ -24,19 +30,22 @@ a restriction is allowed everywhere:
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from index.ids import item_hash
+from index.ids import ID_MASK, IdCollisionError, item_hash
 
 
 class ItemRows:
-    def __init__(self, capacity: int = 1024):
+    def __init__(self, capacity: int = 1024, hash_fn: Callable[[str], int] = item_hash):
         self.ids: list[str] = [""]  # row -> item id; row 0 is padding
         self.rows: dict[str, int] = {}
         self.keys = np.zeros(capacity, dtype=np.int64)  # row -> stable key (index/ids.py)
         self.live = np.zeros(capacity, dtype=bool)
+        self._hash = hash_fn  # injectable so a test can force a collision
+        self._row_of_key: dict[int, int] = {}
+        self._by_key: tuple[np.ndarray, np.ndarray] | None = None  # (sorted keys, rows)
         self._lock = threading.Lock()  # a server's snapshot thread adds rows too
         self.scenarios: dict[int, frozenset[str]] = {}  # row -> where it may be shown
         self._allowed: dict[str, np.ndarray] = {}  # scenario -> row mask (cache)
@@ -53,16 +62,71 @@ class ItemRows:
         """Rows of `item_ids`, giving new ids the next free rows (capacity doubles as
         needed; callers grow their own tables to `capacity`)."""
         with self._lock:
-            for item_id in item_ids:
-                if item_id not in self.rows:
-                    row = len(self.ids)
-                    if row >= self.capacity:
-                        self._grow(2 * self.capacity)
-                    self.keys[row] = item_hash(item_id)
-                    self.ids.append(item_id)
-                    self.rows[item_id] = row
+            new = self._new_keys(item_ids)  # all checked before any is added
+            for item_id, key in new.items():
+                row = len(self.ids)
+                if row >= self.capacity:
+                    self._grow(2 * self.capacity)
+                self.keys[row] = key
+                self.ids.append(item_id)
+                self.rows[item_id] = row
+                self._row_of_key[key] = row
+            if new:
+                self._by_key = None
         return np.fromiter((self.rows[i] for i in item_ids), dtype=np.int64,
                            count=len(item_ids))
+
+    def _new_keys(self, item_ids: Sequence[str]) -> dict[str, int]:
+        """Keys of the ids not seen before; IdCollisionError when one's key is another
+        id's, and ValueError when a key is not a valid FAISS label."""
+        new: dict[str, int] = {}
+        owners = {}
+        for item_id in item_ids:
+            if item_id in self.rows or item_id in new:
+                continue
+            key = int(self._hash(item_id))
+            if not 0 <= key <= ID_MASK:
+                raise ValueError(f"hash of {item_id!r} is {key}, outside [0, 2**63)")
+            row = self._row_of_key.get(key)
+            owner = self.ids[row] if row is not None else owners.get(key)
+            if owner is not None:
+                raise IdCollisionError(item_id, owner, key)
+            new[item_id], owners[key] = key, item_id
+        return new
+
+    def key_of(self, item_id: str | None) -> int | None:
+        """The key of a known item (live or not), else None."""
+        row = self.rows.get(item_id) if item_id is not None else None
+        return None if row is None else int(self.keys[row])
+
+    def keys_of_ids(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Keys of the known ids among `item_ids` (an id never added is skipped)."""
+        return np.array([k for k in map(self.key_of, item_ids) if k is not None], np.int64)
+
+    def rows_of_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Rows of keys, vectorised (a batch maps ~100k candidate keys); -1 for FAISS's
+        padding and unknown keys."""
+        by_key = self._by_key
+        if by_key is None:
+            with self._lock:  # (an add meanwhile must not be lost from the view)
+                if self._by_key is None:
+                    rows = np.fromiter(self._row_of_key.values(), np.int64,
+                                       len(self._row_of_key))
+                    order = np.argsort(self.keys[rows])
+                    self._by_key = (self.keys[rows[order]], rows[order])
+                by_key = self._by_key
+        sorted_keys, rows = by_key
+        keys = np.asarray(keys, dtype=np.int64)
+        if not len(sorted_keys):
+            return np.full(keys.shape, -1, np.int64)
+        pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+        return np.where(sorted_keys[pos] == keys, rows[pos], -1)
+
+    def ids_of_keys(self, keys: np.ndarray | Sequence[int]) -> list[str | None]:
+        """Item ids of keys; None for FAISS's padding and unknown keys."""
+        get, ids = self._row_of_key.get, self.ids
+        return [None if (r := get(k)) is None else ids[r]
+                for k in np.asarray(keys, dtype=np.int64).tolist()]
 
     def reserve(self, capacity: int) -> None:
         if capacity > self.capacity:

@@ -5,8 +5,8 @@
                                                             scenario, models/scenarios.py)
     ranker       s_ui = w_us · [u·v_i, covis_k(u, i), log(1 + n_i)]
                                                  (PriorHead; w_us = w + θ_u + φ_s)
-    loss         -log softmax_i(s_u)[target]   (full softmax up to `full_softmax_max_items`,
-                 sampled softmax with logQ correction above; -log(1 - p) for a dislike)
+    loss         -log softmax_i(s_u)[target]   (over the catalog or sampled negatives,
+                 models/losses.py; -log(1 - p) for a dislike)
 
 Plus the catalog rows (models/items.py), the co-visitation counts (models/covisit.py) and
 the popularity counts the sampled softmax draws negatives from. `version` is the trainer's
@@ -29,6 +29,7 @@ from models.config import LearnerConfig
 from models.covisit import CoVisitation
 from models.encoder import pick_device
 from models.items import ItemRows
+from models.losses import log_probs, log_q, make_softmax
 from models.scenarios import ScenarioTable
 from models.sequences import History, Seqs
 from models.two_tower import ItemTower, PriorHead, UserTower
@@ -59,6 +60,7 @@ class SharedModel:
             self.head = PriorHead(self.covis.n_features, len(c.covisit_recencies) // 2
                                   ).to(self.device) if self.covis else None
         self.counts = np.zeros(capacity, dtype=np.float64)  # positive targets per row
+        self.softmax = make_softmax(c.softmax, **c.softmax_params())  # (frozen: shared)
         self.version = 0
         # per-user parameters: the residual p_u and, with the ranker, the user's own
         # correction θ_u of its blend weights; both move by the user's own learning rate
@@ -98,9 +100,13 @@ class SharedModel:
         return rows
 
     def reserve(self, capacity: int) -> None:
-        """Tables for at least `capacity` rows (trainer ranks grow alike, models/distributed)."""
+        """Tables for at least `capacity` rows. New rows start alike in every process (trainer
+        ranks must hold identical parameters, models/distributed.py; a run is repeatable):
+        drawn from a generator seeded by the setting and the size, not torch's global one."""
         if capacity > self.items.capacity:
-            self.items.grow(capacity)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed + capacity)
+                self.items.grow(capacity)
             self.counts = np.concatenate([self.counts, np.zeros(capacity - len(self.counts))])
         self.catalog.reserve(capacity)
 
@@ -191,13 +197,9 @@ class SharedModel:
 
     # ---------------------------------------------------------------- the loss
     def sample_negatives(self, rng: np.random.Generator) -> np.ndarray | None:
-        """Popularity-proportional negatives (counts + 1) for a sampled-softmax step, or
-        None when the catalog is small enough for the full softmax."""
-        live = np.flatnonzero(self.catalog.live)
-        if len(live) <= self.cfg.full_softmax_max_items:
-            return None
-        q = self.counts[live] + 1.0
-        return live[rng.choice(len(live), size=self.cfg.n_negatives, p=q / q.sum())]
+        """A step's negatives, as the loss's softmax strategy picks them (None: the full
+        softmax over the catalog)."""
+        return self.softmax.negatives(self.counts, self.catalog.live, rng)
 
     def pair_losses(self, seqs: Seqs, targets: np.ndarray, weights: np.ndarray,
                     resid: torch.Tensor, fresh: np.ndarray, negatives: np.ndarray | None,
@@ -228,7 +230,7 @@ class SharedModel:
                                                                         V, need)
         shut = self._disallowed(scenarios, cols, pos, negatives is not None)
         shown = logits if shut is None else logits.masked_fill(shut, float("-inf"))
-        losses = self._nll(self._logp(shown, pos, logq, targets, negatives), weights)
+        losses = self._nll(log_probs(shown, pos, logq, targets, negatives), weights)
         f = np.flatnonzero(fresh)
         if self.head is None or not len(f):
             return losses
@@ -246,8 +248,8 @@ class SharedModel:
             blend[:, 0] = blend[:, 0] + self.head.pop_w * tp
         if shut is not None:
             blend = blend.masked_fill(shut[ft], float("-inf"))
-        head = self._nll(self._logp(blend, pos[ft], None if logq is None else logq[ft],
-                                    targets[f], negatives), weights[f])
+        head = self._nll(log_probs(blend, pos[ft], None if logq is None else logq[ft],
+                                   targets[f], negatives), weights[f])
         return losses.index_add(0, ft, head)
 
     def _disallowed(self, scenarios: Sequence[str] | None, cols: np.ndarray,
@@ -265,14 +267,6 @@ class SharedModel:
         return shut.index_put((torch.arange(len(shut), device=self.device), pos),
                               torch.tensor(False, device=self.device))
 
-    def _logp(self, logits: torch.Tensor, pos: torch.Tensor, logq: torch.Tensor | None,
-              targets: np.ndarray, negatives: np.ndarray | None) -> torch.Tensor:
-        if logq is not None:  # logQ correction; an accidental hit of the target is no negative
-            logits = logits - logq
-            hit = torch.as_tensor(negatives[None, :] == targets[:, None], device=self.device)
-            logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(hit, float("-inf"))], 1)
-        return logits.log_softmax(-1)[torch.arange(len(targets)), pos]
-
     def _nll(self, logp: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
         neg = torch.as_tensor(weights < 0, device=self.device)
         p = logp.exp().clamp(max=1 - 1e-6)
@@ -281,13 +275,8 @@ class SharedModel:
     def _sampled_logits(self, u: torch.Tensor, targets: np.ndarray, neg: np.ndarray,
                         V: torch.Tensor, need: np.ndarray) -> tuple:
         """Logits over [own target, shared negatives] and their log Q (Q = S·q)."""
-        dev, S = self.device, len(neg)
-        live = self.catalog.live
-        q_all = self.counts[live].sum() + int(live.sum())
-        logq_pos = np.log(S * (self.counts[targets] + 1) / q_all)
-        logq_neg = np.log(S * (self.counts[neg] + 1) / q_all)
-        logq = torch.as_tensor(np.concatenate([logq_pos[:, None],
-                                               np.broadcast_to(logq_neg, (len(targets), S))], 1),
+        dev = self.device
+        logq = torch.as_tensor(log_q(self.counts, self.catalog.live, targets, neg),
                                dtype=torch.float32, device=dev)
         v_pos = V[torch.as_tensor(np.searchsorted(need, targets), device=dev)]
         v_neg = V[torch.as_tensor(np.searchsorted(need, neg), device=dev)]

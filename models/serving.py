@@ -10,7 +10,6 @@ processed and a new item is recommendable immediately (from its text).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from index.faiss_index import FaissIndex, IndexConfig, VersionedIndex
-from index.ids import IdMap
 from models.model import SharedModel, unique_ints
 from models.seen import ExcludeSeen, Exclusion, exclusions
 from models.sequences import History
@@ -154,7 +152,8 @@ def _excluded(owner: np.ndarray, keys: np.ndarray, excluded: Sequence[Exclusion]
 
 
 class Server:
-    """Owns the id map and the versioned index for one model (which a snapshot swaps)."""
+    """Owns the versioned index for one model (which a snapshot swaps). Items are named
+    by their catalog's keys (models/items.py), the index's labels."""
 
     def __init__(self, model: SharedModel, config: IndexConfig | None = None,
                  refresh_batches: int = 20, refresh_s: float = 5.0, candidates: int = 200,
@@ -165,9 +164,7 @@ class Server:
         self.refresh_batches = refresh_batches
         self.refresh_s = refresh_s
         self.candidates = candidates
-        self.ids = IdMap()
         self.index = VersionedIndex()
-        self.key_rows = KeyRows()
         self._batches_since = 0
         self._last_refresh = 0.0
         self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-build")
@@ -177,10 +174,9 @@ class Server:
 
     # ------------------------------------------------------------------ catalog changes
     def add_items(self, item_ids: Sequence[str]) -> None:
-        """Register ids (collision-checked) and put their current vectors in the index."""
-        keys = np.array([self.ids.add(i) for i in item_ids], dtype=np.int64)
+        """Put the items' current vectors in the index (the model has their rows)."""
         rows = np.array([self.model.catalog.rows[i] for i in item_ids], dtype=np.int64)
-        self.key_rows.add(keys, rows)
+        keys = self.model.catalog.keys[rows]
         self._changes.append((True, list(item_ids)))
         idx, _ = self.index.current()
         if idx is not None and len(keys):
@@ -193,7 +189,7 @@ class Server:
                 sub.remove(keys[~ok])
 
     def remove_items(self, item_ids: Sequence[str]) -> None:
-        keys = [k for k in (self.ids.to_int(i) for i in item_ids) if k is not None]
+        keys = self.model.catalog.keys_of_ids(item_ids)
         self._changes.append((False, list(item_ids)))
         idx, _ = self.index.current()
         if idx is not None and keys:
@@ -230,7 +226,7 @@ class Server:
 
     def build_index(self, model: SharedModel) -> FaissIndex:
         """An index of `model`'s live item vectors (safe in a thread: rows are shared and
-        only ever added; the id map locks)."""
+        only ever added, under the catalog's lock)."""
         keys, vecs = self._vectors(model)
         return FaissIndex.build(keys, vecs, self.config) if len(keys) else \
             FaissIndex(model.cfg.dim, self.config)
@@ -243,9 +239,7 @@ class Server:
 
     def _vectors(self, model: SharedModel) -> tuple[np.ndarray, np.ndarray]:
         item_ids, vecs = model.item_vectors()
-        keys = self.ids.add_many(item_ids)
-        self.key_rows.add(keys, np.array([model.catalog.rows[i] for i in item_ids], np.int64))
-        return keys, vecs
+        return model.catalog.keys_of_ids(item_ids), vecs
 
     def _snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         keys, vecs = self._vectors(self.model)
@@ -273,10 +267,9 @@ class Server:
         for added, item_ids in self._changes:  # what changed since the snapshot, in order
             if added:
                 rows = np.array([self.model.catalog.rows[i] for i in item_ids], dtype=np.int64)
-                new.upsert(np.array([self.ids.add(i) for i in item_ids], dtype=np.int64),
-                           self.model.item_vectors(rows)[1])
+                new.upsert(self.model.catalog.keys[rows], self.model.item_vectors(rows)[1])
             else:
-                new.remove([k for k in (self.ids.to_int(i) for i in item_ids) if k is not None])
+                new.remove(self.model.catalog.keys_of_ids(item_ids))
         self._changes = []
         self.index.swap(new)
         return True
@@ -311,7 +304,8 @@ class Server:
         else:
             ranked = self._rerank(idx, version, states, user_vecs, k, excluded, scenarios)
         reasons = self._reasons(idx, states, [keys for keys, _ in ranked], reason_window)
-        out = [[Scored(i, s, r) for i, s, r in zip(self.ids.to_strs(keys), scores.tolist(), why,
+        ids_of = self.model.catalog.ids_of_keys
+        out = [[Scored(i, s, r) for i, s, r in zip(ids_of(keys), scores.tolist(), why,
                                                    strict=True)]
                for (keys, scores), why in zip(ranked, reasons, strict=True)]
         return out, version
@@ -343,14 +337,15 @@ class Server:
         index is asked for more than `candidates` and the excluded ones are masked."""
         _, keys, ok = search_scenarios(idx, user_vecs, excluded, self.candidates, scenarios,
                                        lambda name: self._target(idx, version, name))
-        cand = self.key_rows.rows_of(keys)
+        catalog = self.model.catalog
+        cand = catalog.rows_of_keys(keys)
         ok &= cand >= 0  # (a key the model lacks: never seen in practice)
         tower_rows = [c[m] for c, m in zip(cand, ok, strict=True)]
         hists = [self.model.history(st) for st in states]
         ranked = rank_candidates(self.model, hists, user_vecs, tower_rows, excluded,
                                  [st.residual for st in states], scenarios,
                                  lambda rows: self._index_vectors(idx, rows))
-        return [(self.key_rows.keys_of(c[:k]), s[:k]) for c, s in ranked]
+        return [(catalog.keys[c[:k]], s[:k]) for c, s in ranked]
 
     def _index_vectors(self, idx: FaissIndex, rows: np.ndarray) -> np.ndarray:
         """The vectors the index holds for `rows` (those its search scored; no item-tower
@@ -367,7 +362,7 @@ class Server:
         recent = []
         for st in states:
             newest = [i for i in reversed(st.items) if i is not None][:window]
-            keyed = (self.ids.to_int(i) for i in newest)
+            keyed = map(self.model.catalog.key_of, newest)
             recent.append([kk for kk in keyed if kk is not None and kk in idx])
         W, K = max(map(len, recent), default=0), max(map(len, keys), default=0)
         if W == 0 or K == 0:
@@ -379,50 +374,9 @@ class Server:
                          V[np.searchsorted(known, R)])
         sims[np.broadcast_to(R[:, None, :] < 0, sims.shape)] = -np.inf
         best = np.take_along_axis(R, sims.argmax(axis=2), axis=1)  # (n, K) keys
-        return [self.ids.to_strs(row[: len(kk)]) if len(r) else [None] * len(kk)
+        ids_of = self.model.catalog.ids_of_keys
+        return [ids_of(row[: len(kk)]) if len(r) else [None] * len(kk)
                 for row, kk, r in zip(best, keys, recent, strict=True)]
-
-
-class KeyRows:
-    """Index key <-> model row, both ways vectorised (the reranker maps ~100k candidate
-    keys per micro-batch). Items only ever gain a key and a row, never change them."""
-
-    def __init__(self) -> None:
-        self._map: dict[int, int] = {}
-        self._keys = self._rows = self._row_keys = np.zeros(0, np.int64)
-        self._dirty = False
-        self._lock = threading.Lock()  # a snapshot build adds from its thread
-
-    def add(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        with self._lock:
-            for key, row in zip(keys.tolist(), rows.tolist(), strict=True):
-                if self._map.get(key) != row:
-                    self._map[key] = row
-                    self._dirty = True
-
-    def _sync(self) -> None:
-        if not self._dirty:
-            return
-        with self._lock:
-            keys = np.fromiter(self._map, np.int64, len(self._map))
-            rows = np.fromiter(self._map.values(), np.int64, len(self._map))
-            self._dirty = False
-        order = np.argsort(keys)
-        self._keys, self._rows = keys[order], rows[order]
-        self._row_keys = np.full(int(rows.max(initial=-1)) + 1, -1, np.int64)
-        self._row_keys[rows] = keys
-
-    def rows_of(self, keys: np.ndarray) -> np.ndarray:
-        """Learner rows of index keys; -1 for FAISS padding and unknown keys."""
-        self._sync()
-        if not len(self._keys):
-            return np.full(np.shape(keys), -1, np.int64)
-        pos = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
-        return np.where(self._keys[pos] == keys, self._rows[pos], -1)
-
-    def keys_of(self, rows: np.ndarray) -> np.ndarray:
-        self._sync()
-        return self._row_keys[rows]
 
 
 def _padded_keys(lists: Sequence[Sequence[int]], width: int) -> np.ndarray:

@@ -99,6 +99,7 @@ class Trainer:
         self.replay = Replay(self.cfg.replay_capacity, self.cfg.history_len)
         self.steps = 0
         self.trained = 0  # examples trained, each exactly once
+        self.pair_steps = 0  # pairs (fresh and replayed) summed over steps: budget spent
         self.progress: dict[int, int] = {}  # source partition -> newest offset trained
         self.counted: dict[int, int] = {}  # source partition -> newest offset counted
         self.pending = _Pending()
@@ -243,6 +244,7 @@ class Trainer:
         if total > 0:
             self._step_scenarios(sc, np.abs(w), losses.detach().cpu().numpy(), total)
             self.dense_opt.step()
+            self.pair_steps += len(t)
             if m.items.E.grad is not None:
                 self.pending.touched.update(m.items.E.grad.coalesce().indices()[0].tolist())
                 self.sparse_opt.step()

@@ -64,7 +64,7 @@ class ItemTower(nn.Module):
     def grow(self, capacity: int) -> None:
         """Re-allocate E and T with more rows (new rows: small random E, zero text)."""
         old = self.capacity
-        extra_e = torch.randn(capacity - old, self.dim, device=self.E.device) * 0.01
+        extra_e = (torch.randn(capacity - old, self.dim) * 0.01).to(self.E.device)  # (CPU RNG)
         self.E = nn.Parameter(torch.cat([self.E.detach(), extra_e]))
         extra_t = torch.zeros(capacity - old, self.T.shape[1], device=self.T.device)
         self.T = torch.cat([self.T, extra_t])

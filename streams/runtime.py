@@ -112,12 +112,11 @@ class SnapshotFollower:
         for ids, vectors, scenarios in changes:  # the catalog moved on meanwhile
             if vectors is None:
                 model.delete_items(ids)
-                index.remove([k for k in (self.server.ids.to_int(i) for i in ids)
-                              if k is not None])
+                index.remove(model.catalog.keys_of_ids(ids))
             else:
                 model.upsert_items(ids, vectors, scenarios)
                 rows = np.array([model.catalog.rows[i] for i in ids], np.int64)
-                index.upsert(self.server.ids.add_many(ids), model.item_vectors(rows)[1])
+                index.upsert(model.catalog.keys[rows], model.item_vectors(rows)[1])
         self.server.swap(model, index)
         self.meta = meta
         log.info("serving model v%d (index v%d)", model.version, self.server.version)

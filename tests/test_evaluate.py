@@ -136,3 +136,20 @@ def test_comparison_runs_peers_and_streamrec_in_processes_and_writes_outputs(tmp
     cmp.plot(results, tmp_path / "q.png", "tiny")
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "streamrec-fixed" in cmp.model_names() and "itemknn_seq" in cmp.model_names()
+
+
+def test_candidate_recall_counts_targets_the_serving_path_retrieved():
+    """A serving path that retrieves 5 of 30 items: a retrieved target ranks within what was
+    scored, a missed one below all of it; a full scorer retrieves every rankable item."""
+    events = _tiny_stream()
+    ids = [f"i{k}" for k in range(30)]
+    text = np.random.default_rng(1).normal(size=(30, 16)).astype(np.float32)
+    cfg = LearnerConfig(dim=16, history_len=10, covisit=False, seed=0)
+    res = prequential(StreamrecModel(ids, text, cfg, candidates=5), events, 8)
+    assert 0 < res.summary()["candidate_recall"] < 1
+    assert res.scored.max() == 5 and res.summary()["candidates"] <= 5
+    assert (res.ranks[res.retrieved] < res.scored[res.retrieved]).all()
+    assert (res.ranks[~res.retrieved] >= res.scored[~res.retrieved]).all()
+    full = prequential(ItemKNNSeq(n_items=30), events, 8)
+    assert full.summary()["candidate_recall"] == 1.0
+    assert (full.ranks < full.scored).all() and full.scored.max() > 5

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from index import faiss_index as fi
 from index.faiss_index import FaissIndex, IndexConfig, VersionedIndex
-from index.ids import IdCollisionError, IdMap, item_hash
+from index.ids import IdCollisionError, item_hash
+from models.items import ItemRows
 
 DIM = 32
 N_ITEMS = 3000
@@ -78,36 +79,38 @@ def test_item_hash_is_a_non_negative_int63(s: str) -> None:
     assert h == item_hash(s)
 
 
-def test_idmap_add_lookup_remove() -> None:
-    ids = IdMap()
-    key = ids.add("item-42")
-    assert key == item_hash("item-42")
-    assert ids.add("item-42") == key  # idempotent
-    assert len(ids) == 1 and "item-42" in ids and "other" not in ids
-    assert ids.to_int("item-42") == key and ids.to_str(key) == "item-42"
-    assert ids.to_int("other") is None and ids.to_str(-1) is None
-    assert ids.add_many(["a", "item-42"]).tolist() == [item_hash("a"), key]
-    ids.remove("item-42")
-    ids.remove("item-42")  # replayed delete is a no-op
-    assert len(ids) == 1 and ids.to_str(key) is None and ids.to_int("item-42") is None
+def test_item_rows_map_ids_keys_and_rows_both_ways() -> None:
+    rows = ItemRows(capacity=2)
+    r = rows.add(["item-42", "a", "item-42"])
+    key = item_hash("item-42")
+    assert r.tolist() == [1, 2, 1] and rows.key_of("item-42") == key
+    assert rows.key_of("other") is None and rows.key_of(None) is None
+    assert rows.keys_of_ids(["a", "other", "item-42"]).tolist() == [item_hash("a"), key]
+    assert rows.rows_of_keys(np.array([[key, -1], [item_hash("a"), 5]])).tolist() == \
+        [[1, -1], [2, -1]]
+    assert rows.ids_of_keys([key, -1, item_hash("a")]) == ["item-42", None, "a"]
+    rows.add([f"x{k}" for k in range(100)])  # grown: the key view follows
+    assert rows.ids_of_keys(rows.keys[[102, 1]]) == ["x99", "item-42"]
+    assert rows.rows_of_keys(rows.keys[[102]]).tolist() == [102]
 
 
-def test_idmap_detects_collisions() -> None:
-    ids = IdMap(hash_fn=lambda s: 7)
-    assert ids.add("a") == 7
+def test_item_rows_refuse_colliding_keys_and_change_nothing() -> None:
+    rows = ItemRows(hash_fn=lambda s: 7 if s in ("a", "b") else len(s))
+    assert rows.add(["a"]).tolist() == [1]
     with pytest.raises(IdCollisionError) as err:
-        ids.add("b")
+        rows.add(["cc", "b"])
     assert (err.value.item_id, err.value.existing, err.value.key) == ("b", "a", 7)
-    assert ids.add("a") == 7 and ids.to_str(7) == "a"  # the failed add changed nothing
-    ids.remove("a")
-    assert ids.add("b") == 7
+    assert "cc" not in rows.rows and rows.ids_of_keys([7]) == ["a"]  # nothing added
+    with pytest.raises(IdCollisionError):
+        ItemRows(hash_fn=lambda s: 7).add(["c", "d"])  # within one call too
 
 
-def test_idmap_rejects_out_of_range_hash() -> None:
+def test_item_rows_reject_out_of_range_hash() -> None:
     with pytest.raises(ValueError):
-        IdMap(hash_fn=lambda s: -1).add("x")
+        ItemRows(hash_fn=lambda s: -1).add(["x"])
     with pytest.raises(ValueError):
-        IdMap(hash_fn=lambda s: 2**63).add("x")
+        ItemRows(hash_fn=lambda s: 2**63).add(["x"])
+
 
 
 # --------------------------------------------------------------------------- kind / config

@@ -603,3 +603,35 @@ def test_zero_weight_batch_does_not_poison_parameters():
     learner.learn_batch([Interaction("u", ids[1], "dislike", T0)], {"u": UserState()})
     for name, p in learner.model.named_parameters():
         assert torch.isfinite(p).all(), name
+
+
+def test_softmax_strategies_are_chosen_by_name_and_reject_unknown_parameters():
+    from models.losses import SampledSoftmax, make_softmax
+
+    with pytest.raises(ValueError, match="n_negatives"):
+        make_softmax("full", n_negatives=8)
+    with pytest.raises(ValueError, match="unknown softmax"):
+        make_softmax("hierarchical")
+    with pytest.raises(ValueError):
+        make_softmax("sampled", n_negatives=0)
+    ids, vecs, _ = topic_catalog(n_items=30)
+    learner = make_learner(softmax="sampled", n_negatives=8)  # sampled even for 30 items
+    learner.upsert_items(ids, vecs)
+    assert learner.model.softmax == SampledSoftmax(n_negatives=8)
+    assert learner.model.sample_negatives(np.random.default_rng(0)).shape == (8,)
+    assert make_learner().model.sample_negatives(np.random.default_rng(0)) is None  # auto
+
+
+def test_grown_rows_start_alike_whatever_torch_s_global_generator_did():
+    """Trainer ranks must hold identical parameters, and an evaluation must repeat: new
+    item rows do not come from torch's global (per-process, randomly seeded) generator."""
+    from models.model import SharedModel
+
+    tables = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = SharedModel(LearnerConfig(dim=8), text_dim=4, capacity=4)
+        model.reserve(16)
+        tables.append(model.items.E.detach().clone())
+    torch.testing.assert_close(tables[0], tables[1], rtol=0, atol=0)
+    assert tables[0][4:].abs().sum() > 0  # (random, not zero)

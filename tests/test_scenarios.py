@@ -259,8 +259,6 @@ def test_the_training_softmax_runs_over_the_scenarios_items(sampled):
 
     learner, ids, _ = restricted_learner()
     model = learner.model
-    if sampled:
-        model.cfg.full_softmax_max_items = 1  # (this learner's own config)
     seqs = Seqs.pad([model.history(UserState())] * 2)
     targets = np.asarray(model.catalog.add([ids[25], ids[35]]))
     weights, fresh = np.ones(2), np.ones(2, bool)

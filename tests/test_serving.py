@@ -89,7 +89,7 @@ def test_refresh_increments_version_and_keeps_old_snapshots_consistent():
     assert server.n_items == len(ids)
     old_idx, old_v = server.index.current()  # a reader takes (index, version) once
     names, old_vecs = learner.model.item_vectors()
-    keys = np.array([server.ids.to_int(i) for i in names])
+    keys = np.array([server.model.catalog.key_of(i) for i in names])
     states = train(learner, ids, n_batches=5)  # the item tower moves
     _, new_vecs = learner.model.item_vectors()
     assert not np.allclose(old_vecs, new_vecs)
@@ -100,10 +100,10 @@ def test_refresh_increments_version_and_keeps_old_snapshots_consistent():
     # the old snapshot is untouched: same items, same vectors as when it was built
     assert old_v == 1 and len(old_idx) == len(ids)
     np.testing.assert_array_equal(old_idx.vectors(keys), old_vecs)
-    assert server.ids.to_int("brand-new") not in old_idx
+    assert server.model.catalog.key_of("brand-new") not in old_idx
     # the new one has the new vectors and the new item
     np.testing.assert_allclose(new_idx.vectors(keys), new_vecs, rtol=1e-6, atol=1e-6)
-    assert server.ids.to_int("brand-new") in new_idx and len(new_idx) == len(ids) + 1
+    assert server.model.catalog.key_of("brand-new") in new_idx and len(new_idx) == len(ids) + 1
     assert server.refresh() == 3
     u = learner.model.user_vectors(list(states.values()))
     recs, version = server.recommend(list(states.values()), u, k=5)
@@ -256,7 +256,7 @@ def test_add_items_is_searchable_before_the_next_refresh(own_trained):
     server.add_items(["new-item"])
     assert server.version == 1 and server.n_items == n0 + 1
     idx, _ = server.index.current()
-    key = server.ids.to_int("new-item")
+    key = server.model.catalog.key_of("new-item")
     assert key in idx
     np.testing.assert_allclose(idx.vectors([key])[0],
                                learner.model.item_vectors(np.array([learner.model.catalog.rows["new-item"]]))[1][0],
@@ -273,7 +273,7 @@ def test_add_items_before_first_refresh_is_picked_up_by_it():
     server.add_items(["late"])  # no index yet: only registered
     assert server.n_items == 0
     server.refresh()
-    assert server.n_items == 11 and server.ids.to_int("late") in server.index.current()[0]
+    assert server.n_items == 11 and server.model.catalog.key_of("late") in server.index.current()[0]
 
 
 def test_remove_items_disappears_immediately(own_trained):
@@ -285,7 +285,7 @@ def test_remove_items_disappears_immediately(own_trained):
     n0 = server.n_items
     server.remove_items([gone, "never-known"])
     assert server.version == 1 and server.n_items == n0 - 1
-    assert server.ids.to_int(gone) not in server.index.current()[0]
+    assert server.model.catalog.key_of(gone) not in server.index.current()[0]
     recs2, _ = server.recommend(sts, u, k=5)
     for rec in recs2:
         assert gone not in {r.item_id for r in rec}
@@ -322,7 +322,8 @@ def test_hnsw_rebuilds_in_the_background_and_keeps_catalog_changes_made_meanwhil
     server._build.result(timeout=60)
     assert server.maybe_refresh() is True and server.version == 2
     idx, _ = server.index.current()
-    assert server.ids.to_int("during") in idx and server.ids.to_int(ids[0]) not in idx
+    key_of = server.model.catalog.key_of
+    assert key_of("during") in idx and key_of(ids[0]) not in idx
     assert len(idx) == 60  # 60 - 1 deleted + 1 added
 
 

@@ -1,0 +1,112 @@
+"""The softmax of the next-item loss: over the whole catalog, or over sampled negatives.
+
+    full      log p(t) = s_t − log Σ_{j live} exp(s_j)
+    sampled   log p(t) = s'_t − log Σ_{j ∈ {t} ∪ N} exp(s'_j),   s'_j = s_j − log Q_j
+              N: S items drawn with probability ∝ count_j + 1, Q_j = S·(count_j + 1) / Σ_live
+              (count + 1), the logQ correction that makes the sampled softmax unbiased for
+              popularity sampling; a draw of the pair's own target is no negative.
+    auto      full up to `max_items` live items (exact, and cheap enough), sampled above.
+
+Each strategy is a small class whose fields are its validated parameters; settings select
+one by name (`learner__softmax`) and `make_softmax` builds it once. A strategy only picks the
+negatives (None: the full softmax) and corrects the logits; the model scores them.
+
+>>> import numpy as np
+>>> counts, live = np.array([0.0, 9, 0, 4]), np.array([False, True, True, True])
+>>> rng = np.random.default_rng(0)
+>>> AutoSoftmax(max_items=3, n_negatives=2).negatives(counts, live, rng) is None   # 3 live
+True
+>>> neg = SampledSoftmax(n_negatives=1000).negatives(counts, live, rng)
+>>> sorted(set(neg.tolist())), round(float(np.mean(neg == 1)), 1)        # ∝ count + 1: 10/17
+([1, 2, 3], 0.6)
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Annotated, ClassVar
+
+import numpy as np
+import torch
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as validated
+
+Count = Annotated[int, Field(ge=1)]
+_strategy = validated(frozen=True, config=ConfigDict(extra="forbid"))
+
+
+@_strategy
+class FullSoftmax:
+    """Every live item is a negative: exact, O(catalog) per step."""
+
+    name: ClassVar[str] = "full"
+
+    def negatives(self, counts: np.ndarray, live: np.ndarray, rng: np.random.Generator
+                  ) -> None:
+        return None
+
+
+@_strategy
+class SampledSoftmax:
+    """`n_negatives` popularity-drawn negatives shared by a step's pairs, logQ-corrected."""
+
+    name: ClassVar[str] = "sampled"
+    n_negatives: Count = 2048
+
+    def negatives(self, counts: np.ndarray, live: np.ndarray, rng: np.random.Generator
+                  ) -> np.ndarray:
+        rows = np.flatnonzero(live)
+        q = counts[rows] + 1.0
+        return rows[rng.choice(len(rows), size=self.n_negatives, p=q / q.sum())]
+
+
+@_strategy
+class AutoSoftmax:
+    """The full softmax up to `max_items` live items, the sampled one above."""
+
+    name: ClassVar[str] = "auto"
+    max_items: Count = 20_000
+    n_negatives: Count = 2048
+
+    def negatives(self, counts: np.ndarray, live: np.ndarray, rng: np.random.Generator
+                  ) -> np.ndarray | None:
+        if int(live.sum()) <= self.max_items:
+            return None
+        return SampledSoftmax(n_negatives=self.n_negatives).negatives(counts, live, rng)
+
+
+Softmax = FullSoftmax | SampledSoftmax | AutoSoftmax
+SOFTMAXES = {s.name: s for s in (FullSoftmax, SampledSoftmax, AutoSoftmax)}
+
+
+def make_softmax(name: str, **params: int) -> Softmax:
+    """Build a strategy by its settings name; parameters it lacks are an error."""
+    if name not in SOFTMAXES:
+        raise ValueError(f"unknown softmax {name!r}; choose from {sorted(SOFTMAXES)}")
+    return SOFTMAXES[name](**params)
+
+
+def softmax_fields(name: str) -> list[str]:
+    """The parameters strategy `name` takes."""
+    return [f.name for f in fields(SOFTMAXES[name])]
+
+
+def log_q(counts: np.ndarray, live: np.ndarray, targets: np.ndarray, negatives: np.ndarray
+          ) -> np.ndarray:
+    """(P, 1 + S) log Q of each pair's columns [own target, shared negatives]."""
+    S = len(negatives)
+    total = counts[live].sum() + int(live.sum())
+    pos = np.log(S * (counts[targets] + 1) / total)
+    neg = np.log(S * (counts[negatives] + 1) / total)
+    return np.concatenate([pos[:, None], np.broadcast_to(neg, (len(targets), S))], 1)
+
+
+def log_probs(logits: torch.Tensor, pos: torch.Tensor, logq: torch.Tensor | None,
+              targets: np.ndarray, negatives: np.ndarray | None) -> torch.Tensor:
+    """log p of each pair's target column `pos`: the full softmax when `logq` is None, else
+    the corrected sampled one (column 0 the target, an accidental hit masked)."""
+    if logq is not None:
+        logits = logits - logq
+        hit = torch.as_tensor(negatives[None, :] == targets[:, None], device=logits.device)
+        logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(hit, float("-inf"))], 1)
+    return logits.log_softmax(-1)[torch.arange(len(targets)), pos]
