@@ -192,7 +192,7 @@ class Server:
         keys = self.model.catalog.keys_of_ids(item_ids)
         self._changes.append((False, list(item_ids)))
         idx, _ = self.index.current()
-        if idx is not None and keys:
+        if idx is not None and len(keys):
             idx.remove(keys)
             for sub in self._subs.values():
                 sub.remove(keys)
