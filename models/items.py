@@ -7,15 +7,14 @@ heard of them), so everything that crosses a process boundary (training examples
 snapshots) names items by id, and each side maps ids to its own rows here. Row 0 is
 padding. A row may exist before its item is live: a snapshot can name an item whose catalog
 record has not reached this process yet; it becomes live when its text vector arrives, and
-a deleted item keeps its row (and learned embedding) for a comeback.
+a deleted item keeps its row (and learned embedding) for a comeback. Two ids whose keys
+collide are refused (IdCollisionError), never merged into one item.
 
 >>> rows = ItemRows(capacity=4)
 >>> rows.add(["a", "b", "a"]).tolist(), rows.capacity
 ([1, 2, 1], 4)
 >>> rows.rows_of_keys(rows.keys[[2, 1]]).tolist(), rows.ids_of_keys([rows.key_of("b"), -1])
 ([2, 1], ['b', None])
-
-Two ids whose keys collide are refused (IdCollisionError), never merged into one item.
 >>> rows.set_live(rows.add(["b"]), True); rows.has("a"), rows.has("b"), rows.n_live
 (False, True, 1)
 
