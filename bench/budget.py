@@ -12,20 +12,16 @@ and its seconds per 1,000 events. Prints a table, writes budget-ml100k.json and 
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import multiprocessing as mp
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.quality import DEFAULT_DIR
+from bench.quality import ml100k, ml100k_parser
 from evaluation import comparison as cmp
-from evaluation.datasets import movielens_events, movielens_items
 from evaluation.evaluate import StreamrecModel, prequential
 from models.config import LearnerConfig
-from models.encoder import TextEncoder
 
 #: name -> LearnerConfig overrides; one lever each, the default first.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -106,20 +102,12 @@ def plot(rows: dict[str, dict], path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("ml_dir", nargs="?", default=str(DEFAULT_DIR))
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--out", default="bench/out")
-    ap.add_argument("--jobs", type=int, default=cmp.cpu_jobs())
+    ap = ml100k_parser(__doc__)
     ap.add_argument("--limit", type=int, help="only the first N events (smoke runs)")
     ap.add_argument("--variants", help="comma-separated names (default: all)")
     args = ap.parse_args()
     start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = cmp.make_dataset("ml-100k", movielens_items(args.ml_dir),
-                            movielens_events(args.ml_dir), TextEncoder(device="cpu").encode)
-    data = dataclasses.replace(data, events=data.events[:args.limit])
+    data, out = ml100k(args.ml_dir, args.out, args.limit)
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     rows = run_all(data, names, args.batch_size, args.jobs)
     print_table(rows)

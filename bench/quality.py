@@ -21,18 +21,32 @@ from models.encoder import TextEncoder
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def ml100k_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every ML-100K quality bench takes: the data, batch size, output
+    folder and parallel jobs."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("ml_dir", nargs="?", default=str(DEFAULT_DIR))
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--jobs", type=int, default=cmp.cpu_jobs())
-    args = ap.parse_args()
+    return ap
+
+
+def ml100k(ml_dir: str, out: str, limit: int | None = None) -> tuple[cmp.Dataset, Path]:
+    """ML-100K embedded with the agent's encoder (its first `limit` events in time order),
+    and the output folder, created."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    events = movielens_events(ml_dir)[:limit]  # (already in time order)
+    data = cmp.make_dataset("ml-100k", movielens_items(ml_dir), events,
+                            TextEncoder(device="cpu").encode)
+    return data, folder
+
+
+def main() -> None:
+    args = ml100k_parser(__doc__).parse_args()
     start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    items, events = movielens_items(args.ml_dir), movielens_events(args.ml_dir)
-    data = cmp.make_dataset("ml-100k", items, events, TextEncoder(device="cpu").encode)
+    data, out = ml100k(args.ml_dir, args.out)
     results = cmp.run_comparison(data, cmp.model_names(), args.batch_size, LearnerConfig(),
                                  jobs=args.jobs)
     doc = cmp.to_json(data, results, args.batch_size)

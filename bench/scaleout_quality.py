@@ -15,17 +15,14 @@ Prints the table, writes scaleout-quality.json and a plot of NDCG@10 against E.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 from bench._common import save_figure
+from bench.quality import ml100k, ml100k_parser
 from evaluation import comparison as cmp
-from evaluation.datasets import movielens_events, movielens_items
 from models.config import LearnerConfig
-from models.encoder import TextEncoder
 
-DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 LAGS = (256, 1024, 4096, 16384)
 
 
@@ -37,19 +34,11 @@ def configs() -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("ml_dir", nargs="?", default=str(DEFAULT_DIR))
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--out", default="bench/out")
-    ap.add_argument("--jobs", type=int, default=cmp.cpu_jobs())
+    ap = ml100k_parser(__doc__)
     ap.add_argument("--limit", type=int, default=None, help="first N events (smoke runs)")
     args = ap.parse_args()
     start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    events = movielens_events(args.ml_dir)[: args.limit]
-    data = cmp.make_dataset("ml-100k", movielens_items(args.ml_dir), events,
-                            TextEncoder(device="cpu").encode)
+    data, out = ml100k(args.ml_dir, args.out, args.limit)
     results = cmp.run_comparison(data, configs(), args.batch_size, LearnerConfig(),
                                  jobs=args.jobs)
     doc = cmp.to_json(data, results, args.batch_size)

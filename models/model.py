@@ -175,8 +175,14 @@ class SharedModel:
         On Ciao's last 2,500 days this lifted NDCG@10 from 0.0822 to 0.0831 (seed 1: 0.0824
         to 0.0832); on the last 1,460 it cost 0.0882 -> 0.0868 (README, Quality). The user
         tower reads the whole history: restricted too, it measured lower."""
-        allowed = self.catalog.allowed_table(scenarios or []) \
-            if self.cfg.scenario_history else None
+        if not self.cfg.scenario_history:
+            return hist_rows
+        return self._in_scenario(hist_rows, self.catalog.allowed_table(scenarios or []))
+
+    def _in_scenario(self, hist_rows: Sequence[Sequence[int]] | np.ndarray,
+                     allowed: tuple[np.ndarray, np.ndarray] | None
+                     ) -> Sequence[Sequence[int]] | np.ndarray:
+        """`scenario_histories` given the queries' `allowed_table`."""
         if allowed is None:
             return hist_rows
         table, which = allowed
@@ -228,15 +234,17 @@ class SharedModel:
         else:  # column 0 is each pair's own target, then the shared negatives
             cols, (logq, pos, logits) = negatives, self._sampled_logits(u, targets, negatives,
                                                                         V, need)
-        shut = self._disallowed(scenarios, cols, pos, negatives is not None)
+        allowed = self.catalog.allowed_table(scenarios or [])  # (once for both uses)
+        shut = self._disallowed(allowed, cols, pos, negatives is not None)
         shown = logits if shut is None else logits.masked_fill(shut, float("-inf"))
         losses = self._nll(log_probs(shown, pos, logq, targets, negatives), weights)
         f = np.flatnonzero(fresh)
         if self.head is None or not len(f):
             return losses
         ft = torch.as_tensor(f, device=dev)
-        fs = None if scenarios is None else [scenarios[k] for k in f]
-        frows = self.scenario_histories(seqs.rows[f], fs)
+        frows = seqs.rows[f]
+        if allowed is not None and self.cfg.scenario_history:
+            frows = self._in_scenario(frows, (allowed[0], allowed[1][f]))
         feats, log_pop = self.features(frows, cols)
         if logq is not None:  # put each pair's target in front, as in `logits`
             tf, tp = self.features(frows, targets[f])
@@ -252,11 +260,11 @@ class SharedModel:
                                    targets[f], negatives), weights[f])
         return losses.index_add(0, ft, head)
 
-    def _disallowed(self, scenarios: Sequence[str] | None, cols: np.ndarray,
+    def _disallowed(self, allowed: tuple[np.ndarray, np.ndarray] | None, cols: np.ndarray,
                     pos: torch.Tensor, sampled: bool) -> torch.Tensor | None:
         """(P, columns) mask of the items not allowed in each pair's scenario (the target's
-        own column always open; None when nothing is restricted)."""
-        allowed = self.catalog.allowed_table(scenarios or [])
+        own column always open; None when nothing is restricted). `allowed`: the pairs'
+        `allowed_table`."""
         if allowed is None:
             return None
         table, which = allowed
