@@ -48,7 +48,7 @@ class Harness:
         configure_process(s.compute_threads)
         self.encoder = TextEncoder(s.encoder_path, s.encoder_device, s.encoder_batch_size)
         self.learner = OnlineLearner(s.learner, text_dim=self.encoder.dim)
-        self.server = Server(self.learner.model, s.index, candidates=s.serving_candidates,
+        self.server = Server(self.learner.model, s.index,
                              exclude_seen=s.exclude_seen)
         self.proc = EventProcessor(s, self.server, self.learner.personal, self.encoder)
         world = make_world(n_items, n_topics=16, seed=1)

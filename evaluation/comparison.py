@@ -43,9 +43,11 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "noseq": {"user_tower": "none"},
     "noreplay": {"replay_ratio": 0.0},
     "nocovisit": {"covisit": False},
+    "onlytower": {"candidate_sources": ("tower",)},
+    "onlycovisit": {"candidate_sources": ("covisit",)},
 }
 #: Run only when named (`--models`): keeps bench/quality.py within its 15-minute budget.
-ON_REQUEST = {"nocovisit"}
+ON_REQUEST = {"nocovisit", "onlytower", "onlycovisit"}
 #: Scenario variants (a stream whose events carry scenarios): `streamrec-shared` is one
 #: model without per-scenario parameters (the scenario only filters the items),
 #: `streamrec-separate` one independent model per scenario (no transfer at all).

@@ -42,13 +42,14 @@ from typing import Protocol
 import numpy as np
 import xxhash
 
+from models.candidates import TowerCandidates, tower_of
 from models.config import LearnerConfig
 from models.examples import TrainingExample
 from models.learner import Interaction, OnlineLearner, Pending, observe, personal_step
 from models.model import SharedModel
 from models.seen import ExcludeSeen, Exclusion, exclusions, item_keys
 from models.sequences import History
-from models.serving import rank_candidates, tower_candidates
+from models.serving import rank_candidates
 from models.trainer import Trainer
 from models.user_state import UserState
 
@@ -180,6 +181,25 @@ class Allowed:
         return mask
 
 
+def best_first(scores: np.ndarray, m: int) -> list[np.ndarray]:
+    """Per row, the columns of its `m` largest scores, best first, ties in column order,
+    and any further columns tied with the m-th: a prefix of the row's stable descending
+    argsort (so the same candidates), found by partition in O(columns), not a sort.
+
+    >>> [c.tolist() for c in best_first(np.array([[1.0, 3, 2, 3], [0, 0, 5, 0]]), 2)]
+    [[1, 3], [2, 0, 1, 3]]
+    """
+    neg = -scores
+    if m >= scores.shape[1]:
+        return list(np.argsort(neg, axis=1, kind="stable"))
+    kth = np.partition(neg, m - 1, axis=1)[:, m - 1 : m]
+    out = []
+    for row, bound in zip(neg, kth[:, 0], strict=True):
+        cols = np.flatnonzero(row <= bound)
+        out.append(cols[np.argsort(row[cols], kind="stable")])
+    return out
+
+
 def batches(events: Sequence[Event], batch_size: int, by_day: bool) -> list[tuple[int, int]]:
     """[start, end) of each batch: `batch_size` events, or (by_day) all events of one
     UTC day (ts // 86,400,000 ms) however many, so none of a day is learned before all of
@@ -300,10 +320,11 @@ def moving_ndcg(res: Result, window: int = 5000) -> tuple[np.ndarray, np.ndarray
 class StreamrecModel:
     """streamrec as a StreamModel: serving workers and the trainer, as deployed.
 
-    Scores come from the serving path (models/serving.rank_candidates): the top
-    `candidates` items by u·v (what the FAISS index returns; exact here) plus co-visitation
-    candidates, reranked; items the path does not retrieve rank below all it does (ties
-    among them split as the protocol says). `candidates=None` scores the whole catalog.
+    Scores come from the serving path (models/serving.rank_candidates): the candidate
+    sources of the config (models/candidates.py: the `tower` source's items by u·v, what the
+    FAISS index returns, exact here, plus co-visitation candidates), reranked; items the
+    path does not retrieve rank below all it does (ties among them split as the protocol
+    says).
     Each event is served in its scenario (the 4th field of an event; `item_scenarios` says
     where each item may be shown): the scenario's parameters join the user's, and the tower
     candidates, like the index's, are the allowed items only.
@@ -318,7 +339,7 @@ class StreamrecModel:
 
     def __init__(self, item_ids: Sequence[str], text_vectors: np.ndarray,
                  config: LearnerConfig | None = None, name: str = "streamrec",
-                 event_type: str = "rate", candidates: int | None = 200, workers: int = 1,
+                 event_type: str = "rate", workers: int = 1,
                  snapshot_every: int | None = None, independent: bool = False,
                  trainer_ranks: int = 1,
                  item_scenarios: Sequence[Sequence[str] | None] | None = None):
@@ -339,7 +360,6 @@ class StreamrecModel:
         self.col_of = np.full(int(self.rows.max(initial=0)) + 1, -1, dtype=np.int64)
         self.col_of[self.rows] = np.arange(len(self.rows))  # model row -> output column
         self.item_ids = list(item_ids)
-        self.candidates = candidates
         self.states: dict[str, UserState] = {}
         self._offset = 0
         self.train_seconds = 0.0  # in the trainer(s): the training budget's cost
@@ -405,22 +425,34 @@ class StreamrecModel:
     def _serve(self, model: SharedModel, hists: list[History], residuals: list,
                excluded: Sequence[Exclusion], scenarios: list[str]) -> np.ndarray:
         U = model.history_vectors(hists, residuals, scenarios)
-        if self.candidates is None or model.head is None and \
-                self.candidates >= len(self.rows):
-            return model.blend(hists, U, self.rows, residuals, scenarios)
-        _, V = model.item_vectors(self.rows)
-        top = np.argsort(-(U @ V.T), axis=1, kind="stable")  # the exact index's order
-        keys = model.catalog.keys[self.rows[top]]
-        allowed = self._allowed(model, scenarios)
-        if allowed is not None:  # the index searches the scenario's items only
-            keys[~np.take_along_axis(allowed, top, axis=1)] = -1
-        ok = tower_candidates(keys, excluded, self.candidates)
-        tower_rows = [self.rows[t[m]] for t, m in zip(top, ok, strict=True)]
+        tower = tower_of(model.sources)
+        if model.head is None and tower is not None and tower.count >= len(self.rows):
+            return model.blend(hists, U, self.rows, residuals, scenarios)  # the same ranking
+        tower_rows = [np.zeros(0, np.int64)] * len(hists) if tower is None else \
+            self._tower_rows(model, tower, U, excluded, scenarios)
         ranked = rank_candidates(model, hists, U, tower_rows, excluded, residuals, scenarios)
         out = np.full((len(hists), len(self.rows)), -np.inf)
         for p, (rows, scores) in enumerate(ranked):
             out[p, self.col_of[rows]] = scores
         return out
+
+    def _tower_rows(self, model: SharedModel, tower: TowerCandidates, U: np.ndarray,
+                    excluded: Sequence[Exclusion], scenarios: list[str]) -> list[np.ndarray]:
+        """The `tower` source's rows per query, from an exact search (the index's order: by
+        u·v, ties by catalog order), of the allowed items only."""
+        _, V = model.item_vectors(self.rows)
+        S = U @ V.T
+        allowed = self._allowed(model, scenarios)
+        if allowed is not None:  # the index searches the scenario's items only
+            S[~allowed] = -np.inf
+        tops = best_first(S, tower.count + max(map(len, excluded), default=0))
+        keys = np.full((len(S), max(map(len, tops), default=0)), -1, np.int64)
+        for p, top in enumerate(tops):
+            keys[p, : len(top)] = model.catalog.keys[self.rows[top]]
+            if allowed is not None:  # (fewer allowed items than wanted: the rest tie at -inf)
+                keys[p, : len(top)][~allowed[p, top]] = -1
+        ok = tower.select(keys, excluded)
+        return [self.rows[top[m[: len(top)]]] for top, m in zip(tops, ok, strict=True)]
 
     def _allowed(self, model: SharedModel, scenarios: list[str]) -> np.ndarray | None:
         """(n, n_items) which output columns each query's scenario allows; None: all."""

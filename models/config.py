@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.losses import softmax_fields
 from models.lr_rules import rule_fields
@@ -130,13 +130,28 @@ class LearnerConfig(BaseModel):
         "let the ranker weigh 'just now' against 'long-term'; on ML-100K one measured best).",
     )
     covisit_profile: int = Field(50, ge=1, description="Distinct recent items in the profile.")
+    candidate_sources: tuple[Literal["tower", "covisit"], ...] = Field(
+        ("tower", "covisit"),
+        min_length=1,
+        description="Where the ranker's candidates come from (models/candidates.py): `tower` "
+        "(the index's nearest items to the user vector) and `covisit` (the items co-visited "
+        "most with the user's newest ones); the ranker scores their union.",
+    )
+    tower_candidates: int = Field(
+        200, ge=1, description="`tower` source: items the index returns per query."
+    )
+    covisit_seeds: int = Field(
+        10, ge=1, description="`covisit` source: the user's newest distinct items it starts from."
+    )
+    covisit_per_seed: int = Field(
+        50, ge=1, description="`covisit` source: the strongest co-visited items taken per seed."
+    )
     covisit_max_neighbours: int = Field(
         500,
         ge=1,
         description="Memory bound of the co-visitation counts: an item followed by more than "
         "twice this many others keeps its this-many strongest (models/covisit.py `prune`), "
-        "so the counts grow with the catalog, not with its square. (The candidates use the "
-        "50 strongest per item.)",
+        "so the counts grow with the catalog, not with its square.",
     )
     lr_rule: Literal["fixed", "adagrad", "rmsprop", "adaptive"] = Field(
         "rmsprop",
@@ -187,6 +202,20 @@ class LearnerConfig(BaseModel):
     )
     device: str = Field("auto", description="`auto` (CUDA if present), `cpu` or `cuda[:n]`.")
     seed: int = Field(0, description="Seed of parameter init and sampling.")
+
+    @model_validator(mode="after")
+    def _sources_rankable(self) -> LearnerConfig:
+        if len(set(self.candidate_sources)) < len(self.candidate_sources):
+            raise ValueError(f"candidate_sources repeats a source: {self.candidate_sources}")
+        if not self.covisit and "tower" not in self.candidate_sources:
+            raise ValueError("without co-visitation (covisit=false) the `tower` candidate "
+                             "source is the only one that finds items: add it")
+        return self
+
+    def candidate_params(self) -> dict[str, dict[str, int]]:
+        """Each candidate source's parameters, from their settings."""
+        return {"tower": {"count": self.tower_candidates},
+                "covisit": {"seeds": self.covisit_seeds, "per_seed": self.covisit_per_seed}}
 
     def softmax_params(self) -> dict[str, int]:
         """The parameters of the chosen softmax strategy, from their settings."""

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from models.candidates import make_sources
 from models.config import LearnerConfig
 from models.covisit import CoVisitation
 from models.encoder import pick_device
@@ -61,6 +62,7 @@ class SharedModel:
                                   ).to(self.device) if self.covis else None
         self.counts = np.zeros(capacity, dtype=np.float64)  # positive targets per row
         self.softmax = make_softmax(c.softmax, **c.softmax_params())  # (frozen: shared)
+        self.sources = make_sources(c.candidate_sources, c.candidate_params())
         self.version = 0
         # per-user parameters: the residual p_u and, with the ranker, the user's own
         # correction θ_u of its blend weights; both move by the user's own learning rate
@@ -387,17 +389,6 @@ class SharedModel:
                         torch.as_tensor(feats[:, :, None], device=dev),
                         self.log_pop(rows)[:, None], torch.as_tensor(theta, device=dev))
         return out[:, 0].cpu().numpy()
-
-    def covisit_candidates(self, hist: History, recent: int = 10, per_item: int = 50
-                           ) -> np.ndarray:
-        """Live item rows co-visited most with the user's `recent` newest distinct items (an
-        item may appear more than once)."""
-        if self.covis is None:
-            return np.zeros(0, dtype=np.int64)
-        newest = list(dict.fromkeys(r for r in reversed(hist.rows) if r))[:recent]
-        rows = self.covis.neighbours(np.asarray(newest, dtype=np.int64), per_item)
-        live = self.catalog.live
-        return rows[(rows < len(live)) & live[np.minimum(rows, len(live) - 1)]]
 
     @torch.no_grad()
     def item_vectors(self, rows: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:

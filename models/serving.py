@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from index.faiss_index import FaissIndex, IndexConfig, VersionedIndex
+from models.candidates import first_unexcluded, history_rows, tower_of
 from models.model import SharedModel, unique_ints
 from models.seen import ExcludeSeen, Exclusion, exclusions
 from models.sequences import History
@@ -39,21 +40,22 @@ def rank_candidates(model: SharedModel, hists: Sequence[History], U: np.ndarray,
                     scenarios: Sequence[str] | None = None,
                     vectors: Callable[[np.ndarray], np.ndarray] | None = None
                     ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The serving ranker: the index's (two-tower) candidates plus, with co-visitation, the
-    items co-visited most with the user's recent ones; live, allowed in the query's scenario
-    and not `excluded` only; scored by the model's blend (with the scenario's parameters).
+    """The serving ranker: the `tower` source's candidates (`tower_rows`, from the caller's
+    index search) plus the other sources' (models/candidates.py; co-visitation); live,
+    allowed in the query's scenario and not `excluded` only; scored by the model's blend
+    (with the scenario's parameters).
     Returns (item rows, scores) per user, best first. The offline evaluator ranks through
     this same function, so it measures what the agent serves.
 
     One flat array of (user, row) pairs for the whole batch, not a loop per user: the
     agent ranks ~500 users per micro-batch under load."""
     n = len(hists)
-    parts = [x for hist, rows in zip(hists, tower_rows, strict=True)
-             for x in (np.asarray(rows, dtype=np.int64), model.covisit_candidates(hist))]
+    per_user = [np.concatenate([np.asarray(rows, dtype=np.int64),
+                                history_rows(model.sources, model, hist)])
+                for hist, rows in zip(hists, tower_rows, strict=True)]
     base = model.catalog.capacity
-    owner = np.repeat(np.arange(n), [len(parts[2 * p]) + len(parts[2 * p + 1])
-                                     for p in range(n)])
-    code = unique_ints(owner * base + np.concatenate(parts + [np.zeros(0, np.int64)]))
+    owner = np.repeat(np.arange(n), [len(rows) for rows in per_user])
+    code = unique_ints(owner * base + np.concatenate(per_user + [np.zeros(0, np.int64)]))
     owner, rows = np.divmod(code, base)
     keep = model.catalog.live[rows] & ~_excluded(owner, model.catalog.keys[rows], excluded)
     if scenarios is not None:
@@ -107,13 +109,13 @@ def search_allowed(idx: FaissIndex, U: np.ndarray, excluded: Sequence[Exclusion]
                    allowed: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The `want` best index neighbours of each user vector that are not excluded: scores
-    and keys (n, fetch) plus the mask of the chosen ones (`tower_candidates`). The index is
+    and keys (n, fetch) plus the mask of the chosen ones (`first_unexcluded`). The index is
     asked for `want` + the batch's largest exclusion (at most `want` more); the rare user
     left short by more exclusions than that is searched again alone, deeper, so no user's
     search depth depends on another's."""
     fetch = want + min(max(map(len, excluded), default=0), want)
     scores, keys = idx.search(U, fetch, allowed=allowed)
-    ok = tower_candidates(keys, excluded, want)
+    ok = first_unexcluded(keys, excluded, want)
     short = [p for p, ex in enumerate(excluded)
              if ok[p].sum() < want and len(ex) > fetch - want and fetch < len(idx)]
     if short:
@@ -123,20 +125,8 @@ def search_allowed(idx: FaissIndex, U: np.ndarray, excluded: Sequence[Exclusion]
         scores = np.pad(scores, pad, constant_values=-np.inf)
         keys = np.pad(keys, pad, constant_values=-1)
         scores[short], keys[short] = s2, k2
-        ok = tower_candidates(keys, excluded, want)
+        ok = first_unexcluded(keys, excluded, want)
     return scores, keys, ok
-
-
-def tower_candidates(keys: np.ndarray, excluded: Sequence[Exclusion], candidates: int
-                     ) -> np.ndarray:
-    """Mask over index results `keys` (n, fetch; best first; -1 = padding): the first
-    `candidates` of each row that are real and not excluded. Serving and the evaluator both
-    select tower candidates with this."""
-    ok = keys >= 0
-    for row, ex in enumerate(excluded):
-        if len(ex):
-            ok[row] &= ~ex.contains(keys[row])
-    return ok & (np.cumsum(ok, axis=1) <= candidates)
 
 
 def _excluded(owner: np.ndarray, keys: np.ndarray, excluded: Sequence[Exclusion]
@@ -156,14 +146,13 @@ class Server:
     by their catalog's keys (models/items.py), the index's labels."""
 
     def __init__(self, model: SharedModel, config: IndexConfig | None = None,
-                 refresh_batches: int = 20, refresh_s: float = 5.0, candidates: int = 200,
+                 refresh_batches: int = 20, refresh_s: float = 5.0,
                  exclude_seen: ExcludeSeen = "all"):
         self.model = model
         self.exclude_seen = exclude_seen
         self.config = config or IndexConfig()
         self.refresh_batches = refresh_batches
         self.refresh_s = refresh_s
-        self.candidates = candidates
         self.index = VersionedIndex()
         self._batches_since = 0
         self._last_refresh = 0.0
@@ -333,19 +322,29 @@ class Server:
     def _rerank(self, idx: FaissIndex, version: int, states: Sequence[UserState],
                 user_vecs: np.ndarray, k: int, excluded: Sequence[Exclusion],
                 scenarios: Sequence[str] | None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Index candidates + co-visitation candidates, ordered by the learned ranker. The
-        index is asked for more than `candidates` and the excluded ones are masked."""
-        _, keys, ok = search_scenarios(idx, user_vecs, excluded, self.candidates, scenarios,
-                                       lambda name: self._target(idx, version, name))
+        """The candidate sources' items, ordered by the learned ranker. The index is asked
+        for the `tower` source's count plus the exclusions, and the excluded ones are
+        masked; without a `tower` source it is not searched."""
+        tower_rows = self._tower_rows(idx, version, user_vecs, excluded, scenarios)
         catalog = self.model.catalog
-        cand = catalog.rows_of_keys(keys)
-        ok &= cand >= 0  # (a key the model lacks: never seen in practice)
-        tower_rows = [c[m] for c, m in zip(cand, ok, strict=True)]
         hists = [self.model.history(st) for st in states]
         ranked = rank_candidates(self.model, hists, user_vecs, tower_rows, excluded,
                                  [st.residual for st in states], scenarios,
                                  lambda rows: self._index_vectors(idx, rows))
         return [(catalog.keys[c[:k]], s[:k]) for c, s in ranked]
+
+    def _tower_rows(self, idx: FaissIndex, version: int, user_vecs: np.ndarray,
+                    excluded: Sequence[Exclusion], scenarios: Sequence[str] | None
+                    ) -> list[np.ndarray]:
+        """The `tower` source's candidate rows per user (none when it is not chosen)."""
+        tower = tower_of(self.model.sources)
+        if tower is None:
+            return [np.zeros(0, np.int64)] * len(user_vecs)
+        _, keys, ok = search_scenarios(idx, user_vecs, excluded, tower.count, scenarios,
+                                       lambda name: self._target(idx, version, name))
+        cand = self.model.catalog.rows_of_keys(keys)
+        ok &= cand >= 0  # (a key the model lacks: never seen in practice)
+        return [c[m] for c, m in zip(cand, ok, strict=True)]
 
     def _index_vectors(self, idx: FaissIndex, rows: np.ndarray) -> np.ndarray:
         """The vectors the index holds for `rows` (those its search scored; no item-tower

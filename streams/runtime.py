@@ -147,7 +147,7 @@ class Runtime:
         self.encoder = encoder or TextEncoder(s.encoder_path, s.encoder_device,
                                               s.encoder_batch_size)
         self.server = Server(SharedModel(s.learner, text_dim=self.encoder.dim), s.index,
-                             candidates=s.serving_candidates, exclude_seen=s.exclude_seen)
+                             exclude_seen=s.exclude_seen)
         self.processor = EventProcessor(s, self.server, personal_step(s.learner), self.encoder)
         self.catalog = CatalogEncoder(self.encoder.encode, s.max_item_bytes)
         self.follower = SnapshotFollower(self.server, s.app_id)

@@ -97,12 +97,6 @@ class Settings(BaseSettings):
 
     # -- recommendations -------------------------------------------------------------------------
     top_k: int = Field(10, ge=1, le=1000, description="Items per recommendation.")
-    serving_candidates: int = Field(
-        200,
-        ge=1,
-        description="Items the FAISS index returns per user for the ranker (plus the "
-        "co-visitation neighbours of the user's recent items); the ranker keeps top_k.",
-    )
     reason_window: int = Field(
         10, ge=1, description="Most recent history items considered for `reason_item_id`."
     )

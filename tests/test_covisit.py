@@ -67,13 +67,14 @@ def test_arrays_round_trip_and_neighbours():
     assert set(back.neighbours(np.array([1]), k=1).tolist()) == {2}  # the strongest only
 
 
-def _cycle_learner(covisit: bool) -> tuple[OnlineLearner, list[str], dict, dict]:
+def _cycle_learner(covisit: bool, **cfg: object
+                   ) -> tuple[OnlineLearner, list[str], dict, dict]:
     """Users walk item i -> i+1 (mod 40); text vectors are pure noise, so only co-visitation
     and learned ids carry the next item."""
     n, rng = 40, np.random.default_rng(0)
     ids = [f"i{k}" for k in range(n)]
     learner = OnlineLearner(LearnerConfig(dim=16, history_len=10, device="cpu", seed=0,
-                                          covisit=covisit), text_dim=8, capacity=64)
+                                          covisit=covisit, **cfg), text_dim=8, capacity=64)
     learner.upsert_items(ids, rng.normal(size=(n, 8)).astype(np.float32))
     states = {f"u{k}": UserState() for k in range(8)}
     pos = {u: k * 5 for k, u in enumerate(states)}

@@ -12,6 +12,7 @@ import pytest
 from test_trainer import T0, TEXT_DIM, catalog, cfg
 
 from index.faiss_index import FaissIndex, IndexConfig
+from models.candidates import CovisitCandidates
 from models.distributed import ThreadGroup
 from models.learner import Interaction, OnlineLearner
 from models.model import SharedModel
@@ -165,7 +166,7 @@ def restricted_learner(kind: str = "flat", sub_max: int = 0, candidates: int = 1
     """Items 0-19 only in 'a', 20-29 only in 'b', 30-39 everywhere; trained on a stream
     that visits all of them, so the co-visitation candidates cross the scenarios."""
     ids, vecs = catalog(40)
-    learner = OnlineLearner(cfg(), TEXT_DIM)
+    learner = OnlineLearner(cfg(tower_candidates=candidates), TEXT_DIM)
     learner.upsert_items(ids, vecs, [["a"]] * 20 + [["b"]] * 10 + [None] * 10)
     rng = np.random.default_rng(3)
     events = [Interaction(f"u{k % 5}", ids[int(rng.integers(40))], "view", T0 + 1000 * k)
@@ -173,7 +174,7 @@ def restricted_learner(kind: str = "flat", sub_max: int = 0, candidates: int = 1
     learn(learner, events)
     server = Server(learner.model, IndexConfig(kind=kind, sub_index_max_items=sub_max),
                     refresh_batches=10**6,
-                    refresh_s=1e9, candidates=candidates, exclude_seen="none")
+                    refresh_s=1e9, exclude_seen="none")
     server.refresh()
     return learner, ids, server
 
@@ -229,7 +230,8 @@ def test_co_visitation_candidates_are_filtered_too():
     st = UserState()
     st.append(ids[0], 1, T0, None, 50)
     hist = model.history(st)
-    assert set(model.catalog.ids_of(model.covisit_candidates(hist))) - allowed_ids(ids, "b")
+    covisit = CovisitCandidates()
+    assert set(model.catalog.ids_of(covisit.rows(model, hist))) - allowed_ids(ids, "b")
     U = model.history_vectors([hist], [None], ["b"])
     from models.seen import Exclusion
     (rows, _), = rank_candidates(model, [hist], U, [np.zeros(0, np.int64)], [Exclusion()],

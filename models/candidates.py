@@ -1,0 +1,117 @@
+"""Candidate sources: which items the ranker scores for a query.
+
+    tower     C(u) = the `count` items j with the largest u·v_j (the FAISS index; exact in the
+              evaluator) that the query's scenario allows and the user has not excluded
+    covisit   C(h) = ∪ over the `seeds` newest distinct items i of the history h of the
+              `per_seed` items j with the largest co-visitation count c(i, j) (models/covisit.py)
+
+The ranker scores the union of the chosen sources' candidates, minus deleted, disallowed and
+excluded items (models/serving.py `rank_candidates`, which serving and the evaluator share).
+The two sources find different items: the tower what resembles the user's taste, co-visitation
+what other users went on to after the same items.
+
+Each source is a small class whose fields are its validated parameters; settings choose sources
+by name (`learner__candidate_sources`) and `make_sources` builds them once, from their settings.
+
+>>> from models.seen import Exclusion
+>>> keys = np.array([[7, 3, -1, 5], [3, 9, 8, 6]])   # index results, best first; -1: padding
+>>> TowerCandidates(count=2).select(keys, [Exclusion(), Exclusion()]).astype(int)
+array([[1, 1, 0, 0],
+       [1, 1, 0, 0]])
+>>> make_sources(["covisit"], {"covisit": {"seeds": 5}})
+(CovisitCandidates(seeds=5, per_seed=50),)
+>>> make_sources(["tower"], {"tower": {"seeds": 5}})
+Traceback (most recent call last):
+...
+pydantic_core._pydantic_core.ValidationError: 1 validation error for TowerCandidates
+...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Annotated, ClassVar
+
+import numpy as np
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as validated
+
+from models.seen import Exclusion
+from models.sequences import History
+
+if TYPE_CHECKING:
+    from models.model import SharedModel
+
+Count = Annotated[int, Field(ge=1)]
+_strategy = validated(frozen=True, config=ConfigDict(extra="forbid"))
+
+
+@_strategy
+class TowerCandidates:
+    """The `count` nearest items to the user vector. The index search is the caller's (the
+    FAISS index in serving, an exact order in the evaluator); this picks among its results."""
+
+    name: ClassVar[str] = "tower"
+    count: Count = 200
+
+    def select(self, keys: np.ndarray, excluded: Sequence[Exclusion]) -> np.ndarray:
+        """Mask over index results `keys` (n, fetch; best first; -1 = padding): the first
+        `count` of each row that are real and not excluded."""
+        return first_unexcluded(keys, excluded, self.count)
+
+
+@_strategy
+class CovisitCandidates:
+    """The items co-visited most with the user's newest items: found from the history alone,
+    so an item the tower ranks low (new, or a taste the user vector has not caught) can
+    still reach the ranker."""
+
+    name: ClassVar[str] = "covisit"
+    seeds: Count = 10
+    per_seed: Count = 50
+
+    def rows(self, model: SharedModel, hist: History) -> np.ndarray:
+        """Live item rows co-visited most with the `seeds` newest distinct items of `hist`
+        (an item may appear more than once); none without co-visitation counts."""
+        if model.covis is None:
+            return np.zeros(0, dtype=np.int64)
+        newest = list(dict.fromkeys(r for r in reversed(hist.rows) if r))[: self.seeds]
+        rows = model.covis.neighbours(np.asarray(newest, dtype=np.int64), self.per_seed)
+        live = model.catalog.live
+        return rows[(rows < len(live)) & live[np.minimum(rows, len(live) - 1)]]
+
+
+Source = TowerCandidates | CovisitCandidates
+SOURCES: dict[str, type[Source]] = {s.name: s for s in (TowerCandidates, CovisitCandidates)}
+
+
+def first_unexcluded(keys: np.ndarray, excluded: Sequence[Exclusion], n: int) -> np.ndarray:
+    """Mask over index results `keys` (rows best first; -1 = padding): the first `n` of each
+    row that are real and not `excluded[row]`."""
+    ok = keys >= 0
+    for row, ex in enumerate(excluded):
+        if len(ex):
+            ok[row] &= ~ex.contains(keys[row])
+    return ok & (np.cumsum(ok, axis=1) <= n)
+
+
+def tower_of(sources: Sequence[Source]) -> TowerCandidates | None:
+    """The `tower` source among `sources`, if chosen."""
+    return next((s for s in sources if isinstance(s, TowerCandidates)), None)
+
+
+def history_rows(sources: Sequence[Source], model: SharedModel, hist: History) -> np.ndarray:
+    """The candidates of the sources that read the history alone (all but `tower`)."""
+    parts = [s.rows(model, hist) for s in sources if not isinstance(s, TowerCandidates)]
+    return np.concatenate([np.zeros(0, np.int64), *parts])
+
+
+def make_sources(names: Sequence[str], params: Mapping[str, Mapping[str, int]]
+                 ) -> tuple[Source, ...]:
+    """Build the sources `names` once, each with its `params[name]`; an unknown name or
+    parameter is an error."""
+    unknown = set(names) - SOURCES.keys()
+    if unknown:
+        raise ValueError(f"unknown candidate sources {sorted(unknown)}; choose from "
+                         f"{sorted(SOURCES)}")
+    return tuple(SOURCES[name](**params.get(name, {})) for name in names)
