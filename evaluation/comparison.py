@@ -45,9 +45,10 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "nocovisit": {"covisit": False},
     "onlytower": {"candidate_sources": ("tower",)},
     "onlycovisit": {"candidate_sources": ("covisit",)},
+    "nopersonal": {"use_residual": False},
 }
 #: Run only when named (`--models`): keeps bench/quality.py within its 15-minute budget.
-ON_REQUEST = {"nocovisit", "onlytower", "onlycovisit"}
+ON_REQUEST = {"nocovisit", "onlytower", "onlycovisit", "nopersonal"}
 #: Scenario variants (a stream whose events carry scenarios): `streamrec-shared` is one
 #: model without per-scenario parameters (the scenario only filters the items),
 #: `streamrec-separate` one independent model per scenario (no transfer at all).
