@@ -55,9 +55,7 @@ class SampledSoftmax:
 
     def negatives(self, counts: np.ndarray, live: np.ndarray, rng: np.random.Generator
                   ) -> np.ndarray:
-        rows = np.flatnonzero(live)
-        q = counts[rows] + 1.0
-        return rows[rng.choice(len(rows), size=self.n_negatives, p=q / q.sum())]
+        return popularity_draw(counts, live, rng, self.n_negatives)
 
 
 @_strategy
@@ -72,7 +70,15 @@ class AutoSoftmax:
                   ) -> np.ndarray | None:
         if int(live.sum()) <= self.max_items:
             return None
-        return SampledSoftmax(n_negatives=self.n_negatives).negatives(counts, live, rng)
+        return popularity_draw(counts, live, rng, self.n_negatives)
+
+
+def popularity_draw(counts: np.ndarray, live: np.ndarray, rng: np.random.Generator, n: int
+                    ) -> np.ndarray:
+    """`n` live rows drawn with probability ∝ count + 1 (with replacement)."""
+    rows = np.flatnonzero(live)
+    q = counts[rows] + 1.0
+    return rows[rng.choice(len(rows), size=n, p=q / q.sum())]
 
 
 Softmax = FullSoftmax | SampledSoftmax | AutoSoftmax
