@@ -76,7 +76,6 @@ class Harness:
         good, bad = self.proc.decode(recs)
         states = {ev.user_id: UserState.from_bytes(self.store.get(ev.user_id)) for _, ev in good}
         t.append(time.perf_counter())
-        self.server.maybe_refresh()  # a worker swaps in the trainer's snapshots instead
         out = self.proc.process(good, bad, states)
         t.append(time.perf_counter())
         self.proc.learn(out)

@@ -1,18 +1,15 @@
-"""Serving: the FAISS index of item-tower vectors, kept fresh, and top-K with reasons.
+"""Serving: the FAISS index of item-tower vectors, and top-K with reasons.
 
-The index is rebuilt from the current item tower every N batches or T seconds (an HNSW index,
-seconds to build, in a background thread) and swapped atomically (`index_version` goes up
-by one); between rebuilds, catalog changes are applied to
-the serving index at once, so a deleted item is never recommended after its delete is
-processed and a new item is recommendable immediately (from its text).
+The index is built at start-up and again, in a thread, for each new snapshot of the model
+(streams/runtime.py SnapshotFollower), and swapped atomically (`index_version` goes up by
+one); between swaps, catalog changes are applied to the serving index at once, so a deleted
+item is never recommended after its delete is processed and a new item is recommendable
+immediately (from its text).
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +20,6 @@ from models.model import SharedModel, unique_ints
 from models.seen import ExcludeSeen, Exclusion, exclusions
 from models.sequences import History
 from models.user_state import UserState
-
-log = logging.getLogger("streamrec.serving")
 
 
 @dataclass(frozen=True)
@@ -146,19 +141,11 @@ class Server:
     by their catalog's keys (models/items.py), the index's labels."""
 
     def __init__(self, model: SharedModel, config: IndexConfig | None = None,
-                 refresh_batches: int = 20, refresh_s: float = 5.0,
                  exclude_seen: ExcludeSeen = "all"):
         self.model = model
         self.exclude_seen = exclude_seen
         self.config = config or IndexConfig()
-        self.refresh_batches = refresh_batches
-        self.refresh_s = refresh_s
         self.index = VersionedIndex()
-        self._batches_since = 0
-        self._last_refresh = 0.0
-        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-build")
-        self._build: Future[FaissIndex] | None = None
-        self._changes: list[tuple[bool, list[str]]] = []  # catalog changes since the snapshot
         self._subs: dict[tuple[int, str], FaissIndex] = {}  # (index version, scenario)
 
     # ------------------------------------------------------------------ catalog changes
@@ -166,7 +153,6 @@ class Server:
         """Put the items' current vectors in the index (the model has their rows)."""
         rows = np.array([self.model.catalog.rows[i] for i in item_ids], dtype=np.int64)
         keys = self.model.catalog.keys[rows]
-        self._changes.append((True, list(item_ids)))
         idx, _ = self.index.current()
         if idx is not None and len(keys):
             vecs = self.model.item_vectors(rows)[1]
@@ -179,89 +165,31 @@ class Server:
 
     def remove_items(self, item_ids: Sequence[str]) -> None:
         keys = self.model.catalog.keys_of_ids(item_ids)
-        self._changes.append((False, list(item_ids)))
         idx, _ = self.index.current()
         if idx is not None and len(keys):
             idx.remove(keys)
             for sub in self._subs.values():
                 sub.remove(keys)
 
-    # ------------------------------------------------------------------ refresh
-    def maybe_refresh(self) -> bool:
-        """Call once per batch: rebuild when N batches or T seconds have passed; True when a
-        new index was swapped in. An HNSW index (large catalogs: seconds to build) is built
-        in a background thread while the current one keeps serving, and swapped in at the
-        first batch after it is done, with the catalog changes made meanwhile applied."""
-        self._batches_since += 1
-        if self._build is not None:
-            return self._finish_build()
-        idx = self.index.current()[0]
-        due = (self._batches_since >= self.refresh_batches
-               or time.monotonic() - self._last_refresh >= self.refresh_s
-               or idx is None)
-        if not due:
-            return False
-        if idx is not None and idx.kind == "hnsw":
-            self._start_build()
-            return False
-        self.refresh()
-        return True
-
+    # ------------------------------------------------------------------ the index
     def refresh(self) -> int:
-        """Build a new index from the current item tower and swap it in; returns its version."""
-        self._build = None  # a background build still running is superseded by this one
-        self._start_over()
+        """Build a new index from the current item tower and swap it in (at start-up; a
+        new snapshot's index is built in a thread: streams/runtime.py SnapshotFollower);
+        returns its version."""
         return self.index.swap(self.build_index(self.model))
 
     def build_index(self, model: SharedModel) -> FaissIndex:
         """An index of `model`'s live item vectors (safe in a thread: rows are shared and
         only ever added, under the catalog's lock)."""
-        keys, vecs = self._vectors(model)
+        item_ids, vecs = model.item_vectors()
+        keys = model.catalog.keys_of_ids(item_ids)
         return FaissIndex.build(keys, vecs, self.config) if len(keys) else \
             FaissIndex(model.cfg.dim, self.config)
 
     def swap(self, model: SharedModel, index: FaissIndex) -> int:
         """Serve `model` (a newer snapshot of the same catalog) and its index from now on."""
         self.model = model
-        self._changes = []
         return self.index.swap(index)
-
-    def _vectors(self, model: SharedModel) -> tuple[np.ndarray, np.ndarray]:
-        item_ids, vecs = model.item_vectors()
-        return model.catalog.keys_of_ids(item_ids), vecs
-
-    def _snapshot(self) -> tuple[np.ndarray, np.ndarray]:
-        keys, vecs = self._vectors(self.model)
-        self._start_over()
-        return keys, vecs
-
-    def _start_over(self) -> None:
-        """No catalog change pending: the index being built covers them all."""
-        self._changes, self._batches_since, self._last_refresh = [], 0, time.monotonic()
-
-    def _start_build(self) -> None:
-        keys, vecs = self._snapshot()
-        self._build = self._builder.submit(FaissIndex.build, keys, vecs, self.config)
-
-    def _finish_build(self) -> bool:
-        build = self._build
-        if build is None or not build.done():
-            return False
-        self._build = None
-        try:
-            new = build.result()
-        except Exception:  # noqa: BLE001 - keep serving the current index; retried when due
-            log.exception("background index build failed")
-            return False
-        for added, item_ids in self._changes:  # what changed since the snapshot, in order
-            if added:
-                rows = np.array([self.model.catalog.rows[i] for i in item_ids], dtype=np.int64)
-                new.upsert(self.model.catalog.keys[rows], self.model.item_vectors(rows)[1])
-            else:
-                new.remove(self.model.catalog.keys_of_ids(item_ids))
-        self._changes = []
-        self.index.swap(new)
-        return True
 
     @property
     def version(self) -> int:

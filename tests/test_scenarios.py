@@ -173,8 +173,7 @@ def restricted_learner(kind: str = "flat", sub_max: int = 0, candidates: int = 1
               for k in range(400)]
     learn(learner, events)
     server = Server(learner.model, IndexConfig(kind=kind, sub_index_max_items=sub_max),
-                    refresh_batches=10**6,
-                    refresh_s=1e9, exclude_seen="none")
+                    exclude_seen="none")
     server.refresh()
     return learner, ids, server
 

@@ -59,7 +59,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def _trained():
     learner, ids, _ = make_learner()
     states = train(learner, ids)
-    server = Server(learner.model, IndexConfig(), refresh_batches=1000, refresh_s=1e9)
+    server = Server(learner.model, IndexConfig())
     server.refresh()
     return learner, ids, states, server
 
@@ -81,7 +81,7 @@ def own_trained():
 
 def test_refresh_increments_version_and_keeps_old_snapshots_consistent():
     learner, ids, _ = make_learner()
-    server = Server(learner.model, IndexConfig(), refresh_batches=1000, refresh_s=1e9)
+    server = Server(learner.model, IndexConfig())
     assert server.version == 0 and server.n_items == 0
     assert server.index.current() == (None, 0)
     v1 = server.refresh()
@@ -112,7 +112,7 @@ def test_refresh_increments_version_and_keeps_old_snapshots_consistent():
 
 def test_concurrent_readers_never_see_a_mixed_version():
     learner, ids, _ = make_learner(n_items=40)
-    server = Server(learner.model, IndexConfig(), refresh_batches=1000, refresh_s=1e9)
+    server = Server(learner.model, IndexConfig())
     extra_ids, extra_vecs = catalog(30, seed=5)
     extra_ids = [f"x-{i}" for i in extra_ids]
     expected = {1: 40}
@@ -148,27 +148,6 @@ def test_concurrent_readers_never_see_a_mixed_version():
             t.join()
     assert errors == []
     assert server.version == 16 and len(set(seen_versions)) > 1
-
-
-def test_maybe_refresh_every_n_batches():
-    learner, _, _ = make_learner(n_items=20)
-    server = Server(learner.model, IndexConfig(), refresh_batches=3, refresh_s=1e9)
-    fired = [server.maybe_refresh() for _ in range(10)]
-    # the first call builds the missing index, then every 3rd batch
-    assert fired == [True, False, False, True, False, False, True, False, False, True]
-    assert server.version == 4
-    server.refresh()  # an explicit refresh restarts the count
-    assert [server.maybe_refresh() for _ in range(3)] == [False, False, True]
-
-
-def test_maybe_refresh_after_t_seconds():
-    learner, _, _ = make_learner(n_items=20)
-    server = Server(learner.model, IndexConfig(), refresh_batches=10_000, refresh_s=0.2)
-    assert server.maybe_refresh() is True  # no index yet
-    assert server.maybe_refresh() is False
-    time.sleep(0.25)
-    assert server.maybe_refresh() is True
-    assert server.version == 2
 
 
 # --------------------------------------------------------------------------- recommend
@@ -307,24 +286,6 @@ def test_refresh_with_empty_catalog():
     assert isinstance(idx, FaissIndex) and len(idx) == 0
     recs, _ = server.recommend([UserState()], np.zeros((1, 16), np.float32), k=3)
     assert recs == [[]]
-
-
-def test_hnsw_rebuilds_in_the_background_and_keeps_catalog_changes_made_meanwhile():
-    learner, ids, _ = make_learner(n_items=60)
-    server = Server(learner.model, IndexConfig(kind="hnsw"), refresh_batches=1, refresh_s=1e9)
-    assert server.maybe_refresh() is True and server.version == 1  # first build: synchronous
-    assert server.maybe_refresh() is False  # due again: a background build starts...
-    assert server._build is not None and server.version == 1  # ...the old index serves
-    learner.upsert_items(["during"], catalog(1, seed=5)[1])
-    server.add_items(["during"])
-    learner.delete_items([ids[0]])
-    server.remove_items([ids[0]])
-    server._build.result(timeout=60)
-    assert server.maybe_refresh() is True and server.version == 2
-    idx, _ = server.index.current()
-    key_of = server.model.catalog.key_of
-    assert key_of("during") in idx and key_of(ids[0]) not in idx
-    assert len(idx) == 60  # 60 - 1 deleted + 1 added
 
 
 # --------------------------------------------------------------------------- the seen rule
