@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from cachetools import LRUCache
 
 log = logging.getLogger("streamrec.encoder")
 
@@ -110,3 +111,39 @@ class TextEncoder:
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         pooled = torch.nn.functional.normalize(pooled, dim=-1)
         return pooled.float().cpu().numpy()
+
+
+class QueryVectors:
+    """Search texts -> vectors, the most recent `size` distinct texts kept (LRU): people
+    search the same few queries over and over, and a transformer pass costs ~2 ms a text
+    on a CPU core (the largest share of a batch's encode stage). `size` 0 keeps none.
+
+    >>> calls = []
+    >>> def encode(texts):
+    ...     calls.append(list(texts))
+    ...     return np.array([[float(len(t))] for t in texts], dtype=np.float32)
+    >>> queries = QueryVectors(encode, size=2)
+    >>> queries(["jazz", "red wine", "jazz"]).ravel().tolist()   # one call, one per text
+    [4.0, 8.0, 4.0]
+    >>> queries(["jazz", "dark"]).ravel().tolist(), calls[-1]     # "jazz" was kept
+    ([4.0, 4.0], ['dark'])
+    >>> queries.hits, queries.misses
+    (2, 3)
+    """
+
+    def __init__(self, encode: Callable[[Sequence[str]], np.ndarray], size: int):
+        self.encode = encode
+        self.cache: LRUCache[str, np.ndarray] | None = LRUCache(size) if size else None
+        self.hits = self.misses = 0
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        if self.cache is None or not texts:
+            self.misses += len(texts)
+            return self.encode(texts)
+        new = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        found = {t: v.copy() for t, v in zip(new, self.encode(new), strict=True)} if new else {}
+        out = np.stack([found[t] if t in found else self.cache[t] for t in texts])
+        self.cache.update(found)
+        self.misses += len(new)
+        self.hits += len(texts) - len(new)
+        return out

@@ -25,7 +25,7 @@ from streams import metrics as m
 from streams.batch import EventBatches, record_of, send_dead_letters
 from streams.clients import faust_credentials, wait_for_broker
 from streams.errors import UserError
-from streams.faust_internals import DurableTable, Worker, shorten_fetch_wait
+from streams.faust_internals import DurableTable, Worker, tune_stream_fetch
 from streams.local_store import discard_unreadable
 from streams.loop_stalls import watch_loop
 from streams.process import configure_process
@@ -53,7 +53,7 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
     s = settings
     app = faust.App(s.app_id, **faust_config(s))
     add_metrics(app)
-    shorten_fetch_wait(s.fetch_max_wait_ms)
+    tune_stream_fetch(s.fetch_max_wait_ms, s.fetch_min_bytes)
     group_lease.install()
 
     def topic(name: str) -> Any:

@@ -5,7 +5,8 @@ offsets. The steps, in order (`EventBatches.run`):
     process           decode, then serve every user of the batch (off the event loop)
     emit              recommendations and dead letters to the producer
     learn             the per-user step (off the event loop)
-    publish_examples  training examples, acknowledged before any state is written
+    send_examples     training examples, acknowledged (during learn) before any state is
+                      written
     write_state       one table write per user, plus each partition's progress
     deliver           everything produced is acknowledged by the broker
     commit            acknowledge what Faust skipped, commit past the batch
@@ -138,12 +139,15 @@ class EventBatches:
         return await self.runtime.process_events(records, self.load_state)
 
     async def handle(self, out: BatchOutput, records: list[RawRecord]) -> None:
-        """Emit, take the per-user step, publish the training examples, persist state and
-        the partitions' progress, deliver: one processed batch."""
+        """Emit, send the training examples, take the per-user step while the broker
+        acknowledges them, persist state and the partitions' progress, deliver: one processed
+        batch."""
         await self.emit(out)
+        examples = await self.send_examples(out)  # acknowledged while the step runs
         await self.runtime.learn(out)  # serve first, then learn: latency excludes the step
         with m.STAGE_SECONDS.labels(stage="state").time():
-            await self.publish_examples(out)
+            if examples:
+                await asyncio.gather(*examples)
             self.write_state(out, records)
         with m.STAGE_SECONDS.labels(stage="commit").time():  # durable before acked/committed
             await self.deliver()
@@ -162,18 +166,16 @@ class EventBatches:
                                     out.rejected)
         self.runtime.observe_emit(out)
 
-    async def publish_examples(self, out: BatchOutput) -> None:
-        """The batch's training examples, acknowledged before any state of the batch is
-        written: a state in the store (even on local disk only) implies its examples are
-        in Kafka, so a crash can repeat examples (the trainer skips them by source) but
-        never lose one. Each goes to its source event's partition number, so one source
-        partition's examples stay in offset order."""
+    async def send_examples(self, out: BatchOutput) -> list[asyncio.Future]:
+        """The batch's training examples, to the producer; `handle` awaits their
+        acknowledgement before any state of the batch is written: a state in the store (even
+        on local disk only) implies its examples are in Kafka, so a crash can repeat examples
+        (the trainer skips them by source) but never lose one. Each goes to its source
+        event's partition number, so one source partition's examples stay in offset order."""
         topic = self.s.topic(self.s.training_examples_topic)
-        futs = [await self.app.producer.send(topic, ex.user_id.encode(), ex.to_bytes(),
+        return [await self.app.producer.send(topic, ex.user_id.encode(), ex.to_bytes(),
                                              ex.partition, None, self.headers)
                 for ex in out.examples]
-        if futs:
-            await asyncio.gather(*futs)
 
     def write_state(self, out: BatchOutput, records: list[RawRecord]) -> None:
         """Each user's state incl. its applied offsets, one write per user (replayed users

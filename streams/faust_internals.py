@@ -2,12 +2,13 @@
 
 streamrec's guarantees rest on a few behaviours Faust does not offer publicly: writing a
 table from a batch, awaiting changelog writes, acknowledging records Faust never delivered,
-committing past them, a shorter broker fetch wait, a bounded stop, and knowing when group
-membership was last proved. Each lives here with the upstream code it depends on and the
-upstream change that would retire it; tests/test_faust_internals.py fails fast when one of
-those internals changes shape, and greps that no other module names them. The versions
-they were checked on are pinned in pyproject.toml (faust-streaming 0.15.3, aiokafka 0.14.0,
-mode-streaming 0.7.1): treat any upgrade as a change the fault tests must pass.
+committing past them, a shorter broker fetch wait and a fetch minimum, a bounded stop, and
+knowing when group membership was last proved. Each lives here with the upstream code it
+depends on and the upstream change that would retire it; tests/test_faust_internals.py fails
+fast when one of those internals changes shape, and greps that no other module names them.
+The versions they were checked on are pinned in pyproject.toml (faust-streaming 0.15.3,
+aiokafka 0.14.0, mode-streaming 0.7.1): treat any upgrade as a change the fault tests must
+pass.
 """
 
 from __future__ import annotations
@@ -118,15 +119,22 @@ async def commit_past(consumer: Any, offsets: dict[TP, int]) -> None:
         await consumer._commit_offsets(offsets)
 
 
-def shorten_fetch_wait(ms: int) -> None:
-    """Make the stream consumer's broker-side fetch wait `ms` instead of Faust's hard-coded
-    1,500 ms. aiokafka leaves a partition whose records are still buffered out of the next
+def tune_stream_fetch(max_wait_ms: int, min_bytes: int = 1) -> None:
+    """Give the stream consumer's broker fetches a wait of `max_wait_ms` instead of Faust's
+    hard-coded 1,500 ms, and a minimum of `min_bytes` (aiokafka's default 1).
+
+    The wait: aiokafka leaves a partition whose records are still buffered out of the next
     fetch request, and waits for the request in flight, which the broker holds up to this
     long when its other partitions have nothing new: records behind it waited up to 1.5 s
     (measured: 1.0-1.3 s gaps between batches with events waiting, p99 ~1.8 s at a quarter
-    of the maximum rate). Wraps `AIOKafkaConsumerThread._create_worker_consumer`
-    (faust/transport/drivers/aiokafka.py) and sets aiokafka's `_fetch_max_wait_ms`, read by
-    `AIOKafkaConsumer.start()`. Retired by: a Faust setting for fetch_max_wait_ms."""
+    of the maximum rate). The minimum: under a light load every fetch returned one or two
+    records as soon as they arrived, and the fetches and their dispatch held the GIL more
+    than the whole batch path did (README, Performance); with a minimum the broker gathers
+    records for up to `max_wait_ms`, so a light load arrives in fewer, fuller fetches and a
+    backlog is not slowed at all. Wraps `AIOKafkaConsumerThread._create_worker_consumer`
+    (faust/transport/drivers/aiokafka.py) and sets aiokafka's `_fetch_max_wait_ms` and
+    `_fetch_min_bytes`, read by `AIOKafkaConsumer.start()`. Retired by: Faust settings for
+    both."""
     from faust.transport.drivers import aiokafka as driver
 
     cls = driver.AIOKafkaConsumerThread
@@ -134,7 +142,8 @@ def shorten_fetch_wait(ms: int) -> None:
 
     def create(self: Any, transport: Any) -> Any:
         consumer = original(self, transport)
-        consumer._fetch_max_wait_ms = ms
+        consumer._fetch_max_wait_ms = max_wait_ms
+        consumer._fetch_min_bytes = min_bytes
         return consumer
 
     create.__wrapped__ = original  # type: ignore[attr-defined]

@@ -39,6 +39,9 @@ EVENT_TO_REC = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 RECOMMENDATIONS = Counter("streamrec_recommendations", "Recommendations emitted")
+QUERIES = Counter("streamrec_queries", "Search texts embedded for their events")
+QUERY_CACHE_HITS = Counter("streamrec_query_cache_hits", "Search texts whose vector the "
+                           "query cache held (`query_cache_size`): no encoder pass")
 LOOP_STALL = Histogram(
     "streamrec_event_loop_stall_seconds", "How late the event loop ran a timer due every "
     "20 ms (streams/loop_stalls.py): the time it was blocked, when nothing else could run "

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from models.config import EVENT_TYPE_IDS
-from models.encoder import TextEncoder
+from models.encoder import QueryVectors, TextEncoder
 from models.examples import TrainingExample
 from models.learner import Interaction, Pending, alphas, observe
 from models.personal import PersonalStep
@@ -77,6 +77,7 @@ class EventProcessor:
         self.server = server  # server.model: the snapshot of the shared model being served
         self.personal = personal
         self.encoder = encoder
+        self.queries = QueryVectors(encoder.encode, settings.query_cache_size)
         self.last_seen: dict[str, float] = {}  # user -> monotonic time (users_active gauge)
         self.admitted: set[str] = set()  # scenarios this worker let in beyond the snapshot's
         self._loss_ema: float | None = None
@@ -189,9 +190,12 @@ class EventProcessor:
         the DLQ (`processing_error`; their offsets count as handled), the rest is applied."""
         with m.STAGE_SECONDS.labels(stage="encode").time():
             texts = [d for d in todo if d[1].item_id is None and d[1].text]
+            hits = self.queries.hits
             ok, failed = isolate_failures(
-                lambda batch: list(self.encoder.encode([ev.text for _, ev in batch])), texts
+                lambda batch: list(self.queries([ev.text for _, ev in batch])), texts
             ) if texts else ([], [])
+            m.QUERY_CACHE_HITS.inc(self.queries.hits - hits)
+            m.QUERIES.inc(len(texts))
         vecs = {id(ev): vec for (_, ev), vec in ok}
         for (rec, ev), exc in failed:
             log.error("text encoder failed on %s:%s: %r", rec.partition, rec.offset, exc)

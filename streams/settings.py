@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     )
     encoder_device: str = Field("auto", description="`auto` (CUDA if present), `cpu`, `cuda`.")
     encoder_batch_size: int = Field(128, ge=1, description="Texts per encoder forward pass.")
+    query_cache_size: int = Field(
+        10_000, ge=0, description="Distinct search texts whose vectors a worker keeps (LRU, "
+        "~1.6 KB each): a repeated query costs no encoder pass. 0 keeps none.")
     compute_threads: int = Field(
         1,
         ge=1,
@@ -132,7 +135,15 @@ class Settings(BaseSettings):
         ge=1,
         description="How long the broker may hold a fetch of the events topic when some of "
         "its partitions have nothing new (Faust hard-codes 1,500 ms, which showed as 1-s "
-        "stalls: streams/faust_internals.py shorten_fetch_wait).",
+        "stalls: streams/faust_internals.py tune_stream_fetch).",
+    )
+    fetch_min_bytes: int = Field(
+        32_768,
+        ge=1,
+        description="Bytes the broker gathers (for up to `fetch_max_wait_ms`) before it "
+        "answers a fetch of the events topic: under a light load, fewer and fuller fetches "
+        "and batches for at most `fetch_max_wait_ms` more latency; a backlog fills it at "
+        "once (streams/faust_internals.py tune_stream_fetch).",
     )
     skipped_tail_check_s: float = Field(
         2.0,

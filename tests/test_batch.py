@@ -97,7 +97,7 @@ def test_emit_examples_and_deliver_land_in_kafka(kafka, tmp_path, encoder):
                               rejected=[(r1, InvalidRecord(Reason.INVALID_JSON, "not JSON"))],
                               pending=Pending(states={}, examples=ex))
             await b.emit(out)
-            await b.publish_examples(out)
+            await asyncio.gather(*await b.send_examples(out))
             await b.deliver()
         finally:
             await b.app.producer.stop()

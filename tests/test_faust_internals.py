@@ -21,7 +21,8 @@ from streams import faust_internals as fi
 ROOT = Path(__file__).resolve().parents[1]
 PRIVATE = ("_committed_offset", "_acked", "_acked_index", "_n_acked", "_should_commit",
            "_commit_offsets", "_current_event", "_create_worker_consumer",
-           "_fetch_max_wait_ms", "_send_req", "_on_sigterm", "_on_sigint", "send_changelog")
+           "_fetch_max_wait_ms", "_fetch_min_bytes", "_send_req", "_on_sigterm", "_on_sigint",
+           "send_changelog")
 
 
 def test_no_other_module_names_a_private_internal():
@@ -93,23 +94,25 @@ def test_table_send_changelog_has_the_shape_durable_table_wraps():
     assert fi.DurableTable.send_changelog is not faust.Table.send_changelog
 
 
-def test_the_fetch_wait_reaches_the_stream_consumer():
-    """Built as a worker builds it (without connecting): Faust hard-codes 1,500 ms."""
+def test_the_fetch_wait_and_minimum_reach_the_stream_consumer():
+    """Built as a worker builds it (without connecting): Faust hard-codes 1,500 ms and
+    leaves the minimum at aiokafka's 1 byte."""
     from aiokafka import AIOKafkaConsumer
 
-    assert "_fetch_max_wait_ms" in inspect.getsource(AIOKafkaConsumer.start)
-    fi.shorten_fetch_wait(50)
-    fi.shorten_fetch_wait(77)  # wraps Faust's original, not the previous wrapper
+    start = inspect.getsource(AIOKafkaConsumer.start)
+    assert "_fetch_max_wait_ms" in start and "_fetch_min_bytes" in start
+    fi.tune_stream_fetch(50, 10)
+    fi.tune_stream_fetch(77, 4096)  # wraps Faust's original, not the previous wrapper
 
-    async def build() -> int:
+    async def build() -> tuple[int, int]:
         app = faust.App("internals", broker="kafka://127.0.0.1:9")
         consumer = app.consumer._thread._create_worker_consumer(app.transport)
         try:
-            return consumer._fetch_max_wait_ms
+            return consumer._fetch_max_wait_ms, consumer._fetch_min_bytes
         finally:
             await consumer.stop()
 
-    assert asyncio.run(build()) == 77
+    assert asyncio.run(build()) == (77, 4096)
 
 
 def test_mode_worker_has_the_signal_handlers_worker_chains_to():

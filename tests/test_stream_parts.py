@@ -346,6 +346,45 @@ def test_processor_isolates_a_search_text_that_makes_the_encoder_fail(encoder, t
     assert all(len(upd.recommendations) == 1 for upd in out.users.values())
 
 
+class _CountingEncoder(_FragileEncoder):
+    """The real encoder, recording the texts of each call."""
+
+    def __init__(self, encoder):
+        super().__init__(encoder, poison="\0never")
+        self.calls: list[list[str]] = []
+
+    def encode(self, texts):
+        self.calls.append(list(texts))
+        return super().encode(texts)
+
+
+def test_a_repeated_search_text_is_encoded_once(encoder, tmp_path):
+    """The query cache: a text searched again (in the batch or a later one) costs no encoder
+    pass, and its event gets the vector the encoder gives that text."""
+    from models.user_state import UserState
+
+    counting = _CountingEncoder(encoder)
+    proc = _processor(encoder, tmp_path, counting)
+    texts = ["space movies", "comedy", "space movies"]
+
+    def batch(first_offset: int):
+        recs = [RawRecord(b"u1", orjson.dumps({
+            "user_id": "u1", "text": t, "ts": 1_700_000_000_000, "event_type": "search"}),
+            partition=0, offset=first_offset + k) for k, t in enumerate(texts)]
+        return proc.decode(recs)
+
+    state = UserState()
+    out = proc.process(*batch(0), {"u1": state})
+    assert counting.calls == [["space movies", "comedy"]]
+    out = proc.process(*batch(3), {"u1": out.users["u1"].state})
+    assert counting.calls == [["space movies", "comedy"]]
+    assert (proc.queries.hits, proc.queries.misses) == (4, 2)
+    st = out.users["u1"].state
+    assert st.n_events == 6
+    np.testing.assert_allclose(st.text_vector(-1), encoder.encode(["space movies"])[0],
+                               atol=1e-3)  # (kept as float16)
+
+
 @pytest.mark.kafka
 def test_catalog_backlog_counts_what_no_catalog_agent_has_committed(kafka, tmp_path):
     """Partitions without a commit read -1 from the broker: an empty catalog is 0 behind
