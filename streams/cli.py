@@ -8,6 +8,7 @@ tracebacks are for bugs (and for `--verbose`).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 
 from streams.errors import UserError, settings_problem
 from streams.logs import configure_logging
-from streams.settings import Settings
+from streams.settings import Settings, unknown_variables
 
 log = logging.getLogger("streamrec.cli")
 
@@ -35,6 +36,10 @@ class _Commands(click.Group):
     """Turns the errors a person can act on into one line and exit code 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        unknown = unknown_variables(os.environ)
+        if unknown:
+            raise Failure(f"not a setting: {', '.join(unknown)}. See `streamrec config` for "
+                          "the settings and docs/operations.md for their variables")
         try:
             return super().invoke(ctx)
         except ValidationError as exc:

@@ -6,6 +6,8 @@ Nested groups use `__`: `STREAMREC_LEARNER__LR=0.001`, `STREAMREC_INDEX__KIND=hn
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -260,3 +262,18 @@ class Settings(BaseSettings):
             opts.update(ssl_cafile=self.ssl_cafile, ssl_certfile=self.ssl_certfile,
                         ssl_keyfile=self.ssl_keyfile)
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items() if v is not None}
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """Each STREAMREC_* variable of `environ` that names no setting (a typo, or a setting
+    since removed), with the nearest real name: pydantic-settings ignores them, so a worker
+    would otherwise run on the default without a word."""
+    known = {f"STREAMREC_{name}".upper() for name in Settings.model_fields}
+    for name, model in (("learner", LearnerConfig), ("index", IndexConfig)):
+        known |= {f"STREAMREC_{name}__{sub}".upper() for sub in model.model_fields}
+    out = []
+    for var in sorted(environ):
+        if var.upper().startswith("STREAMREC_") and var.upper() not in known:
+            near = difflib.get_close_matches(var.upper(), known, n=1)
+            out.append(f"{var} (did you mean {near[0]}?)" if near else var)
+    return out

@@ -265,6 +265,21 @@ def test_a_missing_file_and_a_bad_setting_are_one_line(s, tmp_path):
                     "STREAMREC_BATCH_SIZE='many'", "integer")
 
 
+
+def test_a_variable_that_names_no_setting_is_refused():
+    """pydantic-settings ignores unknown STREAMREC_* variables: a typo, or a setting since
+    removed, would leave the worker on the default without a word."""
+    one_clear_error(cli("config", env={"STREAMREC_BATCH_SIZ": "100"}),
+                    "not a setting", "STREAMREC_BATCH_SIZ (did you mean STREAMREC_BATCH_SIZE?)")
+    one_clear_error(cli("config", env={"STREAMREC_LEARNER__LR_RULES": "fixed",
+                                       "STREAMREC_SERVING_CANDIDATES": "100"}),
+                    "STREAMREC_LEARNER__LR_RULES (did you mean STREAMREC_LEARNER__LR_RULE?)",
+                    "STREAMREC_SERVING_CANDIDATES")
+    proc = cli("config", env={"STREAMREC_LEARNER__LR_RULE": "fixed", "STREAMREC_TOP_K": "5"})
+    assert proc.returncode == 0, proc.stderr
+    assert orjson.loads(proc.stdout)["learner"]["lr_rule"] == "fixed"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_broker_command_prints_the_export_line_and_removes_its_temp_dir(tmp_path, sig):
