@@ -39,7 +39,7 @@ EVENT_TO_REC = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 RECOMMENDATIONS = Counter("streamrec_recommendations", "Recommendations emitted")
-QUERIES = Counter("streamrec_queries", "Search texts embedded for their events")
+QUERIES = Counter("streamrec_queries", "Search texts the worker needed a vector for")
 QUERY_CACHE_HITS = Counter("streamrec_query_cache_hits", "Search texts whose vector the "
                            "query cache held (`query_cache_size`): no encoder pass")
 LOOP_STALL = Histogram(

@@ -265,7 +265,6 @@ def test_a_missing_file_and_a_bad_setting_are_one_line(s, tmp_path):
                     "STREAMREC_BATCH_SIZE='many'", "integer")
 
 
-
 def test_a_variable_that_names_no_setting_is_refused():
     """pydantic-settings ignores unknown STREAMREC_* variables: a typo, or a setting since
     removed, would leave the worker on the default without a word."""

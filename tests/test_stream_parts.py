@@ -373,8 +373,7 @@ def test_a_repeated_search_text_is_encoded_once(encoder, tmp_path):
             partition=0, offset=first_offset + k) for k, t in enumerate(texts)]
         return proc.decode(recs)
 
-    state = UserState()
-    out = proc.process(*batch(0), {"u1": state})
+    out = proc.process(*batch(0), {"u1": UserState()})
     assert counting.calls == [["space movies", "comedy"]]
     out = proc.process(*batch(3), {"u1": out.users["u1"].state})
     assert counting.calls == [["space movies", "comedy"]]
