@@ -119,7 +119,7 @@ async def commit_past(consumer: Any, offsets: dict[TP, int]) -> None:
         await consumer._commit_offsets(offsets)
 
 
-def tune_stream_fetch(max_wait_ms: int, min_bytes: int = 1) -> None:
+def tune_stream_fetch(max_wait_ms: int, min_bytes: int) -> None:
     """Give the stream consumer's broker fetches a wait of `max_wait_ms` instead of Faust's
     hard-coded 1,500 ms, and a minimum of `min_bytes` (aiokafka's default 1).
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from index.faiss_index import IndexConfig
@@ -268,9 +268,11 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """Each STREAMREC_* variable of `environ` that names no setting (a typo, or a setting
     since removed), with the nearest real name: pydantic-settings ignores them, so a worker
     would otherwise run on the default without a word."""
-    known = {f"STREAMREC_{name}".upper() for name in Settings.model_fields}
-    for name, model in (("learner", LearnerConfig), ("index", IndexConfig)):
-        known |= {f"STREAMREC_{name}__{sub}".upper() for sub in model.model_fields}
+    known = set()
+    for name, field in Settings.model_fields.items():
+        known.add(f"STREAMREC_{name}".upper())
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            known |= {f"STREAMREC_{name}__{sub}".upper() for sub in field.annotation.model_fields}
     out = []
     for var in sorted(environ):
         if var.upper().startswith("STREAMREC_") and var.upper() not in known:
