@@ -20,11 +20,19 @@ from models.sequences import N_GAP_BUCKETS
 
 N_TYPES = 10  # 0 = padding, 1..8 = event types (models.config.EVENT_TYPE_IDS), 9 = query token
 QUERY_TYPE = 9
+#: Length of a new item's vector W·t for a unit text vector t. The untrained towers rank by
+#: text similarity (u is the pool of the history's item vectors) at logits that already
+#: separate, and the first Adam steps on the user tower's zero-initialised correction
+#: (≈ lr per weight per step, whatever the gradient) refine that ranking instead of
+#: swamping it. PyTorch's default init gave |W·t| ≈ 0.24, and the demo's first trained
+#: snapshot then recommended at chance (tests/test_learner.py checks the first steps).
+ITEM_NORM = 2.0
 
 
 class ItemTower(nn.Module):
     """v_i = E[i] + W·t_i (mode `both`; `id`: E[i] alone, `text`: W·t_i alone). Row 0 is
-    padding (its vector is always zero). Rows are grown by doubling.
+    padding (its vector is always zero). Rows are grown by doubling. W starts with
+    |W·t| ≈ ITEM_NORM for a unit t.
 
     >>> import torch
     >>> tower = ItemTower(capacity=4, text_dim=3, dim=2, mode="text")
@@ -43,6 +51,8 @@ class ItemTower(nn.Module):
         with torch.no_grad():
             self.E[0].zero_()
         self.proj = nn.Linear(text_dim, dim, bias=False)
+        bound = ITEM_NORM * (3 / dim) ** 0.5  # U(-b, b): E|W·t|² = dim·b²/3 for a unit t
+        nn.init.uniform_(self.proj.weight, -bound, bound)
         self.register_buffer("T", torch.zeros(capacity, text_dim))
 
     @property
