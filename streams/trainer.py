@@ -43,6 +43,7 @@ from streams import metrics as m
 from streams.catalog import collapse_item_vectors, upsert_args
 from streams.checkpoint import CheckpointStore, read_topic
 from streams.clients import aio_options, reached, wait_assignment, wait_for_broker
+from streams.logs import configure_logging
 from streams.process import configure_process
 from streams.replica import TopicReplica
 from streams.settings import Settings
@@ -362,7 +363,8 @@ def run_ranks(settings: Settings, ranks: int) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     ctx = mp.get_context("spawn")
-    others = [ctx.Process(target=run_trainer, args=(settings, r, ranks), daemon=True)
+    verbose = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+    others = [ctx.Process(target=_local_rank, args=(settings, r, ranks, verbose), daemon=True)
               for r in range(1, ranks)]
     for proc in others:
         proc.start()
@@ -371,6 +373,12 @@ def run_ranks(settings: Settings, ranks: int) -> None:
     finally:
         for proc in others:
             proc.join(timeout=settings.shutdown_timeout_s)
+
+
+def _local_rank(settings: Settings, rank: int, world: int, verbose: bool) -> None:
+    """A local rank ≥ 1: a spawned interpreter, so its logging is set up as the CLI's."""
+    configure_logging(verbose)
+    run_trainer(settings, rank, world)
 
 
 def run_trainer(settings: Settings, rank: int = 0, world: int = 1,
