@@ -265,9 +265,12 @@ def prequential(model: StreamModel, events: Sequence[Event], batch_size: int = 6
     """Test-then-train over `events` (already in time order). What a user may not be
     recommended comes from the serving rule (models/seen.py) on a UserState kept per user,
     the same state and rule the agent uses; `item_ids` names the catalog's items (default:
-    their indexes as strings). `item_scenarios[i]`: where item i may be shown (None: every
-    scenario); an event is ranked among the items its scenario allows. `by_day`: a batch is
-    one day (see `batches`) and its events are all scored against the state before it."""
+    the model's `item_ids` if it names them, as StreamrecModel does, else their indexes as
+    strings: a model's exclusions only match the protocol's under the same names).
+    `item_scenarios[i]`: where item i may be shown (None: every scenario); an event is
+    ranked among the items its scenario allows. `by_day`: a batch is one day (see
+    `batches`) and its events are all scored against the state before it."""
+    item_ids = item_ids if item_ids is not None else getattr(model, "item_ids", None)
     proto = _Protocol(list(item_ids) if item_ids is not None else None, exclude_seen,
                       history_len, Allowed(item_scenarios), by_day)
     catalog_keys: np.ndarray | None = None
