@@ -313,8 +313,6 @@ def test_pruning_bounds_the_counts_and_reaches_the_server_in_order():
     assert_counts_equal(server, t.model)
 
 
-@pytest.mark.kafka
-@pytest.mark.slow
 def _publish_catalog_and_examples(s, ids: list[str], exs: list) -> None:
     """Random item vectors for `ids` and the examples `exs`, each to its partition."""
     from models.encoder import encoder_dim
@@ -334,6 +332,8 @@ def _publish_catalog_and_examples(s, ids: list[str], exs: list) -> None:
     producer.close()
 
 
+@pytest.mark.kafka
+@pytest.mark.slow
 def test_two_trainer_ranks_as_processes_train_each_example_once_and_stop_together(
         kafka, tmp_path):
     """`streamrec trainer --ranks 2` on the real broker: the ranks share the partitions,
