@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from models.candidates import make_sources
 from models.config import LearnerConfig
@@ -87,11 +88,12 @@ class SharedModel:
     def upsert_items(self, item_ids: Sequence[str], text_vectors: np.ndarray,
                      scenarios: Sequence[Sequence[str] | None] | None = None) -> None:
         """Add or update items (their frozen text vectors, and where each may be shown:
-        None = everywhere); a re-added item keeps its E row."""
+        None = everywhere); a re-added item keeps its E row. Text vectors are stored at unit
+        length: the item tower's initial scale (ITEM_NORM) assumes it, whatever the encoder."""
         rows = self.add_rows(item_ids)
         if len(rows):
-            self.items.T[torch.as_tensor(rows, device=self.device)] = torch.as_tensor(
-                np.asarray(text_vectors, dtype=np.float32), device=self.device)
+            t = torch.as_tensor(np.asarray(text_vectors, dtype=np.float32), device=self.device)
+            self.items.T[torch.as_tensor(rows, device=self.device)] = F.normalize(t, dim=1)
             self.catalog.restrict(rows, scenarios or [None] * len(rows))
             self.catalog.set_live(rows, True)
 

@@ -75,9 +75,7 @@ def _cycle_learner(covisit: bool, **cfg: object
     ids = [f"i{k}" for k in range(n)]
     learner = OnlineLearner(LearnerConfig(dim=16, history_len=10, device="cpu", seed=0,
                                           covisit=covisit, **cfg), text_dim=8, capacity=64)
-    noise = rng.normal(size=(n, 8))  # unit vectors, as the text encoder's are
-    learner.upsert_items(ids, (noise / np.linalg.norm(noise, axis=1, keepdims=True)
-                               ).astype(np.float32))
+    learner.upsert_items(ids, rng.normal(size=(n, 8)).astype(np.float32))
     states = {f"u{k}": UserState() for k in range(8)}
     pos = {u: k * 5 for k, u in enumerate(states)}
     ts = 1_700_000_000_000
