@@ -38,18 +38,28 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import scipy.sparse as sp
 
-Event = tuple  # (user, item, ts_ms[, scenario name]); a triple is in scenario "default"
+Event = tuple  # (user, item index in catalog order, ts ms[, scenario name]; a triple: "default")
 
 
 @runtime_checkable
 class StreamModel(Protocol):
-    """What the prequential evaluator relies on."""
+    """What the prequential evaluator (evaluation/evaluate.py) relies on. A model may also
+    name its items in catalog order (`item_ids`, as the streamrec adapter does); exclusions
+    then match by those names."""
 
     name: str
 
     def step(self, batch: Sequence[Event], which: Sequence[int],
              excluded: Sequence[Any] | None = None, own_history: bool = True
-             ) -> np.ndarray: ...
+             ) -> np.ndarray:
+        """Scores (len(which), n_items) for the events `batch[j]`, j in `which`, each with
+        its user's history strictly before it and shared state from before the batch; then
+        learn the batch. `excluded[k]`: what event which[k] may not be recommended (a
+        serving path uses it to pick candidates; full-catalog scorers may ignore it).
+        A batch of one day (`prequential(by_day=True)`) is called with `own_history=False`:
+        then every event sees its user's history as of the batch's start, since the order
+        of a day's events is unknown."""
+        ...
 
 
 class _RecentDistinct:

@@ -37,11 +37,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 import xxhash
 
+from evaluation.baselines import Event, StreamModel
 from models.candidates import TowerCandidates, tower_of
 from models.config import LearnerConfig
 from models.examples import TrainingExample
@@ -53,7 +53,6 @@ from models.serving import rank_candidates
 from models.trainer import Trainer
 from models.user_state import UserState
 
-Event = tuple  # (user, item index in catalog order, ts ms[, scenario name]): see scenario_of
 DAY_MS = 86_400_000
 SMALL_SCENARIOS = 10  # the report's "small scenarios": this many, fewest evaluated events
 
@@ -61,21 +60,6 @@ SMALL_SCENARIOS = 10  # the report's "small scenarios": this many, fewest evalua
 def scenario_of(event: Event) -> str:
     """An event's scenario: its 4th field, "default" for a plain (user, item, ts) triple."""
     return event[3] if len(event) > 3 else "default"
-
-
-class StreamModel(Protocol):
-    name: str
-
-    def step(self, batch: Sequence[Event], which: Sequence[int],
-             excluded: Sequence[Exclusion] | None = None) -> np.ndarray:
-        """Scores (len(which), n_items) for the events `batch[j]`, j in `which`, each with
-        its user's history strictly before it and shared state from before the batch; then
-        learn the batch. `excluded[k]`: what event which[k] may not be recommended (a
-        serving path uses it to pick candidates; full-catalog scorers may ignore it).
-        A batch of one day (`prequential(by_day=True)`) is called with `own_history=False`:
-        then every event sees its user's history as of the batch's start, since the order
-        of a day's events is unknown."""
-        ...
 
 
 @dataclass
