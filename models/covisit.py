@@ -241,7 +241,8 @@ class CoVisitation:
 
 def _entries(M: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """M[rows[k], cols[k]] for each k. A sparse product's indices come out unsorted, and
-    scipy then scans a whole row per entry; sorted, it bisects (3x faster on ML-100K)."""
+    scipy then scans a whole row per entry; sorted, it bisects (on ML-100K the serving
+    path's pair features took 966 samples of a profile unsorted, 273 sorted)."""
     M.sort_indices()
     return np.asarray(M[rows, cols], np.float32).ravel()
 
