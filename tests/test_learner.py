@@ -42,9 +42,14 @@ def make_learner(capacity: int = 256, **kw) -> OnlineLearner:
     return OnlineLearner(LearnerConfig(**kw), text_dim=TEXT_DIM, capacity=capacity)
 
 
+def synthetic_world(n_items: int = 200, seed: int = 0):
+    """The catalog `synthetic_batches` draws from, for tests that score by topic."""
+    return make_world(n_items=n_items, n_topics=8, seed=seed)
+
+
 def synthetic_batches(n_batches: int, batch: int = 32, n_items: int = 200, seed: int = 0):
     """Batches of Interactions from evaluation.synthetic (no search / dislike events)."""
-    world = make_world(n_items=n_items, n_topics=8, seed=seed)
+    world = synthetic_world(n_items, seed)
     stream = SyntheticStream(world, n_users=30, seed=seed, noise=0.05, drift_prob=0.0,
                              search_prob=0.0, dislike_prob=0.0, step_ms=1000)
     ids = [it["item_id"] for it in world.items]
@@ -139,7 +144,7 @@ def test_the_first_training_steps_keep_more_like_this():
     at |W·t| ≈ 2 (models/two_tower.ITEM_NORM), so the first steps refine the pool instead.
     (With the old initialisation the trained towers fell up to 0.56 below the untrained.)"""
     ids, vecs, batches = synthetic_batches(8, batch=64)
-    world = make_world(n_items=200, n_topics=8, seed=0)  # synthetic_batches' world
+    world = synthetic_world()
     trained, untrained = make_learner(), make_learner()
     for learner in (trained, untrained):
         learner.upsert_items(ids, vecs)
