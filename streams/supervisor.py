@@ -94,18 +94,14 @@ class WorkerProcess:
         raises with the log tail."""
         if not snapshot:
             return self.wait_for("streamrec_index_version", 1, timeout=timeout)
-        deadline = time.monotonic() + timeout
         url = self.metrics_url.rsplit("/", 1)[0] + "/ready"
-        while time.monotonic() < deadline:
-            self._check_alive()
-            try:
-                with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - ours
-                    if resp.status == 200:
-                        return self.metrics()
-            except OSError:  # not up yet, or 503
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"{self.command} not ready after {timeout}s\n{self.log_tail()}")
+
+        def ready() -> bool:  # urlopen raises on a 503
+            with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - ours
+                return resp.status == 200
+
+        self.wait_until(ready, lambda: f"{self.command} not ready", timeout, every=0.5)
+        return self.metrics()
 
     def wait_for(self, name: str, at_least: float, timeout: float = 120.0, **labels: str
                  ) -> Samples:
@@ -117,22 +113,38 @@ class WorkerProcess:
         emitted, its state durable and its offset committed."""
         return self._wait(lambda v: v == 0, "== 0", timeout, "streamrec_batches_in_flight")
 
-    def _wait(self, ok: Callable[[float], bool], want: str, timeout: float, name: str,
-              **labels: str) -> Samples:
+    def wait_log(self, text: str, timeout: float = 120.0) -> None:
+        """Until the process's log holds `text`."""
+        self.wait_until(lambda: text in self.log_path.read_text(errors="replace"),
+                        lambda: f"no {text!r} in the log", timeout)
+
+    def wait_until(self, ok: Callable[[], bool], what: Callable[[], str], timeout: float,
+                   every: float = 0.25) -> None:
+        """Poll `ok` until it holds; raise at once if the process exits, and after
+        `timeout` with `what()` and the log tail. An OSError from `ok` (the page is not up
+        yet) counts as not yet."""
         deadline = time.monotonic() + timeout
-        value = None
         while time.monotonic() < deadline:
             self._check_alive()
             try:
-                samples = self.metrics()
-                value = total(samples, name, **labels)
-                if ok(value):
-                    return samples
+                if ok():
+                    return
             except OSError:
                 pass
-            time.sleep(0.25)
-        raise TimeoutError(f"{name}{labels} = {value}, not {want} after {timeout}s\n"
-                           f"{self.log_tail()}")
+            time.sleep(every)
+        raise TimeoutError(f"{what()} after {timeout}s\n{self.log_tail()}")
+
+    def _wait(self, ok: Callable[[float], bool], want: str, timeout: float, name: str,
+              **labels: str) -> Samples:
+        seen: dict = {"value": None}
+
+        def check() -> bool:
+            seen["samples"] = self.metrics()
+            seen["value"] = total(seen["samples"], name, **labels)
+            return ok(seen["value"])
+
+        self.wait_until(check, lambda: f"{name}{labels} = {seen['value']}, not {want}", timeout)
+        return seen["samples"]
 
     def _check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import time
 
 import numpy as np
 import pytest
@@ -359,15 +358,11 @@ def test_two_trainer_ranks_as_processes_train_each_example_once_and_stop_togethe
     first = TrainerProcess(s, tmp_path / "first.log", args=["--ranks", "2"]).start()
     try:
         first.wait_ready(timeout=180)
-        deadline = time.monotonic() + 180
-        while ranks_total(first, "streamrec_trainer_trained") < len(exs):
-            assert time.monotonic() < deadline, first.log_tail()
-            time.sleep(0.5)
+        first.wait_until(lambda: ranks_total(first, "streamrec_trainer_trained") >= len(exs),
+                         lambda: "the ranks did not train every example", 180)
         # a checkpoint after the last step (it may be saved before the count above is read):
         # at the stop nothing moved since, on either rank
-        while f"({len(exs)} examples trained" not in first.log_tail(200):
-            assert time.monotonic() < deadline, first.log_tail()
-            time.sleep(0.5)
+        first.wait_log(f"({len(exs)} examples trained", 180)
     finally:
         rc = first.stop(grace=60)
     log = first.log_tail(200)
