@@ -43,9 +43,8 @@ Event = tuple  # (user, item index in catalog order, ts ms[, scenario name]; a t
 
 @runtime_checkable
 class StreamModel(Protocol):
-    """What the prequential evaluator (evaluation/evaluate.py) relies on. A model may also
-    name its items in catalog order (`item_ids`, as the streamrec adapter does); exclusions
-    then match by those names."""
+    """What the prequential evaluator (evaluation/evaluate.py) relies on. A model that
+    names its items is a `NamedItems` too."""
 
     name: str
 
@@ -60,6 +59,14 @@ class StreamModel(Protocol):
         then every event sees its user's history as of the batch's start, since the order
         of a day's events is unknown."""
         ...
+
+
+@runtime_checkable
+class NamedItems(StreamModel, Protocol):
+    """A model that names its items in catalog order (the streamrec adapter): the
+    evaluator's exclusions then match the model's own by those names."""
+
+    item_ids: list[str]
 
 
 class _RecentDistinct:
@@ -648,6 +655,7 @@ __all__ = [
     "ItemKNN",
     "ItemKNNSeq",
     "MarkovBackoff",
+    "NamedItems",
     "Pop",
     "PopDecay",
     "SRDecay",

@@ -156,6 +156,13 @@ class Exclusion:
         pos = np.minimum(np.searchsorted(self._recent, keys), len(self._recent) - 1)
         return self._recent[pos] == keys
 
+    def exact_keys(self) -> np.ndarray | None:
+        """Every excluded key, sorted; None once the set is a Bloom filter (then only
+        `contains` can answer)."""
+        if self._seen is None:
+            return self._recent
+        return self._seen.keys if self._seen.exact else None
+
     def __len__(self) -> int:
         return len(self._seen) if self._seen is not None else len(self._recent)
 
