@@ -202,11 +202,13 @@ class Server:
 
     # ------------------------------------------------------------------ recommend
     def recommend(self, states: Sequence[UserState], user_vecs: np.ndarray, k: int,
-                  reason_window: int = 10, scenarios: Sequence[str] | None = None
+                  reason_window: int = 10, scenarios: Sequence[str] | None = None,
+                  hists: Sequence[History] | None = None
                   ) -> tuple[list[list[Scored]], int]:
         """Top-k items per user that `exclude_seen` allows (models/seen.py) and the query's
         scenario allows (`scenarios[p]` for user p), each with the recent item it is most
-        similar to.
+        similar to. `hists`: the states' history snapshots, if the caller already took them
+        for `user_vecs` (the ranker reads them too).
 
         Returns the lists and the index version they came from (one version per batch).
         """
@@ -219,7 +221,9 @@ class Server:
                                                 lambda name: self._target(idx, version, name))
             ranked = [(krow[m], srow[m]) for srow, krow, m in zip(scores, keys, ok, strict=True)]
         else:
-            ranked = self._rerank(idx, version, states, user_vecs, k, excluded, scenarios)
+            hists = hists if hists is not None else [self.model.history(st) for st in states]
+            ranked = self._rerank(idx, version, states, hists, user_vecs, k, excluded,
+                                  scenarios)
         reasons = self._reasons(idx, states, [keys for keys, _ in ranked], reason_window)
         ids_of = self.model.catalog.ids_of_keys
         out = [[Scored(i, s, r) for i, s, r in zip(ids_of(keys), scores.tolist(), why,
@@ -248,14 +252,14 @@ class Server:
         return sub, None
 
     def _rerank(self, idx: FaissIndex, version: int, states: Sequence[UserState],
-                user_vecs: np.ndarray, k: int, excluded: Sequence[Exclusion],
+                hists: Sequence[History], user_vecs: np.ndarray, k: int,
+                excluded: Sequence[Exclusion],
                 scenarios: Sequence[str] | None) -> list[tuple[np.ndarray, np.ndarray]]:
         """The candidate sources' items, ordered by the learned ranker. The index is asked
         for the `tower` source's count plus the exclusions, and the excluded ones are
         masked; without a `tower` source it is not searched."""
         tower_rows = self._tower_rows(idx, version, user_vecs, excluded, scenarios)
         catalog = self.model.catalog
-        hists = [self.model.history(st) for st in states]
         ranked = rank_candidates(self.model, hists, user_vecs, tower_rows, excluded,
                                  [st.residual for st in states], scenarios,
                                  lambda rows: self._index_vectors(idx, rows))
