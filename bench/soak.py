@@ -1,13 +1,18 @@
 """Soak benchmark: one worker on the embedded broker under a steady synthetic stream.
 
-    .venv/bin/python -m bench.soak [--minutes 10] [--rate 200] [--out bench/out]
+    .venv/bin/python -m bench.soak [--minutes 10] [--rate 200] [--no-trainer] [--out bench/out]
 
-Starts the embedded Apache Kafka broker and one worker process, loads a synthetic catalog,
-then replays a synthetic event stream (evaluation/synthetic.py, wall-clock timestamps) at a
-steady rate for --minutes. Every --sample-s seconds it records the worker's resident memory
-(VmRSS from /proc) and its counters. Prints the RSS after warm-up and at the end, and the
-least-squares slope of RSS over the post-warm-up samples (MB/hour): a leak shows as a slope
-that stays positive run after run. Writes soak.json and soak.png (RSS over time) to --out.
+Starts the embedded Apache Kafka broker, the trainer and one worker process, loads a
+synthetic catalog, then replays a synthetic event stream (evaluation/synthetic.py, wall-clock
+timestamps) at a steady rate for --minutes. The trainer runs throughout, as deployed, so the
+worker swaps in every snapshot it publishes, with its co-visitation counts: the paths a leak
+would most likely hide in. `--no-trainer` stops it after the first snapshot (the worker then
+serves that one alone, and its co-visitation counts stay as they were).
+
+Every --sample-s seconds it records the worker's resident memory (VmRSS from /proc) and its
+counters. Prints the RSS after warm-up and at the end, and the least-squares slope of RSS
+over the post-warm-up samples (MB/hour): a leak shows as a slope that stays positive run
+after run. Writes soak.json and soak.png (RSS over time) to --out.
 """
 
 from __future__ import annotations
@@ -27,14 +32,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from bench._common import first_snapshot, save_figure
+from bench._common import save_figure
 from evaluation.synthetic import SyntheticStream, make_world
 from streams.broker import EmbeddedKafka
 from streams.clients import kafka_producer
 from streams.demo import free_port
 from streams.publish import publish_items
 from streams.settings import Settings
-from streams.supervisor import Samples, WorkerProcess, total
+from streams.supervisor import Samples, TrainerProcess, WorkerProcess, total
 from streams.topics import ensure_topics
 
 
@@ -88,6 +93,8 @@ def _parse_args() -> argparse.Namespace:
                     help="samples before this are warm-up (capped at a quarter of the run)")
     ap.add_argument("--items", type=int, default=1000, help="catalog size")
     ap.add_argument("--users", type=int, default=2000, help="distinct users")
+    ap.add_argument("--trainer", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep the trainer running (the worker swaps snapshots)")
     ap.add_argument("--out", default="bench/out")
     return ap.parse_args()
 
@@ -104,9 +111,13 @@ def _soak(args: argparse.Namespace, out: Path, n_events: int, t_begin: float
         stream = SyntheticStream(world, n_users=args.users, seed=2)
         log_path = out / "soak-worker.log"
         log_path.unlink(missing_ok=True)
-        first_snapshot(s, out / "soak-trainer.log")
-        worker = WorkerProcess(s, log_path).start()
+        trainer = TrainerProcess(s, out / "soak-trainer.log").start()
+        worker = WorkerProcess(s, log_path)
         try:
+            trainer.wait_ready(timeout=600)  # a worker is ready once it serves a snapshot
+            if not args.trainer:
+                trainer.stop()
+            worker.start()
             publish_items(s, world.items, quiet=True)
             worker.wait_ready(timeout=300)
             worker.wait_for("streamrec_index_items", len(world.items), timeout=300)
@@ -126,6 +137,7 @@ def _soak(args: argparse.Namespace, out: Path, n_events: int, t_begin: float
             alive = worker.proc.poll() is None
         finally:
             worker.stop()
+            trainer.stop()
     return samples, drain_s, final, alive
 
 
@@ -171,6 +183,9 @@ def _document(args: argparse.Namespace, n_events: int, final: Samples, drain_s: 
         "rss_slope_mb_per_hour": round(r["slope"], 1),
         "rss_slope_second_half_mb_per_hour": round(r["late_slope"], 1),
         "rss_second_half_mb": [late[0][1], late[-1][1]] if late else None,
+        "trainer": args.trainer,
+        "model_version_start": samples[0]["model_version"] if samples else float("nan"),
+        "model_version_end": samples[-1]["model_version"] if samples else float("nan"),
         "covisit_mb_start": r["covis"][0],
         "covisit_mb_end": r["covis"][-1],
         "rss_net_of_covisit_slope_mb_per_hour": round(r["net_slope"], 1),
@@ -198,6 +213,8 @@ def _report(args: argparse.Namespace, doc: dict, r: dict, n_events: int, drain_s
               f"{late[0][1]:.1f} -> {late[-1][1]:.1f} MB, slope {r['late_slope']:+.1f} MB/hour")
     print(f"co-visitation counts: {covis[0]:.1f} MB after warm-up, {covis[-1]:.1f} MB at end; "
           f"RSS net of them: slope {r['net_slope']:+.1f} MB/hour")
+    print(f"snapshots served: versions {doc['model_version_start']:.0f} -> "
+          f"{doc['model_version_end']:.0f} (trainer running: {args.trainer})")
     print(f"wall time {doc['wall_s']:.0f}s; results in {out}/soak.json, {out}/soak.png")
 
 
@@ -234,6 +251,7 @@ def run_stream(s: Settings, worker: WorkerProcess, stream: SyntheticStream, n_ev
             "consumed": total(m, "streamrec_events_total"),
             "applied": total(m, "streamrec_events_total", outcome="applied"),
             "covisit_mb": round(total(m, "streamrec_covisit_bytes") / 2**20, 2),
+            "model_version": total(m, "streamrec_model_version"),
         })
 
     columns = (TextColumn("soak"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
