@@ -32,7 +32,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from bench._common import save_figure
+from bench._common import save_figure, start_worker
 from evaluation.synthetic import SyntheticStream, make_world
 from streams.broker import EmbeddedKafka
 from streams.clients import kafka_producer
@@ -119,8 +119,7 @@ def _soak(args: argparse.Namespace, out: Path, n_events: int, t_begin: float
                 trainer.stop()
             worker.start()
             publish_items(s, world.items, quiet=True)
-            worker.wait_ready(timeout=300)
-            worker.wait_for("streamrec_index_items", len(world.items), timeout=300)
+            start_worker(worker, len(world.items), timeout=300)
             pid = worker.proc.pid
             print(f"broker {kafka.bootstrap}, worker pid {pid} ready after "
                   f"{time.monotonic() - t_begin:.0f}s; streaming {n_events} events at "

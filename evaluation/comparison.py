@@ -75,6 +75,9 @@ def make_dataset(name: str, items: Sequence[dict], events: Sequence[dict],
 
     item_ids = [str(it["item_id"]) for it in items]
     index = {i: n for n, i in enumerate(item_ids)}
+    if len(index) != len(item_ids):
+        twice = next(i for n, i in enumerate(item_ids) if index[i] != n)
+        raise ValueError(f"{name}: the catalog lists item {twice!r} more than once")
     ordered = sorted(events, key=lambda e: e["ts"])  # sorted() is stable: ties keep file order
     evs = [(str(e["user_id"]), index[str(e["item_id"])], int(e["ts"]),
             str(e.get("scenario") or "default")) for e in ordered

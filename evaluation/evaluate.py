@@ -45,6 +45,7 @@ from evaluation.baselines import Event, NamedItems, StreamModel
 from models.candidates import TowerCandidates, tower_of
 from models.config import LearnerConfig
 from models.examples import TrainingExample
+from models.items import KeyIndex
 from models.learner import Interaction, OnlineLearner, Pending, observe, personal_step
 from models.model import SharedModel
 from models.seen import ExcludeSeen, Exclusion, exclusions, item_keys
@@ -258,7 +259,7 @@ def prequential(model: StreamModel, events: Sequence[Event], batch_size: int = 6
         item_ids = model.item_ids
     proto = _Protocol(list(item_ids) if item_ids is not None else None, exclude_seen,
                       history_len, Allowed(item_scenarios), by_day)
-    catalog: _CatalogKeys | None = None
+    catalog: KeyIndex | None = None
     ranks, positions, scens, scored = [], [], [], []
     kw = {"own_history": False} if by_day else {}
     start = time.perf_counter()
@@ -267,9 +268,9 @@ def prequential(model: StreamModel, events: Sequence[Event], batch_size: int = 6
         which, excl = proto.select(batch)
         scores = model.step(batch, which, excl, **kw)
         if catalog is None and len(scores):
-            catalog = _CatalogKeys(item_keys([proto.item_id(i) for i in range(scores.shape[1])]))
+            catalog = KeyIndex(item_keys([proto.item_id(i) for i in range(scores.shape[1])]))
         for row, j, ex in zip(scores, which, excl, strict=True):
-            drop = catalog.dropped(ex)
+            drop = ex.mask(catalog)
             mask = proto.allowed(scenario_of(batch[j]))
             rank, n = ranked(row, batch[j][1], drop if mask is None else drop | ~mask)
             ranks.append(rank)
@@ -280,30 +281,6 @@ def prequential(model: StreamModel, events: Sequence[Event], batch_size: int = 6
             on_batch(len(batch))
     return _result(model.name, batch_size, ranks, positions, scens, scored, len(events),
                    time.perf_counter() - start)
-
-
-class _CatalogKeys:
-    """The catalog's item keys, sorted once, so that an exclusion held exactly (up to
-    models.seen.EXACT_MAX keys) is mapped to catalog columns instead of testing every
-    catalog key against it: per event O(seen · log catalog), not O(catalog · log seen)."""
-
-    def __init__(self, keys: np.ndarray) -> None:
-        self.keys = keys
-        self.order = np.argsort(keys, kind="stable")
-        self.sorted = keys[self.order]
-        self.unique = len(keys) < 2 or bool(np.all(self.sorted[1:] != self.sorted[:-1]))
-
-    def dropped(self, ex: Exclusion) -> np.ndarray:
-        """Which catalog columns `ex` excludes: the same mask as `ex.contains(self.keys)`."""
-        keys = ex.exact_keys()
-        if keys is None or not self.unique or not len(self.keys):
-            return ex.contains(self.keys)
-        pos = np.searchsorted(self.sorted, keys)
-        inside = pos < len(self.sorted)
-        pos = pos[inside]
-        mask = np.zeros(len(self.keys), bool)
-        mask[self.order[pos[self.sorted[pos] == keys[inside]]]] = True
-        return mask
 
 
 def _result(name: str, batch_size: int, ranks: list[int], positions: list[int],

@@ -36,6 +36,36 @@ import numpy as np
 from index.ids import ID_MASK, IdCollisionError, item_hash
 
 
+class KeyIndex:
+    """Distinct keys sorted once, so that looking up n keys among N costs O(n log N),
+    vectorised: the catalog's key -> row map, and the evaluator's key -> column map.
+
+    >>> ix = KeyIndex(np.array([30, 10, 20]))
+    >>> ix.positions(np.array([20, 5, 30])).tolist()
+    [2, -1, 0]
+    """
+
+    __slots__ = ("keys", "_order", "_sorted")
+
+    def __init__(self, keys: np.ndarray) -> None:
+        self.keys = np.asarray(keys, dtype=np.int64)
+        self._order = np.argsort(self.keys, kind="stable")
+        self._sorted = self.keys[self._order]
+        if np.any(self._sorted[1:] == self._sorted[:-1]):
+            raise ValueError("KeyIndex keys must be distinct")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def positions(self, keys: np.ndarray) -> np.ndarray:
+        """Where each of `keys` is in `self.keys`; -1 where it is not."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if not len(self._sorted):
+            return np.full(keys.shape, -1, np.int64)
+        pos = np.minimum(np.searchsorted(self._sorted, keys), len(self._sorted) - 1)
+        return np.where(self._sorted[pos] == keys, self._order[pos], -1)
+
+
 class ItemRows:
     def __init__(self, capacity: int = 1024, hash_fn: Callable[[str], int] = item_hash):
         self.ids: list[str] = [""]  # row -> item id; row 0 is padding
@@ -44,7 +74,7 @@ class ItemRows:
         self.live = np.zeros(capacity, dtype=bool)
         self._hash = hash_fn  # injectable so a test can force a collision
         self._row_of_key: dict[int, int] = {}
-        self._by_key: tuple[np.ndarray, np.ndarray] | None = None  # (sorted keys, rows)
+        self._by_key: KeyIndex | None = None  # of rows 1.. (rows_of_keys)
         self._lock = threading.Lock()  # a server's snapshot thread adds rows too
         self.scenarios: dict[int, frozenset[str]] = {}  # row -> where it may be shown
         self._allowed: dict[str, np.ndarray] = {}  # scenario -> row mask (cache)
@@ -109,17 +139,10 @@ class ItemRows:
         if by_key is None:
             with self._lock:  # (an add meanwhile must not be lost from the view)
                 if self._by_key is None:
-                    rows = np.fromiter(self._row_of_key.values(), np.int64,
-                                       len(self._row_of_key))
-                    order = np.argsort(self.keys[rows])
-                    self._by_key = (self.keys[rows[order]], rows[order])
+                    self._by_key = KeyIndex(self.keys[1:len(self.ids)])
                 by_key = self._by_key
-        sorted_keys, rows = by_key
-        keys = np.asarray(keys, dtype=np.int64)
-        if not len(sorted_keys):
-            return np.full(keys.shape, -1, np.int64)
-        pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
-        return np.where(sorted_keys[pos] == keys, rows[pos], -1)
+        pos = by_key.positions(keys)
+        return np.where(pos >= 0, pos + 1, -1)
 
     def ids_of_keys(self, keys: np.ndarray | Sequence[int]) -> list[str | None]:
         """Item ids of keys; None for FAISS's padding and unknown keys."""

@@ -33,6 +33,7 @@ import numpy as np
 from index.ids import item_hash
 
 if TYPE_CHECKING:
+    from models.items import KeyIndex
     from models.user_state import UserState
 
 ExcludeSeen = Literal["all", "recent", "none"]
@@ -156,12 +157,17 @@ class Exclusion:
         pos = np.minimum(np.searchsorted(self._recent, keys), len(self._recent) - 1)
         return self._recent[pos] == keys
 
-    def exact_keys(self) -> np.ndarray | None:
-        """Every excluded key, sorted; None once the set is a Bloom filter (then only
-        `contains` can answer)."""
-        if self._seen is None:
-            return self._recent
-        return self._seen.keys if self._seen.exact else None
+    def mask(self, catalog: KeyIndex) -> np.ndarray:
+        """`contains(catalog.keys)`, cheaper while the set is exact: its keys are looked up
+        in the catalog, O(excluded · log catalog), instead of every catalog key in the set,
+        O(catalog · log excluded); a Bloom filter can only answer `contains`."""
+        if self._seen is not None and not self._seen.exact:
+            return self.contains(catalog.keys)
+        keys = self._recent if self._seen is None else self._seen.keys
+        out = np.zeros(len(catalog), bool)
+        pos = catalog.positions(keys)
+        out[pos[pos >= 0]] = True
+        return out
 
     def __len__(self) -> int:
         return len(self._seen) if self._seen is not None else len(self._recent)

@@ -201,27 +201,26 @@ class Server:
         return 0 if idx is None else len(idx)
 
     # ------------------------------------------------------------------ recommend
-    def recommend(self, states: Sequence[UserState], user_vecs: np.ndarray, k: int,
-                  reason_window: int = 10, scenarios: Sequence[str] | None = None,
-                  hists: Sequence[History] | None = None
-                  ) -> tuple[list[list[Scored]], int]:
+    def recommend(self, states: Sequence[UserState], k: int, reason_window: int = 10,
+                  scenarios: Sequence[str] | None = None) -> tuple[list[list[Scored]], int]:
         """Top-k items per user that `exclude_seen` allows (models/seen.py) and the query's
         scenario allows (`scenarios[p]` for user p), each with the recent item it is most
-        similar to. `hists`: the states' history snapshots, if the caller already took them
-        for `user_vecs` (the ranker reads them too).
+        similar to. The users' histories are read once, for their vectors and the ranker.
 
         Returns the lists and the index version they came from (one version per batch).
         """
         idx, version = self.index.current()
         if idx is None or len(states) == 0:
             return [[] for _ in states], version
+        model = self.model
+        hists = [model.history(st) for st in states]
+        user_vecs = model.history_vectors(hists, [st.residual for st in states], scenarios)
         excluded = [exclusions(st, self.exclude_seen) for st in states]
-        if self.model.head is None:  # two-tower alone: the index's ranking is final
+        if model.head is None:  # two-tower alone: the index's ranking is final
             scores, keys, ok = search_scenarios(idx, user_vecs, excluded, k, scenarios,
                                                 lambda name: self._target(idx, version, name))
             ranked = [(krow[m], srow[m]) for srow, krow, m in zip(scores, keys, ok, strict=True)]
         else:
-            hists = hists if hists is not None else [self.model.history(st) for st in states]
             ranked = self._rerank(idx, version, states, hists, user_vecs, k, excluded,
                                   scenarios)
         reasons = self._reasons(idx, states, [keys for keys, _ in ranked], reason_window)

@@ -258,10 +258,8 @@ class EventProcessor:
             model = self.server.model
             queries = self._queries(todo, inters, out)
             states, scenarios = [st for st, _ in queries.values()], [s for _, s in queries]
-            hists = [model.history(st) for st in states]  # once: the ranker reads them too
-            vecs = model.history_vectors(hists, [st.residual for st in states], scenarios)
-            lists, version = self.server.recommend(states, vecs, self.s.top_k,
-                                                   self.s.reason_window, scenarios, hists)
+            lists, version = self.server.recommend(states, self.s.top_k,
+                                                   self.s.reason_window, scenarios)
             now_ms = int(time.time() * 1000)
             info = ModelInfo(encoder=self.encoder.name, index_version=version,
                              model_version=model.version)

@@ -41,8 +41,7 @@ def _served(learner, ids, states, sources: tuple[str, ...]) -> dict[str, set[str
     server.add_items(ids)
     server.refresh()
     users = list(states.values())
-    U = model.user_vectors(users)
-    recs, _ = server.recommend(users, U, k=10)
+    recs, _ = server.recommend(users, k=10)
     return {u: {r.item_id for r in rec} for u, rec in zip(states, recs, strict=True)}
 
 

@@ -384,3 +384,5 @@ def test_jsonl_loaders_keep_scenarios(tmp_path: Path) -> None:
     assert data.events == [("u", 0, 1, "books"), ("u", 1, 2, "default")]
     assert data.item_scenarios == [["books"], None]
     assert data.text_vectors.shape == (2, 2) and data.text_vectors[0, 0] == len("A")
+    with pytest.raises(ValueError, match="item 'a' more than once"):
+        make_dataset("t", [*items, {"item_id": "a"}], events, lambda texts: [[1.0]] * len(texts))

@@ -7,21 +7,16 @@ import math
 import numpy as np
 import orjson
 import pytest
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
 
 from evaluation import comparison as cmp
 from evaluation.baselines import ItemKNNSeq
 from evaluation.evaluate import (
     StreamrecModel,
-    _CatalogKeys,
     metrics_of,
     prequential,
     rank_of,
 )
 from models.config import LearnerConfig
-from models.seen import exclusions, item_keys
-from models.user_state import UserState
 
 
 class FixedScores:
@@ -165,16 +160,3 @@ def test_candidate_recall_counts_targets_the_serving_path_retrieved():
     assert (full.ranks < full.scored).all() and full.scored.max() > 5
 
 
-@settings(max_examples=40, deadline=None)
-@example(list(range(1100)), "all")  # past EXACT_MAX: a Bloom filter
-@given(st.lists(st.integers(0, 3000), max_size=1500), st.sampled_from(["all", "recent", "none"]))
-def test_catalog_keys_drop_exactly_what_the_exclusion_contains(seen, mode):
-    """The evaluator maps an exact exclusion to catalog columns instead of testing every
-    catalog key: the same mask, for exact sets, rings, nothing, and Bloom filters (over
-    EXACT_MAX distinct items, where it falls back to `contains`)."""
-    state = UserState()
-    for k in seen:
-        state.append(f"i{k}", 1, 0, None, 50)
-    catalog = item_keys([f"i{k}" for k in range(0, 2500, 3)])  # some seen items are not in it
-    ex = exclusions(state, mode)
-    assert np.array_equal(_CatalogKeys(catalog).dropped(ex), ex.contains(catalog))

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from index import faiss_index as fi
 from index.faiss_index import FaissIndex, IndexConfig, VersionedIndex
 from index.ids import IdCollisionError, item_hash
-from models.items import ItemRows
+from models.items import ItemRows, KeyIndex
 
 DIM = 32
 N_ITEMS = 3000
@@ -92,6 +92,13 @@ def test_item_rows_map_ids_keys_and_rows_both_ways() -> None:
     rows.add([f"x{k}" for k in range(100)])  # grown: the key view follows
     assert rows.ids_of_keys(rows.keys[[102, 1]]) == ["x99", "item-42"]
     assert rows.rows_of_keys(rows.keys[[102]]).tolist() == [102]
+
+
+def test_a_key_index_refuses_repeated_keys() -> None:
+    """A repeated key has no one position: refused, not answered with one of them."""
+    with pytest.raises(ValueError, match="distinct"):
+        KeyIndex(np.array([5, 9, 5]))
+    assert KeyIndex(np.zeros(0, np.int64)).positions(np.array([1])).tolist() == [-1]
 
 
 def test_item_rows_refuse_colliding_keys_and_change_nothing() -> None:

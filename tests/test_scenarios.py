@@ -189,25 +189,23 @@ def test_recommendations_stay_inside_the_scenario(kind, sub_max):
     st = UserState()
     for k, item in enumerate(ids[:20:2] + ids[20:30:2]):  # history in both scenarios
         st.append(item, 1, T0 + k, None, 50)
-    model = learner.model
     for scenario in ("a", "b"):
-        vecs = model.user_vectors([st], [scenario])
-        (recs,), _ = server.recommend([st], vecs, 10, scenarios=[scenario])
+        (recs,), _ = server.recommend([st], 10, scenarios=[scenario])
         got = {r.item_id for r in recs}
         assert len(got) == 10 and got <= allowed_ids(ids, scenario), (scenario, got)
     assert len(server._subs) == (2 if sub_max else 0)
-    (recs,), _ = server.recommend([st], model.user_vectors([st]), 40)
+    (recs,), _ = server.recommend([st], 40)
     assert {r.item_id for r in recs} & set(ids[:20]) and {r.item_id for r in recs} & set(
         ids[20:30])  # without a scenario filter both blocks are reachable
 
 
 def test_a_sub_index_follows_the_catalog():
     learner, ids, server = restricted_learner("hnsw", 100, candidates=40)
-    model, st = learner.model, UserState()
+    st = UserState()
     st.append(ids[25], 1, T0, None, 50)
 
     def recommended(scenario: str) -> set[str]:
-        (recs,), _ = server.recommend([st], model.user_vectors([st], [scenario]), 30,
+        (recs,), _ = server.recommend([st], 30,
                                       scenarios=[scenario])
         return {r.item_id for r in recs}
 

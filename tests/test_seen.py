@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import orjson
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from models.items import KeyIndex
 from models.seen import EXACT_MAX, Exclusion, SeenItems, exclusions, item_keys
 from models.user_state import UserState
 
@@ -64,3 +65,18 @@ def test_a_version_1_user_state_loads_with_its_history_as_seen():
     st_ = UserState.from_bytes(v1)
     assert st_.seen.contains(item_keys(["a", "b", "c"])).tolist() == [True, True, False]
     assert orjson.loads(st_.to_bytes())["v"] == 2
+
+
+@settings(max_examples=40, deadline=None)
+@example(list(range(1100)), "all")  # past EXACT_MAX: a Bloom filter
+@given(st.lists(st.integers(0, 3000), max_size=1500), st.sampled_from(["all", "recent", "none"]))
+def test_exclusion_mask_is_exactly_what_it_contains(seen, mode):
+    """`mask` looks an exact exclusion up in the catalog instead of the catalog in it: the
+    same answer as `contains`, for exact sets, rings, nothing, and Bloom filters (over
+    EXACT_MAX distinct items, where it falls back to `contains`)."""
+    state = UserState()
+    for k in seen:
+        state.append(f"i{k}", 1, 0, None, 50)
+    catalog = item_keys([f"i{k}" for k in range(0, 2500, 3)])  # some seen items are not in it
+    ex = exclusions(state, mode)
+    assert np.array_equal(ex.mask(KeyIndex(catalog)), ex.contains(catalog))

@@ -105,8 +105,7 @@ def test_refresh_increments_version_and_keeps_old_snapshots_consistent():
     np.testing.assert_allclose(new_idx.vectors(keys), new_vecs, rtol=1e-6, atol=1e-6)
     assert server.model.catalog.key_of("brand-new") in new_idx and len(new_idx) == len(ids) + 1
     assert server.refresh() == 3
-    u = learner.model.user_vectors(list(states.values()))
-    recs, version = server.recommend(list(states.values()), u, k=5)
+    recs, version = server.recommend(list(states.values()), k=5)
     assert version == 3 and all(len(r) == 5 for r in recs)
 
 
@@ -158,7 +157,7 @@ def test_recommend_excludes_seen_and_returns_exact_top_k(trained):
     sts = list(states.values())
     u = learner.model.user_vectors(sts)
     k = 10
-    recs, version = server.recommend(sts, u, k=k)
+    recs, version = server.recommend(sts, k=k)
     assert version == server.version
     names, V = learner.model.item_vectors()
     for st, uu, rec in zip(sts, u, recs, strict=True):
@@ -180,9 +179,8 @@ def test_recommend_excludes_seen_and_returns_exact_top_k(trained):
 def test_reason_is_the_most_similar_recent_item(trained):
     learner, _, states, server = trained
     sts = list(states.values())
-    u = learner.model.user_vectors(sts)
     window = 5
-    recs, _ = server.recommend(sts, u, k=8, reason_window=window)
+    recs, _ = server.recommend(sts, k=8, reason_window=window)
     names, V = learner.model.item_vectors()
     vec = dict(zip(names, _unit(V), strict=True))
     for st, rec in zip(sts, recs, strict=True):
@@ -201,7 +199,7 @@ def test_reason_skips_removed_items_and_none_without_history(own_trained):
         st.append(i, 1, T0 + k, None, 12)
     server.remove_items([ids[3]])  # the newest history item left the index
     sts = [st, UserState()]
-    recs, _ = server.recommend(sts, learner.model.user_vectors(sts), k=5)
+    recs, _ = server.recommend(sts, k=5)
     assert len(recs[0]) == 5
     assert all(r.reason_item_id in ids[:3] for r in recs[0])
     assert len(recs[1]) == 5 and all(r.reason_item_id is None for r in recs[1])
@@ -213,12 +211,12 @@ def test_recommend_returns_fewer_when_catalog_is_short():
     evs = [Interaction("u", ids[k], "view", T0 + 1000 * k) for k in range(10)]
     learner.learn_batch(evs, states)
     server = Server(learner.model, IndexConfig())
-    empty, v0 = server.recommend([states["u"]], learner.model.user_vectors([states["u"]]), k=10)
+    empty, v0 = server.recommend([states["u"]], k=10)
     assert empty == [[]] and v0 == 0  # no index yet
     server.refresh()
-    recs, _ = server.recommend([states["u"]], learner.model.user_vectors([states["u"]]), k=10)
+    recs, _ = server.recommend([states["u"]], k=10)
     assert sorted(r.item_id for r in recs[0]) == sorted(ids[10:])
-    assert server.recommend([], np.zeros((0, 16), np.float32), k=3) == ([], 1)
+    assert server.recommend([], k=3) == ([], 1)
 
 
 # --------------------------------------------------------------------------- catalog changes
@@ -240,7 +238,7 @@ def test_add_items_is_searchable_before_the_next_refresh(own_trained):
     np.testing.assert_allclose(idx.vectors([key])[0],
                                learner.model.item_vectors(np.array([learner.model.catalog.rows["new-item"]]))[1][0],
                                atol=1e-6)
-    recs, version = server.recommend([st], u, k=5)
+    recs, version = server.recommend([st], k=5)
     assert version == 1
     assert recs[0][0].item_id == "new-item"
 
@@ -258,14 +256,13 @@ def test_add_items_before_first_refresh_is_picked_up_by_it():
 def test_remove_items_disappears_immediately(own_trained):
     learner, ids, states, server = own_trained
     sts = list(states.values())
-    u = learner.model.user_vectors(sts)
-    recs, _ = server.recommend(sts, u, k=5)
+    recs, _ = server.recommend(sts, k=5)
     gone, also = recs[0][0].item_id, recs[0][1].item_id
     n0 = server.n_items
     server.remove_items([gone, "never-known", also])
     assert server.version == 1 and server.n_items == n0 - 2
     assert server.model.catalog.key_of(gone) not in server.index.current()[0]
-    recs2, _ = server.recommend(sts, u, k=5)
+    recs2, _ = server.recommend(sts, k=5)
     for rec in recs2:
         assert not {gone, also} & {r.item_id for r in rec}
         assert len(rec) == 5
@@ -273,7 +270,7 @@ def test_remove_items_disappears_immediately(own_trained):
     # the learner forgets it too, so the next refresh keeps it out
     learner.delete_items([gone])
     assert server.refresh() == 2
-    recs3, _ = server.recommend(sts, u, k=5)
+    recs3, _ = server.recommend(sts, k=5)
     assert all(gone not in {r.item_id for r in rec} for rec in recs3)
 
 
@@ -284,7 +281,7 @@ def test_refresh_with_empty_catalog():
     assert server.refresh() == 1
     idx, _ = server.index.current()
     assert isinstance(idx, FaissIndex) and len(idx) == 0
-    recs, _ = server.recommend([UserState()], np.zeros((1, 16), np.float32), k=3)
+    recs, _ = server.recommend([UserState()], k=3)
     assert recs == [[]]
 
 
@@ -324,7 +321,7 @@ def test_serving_and_the_evaluator_exclude_the_same_items(mode):
     server = Server(learner.model, IndexConfig(), exclude_seen=mode)
     server.refresh()
     sts = [states[u] for u in users]
-    recs, _ = server.recommend(sts, learner.model.user_vectors(sts), k=len(ids))
+    recs, _ = server.recommend(sts, k=len(ids))
     served = {u: {r.item_id for r in rec} for u, rec in zip(users, recs, strict=True)}
 
     touched = {u: {i for v, i, _ in stream if v == u} for u in users}
