@@ -51,7 +51,9 @@ def _runs(data: cmp.Dataset, streams: dict[str, drift.Marked], rules: list[str],
     progress bar each; `done(results so far)` after each, so a cut-short run leaves its
     figures."""
     import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+
+    from evaluation.progress import Progress
 
     torch.set_num_threads(1)  # one core: the machine is shared
     results = {}

@@ -31,10 +31,11 @@ import numpy as np
 import orjson
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bench._common import save_figure
+from evaluation.progress import Progress
 from evaluation.synthetic import make_world
 from models.encoder import TextEncoder, item_text
 

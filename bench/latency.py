@@ -46,7 +46,6 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
 )
@@ -66,6 +65,7 @@ from bench._common import (
     take_sample,
     worker_env,
 )
+from evaluation.progress import Progress
 from evaluation.synthetic import make_world
 from streams.clients import kafka_consumer, kafka_producer
 from streams.demo import free_port

@@ -36,7 +36,7 @@ import numpy as np
 import orjson
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bench._common import (
@@ -48,6 +48,7 @@ from bench._common import (
     save_figure,
     worker_env,
 )
+from evaluation.progress import Progress
 from evaluation.synthetic import SyntheticWorld, make_world
 from models.config import EVENT_TYPE_IDS, LearnerConfig
 from models.lr_rules import RuleRecord

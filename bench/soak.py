@@ -26,13 +26,13 @@ from pathlib import Path
 import orjson
 from rich.progress import (
     BarColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 
 from bench._common import save_figure, start_worker
+from evaluation.progress import Progress
 from evaluation.synthetic import SyntheticStream, make_world
 from streams.broker import EmbeddedKafka
 from streams.clients import kafka_producer

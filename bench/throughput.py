@@ -51,7 +51,6 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
 )
@@ -73,6 +72,7 @@ from bench._common import (
     worker_env,
 )
 from bench.profile import Profiler, py_spy, top_frames
+from evaluation.progress import Progress
 from evaluation.synthetic import SyntheticWorld, make_world
 from streams.clients import aio_options, faust_credentials
 from streams.demo import free_port

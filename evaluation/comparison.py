@@ -178,7 +178,9 @@ def run_comparison(data: Dataset, names: Sequence[str], batch_size: int = 64,
 
 def progress_bars(futures: dict, queue: Any, total: int) -> None:
     """One rich bar per model, advanced by (name, events) messages on `queue`."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+
+    from evaluation.progress import Progress
 
     cols = (TextColumn("{task.description:<22}"), BarColumn(),
             TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn())

@@ -16,9 +16,10 @@ from typing import Any
 
 import orjson
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from evaluation.datasets import SourceLine, source_lines
+from evaluation.progress import Progress
 from streams.clients import kafka_producer
 from streams.schemas import InvalidRecord, Reason, parse_event, parse_item
 from streams.settings import Settings

@@ -160,3 +160,25 @@ def test_candidate_recall_counts_targets_the_serving_path_retrieved():
     assert (full.ranks < full.scored).all() and full.scored.max() > 5
 
 
+
+
+def test_progress_off_a_terminal_prints_while_it_runs():
+    """rich prints nothing off a terminal until the bar stops; ours logs each task meanwhile
+    (and leaves a terminal to rich's own redraw)."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from evaluation.progress import Progress
+
+    out = io.StringIO()
+    with Progress(console=Console(file=out, width=80), every=0.05) as bar:
+        task = bar.add_task("replay", total=10)
+        bar.advance(task, 3)
+        deadline = time.monotonic() + 30
+        while "replay: 3/10 (30%)" not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "replay: 3/10 (30%)" in out.getvalue()
+    with Progress(console=Console(file=io.StringIO(), force_terminal=True)) as bar:
+        assert bar._ticker is None
