@@ -239,7 +239,7 @@ def start_worker(worker: WorkerProcess, label: str, timeout: float,
     marks: dict[str, float] = {}
     cols = (TextColumn(f"{label:<12}"), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
     with Progress(*cols, console=console) as bar:
-        task = bar.add_task(label, info="starting")
+        task = bar.add_task(label, total=None, info="starting")
         while not {"index_s", "recovered_s"} <= marks.keys():
             m = try_scrape(worker)
             el = time.monotonic() - t0

@@ -51,11 +51,13 @@ class Progress(rich_progress.Progress):
             self.log_tasks()
 
     def log_tasks(self) -> None:
-        """One line per unfinished task: description, count, share, its text fields."""
+        """One line per unfinished task: description, count and share (if it has a total),
+        its text fields."""
         for task in self.tasks:
             if task.finished:
                 continue
-            of = f"/{task.total:g} ({task.percentage:.0f}%)" if task.total else ""
-            extra = " ".join(str(v) for v in task.fields.values() if v not in ("", None))
-            self.console.print(f"{task.description}: {task.completed:g}{of} {extra}".rstrip(),
+            count = (f"{task.completed:g}/{task.total:g} ({task.percentage:.0f}%)"
+                     if task.total else "")
+            words = [count, *(str(v) for v in task.fields.values())]
+            self.console.print(f"{task.description}: " + " ".join(w for w in words if w),
                                highlight=False, markup=False, soft_wrap=True)

@@ -180,5 +180,8 @@ def test_progress_off_a_terminal_prints_while_it_runs():
         while "replay: 3/10 (30%)" not in out.getvalue() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert "replay: 3/10 (30%)" in out.getvalue()
+        bar.add_task("start-up", total=None, info="loading")  # no total: no count
+        bar.log_tasks()
+        assert "start-up: loading" in out.getvalue().splitlines()
     with Progress(console=Console(file=io.StringIO(), force_terminal=True)) as bar:
         assert bar._ticker is None
