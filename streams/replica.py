@@ -2,7 +2,9 @@
 
 For state that every worker must hold in full — the catalog's item vectors, the
 co-visitation pairs — while users stay partitioned. `apply(messages)` gets each fetched
-chunk; `start(offsets)` may resume from known positions (e.g. those a checkpoint recorded).
+chunk; `start(offsets)` may resume from known positions (e.g. those a checkpoint recorded);
+`presize(n)` hears first how many records the replay will apply, so that a caller whose
+tables grow by doubling can allocate them once.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ log = logging.getLogger("streamrec.replica")
 
 class TopicReplica:
     def __init__(self, consumer_factory: Callable[[str], Any], topic: str,
-                 apply: Callable[[list[Any]], None]):
+                 apply: Callable[[list[Any]], None],
+                 presize: Callable[[int], None] | None = None):
         self._factory = consumer_factory
         self.topic = topic
         self.apply = apply
+        self.presize = presize  # called (in a thread) with the records to replay, first
         self.consumer: Any = None
         self.caught_up = asyncio.Event()
         self.records = 0
@@ -38,6 +42,9 @@ class TopicReplica:
             if offsets and tp.partition in offsets:
                 self.consumer.seek(tp, offsets[tp.partition])
         self._target = await self.consumer.end_offsets(self.tps)
+        if self.presize is not None:
+            backlog = [self._target[tp] - await self.consumer.position(tp) for tp in self.tps]
+            await asyncio.to_thread(self.presize, sum(backlog))
         self._task = asyncio.create_task(self._run(), name=f"replica-{self.topic}")
 
     async def stop(self) -> None:

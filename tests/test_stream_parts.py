@@ -1,5 +1,6 @@
-"""The Kafka-free parts of streams/: schemas, table routing helper, catalog encoding,
-checkpoint chunking, settings."""
+"""The parts of streams/ that need no worker: schemas, table routing helper, catalog
+encoding, checkpoint chunking, settings (and, on the broker, the catalog backlog and the
+topic replica)."""
 
 from __future__ import annotations
 
@@ -417,6 +418,44 @@ def test_catalog_backlog_counts_what_no_catalog_agent_has_committed(kafka, tmp_p
         assert backlog.behind() == 1
     finally:
         backlog.close()
+
+
+@pytest.mark.kafka
+def test_a_replica_tells_its_backlog_before_it_applies_a_record(kafka, tmp_path):
+    """The worker sizes its item tables from this (streams/runtime.py `_presize`) instead of
+    doubling them during the replay, with the event loop stopped for each copy."""
+    from aiokafka import AIOKafkaConsumer
+    from helpers import make_settings
+
+    from streams.clients import aio_options, kafka_producer
+    from streams.replica import TopicReplica
+    from streams.topics import ensure_topics
+
+    s = make_settings(kafka, tmp_path, partitions=4)
+    ensure_topics(s)
+    topic = s.topic(s.item_vectors_topic)
+    producer = kafka_producer(s)
+    for k in range(7):
+        producer.send(topic, key=b"item-%d" % k, value=b"{}")
+    producer.flush()
+    producer.close()
+    calls: list[tuple[str, int]] = []
+
+    async def main() -> None:
+        replica = TopicReplica(
+            lambda t: AIOKafkaConsumer(t, group_id=None, auto_offset_reset="earliest",
+                                       **aio_options(s)),
+            topic, lambda msgs: calls.append(("apply", len(msgs))),
+            presize=lambda n: calls.append(("presize", n)))
+        await replica.start()
+        try:
+            await asyncio.wait_for(replica.caught_up.wait(), 60)
+        finally:
+            await replica.stop()
+
+    asyncio.run(main())
+    assert calls[0] == ("presize", 7)
+    assert sum(n for what, n in calls[1:] if what == "apply") == 7
 
 
 def test_the_loop_watch_measures_how_long_the_loop_was_blocked():
