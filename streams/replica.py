@@ -1,10 +1,12 @@
-"""A whole topic, read by every worker (no consumer group), applied in order on the loop.
+"""A whole topic, read by every worker (no consumer group), applied in order.
 
 For state that every worker must hold in full — the catalog's item vectors, the
 co-visitation pairs — while users stay partitioned. `apply(messages)` gets each fetched
-chunk; `start(offsets)` may resume from known positions (e.g. those a checkpoint recorded);
-`presize(n)` hears first how many records the replay will apply, so that a caller whose
-tables grow by doubling can allocate them once.
+chunk; `start(offsets)` may resume from known positions (e.g. those a checkpoint recorded).
+Until `caught_up` (the end offsets of the start), chunks are applied in a thread: the owner
+reads nothing before then, and a large replay's chunks take seconds (a 1M-item catalog's
+tables double on the way: 16 s for the last copy here), which on the event loop stopped the
+group's heartbeats. After that, on the loop, between whatever else it runs.
 """
 
 from __future__ import annotations
@@ -21,12 +23,10 @@ log = logging.getLogger("streamrec.replica")
 
 class TopicReplica:
     def __init__(self, consumer_factory: Callable[[str], Any], topic: str,
-                 apply: Callable[[list[Any]], None],
-                 presize: Callable[[int], None] | None = None):
+                 apply: Callable[[list[Any]], None]):
         self._factory = consumer_factory
         self.topic = topic
         self.apply = apply
-        self.presize = presize  # called (in a thread) with the records to replay, first
         self.consumer: Any = None
         self.caught_up = asyncio.Event()
         self.records = 0
@@ -42,9 +42,6 @@ class TopicReplica:
             if offsets and tp.partition in offsets:
                 self.consumer.seek(tp, offsets[tp.partition])
         self._target = await self.consumer.end_offsets(self.tps)
-        if self.presize is not None:
-            backlog = [self._target[tp] - await self.consumer.position(tp) for tp in self.tps]
-            await asyncio.to_thread(self.presize, sum(backlog))
         self._task = asyncio.create_task(self._run(), name=f"replica-{self.topic}")
 
     async def stop(self) -> None:
@@ -60,7 +57,10 @@ class TopicReplica:
             messages = [m for msgs in batches.values() for m in msgs]
             if messages:
                 self.records += len(messages)
-                self.apply(messages)
+                if self.caught_up.is_set():
+                    self.apply(messages)
+                else:
+                    await asyncio.to_thread(self.apply, messages)
             if not self.caught_up.is_set() and await reached(self.consumer, self._target):
                 log.info("replica of %s caught up: %d records", self.topic, self.records)
                 self.caught_up.set()

@@ -152,7 +152,7 @@ class Runtime:
         self.catalog = CatalogEncoder(self.encoder.encode, s.max_item_bytes)
         self.follower = SnapshotFollower(self.server, s.app_id)
         self.items = TopicReplica(self._consumer, s.topic(s.item_vectors_topic),
-                                  self._apply_item_vectors, presize=self._presize)
+                                  self._apply_item_vectors)
         self.snapshots = TopicReplica(self._consumer, s.topic(s.snapshots_topic),
                                       self.follower.feed)
         self.gaps = GapFiller(lambda: self._consumer(), s.topic(s.events_topic))
@@ -213,13 +213,6 @@ class Runtime:
             self._vectors_producer.close()
 
     # ------------------------------------------------------------------ replicated state
-    def _presize(self, records: int) -> None:
-        """Tables for the catalog the item-vectors topic replays (compacted: about one
-        record per item), allocated once: grown by doubling, the 384-d text table was
-        copied log2(n) times on the event loop, 8 s at 0.5M items and 16 s at 1M here,
-        past the group's session timeout."""
-        self.model.reserve(records + 1)  # row 0 is padding
-
     def _apply_item_vectors(self, messages: list[Any]) -> None:
         """Catalog changes reach model and serving index together (not under a batch)."""
         if self._computing:

@@ -421,9 +421,11 @@ def test_catalog_backlog_counts_what_no_catalog_agent_has_committed(kafka, tmp_p
 
 
 @pytest.mark.kafka
-def test_a_replica_tells_its_backlog_before_it_applies_a_record(kafka, tmp_path):
-    """The worker sizes its item tables from this (streams/runtime.py `_presize`) instead of
-    doubling them during the replay, with the event loop stopped for each copy."""
+def test_a_replica_replays_off_the_loop_and_applies_on_it_once_caught_up(kafka, tmp_path):
+    """A 1M-item catalog's replay held the worker's event loop for 16 s at a time (its
+    tables doubling), past the group's session timeout; live changes stay on the loop."""
+    import threading
+
     from aiokafka import AIOKafkaConsumer
     from helpers import make_settings
 
@@ -435,27 +437,42 @@ def test_a_replica_tells_its_backlog_before_it_applies_a_record(kafka, tmp_path)
     ensure_topics(s)
     topic = s.topic(s.item_vectors_topic)
     producer = kafka_producer(s)
-    for k in range(7):
-        producer.send(topic, key=b"item-%d" % k, value=b"{}")
-    producer.flush()
-    producer.close()
-    calls: list[tuple[str, int]] = []
+
+    def send(n: int) -> None:
+        for k in range(n):
+            producer.send(topic, key=b"item-%d" % k, value=b"{}")
+        producer.flush()
+
+    applied: list[tuple[bool, int]] = []  # (on the loop's thread, records)
+
+    async def all_applied(n: int) -> None:
+        while sum(k for _, k in applied) < n:
+            await asyncio.sleep(0.05)
 
     async def main() -> None:
+        loop_thread = threading.current_thread()
         replica = TopicReplica(
             lambda t: AIOKafkaConsumer(t, group_id=None, auto_offset_reset="earliest",
                                        **aio_options(s)),
-            topic, lambda msgs: calls.append(("apply", len(msgs))),
-            presize=lambda n: calls.append(("presize", n)))
+            topic, lambda msgs: applied.append((threading.current_thread() is loop_thread,
+                                                len(msgs))))
         await replica.start()
         try:
             await asyncio.wait_for(replica.caught_up.wait(), 60)
+            replayed = len(applied)
+            await asyncio.to_thread(send, 3)
+            await asyncio.wait_for(all_applied(10), 60)
         finally:
             await replica.stop()
+        assert replayed and not any(on_loop for on_loop, _ in applied[:replayed])
+        assert all(on_loop for on_loop, _ in applied[replayed:])
 
-    asyncio.run(main())
-    assert calls[0] == ("presize", 7)
-    assert sum(n for what, n in calls[1:] if what == "apply") == 7
+    send(7)
+    try:
+        asyncio.run(main())
+    finally:
+        producer.close()
+    assert sum(n for _, n in applied) == 10
 
 
 def test_the_loop_watch_measures_how_long_the_loop_was_blocked():
