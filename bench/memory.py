@@ -69,8 +69,8 @@ console = Console()
 TYPES = [EVENT_TYPE_IDS[t] for t in ("view", "click", "add_to_cart", "purchase", "rate")]
 TYPE_P = np.array([0.6, 0.2, 0.07, 0.05, 0.05]) / 0.97  # evaluation/synthetic.py's event mix
 SEARCH = EVENT_TYPE_IDS["search"]
-# Faust reports a finished rebalance, table recovery included, with this histogram
 STALL_MAX = "streamrec_event_loop_stall_max_seconds"  # since the worker started
+# Faust reports a finished rebalance, table recovery included, with this histogram
 RECOVERED = "streamrec_faust_rebalance_done_latency_count"
 
 
