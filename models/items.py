@@ -39,10 +39,14 @@ from index.ids import ID_MASK, IdCollisionError, item_hash
 class KeyIndex:
     """Distinct keys sorted once, so that looking up n keys among N costs O(n log N),
     vectorised: the catalog's key -> row map, and the evaluator's key -> column map.
+    Immutable, so a reader needs no lock: `extend` returns a new index, in O(N + n log n)
+    (a merge, not a re-sort: a trickle of catalog adds at 1M items stays cheap).
 
     >>> ix = KeyIndex(np.array([30, 10, 20]))
     >>> ix.positions(np.array([20, 5, 30])).tolist()
     [2, -1, 0]
+    >>> ix.extend(np.array([15])).positions(np.array([15, 10])).tolist()
+    [3, 1]
     """
 
     __slots__ = ("keys", "_order", "_sorted")
@@ -59,11 +63,37 @@ class KeyIndex:
 
     def positions(self, keys: np.ndarray) -> np.ndarray:
         """Where each of `keys` is in `self.keys`; -1 where it is not."""
-        keys = np.asarray(keys, dtype=np.int64)
+        pos, found = find_sorted(self._sorted, keys)
         if not len(self._sorted):
-            return np.full(keys.shape, -1, np.int64)
-        pos = np.minimum(np.searchsorted(self._sorted, keys), len(self._sorted) - 1)
-        return np.where(self._sorted[pos] == keys, self._order[pos], -1)
+            return np.full(pos.shape, -1, np.int64)
+        return np.where(found, self._order[pos], -1)
+
+    def extend(self, keys: np.ndarray) -> KeyIndex:
+        """A new index of `self.keys` followed by `keys` (their positions continue)."""
+        more = KeyIndex(keys)
+        if np.any(self.positions(more._sorted) >= 0):
+            raise ValueError("KeyIndex keys must be distinct")
+        at = np.searchsorted(self._sorted, more._sorted)
+        out = KeyIndex.__new__(KeyIndex)
+        out.keys = np.concatenate([self.keys, more.keys])
+        out._sorted = np.insert(self._sorted, at, more._sorted)
+        out._order = np.insert(self._order, at, more._order + len(self.keys))
+        return out
+
+
+def find_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Membership of `keys` in an ascending array: (insertion positions, clipped to the
+    array, and which keys are there). The one sorted-key lookup of the catalog and of a
+    user's seen set.
+
+    >>> find_sorted(np.array([3, 7]), np.array([7, 4, 9]))[1].tolist()
+    [True, False, False]
+    """
+    keys = np.asarray(keys, dtype=np.int64)
+    if not len(sorted_keys):
+        return np.zeros(keys.shape, np.int64), np.zeros(keys.shape, bool)
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return pos, sorted_keys[pos] == keys
 
 
 class ItemRows:
@@ -73,8 +103,7 @@ class ItemRows:
         self.keys = np.zeros(capacity, dtype=np.int64)  # row -> stable key (index/ids.py)
         self.live = np.zeros(capacity, dtype=bool)
         self._hash = hash_fn  # injectable so a test can force a collision
-        self._row_of_key: dict[int, int] = {}
-        self._by_key: KeyIndex | None = None  # of rows 1.. (rows_of_keys)
+        self._by_key = KeyIndex(np.zeros(0, np.int64))  # of rows 1.. (key -> row - 1)
         self._lock = threading.Lock()  # a server's snapshot thread adds rows too
         self.scenarios: dict[int, frozenset[str]] = {}  # row -> where it may be shown
         self._allowed: dict[str, np.ndarray] = {}  # scenario -> row mask (cache)
@@ -99,9 +128,8 @@ class ItemRows:
                 self.keys[row] = key
                 self.ids.append(item_id)
                 self.rows[item_id] = row
-                self._row_of_key[key] = row
             if new:
-                self._by_key = None
+                self._by_key = self._by_key.extend(np.fromiter(new.values(), np.int64))
         return np.fromiter((self.rows[i] for i in item_ids), dtype=np.int64,
                            count=len(item_ids))
 
@@ -116,11 +144,13 @@ class ItemRows:
             key = int(self._hash(item_id))
             if not 0 <= key <= ID_MASK:
                 raise ValueError(f"hash of {item_id!r} is {key}, outside [0, 2**63)")
-            row = self._row_of_key.get(key)
-            owner = self.ids[row] if row is not None else owners.get(key)
-            if owner is not None:
+            if (owner := owners.get(key)) is not None:
                 raise IdCollisionError(item_id, owner, key)
             new[item_id], owners[key] = key, item_id
+        known = self.ids_of_keys(list(owners))
+        for (key, item_id), owner in zip(owners.items(), known, strict=True):
+            if owner is not None:
+                raise IdCollisionError(item_id, owner, key)
         return new
 
     def key_of(self, item_id: str | None) -> int | None:
@@ -135,20 +165,13 @@ class ItemRows:
     def rows_of_keys(self, keys: np.ndarray) -> np.ndarray:
         """Rows of keys, vectorised (a batch maps ~100k candidate keys); -1 for FAISS's
         padding and unknown keys."""
-        by_key = self._by_key
-        if by_key is None:
-            with self._lock:  # (an add meanwhile must not be lost from the view)
-                if self._by_key is None:
-                    self._by_key = KeyIndex(self.keys[1:len(self.ids)])
-                by_key = self._by_key
-        pos = by_key.positions(keys)
+        pos = self._by_key.positions(keys)
         return np.where(pos >= 0, pos + 1, -1)
 
     def ids_of_keys(self, keys: np.ndarray | Sequence[int]) -> list[str | None]:
         """Item ids of keys; None for FAISS's padding and unknown keys."""
-        get, ids = self._row_of_key.get, self.ids
-        return [None if (r := get(k)) is None else ids[r]
-                for k in np.asarray(keys, dtype=np.int64).tolist()]
+        ids = self.ids
+        return [None if r < 0 else ids[r + 1] for r in self._by_key.positions(keys).tolist()]
 
     def reserve(self, capacity: int) -> None:
         if capacity > self.capacity:

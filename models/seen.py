@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from index.ids import item_hash
+from models.items import find_sorted
 
 if TYPE_CHECKING:
     from models.items import KeyIndex
@@ -102,10 +103,7 @@ class SeenItems:
         """Boolean mask: which of `keys` were added (Bloom: or a rare false positive)."""
         keys = np.asarray(keys, dtype=np.int64)
         if self.bloom is None:
-            if not len(self.keys):
-                return np.zeros(keys.shape, bool)
-            pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-            return self.keys[pos] == keys
+            return find_sorted(self.keys, keys)[1]
         bits = _probes(keys)
         return np.all((self.bloom[bits >> 3] >> (bits & 7)) & 1, axis=-1).astype(bool)
 
@@ -152,10 +150,7 @@ class Exclusion:
         keys = np.asarray(keys, dtype=np.int64)
         if self._seen is not None:
             return self._seen.contains(keys)
-        if not len(self._recent):
-            return np.zeros(keys.shape, bool)
-        pos = np.minimum(np.searchsorted(self._recent, keys), len(self._recent) - 1)
-        return self._recent[pos] == keys
+        return find_sorted(self._recent, keys)[1]
 
     def mask(self, catalog: KeyIndex) -> np.ndarray:
         """`contains(catalog.keys)`, cheaper while the set is exact: its keys are looked up

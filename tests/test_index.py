@@ -101,6 +101,21 @@ def test_a_key_index_refuses_repeated_keys() -> None:
     assert KeyIndex(np.zeros(0, np.int64)).positions(np.array([1])).tolist() == [-1]
 
 
+@given(st.lists(st.integers(0, 60), unique=True), st.lists(st.integers(0, 60), unique=True))
+def test_an_extended_key_index_answers_as_one_built_whole(a: list[int], b: list[int]) -> None:
+    """`extend` merges instead of re-sorting: it must answer exactly as a fresh index over
+    both, and refuse a key it already holds."""
+    b = [k for k in b if k not in a]
+    whole = np.array(a + b, np.int64)
+    probe = np.arange(-1, 62)
+    extended = KeyIndex(np.array(a, np.int64)).extend(np.array(b, np.int64))
+    assert extended.positions(probe).tolist() == KeyIndex(whole).positions(probe).tolist()
+    assert extended.keys.tolist() == whole.tolist()
+    if a:
+        with pytest.raises(ValueError, match="distinct"):
+            extended.extend(np.array([a[0]], np.int64))
+
+
 def test_item_rows_refuse_colliding_keys_and_change_nothing() -> None:
     rows = ItemRows(hash_fn=lambda s: 7 if s in ("a", "b") else len(s))
     assert rows.add(["a"]).tolist() == [1]
