@@ -119,7 +119,7 @@ class EventBatches:
         """Swap in a finished snapshot while no batch runs (a quiet worker too)."""
         if self.runtime.ready.is_set() and not self.lock.locked():
             async with self.lock:
-                self.runtime.swap_snapshot()
+                await self.runtime.swap_snapshot()
 
     # -- the steps ----------------------------------------------------------------------------
     async def run(self, records: list[RawRecord]) -> None:

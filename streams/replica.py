@@ -1,19 +1,19 @@
 """A whole topic, read by every worker (no consumer group), applied in order.
 
 For state that every worker must hold in full — the catalog's item vectors, the
-co-visitation pairs — while users stay partitioned. `apply(messages)` gets each fetched
-chunk; `start(offsets)` may resume from known positions (e.g. those a checkpoint recorded).
-Until `caught_up` (the end offsets of the start), chunks are applied in a thread: the owner
-reads nothing before then, and a large replay's chunks take seconds (a 1M-item catalog's
-tables double on the way: 16 s for the last copy here), which on the event loop stopped the
-group's heartbeats. After that, on the loop, between whatever else it runs.
+co-visitation pairs — while users stay partitioned. `apply(messages)` is awaited for each
+fetched chunk, one at a time, in order; where it runs is the owner's choice (the worker and
+the trainer run it off the loop, streams/off_loop.py: a 1M-item catalog's chunk can take
+seconds). `start(offsets)` may resume from known positions (e.g. those a checkpoint
+recorded); `caught_up` is set once the end offsets of the start are applied, and `sync`
+waits for those of its call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from streams.clients import reached, wait_assignment
@@ -23,12 +23,14 @@ log = logging.getLogger("streamrec.replica")
 
 class TopicReplica:
     def __init__(self, consumer_factory: Callable[[str], Any], topic: str,
-                 apply: Callable[[list[Any]], None]):
+                 apply: Callable[[list[Any]], Awaitable[None]]):
         self._factory = consumer_factory
         self.topic = topic
         self.apply = apply
         self.consumer: Any = None
         self.caught_up = asyncio.Event()
+        self._idle = asyncio.Event()  # no fetched chunk waits to be applied
+        self._idle.set()
         self.records = 0
         self._task: asyncio.Task | None = None
 
@@ -57,23 +59,20 @@ class TopicReplica:
             messages = [m for msgs in batches.values() for m in msgs]
             if messages:
                 self.records += len(messages)
-                if self.caught_up.is_set():
-                    self.apply(messages)
-                else:
-                    await asyncio.to_thread(self.apply, messages)
+                self._idle.clear()
+                try:
+                    await self.apply(messages)
+                finally:
+                    self._idle.set()
             if not self.caught_up.is_set() and await reached(self.consumer, self._target):
                 log.info("replica of %s caught up: %d records", self.topic, self.records)
                 self.caught_up.set()
-
-    async def positions(self) -> dict[int, int]:
-        """Next offset per partition: everything before it has been applied."""
-        return {tp.partition: await self.consumer.position(tp) for tp in self.tps}
 
     async def sync(self, timeout: float = 2.0) -> bool:
         """Wait (bounded) until everything written to the topic so far is applied."""
         target = await self.consumer.end_offsets(self.tps)
         deadline = asyncio.get_running_loop().time() + timeout
-        while not await reached(self.consumer, target):
+        while not (await reached(self.consumer, target) and self._idle.is_set()):
             if asyncio.get_running_loop().time() > deadline:
                 return False
             await asyncio.sleep(0.02)

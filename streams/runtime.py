@@ -8,8 +8,9 @@ for the trainer's first one) -> build the first index -> `ready`. The event agen
 Then each batch runs off the event loop (`process_events`, `learn`: torch, faiss and numpy
 release the GIL, so /metrics and the consumers stay responsive), and between batches a
 snapshot built in the background (a fork of the model with the new version applied, and
-its FAISS index) is swapped in (`SnapshotFollower`). Catalog changes that arrive while a
-batch computes are applied when it is done: the model is never changed under it.
+its FAISS index) is swapped in (`SnapshotFollower`). Catalog changes, snapshot records and
+swaps run off the loop too, one at a time with the batches' steps (streams/off_loop.py):
+the model is never changed under a step, and never grown on the loop.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from streams import metrics as m
 from streams.catalog import CatalogBacklog, CatalogEncoder, collapse_item_vectors, upsert_args
 from streams.clients import aio_options, kafka_producer
 from streams.gaps import GapFiller, read_records
+from streams.off_loop import OffLoop
 from streams.processor import BatchOutput, EventProcessor
 from streams.records import RawRecord
 from streams.replica import TopicReplica
@@ -151,18 +153,19 @@ class Runtime:
         self.processor = EventProcessor(s, self.server, personal_step(s.learner), self.encoder)
         self.catalog = CatalogEncoder(self.encoder.encode, s.max_item_bytes)
         self.follower = SnapshotFollower(self.server, s.app_id)
+        self.model_steps = OffLoop()  # every read and change of the served model
         self.items = TopicReplica(self._consumer, s.topic(s.item_vectors_topic),
-                                  self._apply_item_vectors)
+                                  lambda msgs: self.model_steps.run(
+                                      self._apply_item_vectors, msgs))
         self.snapshots = TopicReplica(self._consumer, s.topic(s.snapshots_topic),
-                                      self.follower.feed)
+                                      lambda msgs: self.model_steps.run(
+                                          self.follower.feed, msgs))
         self.gaps = GapFiller(lambda: self._consumer(), s.topic(s.events_topic))
         self._vectors_producer: Any = None  # catch_up_catalog's, made on first use
         self.catalog_backlog = CatalogBacklog(
             lambda: admin_client(s.bootstrap, 10, **s.kafka_security()),
             s.topic(s.catalog_topic), s.app_id)
         self.ready = asyncio.Event()
-        self._computing = False
-        self._held: list[list[Any]] = []  # item-vector records that arrived mid-batch
 
     @property
     def model(self) -> SharedModel:
@@ -181,9 +184,9 @@ class Runtime:
         await self.items.caught_up.wait()
         await self.snapshots.start()
         await self.snapshots.caught_up.wait()
-        if not await asyncio.to_thread(self.follower.start):
+        if not await self.model_steps.run(self.follower.start):
             await self._wait_first_snapshot()
-        await self._off_loop(self.server.refresh)  # HNSW over 1M items takes minutes
+        await self.model_steps.run(self.server.refresh)  # HNSW over 1M items: minutes
         self._observe_model()
         log.info("worker ready: %d items, model v%d, index v%d", self.server.n_items,
                  self.model.version, self.server.version)
@@ -194,7 +197,7 @@ class Runtime:
         deadline = time.monotonic() + self.s.snapshot_wait_s
         while time.monotonic() < deadline:
             await asyncio.sleep(0.25)
-            if await asyncio.to_thread(self.follower.start):
+            if await self.model_steps.run(self.follower.start):
                 return
         log.warning("no snapshot from the trainer after %.0f s: serving the initial model "
                     "(version 0) and not /ready until one arrives; is `streamrec trainer` "
@@ -214,10 +217,7 @@ class Runtime:
 
     # ------------------------------------------------------------------ replicated state
     def _apply_item_vectors(self, messages: list[Any]) -> None:
-        """Catalog changes reach model and serving index together (not under a batch)."""
-        if self._computing:
-            self._held.append(messages)
-            return
+        """Catalog changes reach model and serving index together (a model step)."""
         upserts, deletes = collapse_item_vectors(messages)
         if upserts:
             ids, vectors, scenarios = upsert_args(upserts)
@@ -232,9 +232,10 @@ class Runtime:
         m.CATALOG_ITEMS.labels(outcome="deleted").inc(len(deletes))
         m.INDEX_ITEMS.set(self.server.n_items)
 
-    def swap_snapshot(self) -> None:
-        """Serve the newest finished snapshot, if one is waiting (call between batches)."""
-        if self.follower.maybe_swap():
+    async def swap_snapshot(self) -> None:
+        """Serve the newest finished snapshot, if one is waiting (call between batches; a
+        model step: the swap re-applies the catalog changes made since the fork)."""
+        if await self.model_steps.run(self.follower.maybe_swap):
             self._observe_model()
 
     def _observe_model(self) -> None:
@@ -265,12 +266,12 @@ class Runtime:
                 except Exception as exc:  # noqa: BLE001 - judged against the catalog as is
                     log.error("embedding the catalog's backlog here failed: %r", exc)
             await self.items.sync(timeout=2.0)
-        self.swap_snapshot()
+        await self.swap_snapshot()
         states: dict[str, UserState] = {}
         for rec, ev in good:
             if ev.user_id not in states:
                 states[ev.user_id] = load(ev.user_id, rec)
-        return await self._off_loop(self.processor.process, good, bad, states)
+        return await self.model_steps.run(self.processor.process, good, bad, states)
 
     async def catch_up_catalog(self) -> None:
         """Embed here the catalog records no catalog agent has got to, and publish their
@@ -302,17 +303,7 @@ class Runtime:
 
     async def learn(self, out: BatchOutput) -> None:
         """The batch's per-user step, off the event loop."""
-        await self._off_loop(self.processor.learn, out)
-
-    async def _off_loop(self, fn: Callable, *args: Any) -> Any:
-        self._computing = True
-        try:
-            return await asyncio.to_thread(fn, *args)
-        finally:
-            self._computing = False
-            held, self._held = self._held, []
-            for messages in held:
-                self._apply_item_vectors(messages)
+        await self.model_steps.run(self.processor.learn, out)
 
     @staticmethod
     def observe_emit(out: BatchOutput) -> None:

@@ -44,6 +44,7 @@ from streams.catalog import collapse_item_vectors, upsert_args
 from streams.checkpoint import CheckpointStore, read_topic
 from streams.clients import aio_options, reached, wait_assignment, wait_for_broker
 from streams.logs import configure_logging
+from streams.off_loop import OffLoop
 from streams.process import configure_process
 from streams.replica import TopicReplica
 from streams.settings import Settings
@@ -59,8 +60,9 @@ class TrainerService:
         self.sync = sync or Sync()
         self.model = SharedModel(s.learner, text_dim=encoder_dim(s.encoder_path))
         self.trainer = Trainer(self.model, self.sync)
+        self.model_steps = OffLoop()  # training, catalog changes, snapshots, checkpoints
         self.items = TopicReplica(self._consumer, s.topic(s.item_vectors_topic),
-                                  self._apply_items)
+                                  lambda msgs: self.model_steps.run(self._apply_items, msgs))
         self.version = 0  # newest published
         self.positions: dict[int, int] = {}  # training-examples partition -> next offset
         self._producer: Any = None
@@ -127,7 +129,7 @@ class TrainerService:
                 found.append(snap)
         last: SnapshotMeta | None = None
         for snap in reachable(found):
-            last = await asyncio.to_thread(
+            last = await self.model_steps.run(
                 apply_base if snap.kind == "base" else apply_delta, self.model, snap.data)
         self.version = max([self.model.version, snap_log.heartbeat_version, *snap_log.versions])
         if last is not None:
@@ -148,7 +150,7 @@ class TrainerService:
             log.info("no trainer checkpoint: starting from fresh parameters")
             return None
         try:
-            meta = await asyncio.to_thread(restore, self.trainer, data)
+            meta = await self.model_steps.run(restore, self.trainer, data)
         except ValueError as exc:  # shape config changed: start fresh, loudly
             m.CHECKPOINTS.labels(outcome="incompatible").inc()
             log.error("checkpoint not restored: %s", exc)
@@ -195,7 +197,7 @@ class TrainerService:
             if any(not self.model.has_item(ex.target) for ex in examples):
                 await self.items.sync(timeout=2.0)  # an item whose vector is on its way
             t0 = time.perf_counter()
-            result = await asyncio.to_thread(self.trainer.train, examples)
+            result = await self.model_steps.run(self.trainer.train, examples)
             m.TRAINER_SECONDS.observe(time.perf_counter() - t0)
             self._account(batches, result)
             now = time.monotonic()
@@ -277,9 +279,9 @@ class TrainerService:
         self.version += 1
         self.model.version = self.version
         if base:
-            data = await asyncio.to_thread(encode_base, self.model, covered, trained)
+            data = await self.model_steps.run(encode_base, self.model, covered, trained)
         else:
-            data = await asyncio.to_thread(encode_delta, self.model, self.version,
+            data = await self.model_steps.run(encode_delta, self.model, self.version,
                                            pending.touched, pending.covis, covered, trained)
         await self.writer.publish(self.version, "base" if base else "delta", data)
         self._dirty = False
@@ -313,7 +315,7 @@ class TrainerService:
         own = self.trainer.progress, self.trainer.trained
         self.trainer.progress, self.trainer.trained = progress, trained
         try:
-            data = await asyncio.to_thread(checkpoint, self.trainer,
+            data = await self.model_steps.run(checkpoint, self.trainer,
                                            {"positions": json.dumps(positions)})
         finally:
             self.trainer.progress, self.trainer.trained = own

@@ -421,11 +421,10 @@ def test_catalog_backlog_counts_what_no_catalog_agent_has_committed(kafka, tmp_p
 
 
 @pytest.mark.kafka
-def test_a_replica_replays_off_the_loop_and_applies_on_it_once_caught_up(kafka, tmp_path):
-    """A 1M-item catalog's replay held the worker's event loop for 16 s at a time (its
-    tables doubling), past the group's session timeout; live changes stay on the loop."""
-    import threading
-
+def test_a_replica_applies_in_order_and_syncs_only_once_applied(kafka, tmp_path):
+    """Chunks are awaited one at a time, in order; `caught_up` and `sync` wait for the
+    application, not for the fetch (an apply off the loop can take seconds at 1M items, and
+    a batch that syncs must then see the item)."""
     from aiokafka import AIOKafkaConsumer
     from helpers import make_settings
 
@@ -433,46 +432,78 @@ def test_a_replica_replays_off_the_loop_and_applies_on_it_once_caught_up(kafka, 
     from streams.replica import TopicReplica
     from streams.topics import ensure_topics
 
-    s = make_settings(kafka, tmp_path, partitions=4)
+    s = make_settings(kafka, tmp_path, partitions=1)
     ensure_topics(s)
     topic = s.topic(s.item_vectors_topic)
     producer = kafka_producer(s)
 
-    def send(n: int) -> None:
-        for k in range(n):
+    def send(first: int, n: int) -> None:
+        for k in range(first, first + n):
             producer.send(topic, key=b"item-%d" % k, value=b"{}")
         producer.flush()
 
-    applied: list[tuple[bool, int]] = []  # (on the loop's thread, records)
+    applied: list[bytes] = []
+    running = 0
 
-    async def all_applied(n: int) -> None:
-        while sum(k for _, k in applied) < n:
-            await asyncio.sleep(0.05)
+    async def apply(msgs: list) -> None:  # slow, as a table growth off the loop is
+        nonlocal running
+        running += 1
+        assert running == 1, "two chunks applied at once"
+        await asyncio.sleep(0.3)
+        applied.extend(m.key for m in msgs)
+        running -= 1
 
-    async def main() -> None:
-        loop_thread = threading.current_thread()
+    async def main() -> bool:
         replica = TopicReplica(
             lambda t: AIOKafkaConsumer(t, group_id=None, auto_offset_reset="earliest",
-                                       **aio_options(s)),
-            topic, lambda msgs: applied.append((threading.current_thread() is loop_thread,
-                                                len(msgs))))
+                                       **aio_options(s)), topic, apply)
         await replica.start()
         try:
             await asyncio.wait_for(replica.caught_up.wait(), 60)
-            replayed = len(applied)
-            await asyncio.to_thread(send, 3)
-            await asyncio.wait_for(all_applied(10), 60)
+            assert len(applied) == 7
+            await asyncio.to_thread(send, 7, 3)
+            synced = await replica.sync(timeout=60)
+            assert len(applied) == 10  # sync returned only once the chunk was applied
+            return synced
         finally:
             await replica.stop()
-        assert replayed and not any(on_loop for on_loop, _ in applied[:replayed])
-        assert all(on_loop for on_loop, _ in applied[replayed:])
 
-    send(7)
+    send(0, 7)
     try:
-        asyncio.run(main())
+        assert asyncio.run(main())
     finally:
         producer.close()
-    assert sum(n for _, n in applied) == 10
+    assert applied == [b"item-%d" % k for k in range(10)]
+
+
+def test_model_steps_run_off_the_loop_one_at_a_time_in_call_order():
+    """The worker's batches and catalog changes (and the trainer's steps) share one OffLoop:
+    a change never lands while a step runs, and changes keep their order."""
+    import threading
+    import time
+
+    from streams.off_loop import OffLoop
+
+    log: list[tuple[str, int]] = []
+    inside = 0
+
+    def step(k: int) -> int:
+        nonlocal inside
+        inside += 1
+        assert threading.current_thread() is not threading.main_thread()
+        log.append(("start", k))
+        time.sleep(0.01 * (5 - k))  # earlier calls take longer: order is not by finish
+        log.append(("end", k))
+        overlap = inside
+        inside -= 1
+        return overlap
+
+    async def main() -> list[int]:
+        guard = OffLoop()
+        return await asyncio.gather(*(guard.run(step, k) for k in range(5)))
+
+    assert asyncio.run(main()) == [1] * 5
+    assert log == [(e, k) for k in range(5) for e in ("start", "end")]
 
 
 def test_the_loop_watch_measures_how_long_the_loop_was_blocked():
