@@ -17,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -364,7 +365,7 @@ def test_compose_stack_wiring():
         grace = int(s[name]["stop_grace_period"].rstrip("s"))
         assert grace > float(s[name]["environment"]["STREAMREC_SHUTDOWN_TIMEOUT_S"]), name
     gpu = s["worker-gpu"]
-    assert gpu["profiles"] == ["gpu"] and gpu["build"]["target"] == "gpu"
+    assert gpu["profiles"] == ["gpu"] and gpu["build"]["args"] == {"FLAVOR": "gpu"}
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert "profiles" not in s["worker-1"]
     # Prometheus scrapes every worker: the CPU ones by name, the GPU ones by network alias
@@ -422,7 +423,9 @@ def test_hadolint_accepts_the_dockerfile(tmp_path):
     assert run(hadolint, str(bad)).returncode != 0
 
 
-def test_dockerfile_targets_install_the_project_with_the_pins():
+def test_dockerfile_installs_the_project_with_the_pins_on_either_base():
+    """One `image` stage on `${FLAVOR}-base`: FLAVOR cpu (the default) or gpu picks the base
+    image and the extra of the same name."""
     dockerfile = pytest.importorskip("dockerfile", reason="PyPI dockerfile, in the dev extra")
     cmds = dockerfile.parse_file(str(DEPLOY / "Dockerfile"))
     args = {c.value[0].split("=", 1)[0]: c.value[0].split("=", 1)[1]
@@ -432,21 +435,24 @@ def test_dockerfile_targets_install_the_project_with_the_pins():
     for c in cmds:
         if c.cmd == "FROM":
             current = c.value[2]
-            base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], c.value[0])
-            stages[current] = [("BASE", base)]
+            stages[current] = [("BASE", c.value[0])]
         elif current:
             stages[current].append((c.cmd, " ".join(c.value)))
-    assert list(stages)[-1] == "cpu", "cpu must be the last stage (the default target)"
-    assert stages["cpu"][0] == ("BASE", "python:3.11-slim")
-    assert stages["gpu"][0][1].startswith("nvidia/cuda:")
-    for name, extra in (("cpu", ".[cpu]"), ("gpu", ".[gpu]")):
-        runs = [v for k, v in stages[name] if k == "RUN" and "pip install" in v]
-        assert any("-c constraints.txt" in r and f'"{extra}"' in r for r in runs), name
-        copied = [v.split()[:-1] for k, v in stages[name] if k == "COPY"]
-        for src in (s for group in copied for s in group):
-            assert (ROOT / src).exists(), src
-        assert ("USER", "10001") in stages[name]  # numeric: runAsNonRoot can check it
-        assert ("ENTRYPOINT", "streamrec") in stages[name]
+    assert list(stages) == ["gpu-base", "cpu-base", "image"]
+    assert args["FLAVOR"] == "cpu" and stages["image"][0] == ("BASE", "${FLAVOR}-base")
+    assert args[stages["cpu-base"][0][1].strip("${}")] == "python:3.11-slim"
+    assert args[stages["gpu-base"][0][1].strip("${}")].startswith("nvidia/cuda:")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert {"cpu", "gpu"} <= set(extras)
+    image = stages["image"]
+    runs = [v for k, v in image if k == "RUN" and "pip install" in v]
+    assert any("-c constraints.txt" in r and '".[${FLAVOR}]"' in r for r in runs)
+    copied = [v.split()[:-1] for k, v in image if k == "COPY"]
+    for src in (s for group in copied for s in group):
+        assert (ROOT / src).exists(), src
+    assert ("USER", "10001") in image  # numeric: runAsNonRoot can check it
+    assert ("ENTRYPOINT", "streamrec") in image
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     for src in ("pyproject.toml", "constraints.txt", "README.md", "streams/", "models/",
                 "evaluation/", "index/"):
