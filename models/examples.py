@@ -64,7 +64,7 @@ class TrainingExample:
 
     def history(self, catalog: ItemRows) -> History:
         """The history as rows of `catalog` (unknown items read as padding)."""
-        return History([catalog.row(i) for i in self.items], self.types, self.ts,
+        return History(catalog.rows_of(self.items), self.types, self.ts,
                        [(k, unb64(t)) for k, t in enumerate(self.texts) if t is not None])
 
     def to_bytes(self) -> bytes:

@@ -15,6 +15,8 @@ collide are refused (IdCollisionError), never merged into one item.
 ([1, 2, 1], 4)
 >>> rows.rows_of_keys(rows.keys[[2, 1]]).tolist(), rows.ids_of_keys([rows.key_of("b"), -1])
 ([2, 1], ['b', None])
+>>> rows.rows_of(["b", None, "zz"])
+[2, 0, 0]
 >>> rows.set_live(rows.add(["b"]), True); rows.has("a"), rows.has("b"), rows.n_live
 (False, True, 1)
 
@@ -224,9 +226,11 @@ class ItemRows:
         mask = self.allowed(scenario)
         return None if mask is None else np.sort(self.keys[mask & self.live])
 
-    def row(self, item_id: str | None) -> int:
-        """The item's row, 0 (padding) if unknown or None (a text-only event)."""
-        return 0 if item_id is None else self.rows.get(item_id, 0)
+    def rows_of(self, item_ids: Sequence[str | None]) -> list[int]:
+        """Each item's row, 0 (padding) if unknown or None (a text-only event); one
+        comprehension, no call per id (every history of every batch goes through it)."""
+        get = self.rows.get  # (None is never a key: ids are strings)
+        return [get(i, 0) for i in item_ids]
 
     def set_live(self, rows: np.ndarray, live: bool) -> None:
         self.live[rows] = live

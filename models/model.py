@@ -136,8 +136,7 @@ class SharedModel:
     # ---------------------------------------------------------------- sequences
     def history(self, st: UserState) -> History:
         """The user's last H events as rows of this model's catalog."""
-        row = self.catalog.row
-        return History([row(i) for i in st.items], list(st.types), list(st.ts),
+        return History(self.catalog.rows_of(st.items), list(st.types), list(st.ts),
                        [(k, st.text_vector(k)) for k, t in enumerate(st.texts) if t is not None])
 
     def item_table(self, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
