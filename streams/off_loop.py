@@ -3,9 +3,9 @@
 A worker's batches and a trainer's steps run in a thread (torch, faiss and numpy release the
 GIL, so the loop keeps heartbeats and /metrics going); so must every change to the model they
 read: a catalog chunk that grows the tables copies gigabytes at 1M items (seconds), and a
-change made on the loop while a step runs in a thread would be lost to it (the trainer's
-SparseAdam moments are carried over to a grown E while the step writes the old one). Every
-caller that touches the model goes through one `OffLoop`, and asyncio's lock is FIFO, so
+change made on the loop while a step runs in a thread can lose the step's work (before this,
+the trainer's catalog replica could grow E, copying it, and re-make the optimizers on the
+loop while a training step in a thread still wrote the old E). Every caller that touches the model goes through one `OffLoop`, and asyncio's lock is FIFO, so
 the changes keep the order the topics gave them.
 
 >>> import asyncio, threading
