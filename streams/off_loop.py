@@ -5,8 +5,9 @@ GIL, so the loop keeps heartbeats and /metrics going); so must every change to t
 read: a catalog chunk that grows the tables copies gigabytes at 1M items (seconds), and a
 change made on the loop while a step runs in a thread can lose the step's work (before this,
 the trainer's catalog replica could grow E, copying it, and re-make the optimizers on the
-loop while a training step in a thread still wrote the old E). Every caller that touches the model goes through one `OffLoop`, and asyncio's lock is FIFO, so
-the changes keep the order the topics gave them.
+loop while a training step in a thread still wrote the old E). Every caller that touches
+the model goes through one `OffLoop`, and asyncio's lock is FIFO, so the changes keep the
+order the topics gave them.
 
 >>> import asyncio, threading
 >>> async def main():

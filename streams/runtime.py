@@ -88,6 +88,12 @@ class SnapshotFollower:
         if self._build is not None:
             self._changes.append((ids, vectors, scenarios))
 
+    @property
+    def has_work(self) -> bool:
+        """A finished build to swap in, or versions waiting to be built. Read on the loop:
+        most batches have neither, and skip the model step `maybe_swap` would take."""
+        return self._build.done() if self._build is not None else bool(self._queue)
+
     def maybe_swap(self) -> bool:
         """Between batches: swap a finished build in, or start building the next version."""
         if self._build is not None:
@@ -235,7 +241,7 @@ class Runtime:
     async def swap_snapshot(self) -> None:
         """Serve the newest finished snapshot, if one is waiting (call between batches; a
         model step: the swap re-applies the catalog changes made since the fork)."""
-        if await self.model_steps.run(self.follower.maybe_swap):
+        if self.follower.has_work and await self.model_steps.run(self.follower.maybe_swap):
             self._observe_model()
 
     def _observe_model(self) -> None:
