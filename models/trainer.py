@@ -29,7 +29,6 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from models.covisit import Increment
@@ -37,7 +36,7 @@ from models.examples import TrainingExample
 from models.lr_rules import RuleRecord, RuleState, make_rule
 from models.model import SharedModel
 from models.sequences import Seqs
-from models.snapshot import load_covis
+from models.snapshot import load_covis, load_tensors
 from models.snapshot import structural as snapshot_structural
 
 
@@ -401,7 +400,7 @@ def restore(trainer: Trainer, data: bytes) -> dict[str, str]:
     config = json.loads(meta["config"]) | ({"text_dim": int(meta["text_dim"])} if legacy else {})
     if config != json.loads(snapshot_structural(m)):
         raise ValueError(f"checkpoint shape config {config} != {snapshot_structural(m)}")
-    tensors = st_load(data)
+    tensors = load_tensors(data)
     ids = json.loads(meta["ids"])
     rows = torch.as_tensor(trainer.add_rows(ids[1:]))
     params = dict(m.named_parameters())

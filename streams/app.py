@@ -28,7 +28,7 @@ from streams.errors import UserError
 from streams.faust_internals import DurableTable, Worker, tune_stream_fetch
 from streams.local_store import discard_unreadable
 from streams.loop_stalls import watch_loop
-from streams.process import configure_process
+from streams.process import configure_process, freeze_heap
 from streams.runtime import Runtime
 from streams.settings import Settings
 from streams.topics import ensure_topics, topic_partitions
@@ -232,4 +232,5 @@ def run_worker(settings: Settings) -> None:
     app = create_app(settings, runtime)
     worker = Worker(app, loglevel=settings.log_level, override_logging=False,
                     shutdown_timeout_s=settings.shutdown_timeout_s)
+    freeze_heap()  # before the event loop runs: Runtime.start freezes only what it adds
     worker.execute_from_commandline()

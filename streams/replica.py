@@ -20,6 +20,9 @@ from streams.clients import reached, wait_assignment
 
 log = logging.getLogger("streamrec.replica")
 
+CHUNK = 5000  # records per apply
+TAKE = 250  # records per fetch from the consumer's buffer
+
 
 class TopicReplica:
     def __init__(self, consumer_factory: Callable[[str], Any], topic: str,
@@ -55,8 +58,7 @@ class TopicReplica:
 
     async def _run(self) -> None:
         while True:
-            batches = await self.consumer.getmany(timeout_ms=200, max_records=5000)
-            messages = [m for msgs in batches.values() for m in msgs]
+            messages = await self._fetch()
             if messages:
                 self.records += len(messages)
                 self._idle.clear()
@@ -67,6 +69,22 @@ class TopicReplica:
             if not self.caught_up.is_set() and await reached(self.consumer, self._target):
                 log.info("replica of %s caught up: %d records", self.topic, self.records)
                 self.caught_up.set()
+
+    async def _fetch(self) -> list[Any]:
+        """Up to `CHUNK` records for one `apply`, taken `TAKE` at a time with the event loop
+        let go between takes: aiokafka unpacks the records it hands out on the loop, and a
+        1M-item replay's 5,000-record takes held it for 0.22-0.26 s each (asyncio debug
+        mode), while one `apply` per 5,000 keeps the catalog's merges few."""
+        messages: list[Any] = []
+        while len(messages) < CHUNK:
+            batches = await self.consumer.getmany(timeout_ms=0 if messages else 200,
+                                                  max_records=TAKE)
+            took = [m for msgs in batches.values() for m in msgs]
+            if not took:
+                break
+            messages += took
+            await asyncio.sleep(0)
+        return messages
 
     async def sync(self, timeout: float = 2.0) -> bool:
         """Wait (bounded) until everything written to the topic so far is applied."""

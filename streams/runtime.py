@@ -16,7 +16,6 @@ the model is never changed under a step, and never grown on the loop.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from streams.catalog import CatalogBacklog, CatalogEncoder, collapse_item_vector
 from streams.clients import aio_options, kafka_producer
 from streams.gaps import GapFiller, read_records
 from streams.off_loop import OffLoop
+from streams.process import freeze_heap
 from streams.processor import BatchOutput, EventProcessor
 from streams.records import RawRecord
 from streams.replica import TopicReplica
@@ -196,7 +196,7 @@ class Runtime:
         self._observe_model()
         log.info("worker ready: %d items, model v%d, index v%d", self.server.n_items,
                  self.model.version, self.server.version)
-        _freeze_startup_objects()
+        freeze_heap(young_only=True)  # what start-up built: the rest was frozen before
         self.ready.set()
 
     async def _wait_first_snapshot(self) -> None:
@@ -320,11 +320,3 @@ class Runtime:
                 if upd.newest_kafka_ts:
                     m.EVENT_TO_REC.observe(max(0.0, now_ms - upd.newest_kafka_ts) / 1000)
 
-
-def _freeze_startup_objects() -> None:
-    """Exclude everything alive at start-up (encoder, tokenizer, Faust, ~0.5 M objects) from
-    Python's cyclic GC: a full collection over them stops the event loop for ~0.3 s, which
-    showed as the p99 of event -> recommendation latency. Collected once first, so only live
-    objects are frozen; what is created afterwards is collected as usual."""
-    gc.collect()
-    gc.freeze()

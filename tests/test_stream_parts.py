@@ -421,17 +421,22 @@ def test_catalog_backlog_counts_what_no_catalog_agent_has_committed(kafka, tmp_p
 
 
 @pytest.mark.kafka
-def test_a_replica_applies_in_order_and_syncs_only_once_applied(kafka, tmp_path):
-    """Chunks are awaited one at a time, in order; `caught_up` and `sync` wait for the
-    application, not for the fetch (an apply off the loop can take seconds at 1M items, and
-    a batch that syncs must then see the item)."""
+def test_a_replica_applies_in_order_and_syncs_only_once_applied(kafka, tmp_path,
+                                                                monkeypatch):
+    """Chunks are awaited one at a time, in order, each gathered from several takes of at
+    most `TAKE` records; `caught_up` and `sync` wait for the application, not for the fetch
+    (an apply off the loop can take seconds at 1M items, and a batch that syncs must then
+    see the item)."""
     from aiokafka import AIOKafkaConsumer
     from helpers import make_settings
 
+    from streams import replica as replica_module
     from streams.clients import aio_options, kafka_producer
     from streams.replica import TopicReplica
     from streams.topics import ensure_topics
 
+    monkeypatch.setattr(replica_module, "TAKE", 2)
+    monkeypatch.setattr(replica_module, "CHUNK", 4)
     s = make_settings(kafka, tmp_path, partitions=1)
     ensure_topics(s)
     topic = s.topic(s.item_vectors_topic)
@@ -443,12 +448,14 @@ def test_a_replica_applies_in_order_and_syncs_only_once_applied(kafka, tmp_path)
         producer.flush()
 
     applied: list[bytes] = []
+    chunks: list[int] = []
     running = 0
 
     async def apply(msgs: list) -> None:  # slow, as a table growth off the loop is
         nonlocal running
         running += 1
         assert running == 1, "two chunks applied at once"
+        chunks.append(len(msgs))
         await asyncio.sleep(0.3)
         applied.extend(m.key for m in msgs)
         running -= 1
@@ -474,6 +481,7 @@ def test_a_replica_applies_in_order_and_syncs_only_once_applied(kafka, tmp_path)
     finally:
         producer.close()
     assert applied == [b"item-%d" % k for k in range(10)]
+    assert max(chunks) == 4, chunks  # takes of 2 gathered into chunks of at most 4
 
 
 def test_model_steps_run_off_the_loop_one_at_a_time_in_call_order():
