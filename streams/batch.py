@@ -29,7 +29,6 @@ from typing import Any
 
 import faust
 
-from models.user_state import UserState
 from streams import metrics as m
 from streams.dead_letters import dlq_headers
 from streams.faust_internals import (
@@ -136,7 +135,7 @@ class EventBatches:
         return await self.runtime.gaps.complete(records, self.last_done)
 
     async def process(self, records: list[RawRecord]) -> BatchOutput:
-        return await self.runtime.process_events(records, self.load_state)
+        return await self.runtime.process_events(records, self.read_state)
 
     async def handle(self, out: BatchOutput, records: list[RawRecord]) -> None:
         """Emit, send the training examples, take the per-user step while the broker
@@ -226,9 +225,10 @@ class EventBatches:
             await commit_past(self.app.consumer, commit_offsets(records, gaps.contiguous))
 
     # -- state in the table --------------------------------------------------------------------
-    def load_state(self, user: str, rec: RawRecord) -> UserState:
+    def read_state(self, user: str, rec: RawRecord) -> bytes | None:
+        """A user's stored state (`UserState.from_bytes` reads it; None: a new user)."""
         with current_event(rec.ref):
-            return UserState.from_bytes(self.users.get(user.encode()))
+            return self.users.get(user.encode())
 
     def last_done(self, partition: int, ref: Any) -> int | None:
         """The partition's last offset whose effect is surely in the changelog (GapFiller)."""

@@ -261,9 +261,11 @@ class Runtime:
 
     # ------------------------------------------------------------------ events
     async def process_events(self, records: list[RawRecord],
-                             load: Callable[[str, RawRecord], UserState]) -> BatchOutput:
-        """Decode, then the batch against its users' states, off the event loop. `load`
-        reads a user's state (a table read: on the loop, before the computing starts)."""
+                             read: Callable[[str, RawRecord], bytes | None]) -> BatchOutput:
+        """Decode, then the batch against its users' states, off the event loop. `read`
+        gives a user's stored state (a table read: on the loop, before the computing
+        starts); it is decoded off the loop with the rest (~0.08 ms a user, so ~40 ms of a
+        500-user batch that held the loop before)."""
         good, bad = self.processor.decode(records)
         if self.processor.unknown_items(good):  # published just before its events?
             if await self.catalog_backlog.wait():
@@ -273,11 +275,16 @@ class Runtime:
                     log.error("embedding the catalog's backlog here failed: %r", exc)
             await self.items.sync(timeout=2.0)
         await self.swap_snapshot()
-        states: dict[str, UserState] = {}
+        stored: dict[str, bytes | None] = {}
         for rec, ev in good:
-            if ev.user_id not in states:
-                states[ev.user_id] = load(ev.user_id, rec)
-        return await self.model_steps.run(self.processor.process, good, bad, states)
+            if ev.user_id not in stored:
+                stored[ev.user_id] = read(ev.user_id, rec)
+        return await self.model_steps.run(self._process, good, bad, stored)
+
+    def _process(self, good: list[Any], bad: list[Any], stored: dict[str, bytes | None]
+                 ) -> BatchOutput:
+        states = {user: UserState.from_bytes(value) for user, value in stored.items()}
+        return self.processor.process(good, bad, states)
 
     async def catch_up_catalog(self) -> None:
         """Embed here the catalog records no catalog agent has got to, and publish their

@@ -421,8 +421,7 @@ def test_catalog_backlog_counts_what_no_catalog_agent_has_committed(kafka, tmp_p
 
 
 @pytest.mark.kafka
-def test_a_replica_applies_in_order_and_syncs_only_once_applied(kafka, tmp_path,
-                                                                monkeypatch):
+def test_a_replica_applies_in_order_and_syncs_only_once_applied(kafka, tmp_path, monkeypatch):
     """Chunks are awaited one at a time, in order, each gathered from several takes of at
     most `TAKE` records; `caught_up` and `sync` wait for the application, not for the fetch
     (an apply off the loop can take seconds at 1M items, and a batch that syncs must then
