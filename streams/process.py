@@ -45,7 +45,7 @@ def freeze_heap(young_only: bool = False) -> None:
     """Exclude every object alive now from Python's cyclic GC (`gc.freeze`), collecting first
     so that only live ones are kept. A full collection over the loaded encoder, tokenizer and
     Faust (~0.5 M objects) takes ~0.3 s and showed as the p99 of event -> recommendation
-    latency; at start-up's end (1M items) it held the event loop for ~0.29 s (py-spy). So the
+    latency; at start-up's end (1M items) a py-spy trace put ~0.29 s in it. So the
     worker's entry point takes the full one before its event loop runs, and the start-up's
     end collects only the young generations (`young_only`: it does not scan the old or
     frozen objects) before freezing what start-up built. What is created later is collected

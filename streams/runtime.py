@@ -37,7 +37,7 @@ from streams.clients import aio_options, kafka_producer
 from streams.gaps import GapFiller, read_records
 from streams.off_loop import OffLoop
 from streams.process import freeze_heap
-from streams.processor import BatchOutput, EventProcessor
+from streams.processor import BatchOutput, Decoded, EventProcessor, Rejected
 from streams.records import RawRecord
 from streams.replica import TopicReplica
 from streams.settings import Settings
@@ -264,8 +264,8 @@ class Runtime:
                              read: Callable[[str, RawRecord], bytes | None]) -> BatchOutput:
         """Decode, then the batch against its users' states, off the event loop. `read`
         gives a user's stored state (a table read: on the loop, before the computing
-        starts); it is decoded off the loop with the rest (~0.08 ms a user, so ~40 ms of a
-        500-user batch that held the loop before)."""
+        starts); it is decoded off the loop with the rest (0.011 ms for a 2.9 KB state,
+        ~5 ms of a 500-user batch)."""
         good, bad = self.processor.decode(records)
         if self.processor.unknown_items(good):  # published just before its events?
             if await self.catalog_backlog.wait():
@@ -281,8 +281,8 @@ class Runtime:
                 stored[ev.user_id] = read(ev.user_id, rec)
         return await self.model_steps.run(self._process, good, bad, stored)
 
-    def _process(self, good: list[Any], bad: list[Any], stored: dict[str, bytes | None]
-                 ) -> BatchOutput:
+    def _process(self, good: list[Decoded], bad: list[Rejected],
+                 stored: dict[str, bytes | None]) -> BatchOutput:
         states = {user: UserState.from_bytes(value) for user, value in stored.items()}
         return self.processor.process(good, bad, states)
 
