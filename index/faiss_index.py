@@ -189,6 +189,18 @@ def _as_matrix(x: np.ndarray, dim: int, what: str) -> np.ndarray:
     return arr
 
 
+def _checked(ids: np.ndarray, vectors: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """ids and vectors as FAISS takes them, or ValueError: as many of each, all finite (one
+    NaN would poison every score)."""
+    keys = _as_ids(ids)
+    vecs = _as_matrix(vectors, dim, "vectors")
+    if len(keys) != len(vecs):
+        raise ValueError(f"{len(keys)} ids but {len(vecs)} vectors")
+    if not np.isfinite(vecs).all():
+        raise ValueError("vectors contain NaN or inf")
+    return keys, vecs
+
+
 def _last_wins(ids: np.ndarray, vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Drop earlier duplicates inside one batch, so a batch behaves like sequential upserts."""
     _, first_in_reversed = np.unique(ids[::-1], return_index=True)
@@ -459,9 +471,9 @@ class FaissIndex:
             raise ValueError(f"vectors must be 2-D (n, dim), got shape {arr.shape}")
         # distinct ids by sorting, which lets the GIL go (numpy 2.4's hash-based np.unique
         # held it for ~0.1 s at 1M ids while the worker's first index was built in a thread)
-        keys, arr = _last_wins(_as_ids(ids), arr)
+        keys, vecs = _last_wins(*_checked(ids, arr, arr.shape[1]))
         index = cls(arr.shape[1], config, expected_size=len(keys))
-        index.upsert(keys, arr)
+        index._put(keys, vecs)
         return index
 
     # ---- properties
@@ -502,15 +514,12 @@ class FaissIndex:
         An existing id is replaced, never duplicated; within one batch the last occurrence
         of an id wins.  Non-finite vectors are rejected: one NaN would poison every score.
         """
-        keys = _as_ids(ids)
-        vecs = _as_matrix(vectors, self._dim, "vectors")
-        if len(keys) != len(vecs):
-            raise ValueError(f"{len(keys)} ids but {len(vecs)} vectors")
-        if not np.isfinite(vecs).all():
-            raise ValueError("vectors contain NaN or inf")
+        self._put(*_last_wins(*_checked(ids, vectors, self._dim)))
+
+    def _put(self, keys: np.ndarray, vecs: np.ndarray) -> None:
+        """Upsert checked, distinct ids."""
         if not len(keys):
             return
-        keys, vecs = _last_wins(keys, vecs)
         with self._lock:
             existed = self._store.put(keys, vecs)
             self._backend.upsert(keys, vecs, existed)

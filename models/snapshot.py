@@ -73,9 +73,20 @@ def _meta(model: SharedModel, kind: str, version: int, covered: dict[int, int],
             "scenarios": json.dumps(model.scenarios.names[1:])}
 
 
+def read_header(data: bytes) -> tuple[dict[str, Any], memoryview]:
+    """A safetensors payload's JSON header (`__metadata__`, then each tensor's dtype, shape
+    and byte range) and the bytes after it. The format: an 8-byte little-endian header
+    length, the header, the bytes."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n]), memoryview(data)[8 + n :]
+
+
 def read_meta(data: bytes) -> tuple[SnapshotMeta, dict[str, str]]:
-    header_len = int.from_bytes(data[:8], "little")
-    raw = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+    return _snapshot_meta(read_header(data)[0])
+
+
+def _snapshot_meta(header: dict[str, Any]) -> tuple[SnapshotMeta, dict[str, str]]:
+    raw = header.get("__metadata__", {})
     if raw.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} snapshot (format {raw.get('format')!r})")
     meta = SnapshotMeta(raw["kind"], int(raw["version"]),
@@ -89,9 +100,8 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.in
            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
-def load_tensors(data: bytes) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors payload (its format: an 8-byte little-endian header
-    length, a JSON header of dtype, shape and byte range per tensor, then the bytes).
+def load_tensors(header: dict[str, Any], body: memoryview) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors payload, from its `read_header`.
 
     Not `safetensors.torch.load`: it copies every tensor while holding the GIL, and a
     1M-item base snapshot applied in a worker's model-step thread held the worker's event
@@ -99,13 +109,11 @@ def load_tensors(data: bytes) -> dict[str, torch.Tensor]:
     which lets the GIL go (288 MB of tensors: 0.17 s holding the GIL against 0.08 s not,
     measured in a thread beside a GIL watchdog).
 
-    >>> t = load_tensors(st_save({"a": torch.arange(6).reshape(2, 3), "e": torch.zeros(0)}))
+    >>> data = st_save({"a": torch.arange(6).reshape(2, 3), "e": torch.zeros(0)})
+    >>> t = load_tensors(*read_header(data))
     >>> t["a"].tolist(), t["e"].shape
     ([[0, 1, 2], [3, 4, 5]], torch.Size([0]))
     """
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    body = memoryview(data)[8 + n :]
     out = {}
     for name, t in header.items():
         if name == "__metadata__":
@@ -217,11 +225,12 @@ def _set_dense(model: SharedModel, tensors: dict[str, torch.Tensor], raw: dict[s
 
 def apply_base(model: SharedModel, data: bytes) -> SnapshotMeta:
     """Load a base snapshot: parameters, rows and counts become the trainer's."""
-    meta, raw = read_meta(data)
+    header, body = read_header(data)
+    meta, raw = _snapshot_meta(header)
     if meta.kind != "base":
         raise ValueError(f"version {meta.version} is a {meta.kind}, not a base")
     ids = _check(model, raw)
-    tensors = load_tensors(data)
+    tensors = load_tensors(header, body)
     rows = model.add_rows(ids[1:])  # row 0 of the trainer is padding
     _set_dense(model, tensors, raw)
     with torch.no_grad():
@@ -253,11 +262,12 @@ def load_covis(model: SharedModel, rows: np.ndarray, arrays: dict[str, np.ndarra
 
 def apply_delta(model: SharedModel, data: bytes) -> SnapshotMeta:
     """Apply version v on top of version v-1 (raises on any other version)."""
-    meta, raw = read_meta(data)
+    header, body = read_header(data)
+    meta, raw = _snapshot_meta(header)
     if meta.kind != "delta" or meta.version != model.version + 1:
         raise ValueError(f"cannot apply {meta.kind} v{meta.version} on v{model.version}")
     ids = _check(model, raw)
-    tensors = load_tensors(data)
+    tensors = load_tensors(header, body)
     rows = model.add_rows(ids) if ids else np.zeros(0, np.int64)
 
     def mapped(key: str) -> np.ndarray:

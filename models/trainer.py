@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -36,7 +37,7 @@ from models.examples import TrainingExample
 from models.lr_rules import RuleRecord, RuleState, make_rule
 from models.model import SharedModel
 from models.sequences import Seqs
-from models.snapshot import load_covis, load_tensors
+from models.snapshot import load_covis, load_tensors, read_header
 from models.snapshot import structural as snapshot_structural
 
 
@@ -395,12 +396,13 @@ def restore(trainer: Trainer, data: bytes) -> dict[str, str]:
     parameters, optimizer moments and co-visitation counts, so an upgrade keeps the learned
     model (the trainer's first snapshot, a base, carries the counts to every worker)."""
     m = trainer.model
-    meta = _checkpoint_meta(data)
+    header, body = read_header(data)
+    meta = _checkpoint_meta(header)
     legacy = meta["format"] == LEGACY_FORMAT
     config = json.loads(meta["config"]) | ({"text_dim": int(meta["text_dim"])} if legacy else {})
     if config != json.loads(snapshot_structural(m)):
         raise ValueError(f"checkpoint shape config {config} != {snapshot_structural(m)}")
-    tensors = load_tensors(data)
+    tensors = load_tensors(header, body)
     ids = json.loads(meta["ids"])
     rows = torch.as_tensor(trainer.add_rows(ids[1:]))
     params = dict(m.named_parameters())
@@ -462,9 +464,8 @@ def trainer_opt_state(trainer: Trainer, name: str, p: torch.nn.Parameter,
     trainer.dense_opt.state[p] = out
 
 
-def _checkpoint_meta(data: bytes) -> dict[str, str]:
-    header_len = int.from_bytes(data[:8], "little")
-    meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+def _checkpoint_meta(header: dict[str, Any]) -> dict[str, str]:
+    meta = header.get("__metadata__", {})
     if meta.get("format") not in (CHECKPOINT_FORMAT, LEGACY_FORMAT):
         raise ValueError(f"not a {CHECKPOINT_FORMAT} checkpoint (format "
                          f"{meta.get('format')!r})")
