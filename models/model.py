@@ -225,15 +225,14 @@ class SharedModel:
         which would teach it to over-trust them. Its co-visitation features read each pair's
         history as serving reads it in the pair's scenario (`scenario_histories`)."""
         dev, d = self.device, self.cfg.dim
-        live = np.flatnonzero(self.catalog.live)
-        cand = live if negatives is None else np.concatenate([targets, negatives])
-        V, need = self.item_table(np.concatenate([cand, seqs.newest(
+        cand = [] if negatives is None else [targets, negatives]
+        V, need = self.item_table(np.concatenate(cand + [seqs.newest(
             self.cfg.encoder_window).rows.ravel()]))
         u = self.encode(seqs, V, need) + resid[:, :d]
-        if negatives is None:
-            cols, logq = live, None
-            pos = torch.as_tensor(np.searchsorted(live, targets), device=dev)
-            logits = u @ V[torch.as_tensor(np.searchsorted(need, live), device=dev)].T
+        if negatives is None:  # the whole catalog, scored without its item vectors
+            cols, logq = np.flatnonzero(self.catalog.live), None
+            pos = torch.as_tensor(np.searchsorted(cols, targets), device=dev)
+            logits = self.items.scores(u, torch.as_tensor(cols, device=dev))
         else:  # column 0 is each pair's own target, then the shared negatives
             cols, (logq, pos, logits) = negatives, self._sampled_logits(u, targets, negatives,
                                                                         V, need)
