@@ -8,12 +8,15 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import orjson
 from kafka import KafkaConsumer
 
 from models.user_state import UserState
 from streams.dead_letters import read_headers
+from streams.publish import publish_items
 from streams.settings import Settings
+from streams.supervisor import WorkerProcess
 
 _ids = itertools.count()
 
@@ -100,3 +103,28 @@ def wait_states(settings: Settings, expected: dict, timeout: float,
 def dead_letters(settings: Settings, topic: str) -> list[tuple[bytes | None, dict[str, str]]]:
     """(original value, headers) of every DLQ record."""
     return [(m.value, read_headers(m.headers)) for m in read_all(settings, topic)]
+
+
+class FixedScores:
+    """An evaluator model that scores every item the same way, always, and records each call's
+    batch, scored events and keyword arguments (what the evaluator asked)."""
+
+    name = "fixed"
+
+    def __init__(self, scores: list[float]):
+        self.scores = np.array(scores, dtype=float)
+        self.calls: list[tuple[list, list[int], dict]] = []
+
+    def step(self, batch, which, excluded=None, **kw):
+        self.calls.append((list(batch), list(which), kw))
+        return np.tile(self.scores, (len(which), 1))
+
+
+def index_catalog(settings: Settings, worker: WorkerProcess, items: list[dict],
+                  timeout: float = 180) -> None:
+    """Publish the catalog and wait until `worker` (no trainer) has indexed all of it: an
+    event published before its item waits for the catalog agent, which would change what a
+    test measures."""
+    publish_items(settings, items, quiet=True)
+    worker.wait_ready(snapshot=False)
+    worker.wait_for("streamrec_index_items", len(items), timeout=timeout)

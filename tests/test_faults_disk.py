@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 from faults import _audit, _histories
-from helpers import expected_states, make_settings, user_states, wait_states
+from helpers import expected_states, index_catalog, make_settings, user_states, wait_states
 
 from evaluation.synthetic import SyntheticStream, make_world
 from streams.local_store import partition_stores
-from streams.publish import publish_events, publish_items
+from streams.publish import publish_events
 from streams.supervisor import WorkerProcess
 from streams.topics import ensure_topics
 
@@ -55,9 +55,7 @@ def test_a_garbled_local_store_is_dropped_and_restored_from_the_changelog(
     events = list(SyntheticStream(world, n_users=300, seed=62).events(N_EVENTS))
     first = WorkerProcess(s, tmp_path / "first.log").start()
     try:
-        publish_items(s, world.items, quiet=True)
-        first.wait_ready(snapshot=False)
-        first.wait_for("streamrec_index_items", len(world.items), timeout=180)
+        index_catalog(s, first, world.items)
         publish_events(s, events, quiet=True)
         first.wait_for("streamrec_events_total", N_EVENTS // 2, timeout=300,
                        outcome="applied")

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import orjson
 import pytest
-from helpers import dead_letters, expected_states, make_settings, wait_states
+from helpers import dead_letters, expected_states, index_catalog, make_settings, wait_states
 
 from evaluation.synthetic import SyntheticStream, bad_events, make_world
 from streams.clients import kafka_producer
-from streams.publish import publish_events, publish_items
+from streams.publish import publish_events
 from streams.schemas import EVENT_TYPES, MAX_TS_MS
 from streams.supervisor import WorkerProcess, total
 from streams.topics import ensure_topics
@@ -411,9 +411,7 @@ def _assert_states(states: dict, expected: dict) -> None:
 
 def _warm_up(s, worker: WorkerProcess, items: list[dict], warmup: list[dict]) -> None:  # noqa: ANN001
     """The catalog indexed and the warm-up events applied: the RSS baseline."""
-    publish_items(s, items, quiet=True)
-    worker.wait_ready(snapshot=False)
-    worker.wait_for("streamrec_index_items", len(items), timeout=180)
+    index_catalog(s, worker, items)
     publish_events(s, warmup, quiet=True)
     worker.wait_for("streamrec_events_total", len(warmup), timeout=180, outcome="applied")
     worker.wait_idle()
@@ -509,9 +507,7 @@ def test_misrouted_event_does_not_fork_or_reset_user_state(kafka, tmp_path):
     topic = s.topic(s.events_topic)
     worker = WorkerProcess(s, tmp_path / "worker.log").start()
     try:
-        publish_items(s, world.items, quiet=True)
-        worker.wait_ready(snapshot=False)
-        worker.wait_for("streamrec_index_items", len(world.items), timeout=180)
+        index_catalog(s, worker, world.items)
         home = _send(s, topic, [(user.encode(), orjson.dumps(ev)) for ev in good[:30]])[0][0]
         worker.wait_for("streamrec_events_total", 30, timeout=120, outcome="applied")
         foreign = (home + 1) % s.partitions

@@ -28,7 +28,7 @@ from faults import (
     _wait_applied,
     _wait_committed,
 )
-from helpers import expected_states, make_settings, user_states, wait_states
+from helpers import expected_states, index_catalog, make_settings, user_states, wait_states
 
 from streams.demo import free_port
 from streams.publish import publish_events, publish_items
@@ -58,9 +58,7 @@ def test_random_sigkills_lose_and_double_nothing(kafka, tmp_path):
     lives: list[str] = []
     worker = WorkerProcess(s, tmp_path / "life-0.log").start()
     try:
-        publish_items(s, world.items, quiet=True)
-        worker.wait_ready(snapshot=False)
-        worker.wait_for("streamrec_index_items", len(world.items), timeout=180)
+        index_catalog(s, worker, world.items)
         publish_events(s, events, quiet=True)
         durable = 0
         settings = s

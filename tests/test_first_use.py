@@ -20,11 +20,11 @@ from pathlib import Path
 
 import orjson
 import pytest
-from helpers import expected_states, make_settings, read_all, wait_states
+from helpers import expected_states, index_catalog, make_settings, read_all, wait_states
 
 from evaluation.synthetic import SyntheticStream, make_world
 from streams.demo import free_port
-from streams.publish import publish_events, publish_items
+from streams.publish import publish_events
 from streams.supervisor import WorkerProcess, settings_env
 from streams.topics import ensure_topics
 
@@ -121,9 +121,7 @@ def test_worker_stops_within_its_deadline_without_a_broker_and_nothing_is_lost(t
         events = list(SyntheticStream(world, n_users=50, seed=6).events(3000))
         worker = WorkerProcess(s, tmp_path / "first.log").start()
         try:
-            publish_items(s, world.items, quiet=True)
-            worker.wait_ready(snapshot=False)
-            worker.wait_for("streamrec_index_items", len(world.items), timeout=120)
+            index_catalog(s, worker, world.items, timeout=120)
             publish_events(s, events, quiet=True)
             worker.wait_for("streamrec_events_total", 500, timeout=120, outcome="applied")
             broker.kill()
@@ -164,9 +162,7 @@ def test_no_recommendation_holds_an_item_the_user_ever_interacted_with(kafka, tm
     events = list(SyntheticStream(world, n_users=20, seed=8).events(1500))
     worker = WorkerProcess(s, tmp_path / "worker.log").start()
     try:
-        publish_items(s, world.items, quiet=True)
-        worker.wait_ready(snapshot=False)
-        worker.wait_for("streamrec_index_items", len(world.items), timeout=120)
+        index_catalog(s, worker, world.items, timeout=120)
         publish_events(s, events, quiet=True)
         wait_states(s, expected_states(events, 5), timeout=180)  # lists go out before states
     finally:

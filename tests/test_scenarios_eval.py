@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import FixedScores
 
 from evaluation import comparison as cmp
 from evaluation.baselines import ItemKNNSeq, Pop
@@ -17,20 +18,6 @@ from evaluation.evaluate import (
     scenario_report,
 )
 from models.config import LearnerConfig
-
-
-class FixedScores:
-    """Scores every item the same way; records each call's batch and keyword arguments."""
-
-    name = "fixed"
-
-    def __init__(self, scores: list[float]):
-        self.scores = np.array(scores, dtype=float)
-        self.calls: list[tuple[list, list[int], dict]] = []
-
-    def step(self, batch, which, excluded=None, **kw):
-        self.calls.append((list(batch), list(which), kw))
-        return np.tile(self.scores, (len(which), 1))
 
 
 # --------------------------------------------------------------------------- the filter
