@@ -237,9 +237,10 @@ def run_worker(settings: Settings) -> None:
     ensure_topics(settings, role="worker")
     _examples_partitions(settings)
     configure_process(settings.compute_threads)
-    runtime = Runtime(settings)
+    # start-up's end freezes what it built; the rest is frozen before the loop runs
+    runtime = Runtime(settings, on_ready=lambda: freeze_heap(young_only=True))
     app = create_app(settings, runtime)
     worker = Worker(app, loglevel=settings.log_level, override_logging=False,
                     shutdown_timeout_s=settings.shutdown_timeout_s)
-    freeze_heap()  # before the event loop runs: Runtime.start freezes only what it adds
+    freeze_heap()  # before the event loop runs
     worker.execute_from_commandline()

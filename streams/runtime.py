@@ -36,7 +36,6 @@ from streams.catalog import CatalogBacklog, CatalogEncoder, collapse_item_vector
 from streams.clients import aio_options, kafka_producer
 from streams.gaps import GapFiller, read_records
 from streams.off_loop import OffLoop
-from streams.process import freeze_heap
 from streams.processor import BatchOutput, Decoded, EventProcessor, Rejected
 from streams.records import RawRecord
 from streams.replica import TopicReplica
@@ -150,8 +149,12 @@ def _fork_and_apply(server: Server, snaps: list[Snapshot]
 
 
 class Runtime:
-    def __init__(self, settings: Settings, encoder: TextEncoder | None = None):
+    def __init__(self, settings: Settings, encoder: TextEncoder | None = None,
+                 on_ready: Callable[[], None] | None = None):
+        """`on_ready`: the entry point's process-wide step at the end of start-up (the
+        worker's GC freeze, streams/process.py), run just before `ready` is set."""
         s = self.s = settings
+        self.on_ready = on_ready
         self.encoder = encoder or TextEncoder(s.encoder_path, s.encoder_device,
                                               s.encoder_batch_size)
         self.server = Server(SharedModel(s.learner, text_dim=self.encoder.dim), s.index,
@@ -196,7 +199,8 @@ class Runtime:
         self._observe_model()
         log.info("worker ready: %d items, model v%d, index v%d", self.server.n_items,
                  self.model.version, self.server.version)
-        freeze_heap(young_only=True)  # what start-up built: the rest was frozen before
+        if self.on_ready is not None:
+            self.on_ready()
         self.ready.set()
 
     async def _wait_first_snapshot(self) -> None:
