@@ -417,18 +417,20 @@ class StreamrecModel:
         tower = tower_of(model.sources)
         if model.head is None and tower is not None and tower.count >= len(self.rows):
             return model.blend(hists, U, self.rows, residuals, scenarios)  # the same ranking
-        tower_rows = [np.zeros(0, np.int64)] * len(hists) if tower is None else \
-            self._tower_rows(model, tower, U, excluded, scenarios)
-        ranked = rank_candidates(model, hists, U, tower_rows, excluded, residuals, scenarios)
+        tower_rows, tower_scores = ([np.zeros(0, np.int64)] * len(hists), None) \
+            if tower is None else self._tower_rows(model, tower, U, excluded, scenarios)
+        ranked = rank_candidates(model, hists, U, tower_rows, excluded, residuals, scenarios,
+                                 tower_scores=tower_scores)
         out = np.full((len(hists), len(self.rows)), -np.inf)
         for p, (rows, scores) in enumerate(ranked):
             out[p, self.col_of[rows]] = scores
         return out
 
     def _tower_rows(self, model: SharedModel, tower: TowerCandidates, U: np.ndarray,
-                    excluded: Sequence[Exclusion], scenarios: list[str]) -> list[np.ndarray]:
+                    excluded: Sequence[Exclusion], scenarios: list[str]
+                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """The `tower` source's rows per query, from an exact search (the index's order: by
-        u·v, ties by catalog order), of the allowed items only."""
+        u·v, ties by catalog order), of the allowed items only; and their u·v."""
         _, V = model.item_vectors(self.rows)
         S = U @ V.T
         allowed = self._allowed(model, scenarios)
@@ -441,7 +443,8 @@ class StreamrecModel:
             if allowed is not None:  # (fewer allowed items than wanted: the rest tie at -inf)
                 keys[p, : len(top)][~allowed[p, top]] = -1
         ok = tower.select(keys, excluded)
-        return [self.rows[top[m[: len(top)]]] for top, m in zip(tops, ok, strict=True)]
+        chosen = [top[m[: len(top)]] for top, m in zip(tops, ok, strict=True)]
+        return [self.rows[c] for c in chosen], [s[c] for s, c in zip(S, chosen, strict=True)]
 
     def _allowed(self, model: SharedModel, scenarios: list[str]) -> np.ndarray | None:
         """(n, n_items) which output columns each query's scenario allows; None: all."""

@@ -83,6 +83,13 @@ class KeyIndex:
         return out
 
 
+def unique_ints(x: np.ndarray) -> np.ndarray:
+    """Sorted unique values of an integer array: np.unique by sort + mask, which numpy 2.4's
+    hash-based np.unique is ~6x slower than on the 10^5-long arrays of a batch."""
+    s = np.sort(np.asarray(x).ravel())
+    return s[np.concatenate([[True], s[1:] != s[:-1]])] if len(s) else s
+
+
 def find_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Membership of `keys` in an ascending array: (insertion positions, clipped to the
     array, and which keys are there). The one sorted-key lookup of the catalog and of a
@@ -94,8 +101,21 @@ def find_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, 
     keys = np.asarray(keys, dtype=np.int64)
     if not len(sorted_keys):
         return np.zeros(keys.shape, np.int64), np.zeros(keys.shape, bool)
-    pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    pos = np.minimum(_searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
     return pos, sorted_keys[pos] == keys
+
+
+def _searchsorted(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """np.searchsorted, with many keys looked up in sorted order: each binary search then
+    starts from the last one's neighbourhood in cache. A batch's ~10^5 index results looked
+    up among 50,000 catalog keys took 5.0 ms so against 11.4 ms in the given order."""
+    if keys.size < 1024:
+        return np.searchsorted(sorted_keys, keys)
+    flat = keys.ravel()
+    order = np.argsort(flat)
+    pos = np.empty(flat.size, np.int64)
+    pos[order] = np.searchsorted(sorted_keys, flat[order])
+    return pos.reshape(keys.shape)
 
 
 class ItemRows:

@@ -30,19 +30,12 @@ from models.candidates import make_sources
 from models.config import LearnerConfig
 from models.covisit import CoVisitation
 from models.encoder import pick_device
-from models.items import ItemRows
+from models.items import ItemRows, unique_ints
 from models.losses import log_probs, log_q, make_softmax
 from models.scenarios import ScenarioTable
 from models.sequences import History, Seqs
 from models.two_tower import ItemTower, PriorHead, UserTower
 from models.user_state import UserState
-
-
-def unique_ints(x: np.ndarray) -> np.ndarray:
-    """Sorted unique values of an integer array: np.unique by sort + mask, which numpy 2.4's
-    hash-based np.unique is ~6x slower than on the 10^5-long arrays of a batch."""
-    s = np.sort(np.asarray(x).ravel())
-    return s[np.concatenate([[True], s[1:] != s[:-1]])] if len(s) else s
 
 
 class SharedModel:
@@ -364,21 +357,28 @@ class SharedModel:
             out = out.cpu().numpy()
         return out
 
+    def pair_dots(self, U: np.ndarray, owner: np.ndarray, rows: np.ndarray,
+                  V: np.ndarray | None = None) -> np.ndarray:
+        """u·v of each pair (user owner[k], item rows[k]). `V` (len(rows), dim): the items'
+        vectors if the caller has them (the index's), else the item tower's."""
+        if V is None:
+            cols = unique_ints(rows)
+            V = self.item_vectors(cols)[1][np.searchsorted(cols, rows)]
+        return np.einsum("pd,pd->p", U[owner], V)
+
     @torch.no_grad()
     def blend_pairs(self, hists: Sequence[History], U: np.ndarray, owner: np.ndarray,
                     rows: np.ndarray, residuals: Sequence[np.ndarray | None] | None = None,
                     scenarios: Sequence[str] | None = None,
-                    V: np.ndarray | None = None) -> np.ndarray:
+                    tower: np.ndarray | None = None) -> np.ndarray:
         """`blend`'s scores of the pairs (user owner[k], item rows[k]) only, what serving
         ranks: O(pairs), where `blend` fills (users x every candidate of the batch), which a
-        50k-item catalog makes the batch's largest cost. `V` (len(rows), dim): the items'
-        vectors if the caller has them (the index's), else the item tower's."""
+        50k-item catalog makes the batch's largest cost. `tower`: the pairs' u·v if the
+        caller has them (`pair_dots`, or the index search's own scores)."""
         if not len(rows):
             return np.zeros(0, np.float32)
-        if V is None:
-            cols = unique_ints(rows)
-            V = self.item_vectors(cols)[1][np.searchsorted(cols, rows)]
-        tower = np.einsum("pd,pd->p", U[owner], V)
+        if tower is None:
+            tower = self.pair_dots(U, owner, rows)
         if self.head is None:
             return tower
         dev = self.device

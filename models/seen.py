@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from index.ids import item_hash
-from models.items import find_sorted
+from models.items import find_sorted, unique_ints
 
 if TYPE_CHECKING:
     from models.items import KeyIndex
@@ -92,7 +92,7 @@ class SeenItems:
             self.n += len(np.unique(new))
             self._set_bits(new)
             return
-        self.keys = np.union1d(self.keys, keys)
+        self.keys = unique_ints(np.concatenate((self.keys, keys)))
         self.n = len(self.keys)
         if self.n > EXACT_MAX:
             self.bloom = np.zeros(BLOOM_BITS // 8, np.uint8)

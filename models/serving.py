@@ -10,20 +10,23 @@ immediately (from its text).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from index.faiss_index import FaissIndex, IndexConfig, VersionedIndex
 from models.candidates import first_unexcluded, history_rows, tower_of
-from models.model import SharedModel, unique_ints
+from models.items import unique_ints
+from models.model import SharedModel
 from models.seen import ExcludeSeen, Exclusion, exclusions
 from models.sequences import History
 from models.user_state import UserState
 
 
-@dataclass(frozen=True)
-class Scored:
+class Scored(NamedTuple):
+    """One recommended item (a tuple: a batch makes ~5,000 of them, and a frozen dataclass
+    took twice as long to build)."""
+
     item_id: str
     score: float
     reason_item_id: str | None
@@ -33,35 +36,83 @@ def rank_candidates(model: SharedModel, hists: Sequence[History], U: np.ndarray,
                     tower_rows: Sequence[np.ndarray], excluded: Sequence[Exclusion],
                     residuals: Sequence[np.ndarray | None] | None = None,
                     scenarios: Sequence[str] | None = None,
-                    vectors: Callable[[np.ndarray], np.ndarray] | None = None
+                    vectors: Callable[[np.ndarray], np.ndarray] | None = None,
+                    tower_scores: Sequence[np.ndarray] | None = None
                     ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The serving ranker: the `tower` source's candidates (`tower_rows`, from the caller's
-    index search) plus the other sources' (models/candidates.py; co-visitation); live,
-    allowed in the query's scenario and not `excluded` only; scored by the model's blend
-    (with the scenario's parameters).
-    Returns (item rows, scores) per user, best first. The offline evaluator ranks through
-    this same function, so it measures what the agent serves.
+    index search, with its u·v scores `tower_scores` if the caller has them) plus the other
+    sources' (models/candidates.py; co-visitation); live, allowed in the query's scenario
+    and not `excluded` only; scored by the model's blend (with the scenario's parameters).
+    `vectors(rows)`: the items' vectors for the u·v the search did not give (the index's),
+    else the item tower's. Returns (item rows, scores) per user, best first. The offline
+    evaluator ranks through this same function, so it measures what the agent serves.
 
     One flat array of (user, row) pairs for the whole batch, not a loop per user: the
     agent ranks ~500 users per micro-batch under load."""
     n = len(hists)
-    per_user = [np.concatenate([np.asarray(rows, dtype=np.int64),
-                                history_rows(model.sources, model, hist)])
-                for hist, rows in zip(hists, tower_rows, strict=True)]
-    base = model.catalog.capacity
-    owner = np.repeat(np.arange(n), [len(rows) for rows in per_user])
-    code = unique_ints(owner * base + np.concatenate(per_user + [np.zeros(0, np.int64)]))
-    owner, rows = np.divmod(code, base)
+    other = [history_rows(model.sources, model, hist) for hist in hists]
+    owner, rows, tower = candidate_pairs(tower_rows, other, tower_scores,
+                                         model.catalog.capacity)
     keep = model.catalog.live[rows] & ~_excluded(owner, model.catalog.keys[rows], excluded)
     if scenarios is not None:
         keep &= allowed_pairs(model, scenarios, owner, rows)
-    owner, rows = owner[keep], rows[keep]
-    scores = model.blend_pairs(hists, U, owner, rows, residuals, scenarios,
-                               None if vectors is None else vectors(rows))
-    order = np.lexsort((-scores, owner))  # per user best first; ties keep row order
+    owner, rows, tower = owner[keep], rows[keep], tower[keep]
+    need = np.flatnonzero(np.isnan(tower))
+    if len(need):
+        tower[need] = model.pair_dots(U, owner[need], rows[need],
+                                      None if vectors is None else vectors(rows[need]))
+    scores = model.blend_pairs(hists, U, owner, rows, residuals, scenarios, tower)
+    order = best_first_per_user(owner, scores)
     splits = np.cumsum(np.bincount(owner, minlength=n))[:-1]
     return list(zip(np.split(rows[order], splits), np.split(scores[order], splits),
                     strict=True))
+
+
+def best_first_per_user(owner: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The order of pairs by user, then by score descending, ties in their given order:
+    `np.lexsort((-scores, owner))` as one stable argsort of int64 codes, the user in the high
+    32 bits and the score's order-preserving integer image in the low 32 (4.6 against 14.9 ms
+    on a batch's 10^5 pairs).
+
+    >>> best_first_per_user(np.array([1, 0, 0, 0, 1]),
+    ...                     np.array([2.0, -1.0, 3.0, -0.0, 2.0], np.float32)).tolist()
+    [2, 3, 1, 0, 4]
+    """
+    neg = (np.float32(0) - scores.astype(np.float32)).view(np.int32).astype(np.int64)
+    low = np.where(neg < 0, neg ^ 0x7FFFFFFF, neg) + (1 << 31)  # float order, unsigned
+    return np.argsort((owner.astype(np.int64) << 32) | low, kind="stable")
+
+
+def candidate_pairs(tower_rows: Sequence[np.ndarray], other_rows: Sequence[np.ndarray],
+                    tower_scores: Sequence[np.ndarray] | None, base: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The batch's distinct (user, row) candidates, sorted by user then row, and their u·v
+    where the search gave it (NaN elsewhere): an item both sources found keeps the tower's
+    score. One sort of codes 2·(user·base + row) + (0 tower, 1 other), so that a tower pair
+    sorts before its duplicate from another source.
+
+    >>> o, r, t = candidate_pairs([np.array([5, 2])], [np.array([2, 7, 7])],
+    ...                           [np.array([0.9, 0.4], np.float32)], base=10)
+    >>> o.tolist(), r.tolist(), t.tolist()
+    ([0, 0, 0], [2, 5, 7], [0.4000000059604645, 0.8999999761581421, nan])
+    """
+    parts = [np.asarray(r, np.int64) for pair in zip(tower_rows, other_rows, strict=True)
+             for r in pair]
+    sizes = [len(part) for part in parts]
+    users = np.repeat(np.arange(len(tower_rows)), 2)
+    source = np.tile([0, 1], len(tower_rows))
+    code = (np.repeat(users, sizes) * base + np.concatenate([np.zeros(0, np.int64), *parts])
+            ) * 2 + np.repeat(source, sizes)
+    scores = np.full(len(code), np.nan, np.float32)
+    if tower_scores is not None:
+        starts = np.cumsum([0, *sizes])[:-1:2]
+        for start, s in zip(starts, tower_scores, strict=True):
+            scores[start : start + len(s)] = s
+    order = np.argsort(code)
+    code = code[order] >> 1
+    first = np.concatenate([[True], code[1:] != code[:-1]])[: len(code)]
+    owner, rows = np.divmod(code[first], base)
+    return owner, rows, scores[order][first]
 
 
 def allowed_pairs(model: SharedModel, scenarios: Sequence[str], owner: np.ndarray,
@@ -257,25 +308,29 @@ class Server:
         """The candidate sources' items, ordered by the learned ranker. The index is asked
         for the `tower` source's count plus the exclusions, and the excluded ones are
         masked; without a `tower` source it is not searched."""
-        tower_rows = self._tower_rows(idx, version, user_vecs, excluded, scenarios)
+        tower_rows, tower_scores = self._tower_rows(idx, version, user_vecs, excluded,
+                                                    scenarios)
         catalog = self.model.catalog
         ranked = rank_candidates(self.model, hists, user_vecs, tower_rows, excluded,
                                  [st.residual for st in states], scenarios,
-                                 lambda rows: self._index_vectors(idx, rows))
+                                 lambda rows: self._index_vectors(idx, rows), tower_scores)
         return [(catalog.keys[c[:k]], s[:k]) for c, s in ranked]
 
     def _tower_rows(self, idx: FaissIndex, version: int, user_vecs: np.ndarray,
                     excluded: Sequence[Exclusion], scenarios: Sequence[str] | None
-                    ) -> list[np.ndarray]:
-        """The `tower` source's candidate rows per user (none when it is not chosen)."""
+                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The `tower` source's candidate rows per user and the search's u·v of each (none
+        when the source is not chosen)."""
         tower = tower_of(self.model.sources)
         if tower is None:
-            return [np.zeros(0, np.int64)] * len(user_vecs)
-        _, keys, ok = search_scenarios(idx, user_vecs, excluded, tower.count, scenarios,
-                                       lambda name: self._target(idx, version, name))
+            return [np.zeros(0, np.int64)] * len(user_vecs), \
+                [np.zeros(0, np.float32)] * len(user_vecs)
+        scores, keys, ok = search_scenarios(idx, user_vecs, excluded, tower.count, scenarios,
+                                            lambda name: self._target(idx, version, name))
         cand = self.model.catalog.rows_of_keys(keys)
         ok &= cand >= 0  # (a key the model lacks: never seen in practice)
-        return [c[m] for c, m in zip(cand, ok, strict=True)]
+        return [c[m] for c, m in zip(cand, ok, strict=True)], \
+            [s[m] for s, m in zip(scores, ok, strict=True)]
 
     def _index_vectors(self, idx: FaissIndex, rows: np.ndarray) -> np.ndarray:
         """The vectors the index holds for `rows` (those its search scored; no item-tower

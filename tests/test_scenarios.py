@@ -298,9 +298,9 @@ def test_the_pairwise_ranker_scores_what_the_dense_blend_scores():
     np.testing.assert_allclose(model.blend_pairs(hists, U, owner, rows, res, scen), dense,
                                rtol=1e-5, atol=1e-5)
     idx = server.index.current()[0]
-    np.testing.assert_allclose(model.blend_pairs(hists, U, owner, rows, res, scen,
-                                                 server._index_vectors(idx, rows)), dense,
-                               rtol=1e-5, atol=1e-5)
+    tower = model.pair_dots(U, owner, rows, server._index_vectors(idx, rows))
+    np.testing.assert_allclose(model.blend_pairs(hists, U, owner, rows, res, scen, tower),
+                               dense, rtol=1e-5, atol=1e-5)
     assert model.blend_pairs(hists, U, owner[:0], rows[:0]).shape == (0,)
 
 

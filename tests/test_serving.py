@@ -8,12 +8,15 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as gen
 
 from index.faiss_index import FaissIndex, IndexConfig
 from models.config import LearnerConfig
+from models.items import find_sorted
 from models.learner import Interaction, OnlineLearner
 from models.seen import item_keys
-from models.serving import Scored, Server
+from models.serving import Scored, Server, best_first_per_user
 from models.user_state import UserState
 
 TEXT_DIM = 32
@@ -336,3 +339,29 @@ def test_serving_and_the_evaluator_exclude_the_same_items(mode):
         dropped = {i for i, x in zip(ids, last[u].contains(keys), strict=True) if x}
         assert served[u] == set(ids) - dropped, (mode, u)
         assert len(dropped) == {"all": 3 * H, "recent": H, "none": 0}[mode]
+
+
+@settings(max_examples=200, deadline=None)
+@given(gen.lists(gen.tuples(gen.integers(0, 5), gen.floats(width=32, allow_nan=False)),
+                max_size=60))
+def test_best_first_per_user_is_lexsort_by_user_then_score(pairs):
+    """The ranker's order (one argsort of integer codes) is np.lexsort's, ties included:
+    infinities, ±0 and equal scores keep their given order."""
+    owner = np.array([o for o, _ in pairs], np.int64)
+    scores = np.array([s for _, s in pairs], np.float32)
+    assert best_first_per_user(owner, scores).tolist() == \
+        np.lexsort((-scores, owner)).tolist()
+
+
+@settings(max_examples=100, deadline=None)
+@given(gen.lists(gen.integers(-2**62, 2**62), max_size=40, unique=True),
+       gen.lists(gen.integers(-2**62, 2**62), min_size=1, max_size=3000))
+def test_find_sorted_finds_what_searchsorted_finds(catalog_keys, probes):
+    """Few or many keys (many are looked up in sorted order), the answer is the same."""
+    hay = np.sort(np.array(catalog_keys, np.int64))
+    keys = np.array(probes + catalog_keys, np.int64)
+    pos, found = find_sorted(hay, keys)
+    assert found.tolist() == [k in set(catalog_keys) for k in keys.tolist()]
+    if len(hay):
+        assert (hay[pos[found]] == keys[found]).all()
+        assert pos.tolist() == np.minimum(np.searchsorted(hay, keys), len(hay) - 1).tolist()
