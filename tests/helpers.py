@@ -10,13 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, TopicPartition
 
+from models.learner import Interaction, OnlineLearner
 from models.user_state import UserState
+from streams.clients import kafka_consumer
 from streams.dead_letters import read_headers
 from streams.publish import publish_items
 from streams.settings import Settings
-from streams.supervisor import WorkerProcess
+from streams.supervisor import TrainerProcess, WorkerProcess
 
 _ids = itertools.count()
 
@@ -121,10 +123,43 @@ class FixedScores:
 
 
 def index_catalog(settings: Settings, worker: WorkerProcess, items: list[dict],
-                  timeout: float = 180) -> None:
-    """Publish the catalog and wait until `worker` (no trainer) has indexed all of it: an
-    event published before its item waits for the catalog agent, which would change what a
-    test measures."""
+                  timeout: float = 180, trainer: TrainerProcess | None = None) -> None:
+    """Publish the catalog and wait until `trainer` (if any) is ready and `worker` has
+    indexed all of it: an event published before its item waits for the catalog agent,
+    which would change what a test measures."""
     publish_items(settings, items, quiet=True)
-    worker.wait_ready(snapshot=False)
+    if trainer is not None:
+        trainer.wait_ready()
+    worker.wait_ready(snapshot=trainer is not None)
     worker.wait_for("streamrec_index_items", len(items), timeout=timeout)
+
+
+def walk_cycle(learner: OnlineLearner, ids: list[str], n_users: int, rounds: int,
+               ts: int = 1_700_000_000_000
+               ) -> tuple[dict[str, UserState], dict[str, int], list[float]]:
+    """Users u0, u1, ... walk the catalog i -> i+1 (mod len(ids)), user k from item 5k, one
+    view each per batch for `rounds` batches. Returns their states, the position each goes
+    to next and the batches' losses."""
+    states = {f"u{k}": UserState() for k in range(n_users)}
+    pos = {u: k * 5 for k, u in enumerate(states)}
+    losses = []
+    for _ in range(rounds):
+        evs = []
+        for u in states:
+            ts += 1000
+            evs.append(Interaction(u, ids[pos[u] % len(ids)], "view", ts))
+            pos[u] += 1
+        losses.append(learner.learn_batch(evs, states).loss)
+    return states, pos, losses
+
+
+def committed(settings: Settings) -> dict[int, int | None]:
+    """The worker group's committed offsets per partition of the events topic (None:
+    nothing committed), as `settings`' principal sees them."""
+    c = kafka_consumer(settings, group_id=settings.app_id, enable_auto_commit=False)
+    try:
+        topic = settings.topic(settings.events_topic)
+        return {p: c.committed(TopicPartition(topic, p))
+                for p in sorted(c.partitions_for_topic(topic) or ())}
+    finally:
+        c.close()

@@ -4,15 +4,15 @@ learns from them (models/covisit.py, models/two_tower.PriorHead, models/serving)
 from __future__ import annotations
 
 import numpy as np
+from helpers import walk_cycle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.config import LearnerConfig
 from models.covisit import CoVisitation
-from models.learner import Interaction, OnlineLearner
+from models.learner import OnlineLearner
 from models.seen import exclusions
 from models.serving import Server, rank_candidates
-from models.user_state import UserState
 
 
 def test_counts_follow_the_sequence_aware_formula():
@@ -76,16 +76,7 @@ def _cycle_learner(covisit: bool, **cfg: object
     learner = OnlineLearner(LearnerConfig(dim=16, history_len=10, device="cpu", seed=0,
                                           covisit=covisit, **cfg), text_dim=8, capacity=64)
     learner.upsert_items(ids, rng.normal(size=(n, 8)).astype(np.float32))
-    states = {f"u{k}": UserState() for k in range(8)}
-    pos = {u: k * 5 for k, u in enumerate(states)}
-    ts = 1_700_000_000_000
-    for _ in range(40):
-        evs = []
-        for u in states:
-            ts += 1000
-            evs.append(Interaction(u, ids[pos[u] % n], "view", ts))
-            pos[u] += 1
-        learner.learn_batch(evs, states)
+    states, pos, _ = walk_cycle(learner, ids, n_users=8, rounds=40)
     return learner, ids, states, pos
 
 

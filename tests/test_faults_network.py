@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 from faults import _applied, _audit, _histories, _replay, _serving, _wait_applied, _wait_committed
-from helpers import expected_states, make_settings, read_all, wait_states
+from helpers import expected_states, index_catalog, make_settings, read_all, wait_states
 from netproxy import Proxy, _free_port
 
 from streams.demo import free_port
-from streams.publish import event_records, publish, publish_events, publish_items
+from streams.publish import event_records, publish, publish_events
 from streams.supervisor import TrainerProcess, WorkerProcess, total
 from streams.topics import ensure_topics
 
@@ -106,10 +106,7 @@ def test_a_slow_link_that_resets_every_few_seconds_loses_nothing(relayed, tmp_pa
     trainer = TrainerProcess(s, tmp_path / "trainer.log").start()
     w = WorkerProcess(via(s, proxy, tmp_path, "w"), tmp_path / "w.log").start()
     try:
-        publish_items(s, world.items, quiet=True)
-        trainer.wait_ready()
-        w.wait_ready()
-        w.wait_for("streamrec_index_items", len(world.items), timeout=180)
+        index_catalog(s, w, world.items, trainer=trainer)
         pid = w.proc.pid
         proxy.latency_s = 0.2
         proxy.reset_every(3.0)

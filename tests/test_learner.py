@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import walk_cycle
 from safetensors.torch import save as st_save
 
 from evaluation.synthetic import SyntheticStream, make_world, topic_hit_rate
@@ -106,17 +107,7 @@ def test_deterministic_cycle_is_learned():
     ids, vecs, _ = topic_catalog(n_items=n, n_topics=3)
     learner = make_learner(dim=16, history_len=3, lr=2e-2)
     learner.upsert_items(ids, vecs)
-    states = {f"u{k}": UserState() for k in range(6)}
-    pos = {u: k * 5 for k, u in enumerate(states)}
-    ts = T0
-    losses = []
-    for _ in range(300):
-        evs = []
-        for u in states:
-            ts += 1000
-            evs.append(Interaction(u, ids[pos[u] % n], "view", ts))
-            pos[u] += 1
-        losses.append(learner.learn_batch(evs, states).loss)
+    states, pos, losses = walk_cycle(learner, ids, n_users=6, rounds=300, ts=T0)
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
     u = learner.model.user_vectors(list(states.values()))
     names, V = learner.model.item_vectors()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from helpers import dead_letters, latest_recommendations, make_settings, read_all
+from helpers import dead_letters, index_catalog, latest_recommendations, make_settings, read_all
 
 from evaluation.synthetic import SyntheticStream, make_world, topic_hit_rate
 from streams.clients import kafka_producer
@@ -77,10 +77,7 @@ def run(kafka, tmp_path_factory):
                            program=[str(Path(__file__).with_name("poison_worker.py"))]).start()
     try:
         sent_bad_items = _send(s, s.topic(s.catalog_topic), BAD_ITEMS)
-        publish_items(s, world.items, quiet=True)
-        trainer.wait_ready()
-        worker.wait_ready()
-        worker.wait_for("streamrec_index_items", len(world.items), timeout=180)
+        index_catalog(s, worker, world.items, trainer=trainer)
         sent_bad = _send(s, s.topic(s.events_topic), BAD_INPUT)
         publish_events(s, events, quiet=True)  # good events after the bad ones
         expected = len(events) + len(BAD_INPUT)

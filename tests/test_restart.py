@@ -13,7 +13,9 @@ import time
 import orjson
 import pytest
 from helpers import (
+    committed,
     expected_states,
+    index_catalog,
     latest_recommendations,
     make_settings,
     user_states,
@@ -22,7 +24,7 @@ from helpers import (
 
 from evaluation.synthetic import SyntheticStream, make_world
 from models.user_state import UserState
-from streams.publish import publish_events, publish_items
+from streams.publish import publish_events
 from streams.supervisor import TrainerProcess, WorkerProcess, total
 from streams.topics import ensure_topics
 
@@ -41,10 +43,7 @@ def test_kill_mid_stream_and_recover_on_a_new_worker(kafka, tmp_path):
     trainer = TrainerProcess(s, tmp_path / "trainer.log").start()
     first = WorkerProcess(s, tmp_path / "first.log").start()
     try:
-        publish_items(s, world.items, quiet=True)
-        trainer.wait_ready()
-        first.wait_ready()
-        first.wait_for("streamrec_index_items", len(world.items), timeout=180)
+        index_catalog(s, first, world.items, trainer=trainer)
         publish_events(s, events, quiet=True)
         first.wait_for("streamrec_model_version", 2, timeout=120)  # the trainer learns
         first.wait_for("streamrec_events_total", N_EVENTS // 3, timeout=300)
@@ -54,7 +53,7 @@ def test_kill_mid_stream_and_recover_on_a_new_worker(kafka, tmp_path):
     finally:
         first.kill()  # SIGKILL mid-stream: no clean shutdown, no final commit
     killed_at = int(time.time() * 1000)
-    committed = _committed(s)
+    offsets = committed(s)
     before = user_states(s)
     assert 0 < sum(st.n_events for st in before.values()) < N_EVENTS, "not killed mid-stream"
 
@@ -77,7 +76,7 @@ def test_kill_mid_stream_and_recover_on_a_new_worker(kafka, tmp_path):
     for user, (items, n) in expected.items():
         st = after[user]
         assert st.n_events == n, _explain(s, user, st, n) + \
-            f" killed at {killed_at}, committed then {committed}"  # no loss, no double count
+            f" killed at {killed_at}, committed then {offsets}"  # no loss, no double count
         assert st.items == items, user
     # what the new worker applied is exactly what the dead one had not
     applied_first = sum(st.n_events for st in before.values())
@@ -103,18 +102,3 @@ def _explain(s, user: str, st, n: int) -> str:
     return (f"{user}: applied {st.n_events}, published {n}, topic has {len(recs)} records "
             f"({dup_ts} duplicated), state offsets {st.offsets}, records {recs}, "
             f"changelog (offset, n_events, offsets) {history}")
-
-
-def _committed(s) -> dict[int, int]:
-    """The consumer group's committed offsets on the events topic (None: nothing committed)."""
-    from kafka import TopicPartition
-
-    from streams.clients import kafka_consumer
-
-    consumer = kafka_consumer(s, group_id=s.app_id, enable_auto_commit=False)
-    try:
-        topic = s.topic(s.events_topic)
-        return {p: consumer.committed(TopicPartition(topic, p))
-                for p in sorted(consumer.partitions_for_topic(topic) or ())}
-    finally:
-        consumer.close()

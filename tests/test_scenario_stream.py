@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from helpers import dead_letters, make_settings, read_all
+from helpers import dead_letters, index_catalog, make_settings, read_all
 
 from models.config import LearnerConfig
 from models.learner import OnlineLearner
@@ -129,7 +129,7 @@ def test_the_catalog_record_carries_the_scenarios(encoder):
 def test_scenarios_and_requests_end_to_end(kafka, tmp_path):
     """Worker + trainer on the real broker: restricted items stay in their scenario, a
     request is answered with its scenario, and it is not trained on."""
-    from streams.publish import publish_events, publish_items
+    from streams.publish import publish_events
     from streams.supervisor import TrainerProcess, WorkerProcess, total
     from streams.topics import ensure_topics
 
@@ -146,10 +146,7 @@ def test_scenarios_and_requests_end_to_end(kafka, tmp_path):
     trainer = TrainerProcess(s, tmp_path / "trainer.log").start()
     worker = WorkerProcess(s, tmp_path / "worker.log").start()
     try:
-        publish_items(s, items, quiet=True)
-        trainer.wait_ready()
-        worker.wait_ready()
-        worker.wait_for("streamrec_index_items", len(items), timeout=180)
+        index_catalog(s, worker, items, trainer=trainer)
         publish_events(s, events + requests, quiet=True)
         worker.wait_for("streamrec_events_total", len(events) + len(requests), timeout=180)
         worker.wait_idle()

@@ -19,12 +19,12 @@ from pathlib import Path
 import orjson
 import pytest
 from faults import _audit, _histories
-from helpers import expected_states, make_settings, wait_states
+from helpers import committed, expected_states, index_catalog, make_settings, wait_states
 
 from evaluation.synthetic import SyntheticStream, make_world
 from streams import acls
 from streams.clients import kafka_consumer
-from streams.publish import publish_events, publish_items
+from streams.publish import publish_events
 from streams.supervisor import TrainerProcess, WorkerProcess, settings_env
 from streams.topics import ensure_topics
 
@@ -77,10 +77,7 @@ def test_the_pipeline_runs_as_least_privileged_principals(secured, tmp_path):
     trainer = TrainerProcess(trainer_s, tmp_path / "trainer.log").start()
     worker = WorkerProcess(worker_s, tmp_path / "worker-1.log").start()
     try:
-        publish_items(publisher_s, world.items, quiet=True)
-        trainer.wait_ready()
-        worker.wait_ready()
-        worker.wait_for("streamrec_index_items", len(world.items), timeout=180)
+        index_catalog(publisher_s, worker, world.items, trainer=trainer)
         publish_events(publisher_s, events[:2000], quiet=True)
         worker.wait_for("streamrec_events_total", 1000, timeout=180, outcome="applied")
         worker.kill()  # SIGKILL mid-stream; a new worker on a fresh disk takes over
@@ -117,19 +114,6 @@ def worker_cli(settings, tmp: Path, timeout: float = 120) -> tuple[subprocess.Co
     proc = subprocess.run([sys.executable, "-m", "streams.cli", "worker"], env=env, cwd=tmp,
                           capture_output=True, text=True, timeout=timeout)
     return proc, time.monotonic() - t0
-
-
-def committed(settings) -> dict:
-    """The worker group's committed offsets on the events topic (as the admin sees them)."""
-    from kafka import TopicPartition
-
-    c = kafka_consumer(settings, group_id=settings.app_id, enable_auto_commit=False)
-    try:
-        topic = settings.topic(settings.events_topic)
-        return {p: c.committed(TopicPartition(topic, p))
-                for p in sorted(c.partitions_for_topic(topic) or ())}
-    finally:
-        c.close()
 
 
 @pytest.mark.parametrize(("case", "needles"), [
