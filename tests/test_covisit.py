@@ -97,3 +97,26 @@ def test_ranker_serves_the_co_visited_next_item():
     # the blend weights the co-visitation feature positively and scores come best first
     assert float(learner.model.head.covis_w.detach().sum()) > 0
     assert all(np.all(np.diff(s) <= 0) for _, s in ranked)
+
+
+def test_the_index_scores_rank_as_the_item_tower_does():
+    """Serving passes the index search's u·v for the tower's candidates (only co-visitation's
+    are computed from vectors): the ranking is the one computed from the item tower alone,
+    items both sources found included."""
+    learner, ids, states, _ = _cycle_learner(covisit=True)
+    model = learner.model
+    hists = [model.history(st) for st in states.values()]
+    U = model.history_vectors(hists, [st.residual for st in states.values()])
+    rows = np.flatnonzero(model.catalog.live)
+    S = U @ model.item_vectors(rows)[1].T
+    top = np.argsort(-S, axis=1)[:, :15]  # the tower's 15 best, as an exact index finds them
+    seen = [exclusions(st, "recent") for st in states.values()]
+    args = (model, hists, U, [rows[t] for t in top], seen)
+    given = rank_candidates(*args, tower_scores=[s[t] for s, t in zip(S, top, strict=True)])
+    computed = rank_candidates(*args)
+    both = sum(len(np.intersect1d(rows[t], model.covis.neighbours(
+        np.unique([r for r in h.rows if r]), 50))) for t, h in zip(top, hists, strict=True))
+    assert both > 0  # some items come from both sources
+    for (r1, s1), (r2, s2) in zip(given, computed, strict=True):
+        assert r1.tolist() == r2.tolist()
+        np.testing.assert_allclose(s1, s2, rtol=1e-5, atol=1e-5)
