@@ -108,7 +108,7 @@ def find_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, 
 def _searchsorted(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """np.searchsorted, with many keys looked up in sorted order: each binary search then
     starts from the last one's neighbourhood in cache. A batch's ~10^5 index results looked
-    up among 50,000 catalog keys took 5.0 ms so against 11.4 ms in the given order."""
+    up among 50,000 catalog keys took 5.0 ms this way against 11.4 ms in the given order."""
     if keys.size < 1024:
         return np.searchsorted(sorted_keys, keys)
     flat = keys.ravel()
