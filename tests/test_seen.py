@@ -7,7 +7,7 @@ import orjson
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from models.items import KeyIndex
+from models.items import KeyIndex, find_sorted
 from models.seen import EXACT_MAX, Exclusion, SeenItems, exclusions, item_keys
 from models.user_state import UserState
 
@@ -80,3 +80,17 @@ def test_exclusion_mask_is_exactly_what_it_contains(seen, mode):
     catalog = item_keys([f"i{k}" for k in range(0, 2500, 3)])  # some seen items are not in it
     ex = exclusions(state, mode)
     assert np.array_equal(ex.mask(KeyIndex(catalog)), ex.contains(catalog))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(-2**62, 2**62), max_size=40, unique=True),
+       st.lists(st.integers(-2**62, 2**62), min_size=1, max_size=3000))
+def test_find_sorted_finds_what_searchsorted_finds(catalog_keys, probes):
+    """Few or many keys (many are looked up in sorted order), the answer is the same."""
+    hay = np.sort(np.array(catalog_keys, np.int64))
+    keys = np.array(probes + catalog_keys, np.int64)
+    pos, found = find_sorted(hay, keys)
+    assert found.tolist() == [k in set(catalog_keys) for k in keys.tolist()]
+    if len(hay):
+        assert (hay[pos[found]] == keys[found]).all()
+        assert pos.tolist() == np.minimum(np.searchsorted(hay, keys), len(hay) - 1).tolist()

@@ -13,7 +13,6 @@ from hypothesis import strategies as gen
 
 from index.faiss_index import FaissIndex, IndexConfig
 from models.config import LearnerConfig
-from models.items import find_sorted
 from models.learner import Interaction, OnlineLearner
 from models.seen import item_keys
 from models.serving import Scored, Server, best_first_per_user
@@ -352,16 +351,3 @@ def test_best_first_per_user_is_lexsort_by_user_then_score(pairs):
     assert best_first_per_user(owner, scores).tolist() == \
         np.lexsort((-scores, owner)).tolist()
 
-
-@settings(max_examples=100, deadline=None)
-@given(gen.lists(gen.integers(-2**62, 2**62), max_size=40, unique=True),
-       gen.lists(gen.integers(-2**62, 2**62), min_size=1, max_size=3000))
-def test_find_sorted_finds_what_searchsorted_finds(catalog_keys, probes):
-    """Few or many keys (many are looked up in sorted order), the answer is the same."""
-    hay = np.sort(np.array(catalog_keys, np.int64))
-    keys = np.array(probes + catalog_keys, np.int64)
-    pos, found = find_sorted(hay, keys)
-    assert found.tolist() == [k in set(catalog_keys) for k in keys.tolist()]
-    if len(hay):
-        assert (hay[pos[found]] == keys[found]).all()
-        assert pos.tolist() == np.minimum(np.searchsorted(hay, keys), len(hay) - 1).tolist()
