@@ -425,7 +425,8 @@ def test_a_replica_applies_in_order_and_syncs_only_once_applied(kafka, tmp_path,
     """Chunks are awaited one at a time, in order, each gathered from several takes of at
     most `TAKE` records; `caught_up` and `sync` wait for the application, not for the fetch
     (an apply off the loop can take seconds at 1M items, and a batch that syncs must then
-    see the item)."""
+    see the item). Each take is followed by a pause, so that `sync` polls between takes, when
+    the position already counts records that no apply has seen."""
     from aiokafka import AIOKafkaConsumer
     from helpers import make_settings
 
@@ -459,10 +460,17 @@ def test_a_replica_applies_in_order_and_syncs_only_once_applied(kafka, tmp_path,
         applied.extend(m.key for m in msgs)
         running -= 1
 
+    class PausingAfterTakes(AIOKafkaConsumer):
+        async def getmany(self, *args, **kwargs):
+            batches = await super().getmany(*args, **kwargs)
+            if batches:
+                await asyncio.sleep(0.1)
+            return batches
+
     async def main() -> bool:
         replica = TopicReplica(
-            lambda t: AIOKafkaConsumer(t, group_id=None, auto_offset_reset="earliest",
-                                       **aio_options(s)), topic, apply)
+            lambda t: PausingAfterTakes(t, group_id=None, auto_offset_reset="earliest",
+                                        **aio_options(s)), topic, apply)
         await replica.start()
         try:
             await asyncio.wait_for(replica.caught_up.wait(), 60)
