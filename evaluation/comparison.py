@@ -92,12 +92,17 @@ def make_dataset(name: str, items: Sequence[dict], events: Sequence[dict],
                    where if any(w is not None for w in where) else None, by_day)
 
 
+def overridden(base: LearnerConfig, overrides: dict[str, Any]) -> LearnerConfig:
+    """`base` with `overrides` validated as settings are (a rule's name builds the rule)."""
+    return LearnerConfig.model_validate(base.model_dump() | overrides)
+
+
 def model_names(peers: bool = True, ablations: bool = True) -> list[str]:
     names = ["streamrec"]
     if ablations:
         default = LearnerConfig()
         names += [f"streamrec-{a}" for a, o in ABLATIONS.items() if a not in ON_REQUEST
-                  and any(getattr(default, k) != v for k, v in o.items())]
+                  and overridden(default, o) != default]
     if peers:
         names += list(BASELINES)
     return names
@@ -139,7 +144,7 @@ def build_model(name: str, data: Dataset, base: LearnerConfig) -> Any:
                                                       "scenario_history": False}), name=name,
                               item_scenarios=where)
     if name.startswith("streamrec-"):
-        cfg = base.model_copy(update=ABLATIONS[name.split("-", 1)[1]])
+        cfg = overridden(base, ABLATIONS[name.split("-", 1)[1]])
         return StreamrecModel(data.item_ids, data.text_vectors, cfg, name=name,
                               item_scenarios=where)
     return make_baseline(name, len(data.item_ids))

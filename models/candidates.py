@@ -10,48 +10,41 @@ excluded items (models/serving.py `rank_candidates`, which serving and the evalu
 The two sources find different items: the tower what resembles the user's taste, co-visitation
 what other users went on to after the same items.
 
-Each source is a small class whose fields are its validated parameters; settings choose sources
-by name (`learner__candidate_sources`) and `make_sources` builds them once, from their settings.
+Each source is a strategy (models/strategy.py): a small class whose fields are its validated
+parameters, chosen and built once by the settings (`learner__candidate_sources`:
+`["tower", {"name": "covisit", "seeds": 5}]`).
 
 >>> from models.seen import Exclusion
 >>> keys = np.array([[7, 3, -1, 5], [3, 9, 8, 6]])   # index results, best first; -1: padding
 >>> TowerCandidates(count=2).select(keys, [Exclusion(), Exclusion()]).astype(int)
 array([[1, 1, 0, 0],
        [1, 1, 0, 0]])
->>> make_sources(["covisit"], {"covisit": {"seeds": 5}})
-(CovisitCandidates(seeds=5, per_seed=50),)
->>> make_sources(["tower"], {"tower": {"seeds": 5}})
-Traceback (most recent call last):
-...
-pydantic_core._pydantic_core.ValidationError: 1 validation error for TowerCandidates
-...
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Annotated, ClassVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
-from pydantic import ConfigDict, Field
-from pydantic.dataclasses import dataclass as validated
+from pydantic import Field
 
 from models.seen import Exclusion
 from models.sequences import History
+from models.strategy import choice, strategy
 
 if TYPE_CHECKING:
     from models.model import SharedModel
 
 Count = Annotated[int, Field(ge=1)]
-_strategy = validated(frozen=True, config=ConfigDict(extra="forbid"))
 
 
-@_strategy
+@strategy
 class TowerCandidates:
     """The `count` nearest items to the user vector. The index search is the caller's (the
     FAISS index in serving, an exact order in the evaluator); this picks among its results."""
 
-    name: ClassVar[str] = "tower"
+    name: Literal["tower"] = "tower"
     count: Count = 200
 
     def select(self, keys: np.ndarray, excluded: Sequence[Exclusion]) -> np.ndarray:
@@ -60,13 +53,13 @@ class TowerCandidates:
         return first_unexcluded(keys, excluded, self.count)
 
 
-@_strategy
+@strategy
 class CovisitCandidates:
     """The items co-visited most with the user's newest items: found from the history alone,
     so an item the tower ranks low (new, or a taste the user vector has not caught) can
     still reach the ranker."""
 
-    name: ClassVar[str] = "covisit"
+    name: Literal["covisit"] = "covisit"
     seeds: Count = 10
     per_seed: Count = 50
 
@@ -82,7 +75,7 @@ class CovisitCandidates:
 
 
 Source = TowerCandidates | CovisitCandidates
-SOURCES: dict[str, type[Source]] = {s.name: s for s in (TowerCandidates, CovisitCandidates)}
+SourceChoice = choice(TowerCandidates, CovisitCandidates)
 
 
 def first_unexcluded(keys: np.ndarray, excluded: Sequence[Exclusion], n: int) -> np.ndarray:
@@ -105,13 +98,3 @@ def history_rows(sources: Sequence[Source], model: SharedModel, hist: History) -
     parts = [s.rows(model, hist) for s in sources if not isinstance(s, TowerCandidates)]
     return np.concatenate([np.zeros(0, np.int64), *parts])
 
-
-def make_sources(names: Sequence[str], params: Mapping[str, Mapping[str, int]]
-                 ) -> tuple[Source, ...]:
-    """Build the sources `names` once, each with its `params[name]`; an unknown name or
-    parameter is an error."""
-    unknown = set(names) - SOURCES.keys()
-    if unknown:
-        raise ValueError(f"unknown candidate sources {sorted(unknown)}; choose from "
-                         f"{sorted(SOURCES)}")
-    return tuple(SOURCES[name](**params.get(name, {})) for name in names)

@@ -10,8 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.losses import softmax_fields
-from models.lr_rules import rule_fields
+from models.candidates import CovisitCandidates, SourceChoice, TowerCandidates
+from models.losses import AutoSoftmax, SoftmaxChoice
+from models.lr_rules import AdaGradNorm, RMSPropNorm, RuleChoice
 
 EVENT_TYPE_IDS: dict[str, int] = {
     "view": 1,
@@ -83,20 +84,12 @@ class LearnerConfig(BaseModel):
         "A ratio, not a count, so the compute per event does not depend on the batch size.",
     )
     replay_capacity: int = Field(10_000, ge=0, description="Recent pairs kept for replay.")
-    softmax: Literal["auto", "full", "sampled"] = Field(
-        "auto",
-        description="The loss's softmax (models/losses.py): `auto` (full up to "
-        "`full_softmax_max_items` live items, sampled above), `full` (over the catalog), "
-        "`sampled` (popularity-sampled negatives with logQ correction).",
-    )
-    full_softmax_max_items: int = Field(
-        20_000,
-        ge=1,
-        description="`auto` softmax: full over the catalog up to this size; sampled softmax "
-        "with logQ correction above it.",
-    )
-    n_negatives: int = Field(
-        2048, ge=1, description="Popularity-sampled negatives per step for sampled softmax."
+    softmax: SoftmaxChoice = Field(
+        default_factory=AutoSoftmax,
+        description="The loss's softmax and its parameters (models/losses.py): `auto` (full up "
+        "to `max_items` live items, sampled above), `full` (over the catalog), `sampled` "
+        "(`n_negatives` popularity-sampled negatives with logQ correction); a name, or "
+        "`{\"name\": \"auto\", \"max_items\": 50000}`.",
     )
     dislike_weight: float = Field(
         0.5, ge=0, description="Weight of the push-down term for `dislike` events."
@@ -130,21 +123,13 @@ class LearnerConfig(BaseModel):
         "let the ranker weigh 'just now' against 'long-term'; on ML-100K one measured best).",
     )
     covisit_profile: int = Field(50, ge=1, description="Distinct recent items in the profile.")
-    candidate_sources: tuple[Literal["tower", "covisit"], ...] = Field(
-        ("tower", "covisit"),
+    candidate_sources: tuple[SourceChoice, ...] = Field(
+        (TowerCandidates(), CovisitCandidates()),
         min_length=1,
-        description="Where the ranker's candidates come from (models/candidates.py): `tower` "
-        "(the index's nearest items to the user vector) and `covisit` (the items co-visited "
-        "most with the user's newest ones); the ranker scores their union.",
-    )
-    tower_candidates: int = Field(
-        200, ge=1, description="`tower` source: items the index returns per query."
-    )
-    covisit_seeds: int = Field(
-        10, ge=1, description="`covisit` source: the user's newest distinct items it starts from."
-    )
-    covisit_per_seed: int = Field(
-        50, ge=1, description="`covisit` source: the strongest co-visited items taken per seed."
+        description="Where the ranker's candidates come from, each a name or its parameters "
+        "(models/candidates.py): `tower`, the index's `count` nearest items to the user "
+        "vector, and `covisit`, the `per_seed` items co-visited most with each of the user's "
+        "`seeds` newest items; the ranker scores their union.",
     )
     covisit_max_neighbours: int = Field(
         500,
@@ -153,27 +138,15 @@ class LearnerConfig(BaseModel):
         "twice this many others keeps its this-many strongest (models/covisit.py `prune`), "
         "so the counts grow with the catalog, not with its square.",
     )
-    lr_rule: Literal["fixed", "adagrad", "rmsprop", "adaptive"] = Field(
-        "rmsprop",
-        description="Per-user LR rule for the residual (models/lr_rules.py): `rmsprop` "
-        "(scale-free steps with a short memory, so a drifting user is followed), `adaptive` "
-        "(the source papers' α ← α / (1 + β·||Δu||)), `adagrad`, `fixed`. On ML-100K the rules "
-        "differ by < 0.001 NDCG@10 (README, Quality): the residual carries little signal next "
-        "to the sequence encoder.",
+    lr_rule: RuleChoice = Field(
+        default_factory=RMSPropNorm,
+        description="Per-user LR rule for the residual and its parameters (models/lr_rules.py):"
+        " `rmsprop` (scale-free steps with a short memory, so a drifting user is followed), "
+        "`adaptive` (the source papers' α ← α / (1 + β·||Δu||)), `adagrad`, `fixed`; a name, "
+        "or `{\"name\": \"adaptive\", \"beta\": 0.5}`. On ML-100K the rules differ by "
+        "< 0.001 NDCG@10 (README, Quality): the residual carries little signal next to the "
+        "sequence encoder.",
     )
-    alpha0: float = Field(0.05, gt=0, description="Initial per-user step size α0.")
-    beta: float = Field(1.0, ge=0, description="`adaptive`: α ← α / (1 + β·||Δu||).")
-    alpha_min: float = Field(1e-3, gt=0, description="`adaptive`: floor of α.")
-    jump_z: float = Field(
-        2.0, gt=0, description="`adaptive`: a loss this many std above its EMA is a jump."
-    )
-    raise_frac: float = Field(
-        0.5, ge=0, le=1, description="`adaptive`: on a jump α moves this share back to α0."
-    )
-    rms_decay: float = Field(
-        0.9, gt=0, lt=1, description="`rmsprop`: decay of the per-user mean of ||g||²."
-    )
-    loss_decay: float = Field(0.9, gt=0, lt=1, description="Decay of the per-user loss EMA.")
     scenario_params: bool = Field(
         True,
         description="Per-scenario parameters (q_s, φ_s) added to the user vector and the "
@@ -186,12 +159,12 @@ class LearnerConfig(BaseModel):
         "the items it allows (the whole history when it holds none), with recency counted "
         "there, as a model of that scenario alone would; False: the whole history.",
     )
-    scenario_lr_rule: Literal["fixed", "adagrad", "rmsprop", "adaptive"] = Field(
-        "adagrad",
-        description="LR rule of each scenario's parameters (models/lr_rules.py, with the "
-        "users' rule parameters). A scenario takes a step with every trainer step, thousands "
-        "where a user takes a few: a rule whose rate anneals (`adagrad`) settles, where "
-        "`rmsprop`'s constant step length keeps it wandering.",
+    scenario_lr_rule: RuleChoice = Field(
+        default_factory=AdaGradNorm,
+        description="LR rule of each scenario's parameters, as `lr_rule`. A scenario takes "
+        "a step with every trainer step, thousands where a user takes a few: a rule whose "
+        "rate anneals (`adagrad`) settles, where `rmsprop`'s constant step length keeps it "
+        "wandering.",
     )
     max_scenarios: int = Field(
         64,
@@ -205,25 +178,10 @@ class LearnerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _sources_rankable(self) -> LearnerConfig:
-        if len(set(self.candidate_sources)) < len(self.candidate_sources):
-            raise ValueError(f"candidate_sources repeats a source: {self.candidate_sources}")
-        if not self.covisit and "tower" not in self.candidate_sources:
+        names = [s.name for s in self.candidate_sources]
+        if len(set(names)) < len(names):
+            raise ValueError(f"candidate_sources repeats a source: {names}")
+        if not self.covisit and "tower" not in names:
             raise ValueError("without co-visitation (covisit=false) the `tower` candidate "
                              "source is the only one that finds items: add it")
         return self
-
-    def candidate_params(self) -> dict[str, dict[str, int]]:
-        """Each candidate source's parameters, from their settings."""
-        return {"tower": {"count": self.tower_candidates},
-                "covisit": {"seeds": self.covisit_seeds, "per_seed": self.covisit_per_seed}}
-
-    def softmax_params(self) -> dict[str, int]:
-        """The parameters of the chosen softmax strategy, from their settings."""
-        named = {"max_items": self.full_softmax_max_items, "n_negatives": self.n_negatives}
-        return {k: v for k, v in named.items() if k in softmax_fields(self.softmax)}
-
-    def rule_params(self, rule: str | None = None) -> dict[str, float]:
-        """The parameters of `rule` (default: the users' `lr_rule`); the other rules' fields
-        do not reach it."""
-        return {name: getattr(self, name) for name in rule_fields(rule or self.lr_rule)
-                if name in type(self).model_fields}

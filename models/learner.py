@@ -22,7 +22,6 @@ import numpy as np
 
 from models.config import EVENT_TYPE_IDS, TEXT_ONLY_TYPES, LearnerConfig
 from models.examples import TrainingExample
-from models.lr_rules import make_rule
 from models.model import SharedModel
 from models.personal import PersonalStep
 from models.sequences import History
@@ -107,12 +106,11 @@ def observe(model: SharedModel, events: Sequence[Interaction],
 def personal_step(cfg: LearnerConfig) -> PersonalStep:
     """The per-user step the settings configure."""
     budget = cfg.max_pairs_per_step * cfg.max_steps_per_batch
-    return PersonalStep(make_rule(cfg.lr_rule, **cfg.rule_params()), cfg.alpha0, budget,
-                        cfg.seed)
+    return PersonalStep(cfg.lr_rule, budget, cfg.seed)
 
 
 def alphas(cfg: LearnerConfig, pend: Pending) -> dict[str, float]:
-    return {u: pend.states[u].rule.step_size(cfg.alpha0) for u in pend.users}
+    return {u: pend.states[u].rule.step_size(cfg.lr_rule.alpha0) for u in pend.users}
 
 
 class OnlineLearner:

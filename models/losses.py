@@ -7,9 +7,10 @@
               popularity sampling; a draw of the pair's own target is no negative.
     auto      full up to `max_items` live items (exact, and cheap enough), sampled above.
 
-Each strategy is a small class whose fields are its validated parameters; settings select
-one by name (`learner__softmax`) and `make_softmax` builds it once. A strategy only picks the
-negatives (None: the full softmax) and corrects the logits; the model scores them.
+Each is a strategy (models/strategy.py): a small class whose fields are its validated
+parameters, selected and built once by the settings (`learner__softmax`: `"auto"`, or
+`{"name": "sampled", "n_negatives": 4096}`). A strategy only picks the negatives (None: the full
+softmax) and corrects the logits; the model scores them.
 
 >>> import numpy as np
 >>> counts, live = np.array([0.0, 9, 0, 4]), np.array([False, True, True, True])
@@ -23,34 +24,33 @@ True
 
 from __future__ import annotations
 
-from dataclasses import fields
-from typing import Annotated, ClassVar
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import ConfigDict, Field
-from pydantic.dataclasses import dataclass as validated
+from pydantic import Field
+
+from models.strategy import choice, strategy
 
 Count = Annotated[int, Field(ge=1)]
-_strategy = validated(frozen=True, config=ConfigDict(extra="forbid"))
 
 
-@_strategy
+@strategy
 class FullSoftmax:
     """Every live item is a negative: exact, O(catalog) per step."""
 
-    name: ClassVar[str] = "full"
+    name: Literal["full"] = "full"
 
     def negatives(self, counts: np.ndarray, live: np.ndarray, rng: np.random.Generator
                   ) -> None:
         return None
 
 
-@_strategy
+@strategy
 class SampledSoftmax:
     """`n_negatives` popularity-drawn negatives shared by a step's pairs, logQ-corrected."""
 
-    name: ClassVar[str] = "sampled"
+    name: Literal["sampled"] = "sampled"
     n_negatives: Count = 2048
 
     def negatives(self, counts: np.ndarray, live: np.ndarray, rng: np.random.Generator
@@ -58,11 +58,11 @@ class SampledSoftmax:
         return popularity_draw(counts, live, rng, self.n_negatives)
 
 
-@_strategy
+@strategy
 class AutoSoftmax:
     """The full softmax up to `max_items` live items, the sampled one above."""
 
-    name: ClassVar[str] = "auto"
+    name: Literal["auto"] = "auto"
     max_items: Count = 20_000
     n_negatives: Count = 2048
 
@@ -82,19 +82,7 @@ def popularity_draw(counts: np.ndarray, live: np.ndarray, rng: np.random.Generat
 
 
 Softmax = FullSoftmax | SampledSoftmax | AutoSoftmax
-SOFTMAXES = {s.name: s for s in (FullSoftmax, SampledSoftmax, AutoSoftmax)}
-
-
-def make_softmax(name: str, **params: int) -> Softmax:
-    """Build a strategy by its settings name; parameters it lacks are an error."""
-    if name not in SOFTMAXES:
-        raise ValueError(f"unknown softmax {name!r}; choose from {sorted(SOFTMAXES)}")
-    return SOFTMAXES[name](**params)
-
-
-def softmax_fields(name: str) -> list[str]:
-    """The parameters strategy `name` takes."""
-    return [f.name for f in fields(SOFTMAXES[name])]
+SoftmaxChoice = choice(FullSoftmax, SampledSoftmax, AutoSoftmax)
 
 
 def log_q(counts: np.ndarray, live: np.ndarray, targets: np.ndarray, negatives: np.ndarray

@@ -6,7 +6,9 @@ respect to p_u and each user's loss, and returns the update Δp_u (to be *added*
 the state in place. Shared parameters use a global optimizer; only p_u is per user.
 
 A rule's fields are its parameters, validated when it is built: a parameter out of range or
-one the rule does not have is an error (`make_rule("fixed", alpha0=0.1, beta=2)` raises).
+one the rule does not have is an error (`Fixed(alpha0=0.1, beta=2)` raises).
+Settings hold the built rule (`RuleChoice`, models/strategy.py): a name alone (`"adaptive"`)
+takes the rule's defaults, and a mapping (`{"name": "adaptive", "beta": 0.5}`) sets parameters.
 
 >>> import numpy as np
 >>> st = RuleState.fresh(1, alpha0=0.1)
@@ -19,16 +21,17 @@ one the rule does not have is an error (`make_rule("fixed", alpha0=0.1, beta=2)`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from typing import Annotated, ClassVar
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import ConfigDict, Field
-from pydantic.dataclasses import dataclass as validated
+from pydantic import Field
+
+from models.strategy import choice, strategy
 
 Positive = Annotated[float, Field(gt=0)]
 Decay = Annotated[float, Field(gt=0, lt=1)]
-_rule = validated(frozen=True, config=ConfigDict(extra="forbid"))
+Alpha0 = Annotated[float, Field(gt=0, description="Initial per-user step size α0.")]
 
 
 @dataclass
@@ -109,12 +112,12 @@ def _update_loss_stats(state: RuleState, loss: np.ndarray, decay: float) -> np.n
     return z
 
 
-@_rule
+@strategy
 class Fixed:
     """α_u = α0 for ever: Δ = -α0 g."""
 
-    name: ClassVar[str] = "fixed"
-    alpha0: Positive
+    name: Literal["fixed"] = "fixed"
+    alpha0: Alpha0 = 0.05
     loss_decay: Decay = 0.9
 
     def step(self, state: RuleState, grad: np.ndarray, loss: np.ndarray) -> np.ndarray:
@@ -123,7 +126,7 @@ class Fixed:
         return -self.alpha0 * grad
 
 
-@_rule
+@strategy
 class AdaGradNorm:
     """AdaGrad-Norm (Ward, Wu & Bottou 2019): one scalar accumulator per user.
 
@@ -131,8 +134,8 @@ class AdaGradNorm:
     per-user state stays one number (the vector form would double the residual's size).
     """
 
-    name: ClassVar[str] = "adagrad"
-    alpha0: Positive
+    name: Literal["adagrad"] = "adagrad"
+    alpha0: Alpha0 = 0.05
     eps: Positive = 1e-8
     loss_decay: Decay = 0.9
 
@@ -143,7 +146,7 @@ class AdaGradNorm:
         return -state.alpha[:, None] * grad
 
 
-@_rule
+@strategy
 class RMSPropNorm:
     """RMSProp-Norm: one scalar running average of ||g||² per user, forgetting at `rms_decay`.
 
@@ -153,8 +156,8 @@ class RMSPropNorm:
     a user whose interests drift is followed as quickly as a new one.
     """
 
-    name: ClassVar[str] = "rmsprop"
-    alpha0: Positive
+    name: Literal["rmsprop"] = "rmsprop"
+    alpha0: Alpha0 = 0.05
     rms_decay: Decay = 0.9
     eps: Positive = 1e-8
     loss_decay: Decay = 0.9
@@ -169,7 +172,7 @@ class RMSPropNorm:
         return -state.alpha[:, None] * grad
 
 
-@_rule
+@strategy
 class PaperAdaptive:
     """The source papers' rule, α_{t+1} = max(α_min, α_t / (1 + β·||Δu_t||)), Δu_t = -α_t g_t.
 
@@ -178,8 +181,8 @@ class PaperAdaptive:
     `warmup` steps) α is raised back toward α0 by the fraction `raise_frac`.
     """
 
-    name: ClassVar[str] = "adaptive"
-    alpha0: Positive
+    name: Literal["adaptive"] = "adaptive"
+    alpha0: Alpha0 = 0.05
     beta: Annotated[float, Field(ge=0)] = 1.0
     alpha_min: Positive = 1e-3
     jump_z: Positive = 2.0
@@ -198,18 +201,9 @@ class PaperAdaptive:
         return delta
 
 
-RULES = {r.name: r for r in (Fixed, AdaGradNorm, RMSPropNorm, PaperAdaptive)}
 Rule = Fixed | AdaGradNorm | RMSPropNorm | PaperAdaptive
 
 
-def make_rule(name: str, **params: float) -> Rule:
-    """Build a rule by its settings name (`fixed`, `adagrad`, `rmsprop`, `adaptive`); its
-    parameters are validated (pydantic's ValidationError is a ValueError)."""
-    if name not in RULES:
-        raise ValueError(f"unknown lr rule {name!r}; choose from {sorted(RULES)}")
-    return RULES[name](**params)
-
-
-def rule_fields(name: str) -> list[str]:
-    """The parameters rule `name` takes."""
-    return [f.name for f in fields(RULES[name])]
+RuleChoice = choice(Fixed, AdaGradNorm, RMSPropNorm, PaperAdaptive)
+"""A settings field holding one built rule: `"rmsprop"`, `{"name": "adaptive", "beta": 0.5}`
+or a rule object (models/strategy.py)."""

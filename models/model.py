@@ -26,12 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.candidates import make_sources
 from models.config import LearnerConfig
 from models.covisit import CoVisitation
 from models.encoder import pick_device
 from models.items import ItemRows, unique_ints
-from models.losses import log_probs, log_q, make_softmax
+from models.losses import log_probs, log_q
 from models.scenarios import ScenarioTable
 from models.sequences import History, Seqs
 from models.two_tower import ItemTower, PriorHead, UserTower
@@ -55,8 +54,7 @@ class SharedModel:
             self.head = PriorHead(self.covis.n_features, len(c.covisit_recencies) // 2
                                   ).to(self.device) if self.covis else None
         self.counts = np.zeros(capacity, dtype=np.float64)  # positive targets per row
-        self.softmax = make_softmax(c.softmax, **c.softmax_params())  # (frozen: shared)
-        self.sources = make_sources(c.candidate_sources, c.candidate_params())
+        self.softmax, self.sources = c.softmax, c.candidate_sources  # (frozen: shared)
         self.version = 0
         # per-user parameters: the residual p_u and, with the ranker, the user's own
         # correction θ_u of its blend weights; both move by the user's own learning rate

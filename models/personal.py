@@ -29,8 +29,8 @@ from models.user_state import UserState
 
 
 class PersonalStep:
-    def __init__(self, rule: Rule, alpha0: float, budget: int, seed: int = 0):
-        self.rule, self.alpha0, self.budget = rule, alpha0, budget
+    def __init__(self, rule: Rule, budget: int, seed: int = 0):
+        self.rule, self.budget = rule, budget
         self.rng = np.random.default_rng(seed)
 
     def step(self, model: SharedModel, hists: Sequence[History], targets: Sequence[int],
@@ -66,7 +66,7 @@ class PersonalStep:
                states: Sequence[UserState], n_user: int) -> None:
         """The rule's step for users `idx`, written back into their states."""
         picked = [states[i] for i in idx]
-        rs = RuleState.gather([st.rule for st in picked], self.alpha0)
+        rs = RuleState.gather([st.rule for st in picked], self.rule.alpha0)
         delta = self.rule.step(rs, grad[idx].astype(np.float64), loss[idx].astype(np.float64))
         rs.scatter([st.rule for st in picked])
         for j, st in enumerate(picked):

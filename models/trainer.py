@@ -34,7 +34,7 @@ from safetensors.torch import save as st_save
 
 from models.covisit import Increment
 from models.examples import TrainingExample
-from models.lr_rules import RuleRecord, RuleState, make_rule
+from models.lr_rules import RuleRecord, RuleState
 from models.model import SharedModel
 from models.sequences import Seqs
 from models.snapshot import load_covis, load_tensors, read_header
@@ -103,8 +103,7 @@ class Trainer:
         self.progress: dict[int, int] = {}  # source partition -> newest offset trained
         self.counted: dict[int, int] = {}  # source partition -> newest offset counted
         self.pending = _Pending()
-        rule = self.cfg.scenario_lr_rule
-        self.scenario_rule = make_rule(rule, **self.cfg.rule_params(rule))
+        self.scenario_rule = self.cfg.scenario_lr_rule
         self.scenario_rules: list[RuleRecord] = [RuleRecord()]  # per scenario row
         self._make_optimizers()
 
@@ -268,7 +267,7 @@ class Trainer:
         grad = P.grad.detach().cpu().numpy()[idx].astype(np.float64)
         grad *= (total / sums[0, idx])[:, None]
         records = [self.scenario_rules[r] for r in idx]
-        rs = RuleState.gather(records, self.cfg.alpha0)
+        rs = RuleState.gather(records, self.scenario_rule.alpha0)
         delta = self.scenario_rule.step(rs, grad, sums[1, idx] / sums[0, idx])
         rs.scatter(records)
         with torch.no_grad():

@@ -7,7 +7,7 @@ unreachable broker, a data directory that cannot be created, a missing file, a b
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 
 class UserError(Exception):
@@ -19,9 +19,17 @@ class BrokerUnreachable(UserError):
 
 
 def settings_problem(exc: ValidationError) -> UserError:
-    """A settings ValidationError as one line naming each environment variable at fault."""
+    """A settings ValidationError as one line naming each environment variable at fault
+    and, for a value with parts (a strategy's parameters), the part."""
+    from streams.settings import Settings
+
     parts = []
     for err in exc.errors(include_url=False):
-        name = "__".join(str(p) for p in err["loc"])
-        parts.append(f"STREAMREC_{name.upper()}={err.get('input')!r}: {err['msg']}")
+        loc = [str(p) for p in err["loc"]]
+        group = Settings.model_fields.get(loc[0])
+        depth = 2 if group and isinstance(group.annotation, type) and issubclass(
+            group.annotation, BaseModel) and len(loc) > 1 else 1
+        name, inner = "__".join(loc[:depth]), ".".join(loc[depth:])
+        where = f" (at {inner})" if inner else ""
+        parts.append(f"STREAMREC_{name.upper()}{where}={err.get('input')!r}: {err['msg']}")
     return UserError("bad setting: " + "; ".join(parts))

@@ -263,7 +263,7 @@ class EventProcessor:
             now_ms = int(time.time() * 1000)
             info = ModelInfo(encoder=self.encoder.name, index_version=version,
                              model_version=model.version)
-            alpha0 = model.cfg.alpha0
+            alpha0 = model.cfg.lr_rule.alpha0
             for ((user, scenario), (st, ts)), recs in zip(queries.items(), lists, strict=True):
                 out.users[user].recommendations.append(recommendation_bytes(
                     user, scenario, [(r.item_id, r.score, r.reason_item_id) for r in recs],

@@ -11,6 +11,7 @@ from streams.settings.Settings (test_operations_doc_settings_table_is_in_sync ch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
@@ -20,7 +21,7 @@ import sys
 import tomllib
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import pytest
 import yaml
@@ -658,17 +659,24 @@ def _fmt_default(value: Any) -> str:
         return "*(unset)*"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
-    if isinstance(value, dict | list | tuple):
-        return f"`{json.dumps(value, separators=(',', ':'))}`"
+    if isinstance(value, dict | list | tuple) or dataclasses.is_dataclass(value):
+        # a strategy (an LR rule, a candidate source) shows as its name and parameters
+        return f"`{json.dumps(value, separators=(',', ':'), default=dataclasses.asdict)}`"
     return f"`{value}`" if str(value) != "" else '`""`'
 
 
 def _fmt_type(ann: Any) -> str:
     origin = get_origin(ann)
+    if origin is Annotated:
+        return _fmt_type(get_args(ann)[0])
+    if origin is tuple and get_args(ann)[1:] == (Ellipsis,):
+        return f"list of {_fmt_type(get_args(ann)[0])}"
     if origin is Literal:
         return " \\| ".join(f"`{a}`" for a in get_args(ann))
     if origin in (Union, UnionType):  # X | None: the table says *(unset)* for None
         return " \\| ".join(_fmt_type(a) for a in get_args(ann) if a is not type(None))
+    if dataclasses.is_dataclass(ann):  # one of a strategy's classes: the name that picks it
+        return f"`{ann.name}`"
     if origin is not None:  # dict[str, float], tuple[float, ...]
         return str(ann).replace("typing.", "")
     return getattr(ann, "__name__", str(ann))

@@ -136,7 +136,8 @@ def test_candidate_recall_counts_targets_the_serving_path_retrieved():
     events = _tiny_stream()
     ids = [f"i{k}" for k in range(30)]
     text = np.random.default_rng(1).normal(size=(30, 16)).astype(np.float32)
-    cfg = LearnerConfig(dim=16, history_len=10, covisit=False, seed=0, tower_candidates=5)
+    cfg = LearnerConfig(dim=16, history_len=10, covisit=False, seed=0,
+                        candidate_sources=({"name": "tower", "count": 5},))
     res = prequential(StreamrecModel(ids, text, cfg), events, 8)
     assert 0 < res.summary()["candidate_recall"] < 1
     assert res.scored.max() == 5 and res.summary()["candidates"] <= 5

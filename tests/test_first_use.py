@@ -259,6 +259,9 @@ def test_a_missing_file_and_a_bad_setting_are_one_line(s, tmp_path):
     one_clear_error(cli("publish", str(tmp_path / "nope.jsonl"), settings=s), "nope.jsonl")
     one_clear_error(cli("config", env={"STREAMREC_BATCH_SIZE": "many"}),
                     "STREAMREC_BATCH_SIZE='many'", "integer")
+    one_clear_error(cli("config", env={"STREAMREC_LEARNER__LR_RULE": '{"name": "fixed", '
+                                                                     '"beta": 2}'}),
+                    "STREAMREC_LEARNER__LR_RULE (at fixed.beta)=2", "Unexpected keyword")
 
 
 def test_a_variable_that_names_no_setting_is_refused():
@@ -272,7 +275,7 @@ def test_a_variable_that_names_no_setting_is_refused():
                     "STREAMREC_SERVING_CANDIDATES")
     proc = cli("config", env={"STREAMREC_LEARNER__LR_RULE": "fixed", "STREAMREC_TOP_K": "5"})
     assert proc.returncode == 0, proc.stderr
-    assert orjson.loads(proc.stdout)["learner"]["lr_rule"] == "fixed"
+    assert orjson.loads(proc.stdout)["learner"]["lr_rule"]["name"] == "fixed"
 
 
 @pytest.mark.slow

@@ -569,7 +569,7 @@ def test_delete_items_and_readd():
 @pytest.mark.parametrize("sampled", [False, True], ids=["full-softmax", "sampled-softmax"])
 def test_deleted_item_is_never_a_target_even_from_replay(sampled):
     ids, vecs, _ = topic_catalog(n_items=30)
-    kw = {"full_softmax_max_items": 10, "n_negatives": 8} if sampled else {}
+    kw = {"softmax": {"name": "auto", "max_items": 10, "n_negatives": 8}} if sampled else {}
     learner = make_learner(replay_ratio=1.0, **kw)
     learner.upsert_items(ids, vecs)
     x = ids[-1]  # highest row
@@ -585,7 +585,7 @@ def test_deleted_item_is_never_a_target_even_from_replay(sampled):
 
 def test_sampled_softmax_path_learns():
     ids, vecs, batches = synthetic_batches(60)
-    learner = make_learner(full_softmax_max_items=50, n_negatives=64)
+    learner = make_learner(softmax={"name": "auto", "max_items": 50, "n_negatives": 64})
     learner.upsert_items(ids, vecs)
     losses = run_stream(learner, batches)
     assert learner.model.sample_negatives(np.random.default_rng(0)).shape == (64,)  # sampled
@@ -638,16 +638,17 @@ def test_zero_weight_batch_does_not_poison_parameters():
 
 
 def test_softmax_strategies_are_chosen_by_name_and_reject_unknown_parameters():
-    from models.losses import SampledSoftmax, make_softmax
+    from models.losses import AutoSoftmax, SampledSoftmax
 
-    with pytest.raises(ValueError, match="n_negatives"):
-        make_softmax("full", n_negatives=8)
-    with pytest.raises(ValueError, match="unknown softmax"):
-        make_softmax("hierarchical")
-    with pytest.raises(ValueError):
-        make_softmax("sampled", n_negatives=0)
+    assert LearnerConfig(softmax="full").softmax != LearnerConfig().softmax == AutoSoftmax()
+    with pytest.raises(ValueError, match="full.n_negatives"):
+        LearnerConfig(softmax={"name": "full", "n_negatives": 8})
+    with pytest.raises(ValueError, match="does not match any of the expected tags"):
+        LearnerConfig(softmax="hierarchical")
+    with pytest.raises(ValueError, match="sampled.n_negatives"):
+        LearnerConfig(softmax={"name": "sampled", "n_negatives": 0})
     ids, vecs, _ = topic_catalog(n_items=30)
-    learner = make_learner(softmax="sampled", n_negatives=8)  # sampled even for 30 items
+    learner = make_learner(softmax={"name": "sampled", "n_negatives": 8})  # even for 30 items
     learner.upsert_items(ids, vecs)
     assert learner.model.softmax == SampledSoftmax(n_negatives=8)
     assert learner.model.sample_negatives(np.random.default_rng(0)).shape == (8,)

@@ -19,8 +19,6 @@ from models.lr_rules import (
     PaperAdaptive,
     RMSPropNorm,
     RuleState,
-    make_rule,
-    rule_fields,
 )
 from models.user_state import UserState
 
@@ -259,7 +257,8 @@ def test_paper_adaptive_loss_drop_is_not_a_jump():
 def test_two_users_in_one_call_equal_two_single_calls(name):
     params = dict(alpha0=0.2, beta=2.0, alpha_min=1e-3, jump_z=2.0, raise_frac=0.5,
                   loss_decay=0.9)
-    rule = make_rule(name, **{k: v for k, v in params.items() if k in rule_fields(name)})
+    rule = LearnerConfig(lr_rule={"name": name, "alpha0": 0.2, "loss_decay": 0.9} | (
+        params if name == "adaptive" else {})).lr_rule
     both = RuleState.fresh(2, 0.2)
     single = [RuleState.fresh(1, 0.2), RuleState.fresh(1, 0.2)]
     # user 0 has a loss jump at the last step, user 1 is stable; different gradients
@@ -278,31 +277,33 @@ def test_two_users_in_one_call_equal_two_single_calls(name):
         assert both.alpha[0] > both.alpha[1]
 
 
-def test_make_rule_by_name_and_unknown_name():
-    assert isinstance(make_rule("fixed", alpha0=0.1), Fixed)
-    assert isinstance(make_rule("adagrad", alpha0=0.1), AdaGradNorm)
-    assert isinstance(make_rule("rmsprop", alpha0=0.1), RMSPropNorm)
-    r = make_rule("adaptive", alpha0=0.1, beta=0.5, alpha_min=0.002)
-    assert isinstance(r, PaperAdaptive)
-    assert (r.alpha0, r.beta, r.alpha_min) == (0.1, 0.5, 0.002)
-    # the learner's config passes each rule its own parameters
-    for name in ("fixed", "adagrad", "rmsprop", "adaptive"):
-        make_rule(name, **LearnerConfig(lr_rule=name).rule_params())
-    assert LearnerConfig(lr_rule="rmsprop").rule_params() == {
-        "alpha0": 0.05, "rms_decay": 0.9, "loss_decay": 0.9}
-    with pytest.raises(ValueError, match="unknown lr rule"):
-        make_rule("sgd", alpha0=0.1)
+def test_settings_build_a_rule_from_its_name_or_its_parameters():
+    """A name takes the rule's defaults; a mapping sets parameters; the settings' dump reads
+    back as the same rule (what `streamrec config` prints is what a worker would run)."""
+    assert LearnerConfig().lr_rule == RMSPropNorm(alpha0=0.05, rms_decay=0.9, loss_decay=0.9)
+    assert LearnerConfig().scenario_lr_rule == AdaGradNorm()
+    for name, rule in (("fixed", Fixed), ("adagrad", AdaGradNorm), ("rmsprop", RMSPropNorm),
+                       ("adaptive", PaperAdaptive)):
+        assert LearnerConfig(lr_rule=name).lr_rule == rule()
+    cfg = LearnerConfig(lr_rule={"name": "adaptive", "alpha0": 0.1, "beta": 0.5,
+                                 "alpha_min": 0.002})
+    assert cfg.lr_rule == PaperAdaptive(alpha0=0.1, beta=0.5, alpha_min=0.002)
+    assert LearnerConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+    with pytest.raises(ValueError, match="beta"):
+        Fixed(alpha0=0.1, beta=2.0)  # a rule built alone checks the same
 
 
-@pytest.mark.parametrize(("name", "params", "field"), [
-    ("fixed", {"alpha0": 0.1, "beta": 2.0}, "beta"),  # another rule's parameter
-    ("rmsprop", {"alpha0": 0.1, "rms_decay": 1.5}, "rms_decay"),  # out of range
-    ("adaptive", {"alpha0": 0.0}, "alpha0"),
-    ("adagrad", {}, "alpha0"),  # required
+@pytest.mark.parametrize(("choice", "says"), [
+    ("sgd", "does not match any of the expected tags: 'fixed', 'adagrad'"),  # no such rule
+    ({"beta": 2.0}, "Unable to extract tag using discriminator 'name'"),  # no name
+    ({"name": "fixed", "beta": 2.0}, "fixed.beta"),  # another rule's parameter
+    ({"name": "rmsprop", "rms_decay": 1.5}, "rmsprop.rms_decay"),  # out of range
+    ({"name": "adaptive", "alpha0": 0.0}, "adaptive.alpha0"),
+    ({"name": "adaptive", "warmup": -1}, "adaptive.warmup"),
 ])
-def test_a_rule_rejects_parameters_it_does_not_have_or_out_of_range(name, params, field):
-    with pytest.raises(ValueError, match=field):
-        make_rule(name, **params)
+def test_settings_reject_an_unknown_rule_or_a_parameter_it_does_not_have(choice, says):
+    with pytest.raises(ValueError, match=says):
+        LearnerConfig(lr_rule=choice)
 
 
 def test_rule_state_fresh():
@@ -328,8 +329,8 @@ def test_interest_change_raises_adaptive_alpha_again():
             v = centroids[t] + 0.3 * rng.standard_normal(text_dim)
             ids.append(f"t{t}-{k}")
             vecs.append(v / np.linalg.norm(v))
-    cfg = LearnerConfig(dim=16, history_len=10, lr_rule="adaptive", beta=10.0, seed=0, device="cpu",
-                        replay_ratio=0.0)
+    cfg = LearnerConfig(dim=16, history_len=10, lr_rule={"name": "adaptive", "beta": 10.0},
+                        seed=0, device="cpu", replay_ratio=0.0)
     learner = OnlineLearner(cfg, text_dim=text_dim, capacity=64)
     learner.upsert_items(ids, np.asarray(vecs, dtype=np.float32))
     states = {"u": UserState()}
@@ -346,7 +347,7 @@ def test_interest_change_raises_adaptive_alpha_again():
     alphas = []
     for _ in range(40):
         alphas.append(learner.learn_batch(batch(0), states).alphas["u"])
-    assert alphas[-1] < alphas[0] < cfg.alpha0
+    assert alphas[-1] < alphas[0] < cfg.lr_rule.alpha0
     before = alphas[-1]
     after = learner.learn_batch(batch(1), states).alphas["u"]
     assert after > 1.1 * before

@@ -166,7 +166,8 @@ def restricted_learner(kind: str = "flat", sub_max: int = 0, candidates: int = 1
     """Items 0-19 only in 'a', 20-29 only in 'b', 30-39 everywhere; trained on a stream
     that visits all of them, so the co-visitation candidates cross the scenarios."""
     ids, vecs = catalog(40)
-    learner = OnlineLearner(cfg(tower_candidates=candidates), TEXT_DIM)
+    sources = ({"name": "tower", "count": candidates}, "covisit")
+    learner = OnlineLearner(cfg(candidate_sources=sources), TEXT_DIM)
     learner.upsert_items(ids, vecs, [["a"]] * 20 + [["b"]] * 10 + [None] * 10)
     rng = np.random.default_rng(3)
     events = [Interaction(f"u{k % 5}", ids[int(rng.integers(40))], "view", T0 + 1000 * k)

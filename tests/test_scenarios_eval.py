@@ -40,8 +40,9 @@ def test_items_not_allowed_in_the_events_scenario_are_not_ranked():
 def test_streamrec_never_retrieves_an_item_outside_the_scenario():
     ids, vecs = _catalog(12)
     where = [["s0"] if k % 2 == 0 else ["s1"] for k in range(12)]
-    model = StreamrecModel(ids, vecs, _cfg().model_copy(update={"tower_candidates": 3}),
-                           item_scenarios=where)
+    cfg = LearnerConfig(dim=16, history_len=10, covisit=True, seed=0,
+                        candidate_sources=({"name": "tower", "count": 3}, "covisit"))
+    model = StreamrecModel(ids, vecs, cfg, item_scenarios=where)
     events = [("u", k % 12, k, f"s{k % 2}") for k in range(40)]
     for b in range(0, 40, 8):
         out = model.step(events[b: b + 8], list(range(8)))
@@ -56,7 +57,8 @@ def test_the_tower_fills_its_count_from_the_scenarios_own_items():
     the other scenario's items score, each event gets the tower's whole count from its own."""
     ids, vecs = _catalog(40)
     where = [["s0"] if k < 30 else ["s1"] for k in range(40)]
-    cfg = LearnerConfig(dim=16, history_len=10, covisit=False, seed=0, tower_candidates=5)
+    cfg = LearnerConfig(dim=16, history_len=10, covisit=False, seed=0,
+                        candidate_sources=({"name": "tower", "count": 5},))
     model = StreamrecModel(ids, vecs, cfg, item_scenarios=where)
     model.step([(f"u{k}", k, k, "s0") for k in range(8)], [])  # histories: distinct vectors
     out = model.step([(f"u{k}", 30 + k, 8 + k, "s1") for k in range(8)], list(range(8)))

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from models.lr_rules import Fixed, RMSPropNorm
 from streams.catalog import CatalogEncoder, decode_item_vector
 from streams.checkpoint import CheckpointStore
 from streams.faust_internals import current_event
@@ -219,12 +220,16 @@ def test_checkpoint_ignores_a_corrupt_or_incomplete_one():
 
 def test_settings_from_env_and_back(monkeypatch):
     monkeypatch.setenv("STREAMREC_BROKER", "10.0.0.1:9093")
-    monkeypatch.setenv("STREAMREC_LEARNER__LR_RULE", "fixed")
+    monkeypatch.setenv("STREAMREC_LEARNER__LR_RULE", "fixed")  # a rule by name
+    monkeypatch.setenv("STREAMREC_LEARNER__SCENARIO_LR_RULE", '{"name": "rmsprop", '
+                       '"alpha0": 0.2}')  # or with its parameters
     monkeypatch.setenv("STREAMREC_INDEX__KIND", "hnsw")
     s = Settings()
     assert s.broker == "kafka://10.0.0.1:9093" and s.bootstrap == ["10.0.0.1:9093"]
-    assert s.learner.lr_rule == "fixed" and s.index.kind == "hnsw"
-    for key in ("STREAMREC_BROKER", "STREAMREC_LEARNER__LR_RULE", "STREAMREC_INDEX__KIND"):
+    assert s.learner.lr_rule == Fixed() and s.index.kind == "hnsw"
+    assert s.learner.scenario_lr_rule == RMSPropNorm(alpha0=0.2)
+    for key in ("STREAMREC_BROKER", "STREAMREC_LEARNER__LR_RULE",
+                "STREAMREC_LEARNER__SCENARIO_LR_RULE", "STREAMREC_INDEX__KIND"):
         monkeypatch.delenv(key)
     for key, value in settings_env(s).items():
         monkeypatch.setenv(key, value)
