@@ -425,6 +425,21 @@ def test_catalog_backlog_counts_what_no_catalog_agent_has_committed(kafka, tmp_p
         backlog.close()
 
 
+def _pausing_after_takes(topic: str, **options: object) -> object:
+    """A consumer of the whole topic that pauses 0.1 s after each take that returns records,
+    so that others act between its takes."""
+    from aiokafka import AIOKafkaConsumer
+
+    class Pausing(AIOKafkaConsumer):
+        async def getmany(self, *args, **kwargs):
+            batches = await super().getmany(*args, **kwargs)
+            if batches:
+                await asyncio.sleep(0.1)
+            return batches
+
+    return Pausing(topic, group_id=None, auto_offset_reset="earliest", **options)
+
+
 @pytest.mark.kafka
 def test_a_replica_applies_in_order_and_syncs_only_once_applied(kafka, tmp_path, monkeypatch):
     """Chunks are awaited one at a time, in order, each gathered from several takes of at
@@ -432,7 +447,6 @@ def test_a_replica_applies_in_order_and_syncs_only_once_applied(kafka, tmp_path,
     (an apply off the loop can take seconds at 1M items, and a batch that syncs must then
     see the item). Each take is followed by a pause, so that `sync` polls between takes, when
     the position already counts records that no apply has seen."""
-    from aiokafka import AIOKafkaConsumer
     from helpers import make_settings
 
     from streams import replica as replica_module
@@ -465,17 +479,8 @@ def test_a_replica_applies_in_order_and_syncs_only_once_applied(kafka, tmp_path,
         applied.extend(m.key for m in msgs)
         running -= 1
 
-    class PausingAfterTakes(AIOKafkaConsumer):
-        async def getmany(self, *args, **kwargs):
-            batches = await super().getmany(*args, **kwargs)
-            if batches:
-                await asyncio.sleep(0.1)
-            return batches
-
     async def main() -> bool:
-        replica = TopicReplica(
-            lambda t: PausingAfterTakes(t, group_id=None, auto_offset_reset="earliest",
-                                        **aio_options(s)), topic, apply)
+        replica = TopicReplica(lambda t: _pausing_after_takes(t, **aio_options(s)), topic, apply)
         await replica.start()
         try:
             await asyncio.wait_for(replica.caught_up.wait(), 60)
