@@ -75,7 +75,7 @@ class CovisitCandidates:
 
 
 Source = TowerCandidates | CovisitCandidates
-SourceChoice = choice(TowerCandidates, CovisitCandidates)
+SourceChoice = choice(Source)
 
 
 def first_unexcluded(keys: np.ndarray, excluded: Sequence[Exclusion], n: int) -> np.ndarray:

@@ -82,7 +82,7 @@ def popularity_draw(counts: np.ndarray, live: np.ndarray, rng: np.random.Generat
 
 
 Softmax = FullSoftmax | SampledSoftmax | AutoSoftmax
-SoftmaxChoice = choice(FullSoftmax, SampledSoftmax, AutoSoftmax)
+SoftmaxChoice = choice(Softmax)
 
 
 def log_q(counts: np.ndarray, live: np.ndarray, targets: np.ndarray, negatives: np.ndarray

@@ -204,6 +204,6 @@ class PaperAdaptive:
 Rule = Fixed | AdaGradNorm | RMSPropNorm | PaperAdaptive
 
 
-RuleChoice = choice(Fixed, AdaGradNorm, RMSPropNorm, PaperAdaptive)
+RuleChoice = choice(Rule)
 """A settings field holding one built rule: `"rmsprop"`, `{"name": "adaptive", "beta": 0.5}`
 or a rule object (models/strategy.py)."""

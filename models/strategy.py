@@ -2,7 +2,7 @@
 
 LR rules (models/lr_rules.py), softmaxes (models/losses.py) and candidate sources
 (models/candidates.py) are strategies. Each class has a `name` field, the name that settings
-select it by. A settings field typed `choice(A, B, ...)` holds the built strategy and accepts
+select it by. A settings field typed `choice(A | B | ...)` holds the built strategy and accepts
 the object itself, a name alone (the class's defaults) or a mapping of the name and some
 parameters. A parameter the class lacks, one out of range, or a name no class has is an error
 that names it, so a misspelled setting never runs on a default.
@@ -16,7 +16,7 @@ that names it, so a misspelled setting never runs on a default.
 >>> @strategy
 ... class Shifted:
 ...     name: Literal["shifted"] = "shifted"
->>> pick = TypeAdapter(choice(Scaled, Shifted))
+>>> pick = TypeAdapter(choice(Scaled | Shifted))
 >>> pick.validate_python("scaled"), pick.validate_python({"name": "scaled", "by": 2})
 (Scaled(name='scaled', by=1.0), Scaled(name='scaled', by=2.0))
 >>> try:
@@ -28,7 +28,7 @@ that names it, so a misspelled setting never runs on a default.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 from pydantic import BeforeValidator, ConfigDict, Field
 from pydantic.dataclasses import dataclass as validated
@@ -42,7 +42,7 @@ def _named(value: Any) -> Any:
     return {"name": value} if isinstance(value, str) else value
 
 
-def choice(*classes: type) -> Any:
-    """The settings type that holds one built strategy of `classes`, picked by its name."""
-    return Annotated[Union[classes], Field(discriminator="name"),  # noqa: UP007 - a tuple
-                     BeforeValidator(_named)]
+def choice(classes: Any) -> Any:
+    """The settings type that holds one built strategy of the union `classes`, picked by
+    its name."""
+    return Annotated[classes, Field(discriminator="name"), BeforeValidator(_named)]

@@ -7,7 +7,7 @@ unreachable broker, a data directory that cannot be created, a missing file, a b
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 
 class UserError(Exception):
@@ -21,15 +21,11 @@ class BrokerUnreachable(UserError):
 def settings_problem(exc: ValidationError) -> UserError:
     """A settings ValidationError as one line naming each environment variable at fault
     and, for a value with parts (a strategy's parameters), the part."""
-    from streams.settings import Settings
+    from streams.settings import variable_of
 
     parts = []
     for err in exc.errors(include_url=False):
-        loc = [str(p) for p in err["loc"]]
-        group = Settings.model_fields.get(loc[0])
-        depth = 2 if group and isinstance(group.annotation, type) and issubclass(
-            group.annotation, BaseModel) and len(loc) > 1 else 1
-        name, inner = "__".join(loc[:depth]), ".".join(loc[depth:])
+        name, inner = variable_of(err["loc"])
         where = f" (at {inner})" if inner else ""
-        parts.append(f"STREAMREC_{name.upper()}{where}={err.get('input')!r}: {err['msg']}")
+        parts.append(f"{name}{where}={err.get('input')!r}: {err['msg']}")
     return UserError("bad setting: " + "; ".join(parts))

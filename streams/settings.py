@@ -7,7 +7,7 @@ Nested groups use `__`: `STREAMREC_LEARNER__LR=0.001`, `STREAMREC_INDEX__KIND=hn
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -264,15 +264,28 @@ class Settings(BaseSettings):
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items() if v is not None}
 
 
+def _groups() -> dict[str, type[BaseModel]]:
+    """The nested setting groups (`learner`, `index`), each a model of its own fields."""
+    return {name: field.annotation for name, field in Settings.model_fields.items()
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)}
+
+
+def variable_of(loc: Sequence[str | int]) -> tuple[str, str]:
+    """A validation error's location as its STREAMREC_* variable and the part inside that
+    variable's value ('' for the whole value): ('learner', 'lr_rule', 'fixed', 'beta') ->
+    ('STREAMREC_LEARNER__LR_RULE', 'fixed.beta')."""
+    parts = [str(p) for p in loc]
+    depth = 2 if len(parts) > 1 and parts[0] in _groups() else 1
+    return "STREAMREC_" + "__".join(parts[:depth]).upper(), ".".join(parts[depth:])
+
+
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """Each STREAMREC_* variable of `environ` that names no setting (a typo, or a setting
     since removed), with the nearest real name: pydantic-settings ignores them, so a worker
     would otherwise run on the default without a word."""
-    known = set()
-    for name, field in Settings.model_fields.items():
-        known.add(f"STREAMREC_{name}".upper())
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            known |= {f"STREAMREC_{name}__{sub}".upper() for sub in field.annotation.model_fields}
+    known = {f"STREAMREC_{name}".upper() for name in Settings.model_fields}
+    for name, group in _groups().items():
+        known |= {f"STREAMREC_{name}__{sub}".upper() for sub in group.model_fields}
     out = []
     for var in sorted(environ):
         if var.upper().startswith("STREAMREC_") and var.upper() not in known:
