@@ -38,9 +38,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def run_variant(name: str, data: cmp.Dataset, batch_size: int, queue: Any) -> dict:
     """One variant's figures: quality, candidate recall and the budget it spent."""
-    import torch
-
-    torch.set_num_threads(1)
+    cmp.one_core()
     cfg = LearnerConfig().model_copy(update=VARIANTS[name])
     model = StreamrecModel(data.item_ids, data.text_vectors, cfg, name=name)
     res = prequential(model, data.events, batch_size, item_ids=data.item_ids,

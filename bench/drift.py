@@ -50,12 +50,11 @@ def _runs(data: cmp.Dataset, streams: dict[str, drift.Marked], rules: list[str],
     """Every (rule, stream) run, one after another (all spliced runs first), with a rich
     progress bar each; `done(results so far)` after each, so a cut-short run leaves its
     figures."""
-    import torch
     from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
     from evaluation.progress import Progress
 
-    torch.set_num_threads(1)  # one core: the machine is shared
+    cmp.one_core()  # one core: the machine is shared
     results = {}
     cols = (TextColumn("{task.description:<18}"), BarColumn(),
             TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn())

@@ -29,7 +29,7 @@ from rich.table import Table
 
 from bench._common import save_figure
 from bench.index import make_basis, make_vectors
-from index.faiss_index import FaissIndex, IndexConfig
+from index.faiss_index import FaissIndex, IndexConfig, use_blas_from
 
 
 def best_time(fn, repeats: int) -> float:
@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="bench/out")
     a = ap.parse_args()
+    use_blas_from(IndexConfig().blas_threshold)  # as the worker's entry point sets it
     rng = np.random.default_rng(0)
     basis = make_basis(a.dim, a.dim // 2, 0)
     x = make_vectors(a.items, basis, 0.1, 1)

@@ -150,11 +150,21 @@ def build_model(name: str, data: Dataset, base: LearnerConfig) -> Any:
     return make_baseline(name, len(data.item_ids))
 
 
-def _run_one(name: str, data: Dataset, base: LearnerConfig, batch_size: int,
-             progress: Any, exclude_seen: ExcludeSeen = "all") -> Result:
+def one_core() -> None:
+    """An evaluation process's set-up (a spawned job is its own entry point): torch on one
+    thread, the jobs share the machine; FAISS's BLAS switch as the worker sets it
+    (streams/process.py configure_process)."""
     import torch
 
+    from index.faiss_index import IndexConfig, use_blas_from
+
     torch.set_num_threads(1)
+    use_blas_from(IndexConfig().blas_threshold)
+
+
+def _run_one(name: str, data: Dataset, base: LearnerConfig, batch_size: int,
+             progress: Any, exclude_seen: ExcludeSeen = "all") -> Result:
+    one_core()
     model = build_model(name, data, base)
     report = (lambda n: progress.put((name, n))) if progress is not None else None
     return prequential(model, data.events, batch_size, on_batch=report,

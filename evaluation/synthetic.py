@@ -19,102 +19,57 @@ import numpy as np
 import orjson
 
 #: Hand-written topics; the words of different topics are disjoint (a test checks it).
-TOPICS: dict[str, tuple[str, ...]] = {
-    "astronomy": (
-        "galaxy", "telescope", "nebula", "comet", "planet", "asteroid", "orbit", "star",
-        "meteor", "eclipse", "cosmos", "supernova", "quasar", "constellation", "observatory",
-        "lunar", "solar", "pulsar", "crater", "satellite", "spectrum", "zodiac", "equinox",
-        "universe", "stargazing",
-    ),
-    "cooking": (
-        "skillet", "recipe", "saute", "simmer", "spice", "garlic", "onion", "stew", "broth",
-        "sauce", "marinade", "grill", "braise", "chef", "kitchen", "knife", "pepper", "herbs",
-        "risotto", "curry", "roast", "seasoning", "wok", "casserole", "stock",
-    ),
-    "football": (
-        "goal", "striker", "midfielder", "penalty", "referee", "stadium", "league", "tackle",
-        "dribble", "corner", "offside", "goalkeeper", "defender", "jersey", "cleats", "kickoff",
-        "header", "volley", "championship", "derby", "fans", "coach", "pitch", "trophy",
-        "crossbar",
-    ),
-    "jazz": (
-        "saxophone", "trumpet", "improvisation", "swing", "bebop", "trombone", "bass", "piano",
-        "quartet", "bandleader", "blues", "syncopation", "ballad", "standards", "clarinet",
-        "drummer", "vibraphone", "melody", "chord", "groove", "scat", "nightclub", "ensemble",
-        "solo", "fusion",
-    ),
-    "gardening": (
-        "compost", "seedling", "tulip", "shovel", "mulch", "soil", "fertilizer", "hedge",
-        "pruning", "greenhouse", "rose", "trowel", "perennial", "bulb", "weeding", "watering",
-        "orchard", "lawn", "vegetable", "flowerbed", "hose", "rake", "sprout", "trellis",
-        "seeds",
-    ),
-    "programming": (
-        "python", "compiler", "algorithm", "debugger", "function", "variable", "database",
-        "software", "code", "syntax", "recursion", "keyboard", "terminal", "repository",
-        "framework", "server", "javascript", "refactoring", "testing", "linux", "bytecode",
-        "git", "kernel", "programmer", "developer",
-    ),
-    "hiking": (
-        "trail", "backpack", "summit", "boots", "canyon", "ridge", "wilderness", "campsite",
-        "switchback", "trekking", "compass", "map", "waterfall", "forest", "valley", "altitude",
-        "tent", "hiker", "mountain", "footpath", "poles", "lantern", "meadow", "cairn", "trek",
-    ),
-    "painting": (
-        "canvas", "brush", "watercolor", "acrylic", "easel", "palette", "portrait",
-        "landscape", "oil", "pigment", "sketch", "gallery", "impressionism", "fresco", "mural",
-        "stroke", "gouache", "varnish", "turpentine", "masterpiece", "hue", "shading", "artist",
-        "studio", "abstract",
-    ),
-    "chess": (
-        "checkmate", "bishop", "knight", "rook", "pawn", "queen", "king", "gambit", "opening",
-        "endgame", "grandmaster", "castling", "tournament", "stalemate", "sicilian", "board",
-        "blitz", "tactics", "sacrifice", "fianchetto", "elo", "clock", "chessboard",
-        "middlegame", "zugzwang",
-    ),
-    "cycling": (
-        "bicycle", "pedal", "derailleur", "helmet", "saddle", "chain", "spokes", "peloton",
-        "sprint", "handlebar", "tire", "gear", "crankset", "velodrome", "cyclist", "criterium",
-        "cadence", "brake", "wheel", "frame", "lycra", "tandem", "climb", "breakaway",
-        "bikepacking",
-    ),
-    "photography": (
-        "camera", "lens", "aperture", "shutter", "tripod", "exposure", "flash", "darkroom",
-        "zoom", "focus", "pixel", "sensor", "viewfinder", "film", "negative", "print",
-        "lighting", "snapshot", "photographer", "bokeh", "megapixel", "autofocus", "filter",
-        "panorama", "photo",
-    ),
-    "sailing": (
-        "sailboat", "mast", "rudder", "hull", "anchor", "keel", "jib", "mainsail", "harbor",
-        "regatta", "sailor", "wind", "tack", "deck", "yacht", "knot", "navigation", "catamaran",
-        "marina", "starboard", "buoy", "spinnaker", "dinghy", "tiller", "ocean",
-    ),
-    "baking": (
-        "flour", "dough", "oven", "bread", "yeast", "pastry", "croissant", "sourdough", "cake",
-        "muffin", "cookie", "butter", "sugar", "whisk", "loaf", "icing", "frosting", "baguette",
-        "cupcake", "pie", "crust", "kneading", "biscuit", "scone", "meringue",
-    ),
-    "poetry": (
-        "sonnet", "verse", "stanza", "rhyme", "haiku", "poet", "meter", "ode", "limerick",
-        "elegy", "lyric", "metaphor", "couplet", "quatrain", "anthology", "recitation",
-        "iambic", "imagery", "alliteration", "muse", "epic", "villanelle", "rhythm", "poem",
-        "sestina",
-    ),
-    "cinema": (
-        "movie", "director", "screenplay", "actor", "actress", "premiere", "blockbuster",
-        "cinematography", "projector", "popcorn", "trailer", "sequel", "documentary",
-        "hollywood", "oscar", "editing", "montage", "soundtrack", "thriller", "comedy",
-        "matinee", "screening", "festival", "casting", "script",
-    ),
-    "robotics": (
-        "robot", "servo", "actuator", "lidar", "arduino", "microcontroller", "gripper",
-        "automation", "android", "drone", "motor", "circuit", "kinematics", "manipulator",
-        "autonomous", "firmware", "humanoid", "exoskeleton", "roboticist", "cyborg",
-        "gyroscope", "battery", "controller", "mechatronics", "pathfinding",
-    ),
-}
+TOPICS: dict[str, tuple[str, ...]] = {name: tuple(words.split()) for name, words in {
+    "astronomy": """galaxy telescope nebula comet planet asteroid orbit star meteor eclipse
+        cosmos supernova quasar constellation observatory lunar solar pulsar crater
+        satellite spectrum zodiac equinox universe stargazing""",
+    "cooking": """skillet recipe saute simmer spice garlic onion stew broth sauce marinade
+        grill braise chef kitchen knife pepper herbs risotto curry roast seasoning wok
+        casserole stock""",
+    "football": """goal striker midfielder penalty referee stadium league tackle dribble
+        corner offside goalkeeper defender jersey cleats kickoff header volley championship
+        derby fans coach pitch trophy crossbar""",
+    "jazz": """saxophone trumpet improvisation swing bebop trombone bass piano quartet
+        bandleader blues syncopation ballad standards clarinet drummer vibraphone melody
+        chord groove scat nightclub ensemble solo fusion""",
+    "gardening": """compost seedling tulip shovel mulch soil fertilizer hedge pruning
+        greenhouse rose trowel perennial bulb weeding watering orchard lawn vegetable
+        flowerbed hose rake sprout trellis seeds""",
+    "programming": """python compiler algorithm debugger function variable database software
+        code syntax recursion keyboard terminal repository framework server javascript
+        refactoring testing linux bytecode git kernel programmer developer""",
+    "hiking": """trail backpack summit boots canyon ridge wilderness campsite switchback
+        trekking compass map waterfall forest valley altitude tent hiker mountain footpath
+        poles lantern meadow cairn trek""",
+    "painting": """canvas brush watercolor acrylic easel palette portrait landscape oil
+        pigment sketch gallery impressionism fresco mural stroke gouache varnish turpentine
+        masterpiece hue shading artist studio abstract""",
+    "chess": """checkmate bishop knight rook pawn queen king gambit opening endgame
+        grandmaster castling tournament stalemate sicilian board blitz tactics sacrifice
+        fianchetto elo clock chessboard middlegame zugzwang""",
+    "cycling": """bicycle pedal derailleur helmet saddle chain spokes peloton sprint
+        handlebar tire gear crankset velodrome cyclist criterium cadence brake wheel frame
+        lycra tandem climb breakaway bikepacking""",
+    "photography": """camera lens aperture shutter tripod exposure flash darkroom zoom focus
+        pixel sensor viewfinder film negative print lighting snapshot photographer bokeh
+        megapixel autofocus filter panorama photo""",
+    "sailing": """sailboat mast rudder hull anchor keel jib mainsail harbor regatta sailor
+        wind tack deck yacht knot navigation catamaran marina starboard buoy spinnaker
+        dinghy tiller ocean""",
+    "baking": """flour dough oven bread yeast pastry croissant sourdough cake muffin cookie
+        butter sugar whisk loaf icing frosting baguette cupcake pie crust kneading biscuit
+        scone meringue""",
+    "poetry": """sonnet verse stanza rhyme haiku poet meter ode limerick elegy lyric
+        metaphor couplet quatrain anthology recitation iambic imagery alliteration muse epic
+        villanelle rhythm poem sestina""",
+    "cinema": """movie director screenplay actor actress premiere blockbuster cinematography
+        projector popcorn trailer sequel documentary hollywood oscar editing montage
+        soundtrack thriller comedy matinee screening festival casting script""",
+    "robotics": """robot servo actuator lidar arduino microcontroller gripper automation
+        android drone motor circuit kinematics manipulator autonomous firmware humanoid
+        exoskeleton roboticist cyborg gyroscope battery controller mechatronics pathfinding""",
+}.items()}
 
-#: Topic-neutral words: they make titles differ without carrying topic signal.
 GENERIC_WORDS: tuple[str, ...] = (
     "guide", "kit", "deluxe", "handbook", "essentials", "collection", "starter", "classic",
     "premium", "compact", "edition", "set", "primer", "companion", "basics", "pro",

@@ -12,9 +12,13 @@ import logging
 log = logging.getLogger("streamrec.process")
 
 
-def configure_process(compute_threads: int) -> None:
-    """Thread pools and the allocator, for a long-running worker or trainer."""
+def configure_process(compute_threads: int, blas_threshold: int) -> None:
+    """Thread pools, FAISS's switch to BLAS (index.faiss_index.use_blas_from) and the
+    allocator, for a long-running worker or trainer."""
+    from index.faiss_index import use_blas_from
+
     limit_threads(compute_threads)
+    use_blas_from(blas_threshold)
     return_large_allocations()
 
 

@@ -392,7 +392,7 @@ def run_trainer(settings: Settings, rank: int = 0, world: int = 1,
     acls.check(settings, "trainer")
     if rank == 0:
         ensure_topics(settings, role="trainer")
-    configure_process(settings.compute_threads)
+    configure_process(settings.compute_threads, settings.index.blas_threshold)
     sync: Sync = Sync()
     if world > 1:
         from models.distributed import init

@@ -138,13 +138,33 @@ def test_item_rows_reject_out_of_range_hash() -> None:
 # --------------------------------------------------------------------------- kind / config
 
 
+def test_the_blas_switch_is_set_by_the_entry_point_and_ranks_the_same() -> None:
+    """`use_blas_from` sets FAISS's global and an index's constructor leaves it alone
+    (process-wide set-up lives in streams/process.py); either side of the switch returns
+    the same top-k."""
+    before = faiss.cvar.distance_compute_blas_threshold
+    try:
+        fi.use_blas_from(123)
+        index = FaissIndex.build(item_ids(3000), unit_vectors(3000, 64),
+                                 IndexConfig(kind="flat", device="cpu"))
+        assert faiss.cvar.distance_compute_blas_threshold == 123
+        queries = unit_vectors(40, 64, seed=1)
+        fi.use_blas_from(1 << 30)  # every batch scanned without BLAS
+        scores_scan, ids_scan = index.search(queries, 10)
+        fi.use_blas_from(0)  # every batch through BLAS
+        scores_blas, ids_blas = index.search(queries, 10)
+    finally:
+        fi.use_blas_from(before)
+    np.testing.assert_array_equal(ids_scan, ids_blas)
+    np.testing.assert_allclose(scores_scan, scores_blas, atol=1e-5)
+
+
 def test_kind_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     auto = IndexConfig(hnsw_threshold=100, device="cpu")
     assert FaissIndex(8, auto, expected_size=99).kind == "flat"
     assert FaissIndex(8, auto, expected_size=100).kind == "hnsw"
     assert FaissIndex.build(item_ids(100), unit_vectors(100, 8), auto).kind == "hnsw"
     assert FaissIndex(8, IndexConfig(kind="hnsw", device="cpu")).kind == "hnsw"
-    assert faiss.cvar.distance_compute_blas_threshold == 20
     if faiss.get_num_gpus() == 0:
         with pytest.raises(RuntimeError):
             FaissIndex(8, IndexConfig(device="cuda"))

@@ -15,7 +15,7 @@ from index.faiss_index import FaissIndex, IndexConfig
 from models.config import LearnerConfig
 from models.learner import Interaction, OnlineLearner
 from models.seen import item_keys
-from models.serving import Scored, Server, best_first_per_user
+from models.serving import Scored, Server, best_first_per_user, candidate_pairs
 from models.user_state import UserState
 
 TEXT_DIM = 32
@@ -351,3 +351,27 @@ def test_best_first_per_user_is_lexsort_by_user_then_score(pairs):
     assert best_first_per_user(owner, scores).tolist() == \
         np.lexsort((-scores, owner)).tolist()
 
+
+
+@settings(max_examples=200, deadline=None)
+@given(gen.lists(gen.tuples(gen.sets(gen.integers(0, 30), max_size=8),
+                            gen.lists(gen.integers(0, 30), max_size=10)), max_size=6),
+       gen.booleans())
+def test_candidate_pairs_is_each_users_union(users, scored):
+    """The batch's one-sort candidate builder equals a plain per-user union: each user's
+    distinct tower and other rows, ascending, with the tower's score where the tower found
+    the row (an item both found keeps it) and NaN elsewhere."""
+    tower = [np.array(sorted(t, reverse=True), np.int64) for t, _ in users]
+    other = [np.array(o, np.int64) for _, o in users]
+    scores = [np.arange(len(t), dtype=np.float32) + 0.5 for t in tower] if scored else None
+    owner, rows, got = candidate_pairs(tower, other, scores, base=31)
+    want_owner, want_rows, want_scores = [], [], []
+    for u, (t, o) in enumerate(zip(tower, other, strict=True)):
+        of_tower = dict(zip(t.tolist(), scores[u].tolist())) if scored else {}
+        for row in sorted(set(t.tolist()) | set(o.tolist())):
+            want_owner.append(u)
+            want_rows.append(row)
+            want_scores.append(of_tower.get(row, np.nan))
+    assert owner.tolist() == want_owner
+    assert rows.tolist() == want_rows
+    np.testing.assert_array_equal(got, np.array(want_scores, np.float32))
