@@ -278,6 +278,24 @@ def _level_result(load: float, rate: float, n: int, send_s: float, drain_s: floa
         if "broker" in before.cpu else None,
         "worker_rss_mb": round(rss_mb(worker.proc.pid), 1),
         "dlq": int(after.dlq - before.dlq),
+        **batch_cost(before, at_end),
+    }
+
+
+def batch_cost(before: Sample, after: Sample) -> dict:
+    """What a level's micro-batches held and cost: the mean batch, the worker's CPU per
+    event (which must fall as batches grow: a batch's fixed cost is paid however few events
+    it holds) and each stage's wall time per batch."""
+    batches = max(after.batches - before.batches, 1e-9)
+    events = max(after.batch_events - before.batch_events, 1e-9)
+    cpu_s = after.cpu["worker"] - before.cpu["worker"]
+    return {
+        "batch_size_mean": round(events / batches, 1) if batches >= 1 else float("nan"),
+        "worker_cpu_ms_per_event": round(cpu_s * 1000 / events, 3) if events >= 1
+        else float("nan"),
+        "stage_ms_per_batch": {
+            s: round((after.stage_sum[s] - before.stage_sum[s]) * 1000 / batches, 1)
+            for s in before.stage_sum} if batches >= 1 else {},
     }
 
 
@@ -312,7 +330,7 @@ def print_table(doc: dict) -> None:
                     f"from {doc['max_eps_source']}; {doc['seconds']:g} s per level)",
               box=box.SIMPLE_HEAD)
     for col in ("load", "ev/s", "p50", "p99", "p99.9", "n", "wkr p99", "stall", "CPU%",
-                "p99 target"):
+                "batch", "CPU ms/ev", "p99 target"):
         t.add_column(col, justify="right", no_wrap=True)
     for lv in doc["levels"]:
         target = TARGETS_P99_MS.get(lv["load"])
@@ -320,17 +338,32 @@ def print_table(doc: dict) -> None:
         t.add_row(f"{lv['load']:.0%}", f"{lv['eps']:,.0f}", f"{lv['p50_ms']:.1f}",
                   f"{lv['p99_ms']:.1f}", f"{lv['p999_ms']:.1f}", f"{lv['n']:,}",
                   f"{lv['worker_p99_ms']:.0f}", f"<={lv['loop_stall_max_ms']:g}",
-                  f"{lv['worker_cpu_pct']:.0f}", verdict)
+                  f"{lv['worker_cpu_pct']:.0f}", f"{lv['batch_size_mean']:.0f}",
+                  f"{lv['worker_cpu_ms_per_event']:.2f}", verdict)
     t.caption = ("wkr p99: the worker's own histogram (record ts -> emit, bucketed, whole "
                  "level); stall: the longest event-loop stall (its histogram bucket); CPU%: "
-                 "the worker's, 100 = one core")
+                 "the worker's, 100 = one core; batch: mean events per micro-batch; CPU ms/ev: "
+                 "the worker's CPU per event processed")
     console.print(t)
+    print_stages(doc["levels"])
     for lv in doc["levels"]:
         if "request_n" in lv:
             console.print(f"{lv['load']:.0%}: requests p50/p99 {lv['request_p50_ms']:.1f}/"
                           f"{lv['request_p99_ms']:.1f} ms (n {lv['request_n']:,}); other "
                           f"events {lv['event_p50_ms']:.1f}/{lv['event_p99_ms']:.1f} ms "
                           f"(n {lv['event_n']:,})")
+
+
+def print_stages(levels: list[dict]) -> None:
+    """Each level's wall time per micro-batch by stage (the worker's stage histogram)."""
+    stages = list(levels[0]["stage_ms_per_batch"]) if levels else []
+    t = Table(title="Per micro-batch, ms, by stage", box=box.SIMPLE_HEAD)
+    for col in ("load", "batch", *stages):
+        t.add_column(col, justify="right", no_wrap=True)
+    for lv in levels:
+        t.add_row(f"{lv['load']:.0%}", f"{lv['batch_size_mean']:.0f}",
+                  *(f"{lv['stage_ms_per_batch'].get(s, float('nan')):.1f}" for s in stages))
+    console.print(t)
 
 
 def _verdict(p99: float, limit: float) -> str:
