@@ -330,7 +330,7 @@ def print_table(doc: dict) -> None:
                     f"from {doc['max_eps_source']}; {doc['seconds']:g} s per level)",
               box=box.SIMPLE_HEAD)
     for col in ("load", "ev/s", "p50", "p99", "p99.9", "n", "wkr p99", "stall", "CPU%",
-                "batch", "CPU ms/ev", "p99 target"):
+                "p99 target"):
         t.add_column(col, justify="right", no_wrap=True)
     for lv in doc["levels"]:
         target = TARGETS_P99_MS.get(lv["load"])
@@ -338,12 +338,10 @@ def print_table(doc: dict) -> None:
         t.add_row(f"{lv['load']:.0%}", f"{lv['eps']:,.0f}", f"{lv['p50_ms']:.1f}",
                   f"{lv['p99_ms']:.1f}", f"{lv['p999_ms']:.1f}", f"{lv['n']:,}",
                   f"{lv['worker_p99_ms']:.0f}", f"<={lv['loop_stall_max_ms']:g}",
-                  f"{lv['worker_cpu_pct']:.0f}", f"{lv['batch_size_mean']:.0f}",
-                  f"{lv['worker_cpu_ms_per_event']:.2f}", verdict)
+                  f"{lv['worker_cpu_pct']:.0f}", verdict)
     t.caption = ("wkr p99: the worker's own histogram (record ts -> emit, bucketed, whole "
                  "level); stall: the longest event-loop stall (its histogram bucket); CPU%: "
-                 "the worker's, 100 = one core; batch: mean events per micro-batch; CPU ms/ev: "
-                 "the worker's CPU per event processed")
+                 "the worker's, 100 = one core")
     console.print(t)
     print_stages(doc["levels"])
     for lv in doc["levels"]:
@@ -355,13 +353,16 @@ def print_table(doc: dict) -> None:
 
 
 def print_stages(levels: list[dict]) -> None:
-    """Each level's wall time per micro-batch by stage (the worker's stage histogram)."""
+    """Each level's mean micro-batch, the worker's CPU per event and each stage's wall time
+    per batch (the worker's stage histogram)."""
     stages = list(levels[0]["stage_ms_per_batch"]) if levels else []
-    t = Table(title="Per micro-batch, ms, by stage", box=box.SIMPLE_HEAD)
-    for col in ("load", "batch", *stages):
+    t = Table(title="Per micro-batch: events, CPU ms per event, ms by stage",
+              box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in ("load", "batch", "CPU/ev", *stages):
         t.add_column(col, justify="right", no_wrap=True)
     for lv in levels:
         t.add_row(f"{lv['load']:.0%}", f"{lv['batch_size_mean']:.0f}",
+                  f"{lv['worker_cpu_ms_per_event']:.2f}",
                   *(f"{lv['stage_ms_per_batch'].get(s, float('nan')):.1f}" for s in stages))
     console.print(t)
 
