@@ -367,7 +367,7 @@ def test_candidate_pairs_is_each_users_union(users, scored):
     owner, rows, got = candidate_pairs(tower, other, scores, base=31)
     want_owner, want_rows, want_scores = [], [], []
     for u, (t, o) in enumerate(zip(tower, other, strict=True)):
-        of_tower = dict(zip(t.tolist(), scores[u].tolist())) if scored else {}
+        of_tower = dict(zip(t.tolist(), scores[u].tolist(), strict=True)) if scored else {}
         for row in sorted(set(t.tolist()) | set(o.tolist())):
             want_owner.append(u)
             want_rows.append(row)
