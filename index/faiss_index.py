@@ -153,9 +153,10 @@ def use_blas_from(threshold: int) -> None:
     Since faiss 1.15 (PR #5022) `distance_compute_blas_threshold` compares against queries x
     dim, with a default of 128,000 tuned for many OpenMP threads; with one thread, as our
     workers run, BLAS is faster from three queries on, 3.6x at 32 and 5.6x at 500 (faiss
-    PR #5109, open, would scale the default with the thread count and retire this call). Measured here at dim 64
-    over 50,000 items, sequential / BLAS ms: 1 query 0.53 / 1.36, 2 queries 1.07 / 1.41,
-    4 queries 2.18 / 1.60, 32 queries 17.3 / 4.8, 500 queries 296 / 53."""
+    PR #5109, open, would scale the default with the thread count and retire this call).
+    Measured here at dim 64 over 50,000 items, sequential / BLAS ms: 1 query 0.53 / 1.36,
+    2 queries 1.07 / 1.41, 4 queries 2.18 / 1.60, 32 queries 17.3 / 4.8, 500 queries
+    296 / 53."""
     faiss.cvar.distance_compute_blas_threshold = threshold
 
 
