@@ -286,16 +286,18 @@ def batch_cost(before: Sample, after: Sample) -> dict:
     """What a level's micro-batches held and cost: the mean batch, the worker's CPU per
     event (which must fall as batches grow: a batch's fixed cost is paid however few events
     it holds) and each stage's wall time per batch."""
-    batches = max(after.batches - before.batches, 1e-9)
-    events = max(after.batch_events - before.batch_events, 1e-9)
+    batches = after.batches - before.batches
+    events = after.batch_events - before.batch_events  # >= batches: none is empty
+    if batches < 1:
+        return {"batch_size_mean": float("nan"), "worker_cpu_ms_per_event": float("nan"),
+                "stage_ms_per_batch": {}}
     cpu_s = after.cpu["worker"] - before.cpu["worker"]
     return {
-        "batch_size_mean": round(events / batches, 1) if batches >= 1 else float("nan"),
-        "worker_cpu_ms_per_event": round(cpu_s * 1000 / events, 3) if events >= 1
-        else float("nan"),
+        "batch_size_mean": round(events / batches, 1),
+        "worker_cpu_ms_per_event": round(cpu_s * 1000 / events, 3),
         "stage_ms_per_batch": {
             s: round((after.stage_sum[s] - before.stage_sum[s]) * 1000 / batches, 1)
-            for s in before.stage_sum} if batches >= 1 else {},
+            for s in before.stage_sum},
     }
 
 
