@@ -152,13 +152,16 @@ def build_model(name: str, data: Dataset, base: LearnerConfig) -> Any:
 
 def one_core() -> None:
     """An evaluation process's set-up (a spawned job is its own entry point): torch on one
-    thread, the jobs share the machine; FAISS's BLAS switch as the worker sets it
-    (streams/process.py configure_process)."""
+    thread, FAISS too (the jobs share the machine); FAISS's BLAS switch as the worker sets
+    it (streams/process.py configure_process). The models run in the job's main thread,
+    which FAISS's per-thread cap then covers."""
+    import faiss
     import torch
 
     from index.faiss_index import IndexConfig, use_blas_from
 
     torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
     use_blas_from(IndexConfig().blas_threshold)
 
 

@@ -23,8 +23,13 @@ order the topics gave them.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+
+from streams.process import cap_this_thread
 
 T = TypeVar("T")
 
@@ -32,8 +37,13 @@ T = TypeVar("T")
 class OffLoop:
     def __init__(self) -> None:
         self._lock = asyncio.Lock()
+        # its own thread, so that the entry point's thread cap applies to it
+        self._thread = ThreadPoolExecutor(1, "model-steps", initializer=cap_this_thread)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` in a thread, after every call made before it has finished."""
+        """`fn(*args)` in the model-steps thread, after every call made before it has
+        finished (in the caller's context, as `asyncio.to_thread` runs it)."""
         async with self._lock:
-            return await asyncio.to_thread(fn, *args)
+            ctx = contextvars.copy_context()
+            return await asyncio.get_running_loop().run_in_executor(
+                self._thread, functools.partial(ctx.run, fn, *args))

@@ -36,6 +36,7 @@ from streams.catalog import CatalogBacklog, CatalogEncoder, collapse_item_vector
 from streams.clients import aio_options, kafka_producer
 from streams.gaps import GapFiller, read_records
 from streams.off_loop import OffLoop
+from streams.process import cap_this_thread
 from streams.processor import BatchOutput, Decoded, EventProcessor, Rejected
 from streams.records import RawRecord
 from streams.replica import TopicReplica
@@ -59,7 +60,7 @@ class SnapshotFollower:
         self.log = SnapshotLog(app_id)
         self.meta: SnapshotMeta | None = None  # of the version being served
         self._queue: list[Snapshot] = []
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
+        self._pool = ThreadPoolExecutor(1, "snapshot", initializer=cap_this_thread)
         self._build: Future | None = None
         self._changes: list[tuple] = []  # catalog changes since the fork (catalog_changed)
 

@@ -531,6 +531,27 @@ def test_model_steps_run_off_the_loop_one_at_a_time_in_call_order():
     assert log == [(e, k) for k in range(5) for e in ("start", "end")]
 
 
+def test_the_model_steps_thread_searches_under_the_entry_points_thread_cap():
+    """FAISS's thread count is per thread (its own libgomp): the cap the entry point sets
+    must reach the thread that searches, not only the main thread. Run in a child process,
+    so the cap does not outlive the test."""
+    import subprocess
+    import sys
+
+    code = """
+import asyncio, faiss
+from streams.off_loop import OffLoop
+from streams.process import limit_threads
+limit_threads(1)
+async def main():
+    return await OffLoop().run(faiss.omp_get_max_threads)
+print(faiss.omp_get_max_threads(), asyncio.run(main()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split()
+    assert list(map(int, out)) == [1, 1]  # main thread, model-steps thread
+
+
 def test_the_loop_watch_measures_how_long_the_loop_was_blocked():
     import time
 
