@@ -151,17 +151,14 @@ def build_model(name: str, data: Dataset, base: LearnerConfig) -> Any:
 
 
 def one_core() -> None:
-    """An evaluation process's set-up (a spawned job is its own entry point): torch on one
-    thread, FAISS too (the jobs share the machine); FAISS's BLAS switch as the worker sets
-    it (streams/process.py configure_process). The models run in the job's main thread,
-    which FAISS's per-thread cap then covers."""
-    import faiss
-    import torch
-
+    """An evaluation process's set-up (a spawned job is its own entry point): torch and
+    FAISS on one thread (the jobs share the machine), FAISS's BLAS switch as the worker
+    sets it (streams/process.py configure_process). The models run in the job's main
+    thread, which FAISS's per-thread cap then covers."""
     from index.faiss_index import IndexConfig, use_blas_from
+    from models.compute_threads import limit_threads
 
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
+    limit_threads(1)
     use_blas_from(IndexConfig().blas_threshold)
 
 

@@ -14,7 +14,7 @@ Each source is a strategy (models/strategy.py): a small class whose fields are i
 parameters, chosen and built once by the settings (`learner__candidate_sources`:
 `["tower", {"name": "covisit", "seeds": 5}]`).
 
->>> from models.seen import Exclusion
+>>> from models.seen import Exclusion, first_unexcluded
 >>> keys = np.array([[7, 3, -1, 5], [3, 9, 8, 6]])   # index results, best first; -1: padding
 >>> TowerCandidates(count=2).select(keys, [Exclusion(), Exclusion()]).astype(int)
 array([[1, 1, 0, 0],
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import numpy as np
 from pydantic import Field
 
-from models.seen import Exclusion
+from models.seen import Exclusion, first_unexcluded
 from models.sequences import History
 from models.strategy import choice, strategy
 
@@ -76,16 +76,6 @@ class CovisitCandidates:
 
 Source = TowerCandidates | CovisitCandidates
 SourceChoice = choice(Source)
-
-
-def first_unexcluded(keys: np.ndarray, excluded: Sequence[Exclusion], n: int) -> np.ndarray:
-    """Mask over index results `keys` (rows best first; -1 = padding): the first `n` of each
-    row that are real and not `excluded[row]`."""
-    ok = keys >= 0
-    for row, ex in enumerate(excluded):
-        if len(ex):
-            ok[row] &= ~ex.contains(keys[row])
-    return ok & (np.cumsum(ok, axis=1) <= n)
 
 
 def tower_of(sources: Sequence[Source]) -> TowerCandidates | None:

@@ -26,6 +26,7 @@ history ring (for catalogs where repeats are wanted: groceries, music), `none` n
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -177,3 +178,18 @@ def exclusions(state: UserState, mode: ExcludeSeen) -> Exclusion:
     if mode == "none":
         return Exclusion()
     raise ValueError(f"exclude_seen must be all, recent or none, not {mode!r}")
+
+
+def first_unexcluded(keys: np.ndarray, excluded: Sequence[Exclusion], n: int) -> np.ndarray:
+    """Mask over index results `keys` (rows best first; -1 = padding): the first `n` of each
+    row that are real and not `excluded[row]`.
+
+    >>> ex = Exclusion(recent=np.array([4]))
+    >>> first_unexcluded(np.array([[4, 9, 2, 5], [4, -1, 3, 5]]), [ex, Exclusion()], 2).tolist()
+    [[False, True, True, False], [True, False, True, False]]
+    """
+    ok = keys >= 0
+    for row, ex in enumerate(excluded):
+        if len(ex):
+            ok[row] &= ~ex.contains(keys[row])
+    return ok & (np.cumsum(ok, axis=1) <= n)

@@ -15,10 +15,10 @@ from typing import NamedTuple
 import numpy as np
 
 from index.faiss_index import FaissIndex, IndexConfig, VersionedIndex
-from models.candidates import first_unexcluded, history_rows, tower_of
+from models.candidates import history_rows, tower_of
 from models.items import unique_ints
 from models.model import SharedModel
-from models.seen import ExcludeSeen, Exclusion, exclusions
+from models.seen import ExcludeSeen, Exclusion, exclusions, first_unexcluded
 from models.sequences import History
 from models.user_state import UserState
 
@@ -245,6 +245,10 @@ class Server:
     @property
     def version(self) -> int:
         return self.index.version
+
+    def has_item(self, item_id: str) -> bool:
+        """Whether the served model knows `item_id` (an event naming any other is rejected)."""
+        return self.model.has_item(item_id)
 
     @property
     def n_items(self) -> int:

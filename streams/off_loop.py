@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from streams.process import cap_this_thread
+from models.compute_threads import cap_this_thread
 
 T = TypeVar("T")
 

@@ -9,6 +9,8 @@ import ctypes.util
 import gc
 import logging
 
+from models.compute_threads import limit_threads
+
 log = logging.getLogger("streamrec.process")
 
 
@@ -20,36 +22,6 @@ def configure_process(compute_threads: int, blas_threshold: int) -> None:
     limit_threads(compute_threads)
     use_blas_from(blas_threshold)
     return_large_allocations()
-
-
-_threads: int | None = None  # the cap `limit_threads` set, for `cap_this_thread`
-
-
-def limit_threads(n: int) -> None:
-    """Cap torch's and FAISS's thread pools (both OpenMP-based) at `n`: torch's for the
-    whole process, FAISS's for this thread and every thread that calls `cap_this_thread`."""
-    import torch
-
-    global _threads
-    _threads = n
-    torch.set_num_threads(n)
-    cap_this_thread()
-
-
-def cap_this_thread() -> None:
-    """Apply `limit_threads`' cap to FAISS in the calling thread (a pool's initializer).
-
-    FAISS and its OpenBLAS run on their own copy of libgomp, whose thread count is a
-    per-thread setting: a thread that has not set it runs at the machine's core count.
-    The worker searches in the model-steps thread (streams/off_loop.py), so until each
-    pool capped itself the cap reached only the main thread, which never searches. On this
-    2-core machine a 35-query search of 50,000 items took 15.7 ms capped and 696 ms
-    uncapped beside two busy processes (a scratch script, `faiss.omp_get_max_threads()`
-    2 in a pool thread)."""
-    import faiss
-
-    if _threads is not None:
-        faiss.omp_set_num_threads(_threads)
 
 
 def return_large_allocations(threshold: int = 1 << 20) -> None:

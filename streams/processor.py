@@ -106,8 +106,8 @@ class EventProcessor:
         return good, bad
 
     def unknown_items(self, events: Sequence[Decoded]) -> bool:
-        model = self.server.model
-        return any(e.item_id is not None and not model.has_item(e.item_id) for _, e in events)
+        return any(e.item_id is not None and not self.server.has_item(e.item_id)
+                   for _, e in events)
 
     # ------------------------------------------------------------------ the batch
     def process(self, events: Sequence[Decoded], rejected: list[Rejected],
@@ -163,7 +163,7 @@ class EventProcessor:
                 out.duplicates += 1
                 replays.add(ev.user_id)
                 outcome = "duplicate"
-            elif ev.item_id is not None and not self.server.model.has_item(ev.item_id):
+            elif ev.item_id is not None and not self.server.has_item(ev.item_id):
                 out.rejected.append((rec, InvalidRecord(
                     Reason.UNKNOWN_ITEM, f"item_id {ev.item_id[:100]!r} is not in the catalog")))
                 outcome = "dlq"

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from index.faiss_index import FaissIndex
+from models.compute_threads import cap_this_thread
 from models.encoder import TextEncoder
 from models.learner import personal_step
 from models.model import SharedModel
@@ -36,7 +37,6 @@ from streams.catalog import CatalogBacklog, CatalogEncoder, collapse_item_vector
 from streams.clients import aio_options, kafka_producer
 from streams.gaps import GapFiller, read_records
 from streams.off_loop import OffLoop
-from streams.process import cap_this_thread
 from streams.processor import BatchOutput, Decoded, EventProcessor, Rejected
 from streams.records import RawRecord
 from streams.replica import TopicReplica

@@ -541,7 +541,7 @@ def test_the_model_steps_thread_searches_under_the_entry_points_thread_cap():
     code = """
 import asyncio, faiss
 from streams.off_loop import OffLoop
-from streams.process import limit_threads
+from models.compute_threads import limit_threads
 limit_threads(1)
 async def main():
     return await OffLoop().run(faiss.omp_get_max_threads)
