@@ -11,27 +11,31 @@ _threads: int | None = None  # the cap `limit_threads` set, for `cap_this_thread
 
 
 def limit_threads(n: int) -> None:
-    """Cap torch's and FAISS's thread pools (both OpenMP-based) at `n`: torch's for the
-    whole process, FAISS's for this thread and every thread that calls `cap_this_thread`."""
-    import torch
-
+    """Cap torch's and FAISS's thread pools (both OpenMP-based) at `n` in this thread and in
+    every thread that calls `cap_this_thread`."""
     global _threads
     _threads = n
-    torch.set_num_threads(n)
     cap_this_thread()
 
 
 def cap_this_thread() -> None:
-    """Apply `limit_threads`' cap to FAISS in the calling thread (a pool's initializer).
+    """Apply `limit_threads`' cap to FAISS and torch in the calling thread (a pool's
+    initializer).
 
-    FAISS and its OpenBLAS run on their own copy of libgomp, whose thread count is a
-    per-thread setting: a thread that has not set it runs at the machine's core count.
-    The worker searches in the model-steps thread (streams/off_loop.py), so until each
-    pool capped itself the cap reached only the main thread, which never searches. On this
-    2-core machine, beside two busy processes, a 35-query search of 50,000 items took
-    696 ms in an uncapped pool thread (`faiss.omp_get_max_threads()` 2 there), 10.4 ms in
-    the same pool thread capped and 15.7 ms in the capped main thread (a scratch script)."""
+    OpenMP keeps the thread count per thread: a thread that has not set it runs at the
+    machine's core count. FAISS runs on its own copy of libgomp, and so do torch's matmuls
+    (MKL on torch's libgomp), whatever `torch.get_num_threads()` answers there. The worker
+    searches and steps in the model-steps thread (streams/off_loop.py), so until each pool
+    capped itself the cap reached only the main thread, which does neither:
+    - FAISS: on this 2-core machine, beside two busy processes, a 35-query search of 50,000
+      items took 696 ms in an uncapped pool thread, 10.4 ms in the same pool thread capped
+      and 15.7 ms in the capped main thread (a scratch script);
+    - torch: with the worker's imports, a 2000 x 2000 matmul in the model-steps thread ran
+      on two threads (0.113 s wall, 0.217 s CPU) after `limit_threads(1)`, on one once
+      capped here (0.203 s, 0.203 s)."""
     import faiss
+    import torch
 
     if _threads is not None:
         faiss.omp_set_num_threads(_threads)
+        torch.set_num_threads(_threads)

@@ -531,25 +531,36 @@ def test_model_steps_run_off_the_loop_one_at_a_time_in_call_order():
     assert log == [(e, k) for k in range(5) for e in ("start", "end")]
 
 
-def test_the_model_steps_thread_searches_under_the_entry_points_thread_cap():
-    """FAISS's thread count is per thread (its own libgomp): the cap the entry point sets
-    must reach the thread that searches, not only the main thread. Run in a child process,
-    so the cap does not outlive the test."""
+def test_the_model_steps_thread_computes_under_the_entry_points_thread_cap():
+    """FAISS's and torch's thread counts are per thread (OpenMP's), and so is the cap the
+    entry point sets: it must reach the thread that searches and steps, not only the main
+    thread. FAISS's is read back; torch's is seen by its effect, since torch.get_num_threads()
+    answers 1 there either way: a matmul at 2 threads starts an OpenMP worker thread. The
+    worker's import order (streams.app first) is the one in which torch's cap was lost. Run
+    in a child process, so the cap does not outlive the test."""
     import subprocess
     import sys
 
     code = """
-import asyncio, faiss
-from streams.off_loop import OffLoop
+import os, asyncio
+import streams.app
+import faiss, torch
 from models.compute_threads import limit_threads
+from streams.off_loop import OffLoop
 limit_threads(1)
+def step():
+    before = len(os.listdir("/proc/self/task"))
+    a = torch.randn(1500, 1500)
+    a @ a
+    return faiss.omp_get_max_threads(), len(os.listdir("/proc/self/task")) - before
 async def main():
-    return await OffLoop().run(faiss.omp_get_max_threads)
-print(faiss.omp_get_max_threads(), asyncio.run(main()))
+    return await OffLoop().run(step)
+print(faiss.omp_get_max_threads(), *asyncio.run(main()))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120).stdout.split()
-    assert list(map(int, out)) == [1, 1]  # main thread, model-steps thread
+    # FAISS's cap in the main thread and in model-steps; threads torch's matmul started
+    assert list(map(int, out)) == [1, 1, 0]
 
 
 def test_the_loop_watch_measures_how_long_the_loop_was_blocked():
