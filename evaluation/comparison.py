@@ -154,7 +154,7 @@ def one_core() -> None:
     """An evaluation process's set-up (a spawned job is its own entry point): torch and
     FAISS on one thread (the jobs share the machine), FAISS's BLAS switch as the worker
     sets it (streams/process.py configure_process). The models run in the job's main
-    thread, which FAISS's per-thread cap then covers."""
+    thread, which the per-thread caps then cover."""
     from index.faiss_index import IndexConfig, use_blas_from
     from models.compute_threads import limit_threads
 

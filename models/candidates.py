@@ -14,7 +14,7 @@ Each source is a strategy (models/strategy.py): a small class whose fields are i
 parameters, chosen and built once by the settings (`learner__candidate_sources`:
 `["tower", {"name": "covisit", "seeds": 5}]`).
 
->>> from models.seen import Exclusion, first_unexcluded
+>>> from models.seen import Exclusion
 >>> keys = np.array([[7, 3, -1, 5], [3, 9, 8, 6]])   # index results, best first; -1: padding
 >>> TowerCandidates(count=2).select(keys, [Exclusion(), Exclusion()]).astype(int)
 array([[1, 1, 0, 0],
