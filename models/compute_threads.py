@@ -32,7 +32,9 @@ def cap_this_thread() -> None:
       and 15.7 ms in the capped main thread (a scratch script);
     - torch: with the worker's imports, a 2000 x 2000 matmul in the model-steps thread ran
       on two threads (0.113 s wall, 0.217 s CPU) after `limit_threads(1)`, on one once
-      capped here (0.203 s, 0.203 s)."""
+      capped here (0.203 s, 0.203 s). The worker imports faiss before torch, so each
+      binds its own libgomp; the other way round, faiss's `omp_set_num_threads` binds to
+      torch's (loaded globally) and capped both, which hid this in a bare script."""
     import faiss
     import torch
 
