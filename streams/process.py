@@ -8,17 +8,29 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import sys
 
 from models.compute_threads import limit_threads
 
 log = logging.getLogger("streamrec.process")
 
+#: How long (s) a thread that wants the GIL waits before the holder is asked to let it go
+#: (CPython's default: 5 ms). The model-steps thread's torch and FAISS calls give the GIL up
+#: and take it back around each op, and while the event loop runs Python (Faust's fetching
+#: and dispatch) each take could wait up to that long. Under a backlog at 50,000 items the
+#: text encoder's stage took 55.9 ms per 500-event batch at 5 ms and 29.7 ms at 0.5 ms
+#: (`bench.throughput --events 60000 --users 30000 --items 50000 --skip-raw`; README,
+#: Performance, which also has p99 at half the load: 655 ms at 5 ms, 571 at 0.5). One run each.
+GIL_SWITCH_INTERVAL_S = 0.0005
+
 
 def configure_process(compute_threads: int, blas_threshold: int) -> None:
-    """Thread pools, FAISS's switch to BLAS (index.faiss_index.use_blas_from) and the
-    allocator, for a long-running worker or trainer."""
+    """Thread pools, the GIL's switch interval, FAISS's switch to BLAS
+    (index.faiss_index.use_blas_from) and the allocator, for a long-running worker or
+    trainer."""
     from index.faiss_index import use_blas_from
 
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     limit_threads(compute_threads)
     use_blas_from(blas_threshold)
     return_large_allocations()

@@ -563,6 +563,30 @@ print(faiss.omp_get_max_threads(), *asyncio.run(main()))
     assert list(map(int, out)) == [1, 1, 0]
 
 
+def test_the_entry_points_shorten_the_gil_switch_interval():
+    """The model-steps thread retakes the GIL around every torch and FAISS op; at CPython's
+    5 ms each retake could wait that long behind the event loop (streams/process.py
+    GIL_SWITCH_INTERVAL_S). In a child process, as the thread-cap test, since the setting is
+    process-wide."""
+    import subprocess
+    import sys
+
+    from streams.process import GIL_SWITCH_INTERVAL_S
+
+    code = """
+import sys
+from streams.process import configure_process
+from streams.settings import Settings
+s = Settings()
+before = sys.getswitchinterval()
+configure_process(s.compute_threads, s.index.blas_threshold)
+print(before, sys.getswitchinterval())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split()
+    assert list(map(float, out)) == [0.005, GIL_SWITCH_INTERVAL_S]
+
+
 def test_the_loop_watch_measures_how_long_the_loop_was_blocked():
     import time
 
