@@ -96,7 +96,7 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
 
     @app.timer(10.0)
     async def users_active() -> None:
-        runtime.processor.prune_active()
+        await runtime.prune_active()
 
     @app.task
     async def start_runtime() -> None:
@@ -137,8 +137,9 @@ def add_pages(app: faust.App, runtime: Runtime) -> None:
 
     @app.page("/covisit")
     async def covisit(web: Any, request: Any) -> Any:
-        """The served co-visitation counts, by item id (tests compare servers by them)."""
-        return web.json(covisit_counts(runtime.model))
+        """The served co-visitation counts, by item id (tests compare servers by them); read
+        as a model step, not while one changes them."""
+        return web.json(await runtime.model_steps.run(covisit_counts, runtime.model))
 
 
 def faust_config(s: Settings) -> dict[str, Any]:

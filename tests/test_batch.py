@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 
 import faust
 import orjson
@@ -78,6 +80,35 @@ def test_write_state_writes_each_user_once_and_each_partitions_progress(offline)
     assert [b.last_done(p, recs[0 if p == 1 else 2].ref) for p in (1, 3)] == [9, 4]
     # 4 states + 2 progress records, each awaited by `deliver`
     assert len(b.users._unacked) == 6
+
+
+def test_pruning_the_active_users_waits_for_the_running_model_step(offline):
+    """A batch's steps add users to the processor's `last_seen` in the model-steps thread;
+    the gauge's prune (a timer on the loop) must run after the step, not beside it: beside
+    it, it once crashed a worker ('dictionary changed size during iteration')."""
+    runtime, proc = offline.runtime, offline.runtime.processor
+    proc.last_seen["idle"] = time.monotonic() - 3600
+    started, release = threading.Event(), threading.Event()
+
+    def step() -> None:  # a batch's step: it marks its users active when it runs
+        started.set()
+        release.wait(30)
+        proc.last_seen["new"] = time.monotonic()
+
+    async def main() -> tuple[list[str], int]:
+        steps = asyncio.ensure_future(runtime.model_steps.run(step))
+        await asyncio.to_thread(started.wait, 30)
+        prune = asyncio.ensure_future(runtime.prune_active())
+        for _ in range(10):  # the prune's turns on the loop while the step runs
+            await asyncio.sleep(0)
+        during = list(proc.last_seen)
+        release.set()
+        await steps
+        return during, await prune
+
+    during, active = asyncio.run(main())
+    assert during == ["idle"]  # untouched while the step ran
+    assert active == 1 and list(proc.last_seen) == ["new"]
 
 
 @pytest.mark.kafka
