@@ -10,7 +10,7 @@ skipped: the offsets are written in the same changelog record as the effect they
 from __future__ import annotations
 
 import base64
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import orjson
@@ -111,7 +111,7 @@ class UserState:
             "ts": self.ts,
             "texts": self.texts,
             "residual": None if self.residual is None else _b64(self.residual, _F32),
-            **asdict(self.rule),  # (flat in the wire form: alpha, accum, loss_ema, ...)
+            **vars(self.rule),  # flat in the wire form (alpha, accum, ...); asdict deep-copies
             "n_events": self.n_events,
             "offsets": self.offsets,
             "seen": self.seen.to_wire(),

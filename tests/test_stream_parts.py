@@ -531,6 +531,15 @@ def test_model_steps_run_off_the_loop_one_at_a_time_in_call_order():
     assert log == [(e, k) for k in range(5) for e in ("start", "end")]
 
 
+def _child_prints(code: str) -> list[str]:
+    """What `code` prints, run in a fresh interpreter (for process-wide settings), split."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=120).stdout.split()
+
+
 def test_the_model_steps_thread_computes_under_the_entry_points_thread_cap():
     """FAISS's and torch's thread counts are per thread (OpenMP's), and so is the cap the
     entry point sets: it must reach the thread that searches and steps, not only the main
@@ -538,9 +547,6 @@ def test_the_model_steps_thread_computes_under_the_entry_points_thread_cap():
     answers 1 there either way: a matmul at 2 threads starts an OpenMP worker thread. The
     worker's import order (streams.app first) is the one in which torch's cap was lost. Run
     in a child process, so the cap does not outlive the test."""
-    import subprocess
-    import sys
-
     code = """
 import os, asyncio
 import streams.app
@@ -557,20 +563,16 @@ async def main():
     return await OffLoop().run(step)
 print(faiss.omp_get_max_threads(), *asyncio.run(main()))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=120).stdout.split()
+    out = _child_prints(code)
     # FAISS's cap in the main thread and in model-steps; threads torch's matmul started
     assert list(map(int, out)) == [1, 1, 0]
 
 
-def test_the_entry_points_shorten_the_gil_switch_interval():
+def test_configure_process_shortens_the_gil_switch_interval():
     """The model-steps thread retakes the GIL around every torch and FAISS op; at CPython's
     5 ms each retake could wait that long behind the event loop (streams/process.py
     GIL_SWITCH_INTERVAL_S). In a child process, as the thread-cap test, since the setting is
     process-wide."""
-    import subprocess
-    import sys
-
     from streams.process import GIL_SWITCH_INTERVAL_S
 
     code = """
@@ -582,8 +584,7 @@ before = sys.getswitchinterval()
 configure_process(s.compute_threads, s.index.blas_threshold)
 print(before, sys.getswitchinterval())
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=120).stdout.split()
+    out = _child_prints(code)
     assert list(map(float, out)) == [0.005, GIL_SWITCH_INTERVAL_S]
 
 
