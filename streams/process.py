@@ -21,6 +21,8 @@ log = logging.getLogger("streamrec.process")
 #: text encoder's stage took 55.9 ms per 500-event batch at 5 ms and 29.7 ms at 0.5 ms
 #: (`bench.throughput --events 60000 --users 30000 --items 50000 --skip-raw`; README,
 #: Performance, which also has p99 at half the load: 655 ms at 5 ms, 571 at 0.5). One run each.
+#: It also makes a switch in the middle of a loop-side read of what a step changes likelier
+#: (one crashed a worker): such reads run as model steps (streams/off_loop.py).
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 
