@@ -6,8 +6,8 @@ Serving workers apply events and publish one training example per event
 1. skips every example whose source (partition, offset) it has already trained, so that
    examples published twice (a replayed batch) are trained once;
 2. takes one gradient step per `max_pairs_per_step` examples, each with a replay sample of
-   `replay_ratio` past pairs, moving the towers and the ranker by Adam (SparseAdam for the
-   item embeddings E);
+   `replay_ratio` past pairs, moving the towers and the ranker by Adam (SparseAdam's step,
+   as models/row_adam.py takes it, for the item embeddings E);
 3. steps each scenario's own parameters (models/scenarios.py) by the gradient of that
    scenario's mean pair loss, through the scenario's learning-rate rule (models/lr_rules.py);
 4. adds the examples' co-visitation pairs and popularity to the counts, and keeps what it
@@ -36,6 +36,7 @@ from models.covisit import Increment
 from models.examples import TrainingExample
 from models.lr_rules import RuleRecord, RuleState
 from models.model import SharedModel
+from models.row_adam import RowAdam
 from models.sequences import Seqs
 from models.snapshot import load_covis, load_tensors, read_header
 from models.snapshot import structural as snapshot_structural
@@ -119,7 +120,7 @@ class Trainer:
         return out[0]
 
     def _keep_optimizers(self, change) -> None:
-        """Run a catalog change; if it grew E, carry SparseAdam's moments over."""
+        """Run a catalog change; if it grew E, carry its Adam moments over."""
         cap = self.model.items.capacity
         change()
         if self.model.items.capacity == cap:
@@ -145,7 +146,7 @@ class Trainer:
             self.dense_opt = torch.optim.Adam([g for g in groups if g["params"]],
                                               lr=cfg.lr, weight_decay=cfg.weight_decay)
         self._E = self.model.items.E
-        self.sparse_opt = torch.optim.SparseAdam([self._E], lr=cfg.lr)
+        self.sparse_opt = RowAdam([self._E], lr=cfg.lr)
 
     # ---------------------------------------------------------------- training
     def train(self, examples: Sequence[TrainingExample]) -> TrainResult:
@@ -245,7 +246,8 @@ class Trainer:
             self.dense_opt.step()
             self.pair_steps += len(t)
             if m.items.E.grad is not None:
-                self.pending.touched.update(m.items.E.grad.coalesce().indices()[0].tolist())
+                m.items.E.grad = m.items.E.grad.coalesce()  # (once: RowAdam reads it as is)
+                self.pending.touched.update(m.items.E.grad.indices()[0].tolist())
                 self.sparse_opt.step()
             self.steps += 1
         return loss_val

@@ -104,6 +104,24 @@ def test_each_source_position_is_trained_once():
     assert t.trained == 120 == sum(t.model.covis.n)
 
 
+@pytest.mark.parametrize("softmax", ["full", "sampled"])
+def test_the_item_embeddings_step_as_torchs_sparse_adam_bit_for_bit(softmax):
+    """models/row_adam.py re-implements SparseAdam's step for speed; a trainer stepping E by
+    torch's own SparseAdam must end with the same parameters and moments, to the bit."""
+    exs = examples(200)
+    kw = {"softmax": {"name": softmax, "n_negatives": 8}} if softmax == "sampled" else {}
+    ours, torchs = trainer(**kw), trainer(**kw)
+    torchs.sparse_opt = torch.optim.SparseAdam([torchs.model.items.E], lr=torchs.cfg.lr)
+    for k in range(0, 200, 40):
+        ours.train(exs[k : k + 40])
+        torchs.train(exs[k : k + 40])
+    for k, v in params(ours.model).items():
+        np.testing.assert_array_equal(v, params(torchs.model)[k], err_msg=k)
+    a, b = ours.sparse_opt.state[ours.model.items.E], torchs.sparse_opt.state[torchs.model.items.E]
+    assert a["step"] == b["step"] == ours.steps > 0
+    assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
 def test_example_wire_form_keeps_history_texts_and_residual():
     st = UserState()
     st.append("a", 1, T0, None, 6)
