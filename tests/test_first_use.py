@@ -64,6 +64,23 @@ def jsonl(path: Path, lines: list[bytes]) -> Path:
     return path
 
 
+def fed_worker(s, log: Path, n_items: int, n_users: int, n_events: int, seed: int
+               ) -> tuple[WorkerProcess, list[dict]]:
+    """A started worker that has indexed a synthetic world's catalog (`seed`), and that
+    world's events (`seed` + 1), published. The caller stops the worker."""
+    ensure_topics(s)
+    world = make_world(n_items, n_topics=4, seed=seed)
+    events = list(SyntheticStream(world, n_users=n_users, seed=seed + 1).events(n_events))
+    worker = WorkerProcess(s, log).start()
+    try:
+        index_catalog(s, worker, world.items, timeout=120)
+        publish_events(s, events, quiet=True)
+    except BaseException:
+        worker.kill()
+        raise
+    return worker, events
+
+
 def events_on(s) -> list:
     return read_all(s, s.topic(s.events_topic), idle_ms=1500)
 
@@ -116,13 +133,8 @@ def test_worker_stops_within_its_deadline_without_a_broker_and_nothing_is_lost(t
 
     with EmbeddedKafka(data_dir=tmp_path / "broker") as broker:
         s = make_settings(broker, tmp_path, shutdown_timeout_s=5.0, batch_size=100)
-        ensure_topics(s)
-        world = make_world(60, n_topics=4, seed=5)
-        events = list(SyntheticStream(world, n_users=50, seed=6).events(3000))
-        worker = WorkerProcess(s, tmp_path / "first.log").start()
+        worker, events = fed_worker(s, tmp_path / "first.log", 60, 50, 3000, seed=5)
         try:
-            index_catalog(s, worker, world.items, timeout=120)
-            publish_events(s, events, quiet=True)
             worker.wait_for("streamrec_events_total", 500, timeout=120, outcome="applied")
             broker.kill()
             worker.proc.send_signal(signal.SIGTERM)
@@ -157,13 +169,8 @@ def test_no_recommendation_holds_an_item_the_user_ever_interacted_with(kafka, tm
     users' histories, as 50 is on MovieLens."""
     s = make_settings(kafka, tmp_path, learner={"history_len": 5, "encoder_window": 5},
                       batch_size=20)
-    ensure_topics(s)
-    world = make_world(80, n_topics=4, seed=7)
-    events = list(SyntheticStream(world, n_users=20, seed=8).events(1500))
-    worker = WorkerProcess(s, tmp_path / "worker.log").start()
+    worker, events = fed_worker(s, tmp_path / "worker.log", 80, 20, 1500, seed=7)
     try:
-        index_catalog(s, worker, world.items, timeout=120)
-        publish_events(s, events, quiet=True)
         wait_states(s, expected_states(events, 5), timeout=180)  # lists go out before states
     finally:
         worker.stop()
