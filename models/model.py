@@ -216,7 +216,7 @@ class SharedModel:
         which would teach it to over-trust them. Its co-visitation features read each pair's
         history as serving reads it in the pair's scenario (`scenario_histories`)."""
         dev, d = self.device, self.cfg.dim
-        cand = [] if negatives is None else [targets, negatives]
+        cand = [] if negatives is None else [targets]
         V, need = self.item_table(np.concatenate(cand + [seqs.newest(
             self.cfg.encoder_window).rows.ravel()]))
         u = self.encode(seqs, V, need) + resid[:, :d]
@@ -280,8 +280,8 @@ class SharedModel:
         logq = torch.as_tensor(log_q(self.counts, self.catalog.live, targets, neg),
                                dtype=torch.float32, device=dev)
         v_pos = V[torch.as_tensor(np.searchsorted(need, targets), device=dev)]
-        v_neg = V[torch.as_tensor(np.searchsorted(need, neg), device=dev)]
-        logits = torch.cat([(u * v_pos).sum(-1, keepdim=True), u @ v_neg.T], 1)
+        logits = torch.cat([(u * v_pos).sum(-1, keepdim=True),
+                            self.items.scores(u, torch.as_tensor(neg, device=dev))], 1)
         pos = torch.zeros(len(targets), dtype=torch.int64, device=dev)
         return logq, pos, logits
 

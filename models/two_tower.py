@@ -72,14 +72,18 @@ class ItemTower(nn.Module):
         users as u·E[j] + (Wᵀu)·t_j, without forming the item vectors: forming them costs
         n·dim·text_dim (and as much again backward), this n·text_dim per user, so it is
         the cheaper way below dim·text_dim / (text_dim − dim) users (77 at 64 and 384; a
-        trainer step has 16). The text part runs over the rows up to the largest one, a
-        view of T, and picks `rows` from the product: cheaper than gathering n rows of T.
+        trainer step has 16 to 32). For a catalog the text part runs over the rows up to
+        the largest one, a view of T, and picks `rows` from the product: cheaper than
+        gathering n rows of T. For a sample of rows (under half of those up to the largest:
+        the sampled softmax's 2,048 negatives among 50,000 items) it gathers their rows of T.
 
         >>> tower = ItemTower(capacity=5, text_dim=3, dim=2, mode="both")
         >>> tower.T[1:] = torch.randn(4, 3)
-        >>> rows = torch.tensor([1, 3, 4])
-        >>> for u in (torch.randn(2, 2), torch.randn(9, 2)):   # factored, then formed
-        ...     print(torch.allclose(tower.scores(u, rows), u @ tower(rows).T, atol=1e-6))
+        >>> for rows in (torch.tensor([1, 3, 4]), torch.tensor([4, 1])):  # catalog, sample
+        ...     for u in (torch.randn(2, 2), torch.randn(9, 2)):          # factored, formed
+        ...         print(torch.allclose(tower.scores(u, rows), u @ tower(rows).T, atol=1e-6))
+        True
+        True
         True
         True
         """
@@ -90,8 +94,11 @@ class ItemTower(nn.Module):
         if self.mode in ("both", "id"):
             out = u @ F.embedding(rows, self.E, padding_idx=0, sparse=True).T
         if self.mode in ("both", "text") and len(rows):
-            upto = self.T[: int(rows.max()) + 1]
-            out = out + ((u @ self.proj.weight) @ upto.T).index_select(1, rows)
+            uw, upto = u @ self.proj.weight, int(rows.max()) + 1
+            if 2 * len(rows) >= upto:  # most rows up to the largest: the catalog
+                out = out + (uw @ self.T[:upto].T).index_select(1, rows)
+            else:  # a sample (the sampled softmax's negatives): their rows of T alone
+                out = out + uw @ F.embedding(rows, self.T).T
         return out
 
     def project_text(self, text_vecs: torch.Tensor) -> torch.Tensor:
