@@ -10,9 +10,9 @@ operations on the same values, so the results are bit for bit the same; the stat
 `exp_avg`, `exp_avg_sq`) is laid out as SparseAdam's, so checkpoints of either load into the
 other. What differs is how the rows are read and written: SparseAdam reads the moments with
 `sparse_mask` and writes three sparse tensors with `add_`, which took 18 of a trainer step's
-68 ms at 10,000 items (the full softmax touches every row); `index_select` / `index_copy_` /
-`index_add_` on the rows took 15. The gradient is coalesced once by the caller (the trainer
-reads its rows too), not again here.
+68 ms at 10,000 items under cProfile (the full softmax touches every row); `index_select` /
+`index_copy_` / `index_add_` on the rows took 15 there. The gradient is coalesced once by
+the caller (the trainer reads its rows too), not again here.
 
 >>> import torch
 >>> E1 = torch.nn.Parameter(torch.randn(6, 3)); E2 = torch.nn.Parameter(E1.detach().clone())
