@@ -47,7 +47,8 @@ class Harness:
     def __init__(self, n_items: int, n_users: int, batch: int):
         s = Settings()
         configure_process(s.compute_threads, s.index.blas_threshold)
-        self.encoder = TextEncoder(s.encoder_path, s.encoder_device, s.encoder_batch_size)
+        self.encoder = TextEncoder(s.encoder_path, s.encoder_device, s.encoder_batch_size,
+                                   dtype=s.encoder_dtype)
         self.learner = OnlineLearner(s.learner, text_dim=self.encoder.dim)
         self.server = Server(self.learner.model, s.index,
                              exclude_seen=s.exclude_seen)

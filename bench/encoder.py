@@ -2,7 +2,8 @@
 
     .venv/bin/python -m bench.encoder [--batch-sizes 1,8,32,128,256] [--items 2000]
                                        [--items-b1 200] [--seconds 10] [--threads 1,2]
-                                       [--device auto] [--out bench/out]
+                                       [--device auto] [--dtypes float32,bfloat16]
+                                       [--out bench/out]
 
 Loads models.encoder.TextEncoder (the bundled all-MiniLM-L6-v2; nothing is downloaded) on the
 device it picks by itself (--device auto: CUDA when torch sees one, else CPU) and times it on
@@ -13,8 +14,10 @@ one forward pass. Each size encodes up to --items items (--items-b1 at batch siz
 batches after one warm-up batch, stopping early once --seconds have passed. --threads sweeps
 torch's intra-op thread count (default: torch's own choice, as the worker runs); on a shared
 2-core host one thread can beat two, because two OpenMP threads wait on each other whenever
-another process holds a core. Prints the table, writes encoder.json and encoder.png (items/s
-vs batch size) to --out, and the wall time.
+another process holds a core. --dtypes sweeps the encoder's weight type (Settings.encoder_dtype)
+in the same run, and prints how close each type's vectors are to float32's (cosine over the
+texts). Prints the table, writes encoder.json and encoder.png (items/s vs batch size) to
+--out, and the wall time.
 """
 
 from __future__ import annotations
@@ -48,10 +51,10 @@ def catalog_texts(n: int, seed: int) -> list[str]:
     return [item_text(item) for item in make_world(n, seed=seed).items]
 
 
-def load_encoder(device: str) -> tuple[TextEncoder, float]:
+def load_encoder(device: str, dtype: str = "auto") -> tuple[TextEncoder, float]:
     """The encoder and its load time (tokenizer + weights + move to device)."""
     start = time.perf_counter()
-    enc = TextEncoder(device=device)
+    enc = TextEncoder(device=device, dtype=dtype)
     return enc, time.perf_counter() - start
 
 
@@ -113,6 +116,20 @@ def bench_size(enc: TextEncoder, texts: list[str], lengths: list[int], batch: in
     }
 
 
+def cosine_to_float32(encs: dict[str, TextEncoder], texts: list[str]) -> dict:
+    """Per weight type other than float32 (when float32 was swept too): the cosine between
+    its vectors and float32's over `texts`, min and mean (both are L2-normalised)."""
+    if "float32" not in encs:
+        return {}
+    ref = encs["float32"].encode(texts)
+    out = {}
+    for dt, enc in encs.items():
+        if dt != "float32":
+            cos = (enc.encode(texts) * ref).sum(1)
+            out[dt] = {"texts": len(texts), "min": float(cos.min()), "mean": float(cos.mean())}
+    return out
+
+
 def machine(enc: TextEncoder) -> dict:
     """Enough context to compare runs over time (load matters: the machine is shared)."""
     import transformers
@@ -132,11 +149,12 @@ def print_table(doc: dict) -> None:
     table = Table(title=f"TextEncoder {doc['model']} on {doc['device']} (load "
                         f"{doc['load_s']:.2f}s, torch default {doc['torch_default_threads']} "
                         "threads)")
-    for col in ("threads", "batch size", "items", "batches", "items/s", "ms/batch", "ms/batch p50",
-                "ms/batch p90", "ms/item", "padding"):
+    for col in ("dtype", "threads", "batch size", "items", "batches", "items/s", "ms/batch",
+                "ms/batch p50", "ms/batch p90", "ms/item", "padding"):
         table.add_column(col, justify="right")
     for r in doc["rows"]:
-        table.add_row(str(r["threads"]), str(r["batch_size"]), str(r["items"]), str(r["batches"]),
+        table.add_row(r["dtype"], str(r["threads"]), str(r["batch_size"]), str(r["items"]),
+                      str(r["batches"]),
                       f"{r['items_per_s']:,.1f}", f"{r['ms_per_batch']:,.1f}",
                       f"{r['ms_per_batch_median']:,.1f}", f"{r['ms_per_batch_p90']:,.1f}",
                       f"{r['ms_per_item']:.2f}", f"{r['pad_frac']:.0%}")
@@ -153,12 +171,13 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     sizes = sorted({r["batch_size"] for r in rows})
     fig, ax = plt.subplots(figsize=(8, 4.5))
     twin = ax.twinx()
-    for th in sorted({r["threads"] for r in rows}):
-        rs = [r for r in rows if r["threads"] == th]
+    for dt, th in sorted({(r["dtype"], r["threads"]) for r in rows}):
+        rs = [r for r in rows if (r["dtype"], r["threads"]) == (dt, th)]
         bs = [r["batch_size"] for r in rs]
-        ax.plot(bs, [r["items_per_s"] for r in rs], marker="o", label=f"items/s, {th} threads")
+        ax.plot(bs, [r["items_per_s"] for r in rs], marker="o",
+                label=f"items/s, {dt}, {th} threads")
         twin.plot(bs, [r["ms_per_batch"] for r in rs], marker="x", linestyle="--", alpha=0.6,
-                  label=f"ms/batch, {th} threads")
+                  label=f"ms/batch, {dt}, {th} threads")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("batch size (texts per forward pass)")
@@ -182,10 +201,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", default="",
                     help="torch intra-op thread counts to sweep, comma list (default: torch's "
                     "own choice, as the worker runs)")
+    ap.add_argument("--dtypes", default="float32,bfloat16",
+                    help="encoder weight types to sweep, comma list (auto, float32, bfloat16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.dtypes = args.dtypes.split(",")
     args.threads = [int(t) for t in args.threads.split(",") if t.strip()] or [
         torch.get_num_threads()]
     return args
@@ -199,26 +221,29 @@ def main() -> None:
     default_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads[0])
     texts = catalog_texts(max(args.items, args.items_b1, max(args.batch_sizes)), args.seed)
-    enc, load_s = load_encoder(args.device)
+    encs = {dt: load_encoder(args.device, dt) for dt in args.dtypes}
+    enc, load_s = encs[args.dtypes[0]]
     first_s = first_call_s(enc, texts[0])
     lengths = token_lengths(enc, texts)
     console.print(f"{enc.name} on {enc.device}: loaded in {load_s:.2f}s, first call "
                   f"{first_s * 1000:.0f} ms, dim {enc.dim}, "
-                  f"{torch.get_num_threads()} torch threads")
-    plan = [(th, b, texts[: args.items_b1 if b == 1 else args.items])
-            for th in args.threads for b in args.batch_sizes]
+                  f"{torch.get_num_threads()} torch threads, weight types "
+                  + ", ".join(f"{dt} = {e.dtype}" for dt, (e, _) in encs.items()))
+    plan = [(dt, th, b, texts[: args.items_b1 if b == 1 else args.items])
+            for dt in args.dtypes for th in args.threads for b in args.batch_sizes]
     rows = []
     columns = (TextColumn("{task.description}"), BarColumn(),
                TextColumn("{task.completed}/{task.total} items"), TimeElapsedColumn())
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task("encoder", total=sum(len(t) // b * b for _, b, t in plan))
-        for th, b, chunk in plan:
+        task = bar.add_task("encoder", total=sum(len(t) // b * b for _, _, b, t in plan))
+        for dt, th, b, chunk in plan:
             torch.set_num_threads(th)
-            bar.update(task, description=f"{th} threads, batch size {b}")
-            row = bench_size(enc, chunk, lengths, b, args.seconds,
+            bar.update(task, description=f"{dt}, {th} threads, batch size {b}")
+            row = bench_size(encs[dt][0], chunk, lengths, b, args.seconds,
                              lambda m: bar.advance(task, m))
-            rows.append({**row, "threads": th})
+            rows.append({**row, "threads": th, "dtype": dt})
         bar.update(task, completed=bar.tasks[0].total)
+    agreement = cosine_to_float32({dt: e for dt, (e, _) in encs.items()}, texts[:512])
     doc = {
         "benchmark": "encoder", "device": str(enc.device), "model": enc.name,
         "model_path": enc.model_path, "dim": enc.dim, "max_length": enc.max_length,
@@ -226,15 +251,20 @@ def main() -> None:
         "torch_threads": args.threads if len(args.threads) > 1 else args.threads[0],
         "torch_default_threads": default_threads,
         "mean_tokens": float(np.mean(lengths[: args.items])), "example_text": texts[0],
-        "rows": rows, "machine": machine(enc), "config": vars(args),
+        "rows": rows, "cosine_to_float32": agreement, "machine": machine(enc),
+        "config": vars(args),
         "wall_s": round(time.perf_counter() - t_begin, 1),
     }
     print_table(doc)
     (out / "encoder.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     plot(rows, out / "encoder.png",
          f"{enc.name} on {enc.device}: catalog items embedded per second")
+    for dt, cos in agreement.items():
+        print(f"{dt} vectors against float32's, cosine over {cos['texts']} texts: min "
+              f"{cos['min']:.4f}, mean {cos['mean']:.4f}")
     best = max(rows, key=lambda r: r["items_per_s"])
-    print(f"best: batch size {best['batch_size']} ({best['threads']} threads) at "
+    print(f"best: batch size {best['batch_size']} ({best['dtype']}, {best['threads']} "
+          f"threads) at "
           f"{best['items_per_s']:,.1f} items/s; "
           f"mean {doc['mean_tokens']:.1f} tokens/item")
     print(f"wall time {doc['wall_s']:.0f}s; results in {out}/encoder.json, {out}/encoder.png")

@@ -57,6 +57,25 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The encoder's weight type. `auto` is bfloat16 where the hardware multiplies it
+    natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX), else float32.
+
+    Why: for the few texts of a batch's searches the encoder is bound by reading its weights
+    (22M parameters), and for the catalog by its matrix products; bfloat16 halves the first
+    and AMX runs the second faster (bench/encoder.py, one thread, an AMX CPU: 1.45x for one
+    text, 3.25x at the catalog's batch of 128). Its vectors are within cosine 0.9999 of
+    float32's there (tests/test_encoder.py holds them to 0.99 and the same neighbours).
+    Without native support bfloat16 is emulated and slower, so `auto` keeps float32."""
+    if dtype != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    else:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
 class TextEncoder:
     """Batched sentence embeddings from any local Hugging Face encoder model directory.
 
@@ -71,6 +90,7 @@ class TextEncoder:
         device: str = "auto",
         batch_size: int = 128,
         max_length: int = 128,
+        dtype: str = "auto",
     ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -80,14 +100,17 @@ class TextEncoder:
         if not Path(self.model_path).is_dir():
             raise FileNotFoundError(f"encoder model directory not found: {self.model_path}")
         self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
         self.batch_size = batch_size
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(self.model_path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(self.model_path, local_files_only=True,
+                                               dtype=self.dtype)
         self.model.eval().to(self.device)
         self.dim: int = int(self.model.config.hidden_size)
         self.name = Path(self.model_path).name if model_path else "all-MiniLM-L6-v2"
-        log.info("encoder %s loaded on %s (dim %d)", self.name, self.device, self.dim)
+        log.info("encoder %s loaded on %s as %s (dim %d)", self.name, self.device,
+                 str(self.dtype).removeprefix("torch."), self.dim)
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -106,11 +129,11 @@ class TextEncoder:
             max_length=self.max_length,
             return_tensors="pt",
         ).to(self.device)
-        hidden = self.model(**tok).last_hidden_state
+        hidden = self.model(**tok).last_hidden_state.float()  # pool and normalise in fp32
         mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        return pooled.float().cpu().numpy()
+        return pooled.cpu().numpy()
 
 
 class QueryVectors:

@@ -351,7 +351,8 @@ def eval_(ml_dir: str | None, ciao_dir: str | None, events_path: str | None,
                                      min_item_events)
     by_day = by_day or ciao_dir is not None
     s = Settings()
-    encoder = TextEncoder(s.encoder_path, device="cpu", batch_size=s.encoder_batch_size)
+    encoder = TextEncoder(s.encoder_path, device="cpu", batch_size=s.encoder_batch_size,
+                          dtype=s.encoder_dtype)
     data = cmp.make_dataset(name, items, events[:limit] if limit else events, encoder.encode,
                             by_day=by_day)
     names = model_list.split(",") if model_list else list(cmp.SCENARIO_MODELS) if ciao_dir \

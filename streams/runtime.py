@@ -157,7 +157,7 @@ class Runtime:
         s = self.s = settings
         self.on_ready = on_ready
         self.encoder = encoder or TextEncoder(s.encoder_path, s.encoder_device,
-                                              s.encoder_batch_size)
+                                              s.encoder_batch_size, dtype=s.encoder_dtype)
         self.server = Server(SharedModel(s.learner, text_dim=self.encoder.dim), s.index,
                              exclude_seen=s.exclude_seen)
         self.processor = EventProcessor(s, self.server, personal_step(s.learner), self.encoder)
