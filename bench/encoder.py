@@ -208,6 +208,8 @@ def parse_args() -> argparse.Namespace:
     args = ap.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.dtypes = args.dtypes.split(",")
+    if bad := set(args.dtypes) - {"auto", "float32", "bfloat16"}:
+        ap.error(f"--dtypes: {', '.join(sorted(bad))}: use auto, float32 or bfloat16")
     args.threads = [int(t) for t in args.threads.split(",") if t.strip()] or [
         torch.get_num_threads()]
     return args

@@ -67,8 +67,11 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     text, 3.25x at the catalog's batch of 128). Its vectors are within cosine 0.9999 of
     float32's there (tests/test_encoder.py holds them to 0.99 and the same neighbours).
     Without native support bfloat16 is emulated and slower, so `auto` keeps float32."""
+    named = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if dtype != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        if dtype not in named:
+            raise ValueError(f"encoder dtype {dtype!r}: use auto, float32 or bfloat16")
+        return named[dtype]
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported(including_emulation=False)
     else:

@@ -29,10 +29,12 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def test_named_types_are_taken_as_given():
+def test_named_types_are_taken_as_given_and_others_refused():
     cpu = torch.device("cpu")
     assert pick_dtype("float32", cpu) is torch.float32
     assert pick_dtype("bfloat16", cpu) is torch.bfloat16
+    with pytest.raises(ValueError, match="'float16': use auto, float32 or bfloat16"):
+        pick_dtype("float16", cpu)
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux's CPU flags")
