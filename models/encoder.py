@@ -107,9 +107,8 @@ class TextEncoder:
         self.batch_size = batch_size
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(self.model_path, local_files_only=True,
-                                               dtype=self.dtype)
-        self.model.eval().to(self.device)
+        self.model = AutoModel.from_pretrained(self.model_path, local_files_only=True)
+        self.model.eval().to(self.device, self.dtype)  # any transformers >= 4.40 (pyproject)
         self.dim: int = int(self.model.config.hidden_size)
         self.name = Path(self.model_path).name if model_path else "all-MiniLM-L6-v2"
         log.info("encoder %s loaded on %s as %s (dim %d)", self.name, self.device,
