@@ -28,7 +28,6 @@ from rich.table import Table
 
 from bench._common import BenchEvents, machine
 from evaluation.synthetic import make_world
-from models.encoder import TextEncoder
 from models.learner import OnlineLearner
 from models.serving import Server
 from models.user_state import UserState
@@ -47,8 +46,7 @@ class Harness:
     def __init__(self, n_items: int, n_users: int, batch: int):
         s = Settings()
         configure_process(s.compute_threads, s.index.blas_threshold)
-        self.encoder = TextEncoder(s.encoder_path, s.encoder_device, s.encoder_batch_size,
-                                   dtype=s.encoder_dtype)
+        self.encoder = s.text_encoder()
         self.learner = OnlineLearner(s.learner, text_dim=self.encoder.dim)
         self.server = Server(self.learner.model, s.index,
                              exclude_seen=s.exclude_seen)

@@ -24,7 +24,7 @@ from evaluation import drift
 from evaluation.datasets import movielens_events, movielens_items
 from evaluation.evaluate import Result, StreamrecModel, prequential
 from models.config import LearnerConfig
-from models.encoder import TextEncoder
+from streams.settings import Settings
 
 RULES = ("fixed", "adagrad", "rmsprop", "adaptive")
 
@@ -150,7 +150,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     events = movielens_events(args.ml_dir)[:args.events]
     data = cmp.make_dataset("ml-100k", movielens_items(args.ml_dir), events,
-                            TextEncoder(device="cpu").encode)
+                            Settings().text_encoder(device="cpu").encode)
     pairs = drift.choose_pairs(data.events, args.pairs, args.cut, args.after, seed=args.seed)
     streams = {kind: drift.splice(data.events, pairs, args.cut, args.after, args.pre,
                                   control=kind == "control") for kind in ("splice", "control")}

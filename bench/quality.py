@@ -16,7 +16,7 @@ from pathlib import Path
 from evaluation import comparison as cmp
 from evaluation.datasets import movielens_events, movielens_items
 from models.config import LearnerConfig
-from models.encoder import TextEncoder
+from streams.settings import Settings
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 
@@ -39,7 +39,7 @@ def ml100k(ml_dir: str, out: str, limit: int | None = None) -> tuple[cmp.Dataset
     folder.mkdir(parents=True, exist_ok=True)
     events = movielens_events(ml_dir)[:limit]  # (already in time order)
     data = cmp.make_dataset("ml-100k", movielens_items(ml_dir), events,
-                            TextEncoder(device="cpu").encode)
+                            Settings().text_encoder(device="cpu").encode)
     return data, folder
 
 

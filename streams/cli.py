@@ -345,16 +345,13 @@ def eval_(ml_dir: str | None, ciao_dir: str | None, events_path: str | None,
           trainer_ranks: int) -> None:
     """Prequential (test-then-train) evaluation with full ranking; no Kafka involved."""
     from evaluation import comparison as cmp
-    from models.encoder import TextEncoder
 
     name, items, events = _eval_data(ml_dir, ciao_dir, events_path, items_path, last_days,
                                      min_item_events)
     by_day = by_day or ciao_dir is not None
     s = Settings()
-    encoder = TextEncoder(s.encoder_path, device="cpu", batch_size=s.encoder_batch_size,
-                          dtype=s.encoder_dtype)
-    data = cmp.make_dataset(name, items, events[:limit] if limit else events, encoder.encode,
-                            by_day=by_day)
+    data = cmp.make_dataset(name, items, events[:limit] if limit else events,
+                            s.text_encoder(device="cpu").encode, by_day=by_day)
     names = model_list.split(",") if model_list else list(cmp.SCENARIO_MODELS) if ciao_dir \
         else cmp.model_names(ablations=not no_ablations)
     deployed = cmp.sharded_name(workers, snapshot_every, independent, trainer_ranks)

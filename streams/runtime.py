@@ -156,8 +156,7 @@ class Runtime:
         worker's GC freeze, streams/process.py), run just before `ready` is set."""
         s = self.s = settings
         self.on_ready = on_ready
-        self.encoder = encoder or TextEncoder(s.encoder_path, s.encoder_device,
-                                              s.encoder_batch_size, dtype=s.encoder_dtype)
+        self.encoder = encoder or s.text_encoder()
         self.server = Server(SharedModel(s.learner, text_dim=self.encoder.dim), s.index,
                              exclude_seen=s.exclude_seen)
         self.processor = EventProcessor(s, self.server, personal_step(s.learner), self.encoder)

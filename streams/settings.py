@@ -9,13 +9,16 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from index.faiss_index import IndexConfig
 from models.config import LearnerConfig
+
+if TYPE_CHECKING:
+    from models.encoder import TextEncoder
 
 
 class Settings(BaseSettings):
@@ -242,6 +245,14 @@ class Settings(BaseSettings):
     def topic(self, name: str) -> str:
         """Full topic name for a `*_topic` field value."""
         return f"{self.topic_prefix}{name}"
+
+    def text_encoder(self, device: str | None = None) -> TextEncoder:
+        """The text encoder these settings describe (`device` overrides `encoder_device`):
+        workers, the evaluator and the benchmarks build it here alone."""
+        from models.encoder import TextEncoder
+
+        return TextEncoder(self.encoder_path, device or self.encoder_device,
+                           self.encoder_batch_size, dtype=self.encoder_dtype)
 
     @property
     def rebalance_timeout_s(self) -> float:
