@@ -235,23 +235,34 @@ class SharedModel:
         if self.head is None or not len(f):
             return losses
         ft = torch.as_tensor(f, device=dev)
-        frows = seqs.rows[f]
-        if allowed is not None and self.cfg.scenario_history:
-            frows = self._in_scenario(frows, (allowed[0], allowed[1][f]))
-        feats, log_pop = self.features(frows, cols)
-        if logq is not None:  # put each pair's target in front, as in `logits`
-            tf, tp = self.features(frows, targets[f])
-            diag = torch.arange(len(f), device=dev)
-            feats = torch.cat([tf[:, diag, diag][:, :, None], feats], 2)
-            log_pop = torch.cat([tp[:1] * 0, log_pop])  # per-pair target pop added below
-        blend = self.head(logits.detach()[ft], feats, log_pop, resid[ft, d:])
-        if logq is not None:
-            blend[:, 0] = blend[:, 0] + self.head.pop_w * tp
+        blend = self.ranker_logits(seqs.rows[f], targets[f], cols, logits.detach()[ft],
+                                   resid[ft, d:], logq is not None,
+                                   None if allowed is None else (allowed[0], allowed[1][f]))
         if shut is not None:
             blend = blend.masked_fill(shut[ft], float("-inf"))
         head = self._nll(log_probs(blend, pos[ft], None if logq is None else logq[ft],
                                    targets[f], negatives), weights[f])
         return losses.index_add(0, ft, head)
+
+    def ranker_logits(self, hist_rows: np.ndarray, targets: np.ndarray, cols: np.ndarray,
+                      tower: torch.Tensor, theta: torch.Tensor, sampled: bool,
+                      allowed: tuple[np.ndarray, np.ndarray] | None) -> torch.Tensor:
+        """The ranker's training logits (P, columns) of pairs (histories `hist_rows`,
+        `targets`): the columns `cols`, with each pair's own target in front when `sampled`;
+        `tower` their u·v, `theta` the pairs' θ_u + φ_s, `allowed` their `allowed_table`.
+        Every column is scored as serving scores that (user, item) (`blend_pairs`), with the
+        pair's own blend weights. (The sampled target's popularity term once lacked θ_u + φ_s:
+        its gradient came from the negatives alone, and the per-user and scenario steps
+        lowered the popularity weight at every step; README, Quality.)"""
+        if allowed is not None and self.cfg.scenario_history:
+            hist_rows = self._in_scenario(hist_rows, allowed)
+        feats, log_pop = self.features(hist_rows, cols)
+        if sampled:  # each pair's target in front, as in the tower's logits
+            tf, tp = self.features(hist_rows, targets)
+            diag = torch.arange(len(targets), device=self.device)
+            feats = torch.cat([tf[:, diag, diag][:, :, None], feats], 2)
+            log_pop = torch.cat([tp[:, None], log_pop.expand(len(targets), -1)], 1)
+        return self.head(tower, feats, log_pop, theta)
 
     def _disallowed(self, allowed: tuple[np.ndarray, np.ndarray] | None, cols: np.ndarray,
                     pos: torch.Tensor, sampled: bool) -> torch.Tensor | None:

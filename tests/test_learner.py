@@ -594,6 +594,33 @@ def test_sampled_softmax_path_learns():
     assert learner.model.counts.sum() == sum(len(b) for b in batches)
 
 
+def test_the_sampled_loss_ranks_each_column_as_serving_does():
+    """Under the sampled softmax the ranker's training logits (each pair's target in front
+    of the shared negatives) are the scores serving gives the same (user, item), each
+    user's own blend weights θ_u included in every column. The target's popularity term
+    once lacked θ_u: its gradient then came from the negatives alone, and the per-user step
+    lowered every user's popularity weight at every step."""
+    ids, vecs, batches = synthetic_batches(6)
+    learner = make_learner(covisit=True, softmax={"name": "sampled", "n_negatives": 8})
+    learner.upsert_items(ids, vecs)
+    states: dict[str, UserState] = {}
+    run_stream(learner, batches, states)
+    m, rng = learner.model, np.random.default_rng(0)
+    hists = [m.history(st) for st in list(states.values())[:3]]
+    targets = np.argsort(-m.counts)[:3]  # popular: a popularity term to weigh
+    negatives = m.sample_negatives(rng)
+    theta = rng.normal(size=(3, m.n_user - m.cfg.dim)).astype(np.float32)
+    tower = rng.normal(size=(3, 9)).astype(np.float32)
+    got = m.ranker_logits(Seqs.pad(hists).rows, targets, negatives, torch.as_tensor(tower),
+                          torch.as_tensor(theta), sampled=True, allowed=None)
+    cols = np.concatenate([targets[:, None], np.broadcast_to(negatives, (3, 8))], 1)
+    residuals = [np.concatenate([np.zeros(m.cfg.dim, np.float32), t]) for t in theta]
+    want = m.blend_pairs(hists, np.zeros((3, m.cfg.dim), np.float32), np.repeat(np.arange(3), 9),
+                         cols.ravel(), residuals, tower=tower.ravel())
+    assert np.abs(theta[:, -1]).min() > 0.01  # the popularity weight is corrected per user
+    np.testing.assert_allclose(got.detach().numpy().ravel(), want, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- ablations
 
 
