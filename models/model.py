@@ -206,8 +206,9 @@ class SharedModel:
                     scenarios: Sequence[str] | None = None) -> torch.Tensor:
         """Per-pair loss of each (history -> target) pair, given each pair's per-user
         parameters `resid` (P, n_user: p_u then θ_u; zeros for replayed pairs). The softmax
-        of a pair runs over the items allowed in its scenario ("": no filter), as serving
-        ranks them: an item that can never be shown there is no negative.
+        of a pair runs over the items allowed in its scenario ("": no filter) and, with
+        `exclude_history_negatives`, not in its history, as serving ranks them: an item that
+        can never be shown to that user there is no negative.
 
         The two-tower loss, plus with co-visitation the loss of the ranker that blends the
         (detached) two-tower score with the co-visitation features: the towers learn on
@@ -229,6 +230,9 @@ class SharedModel:
                                                                         V, need)
         allowed = self.catalog.allowed_table(scenarios or [])  # (once for both uses)
         shut = self._disallowed(allowed, cols, pos, negatives is not None)
+        if self.cfg.exclude_history_negatives:  # never served to the pair's user
+            seen = self._in_history(seqs.rows, cols, pos, targets, negatives is not None)
+            shut = seen if shut is None else shut | seen
         shown = logits if shut is None else logits.masked_fill(shut, float("-inf"))
         losses = self._nll(log_probs(shown, pos, logq, targets, negatives), weights)
         f = np.flatnonzero(fresh)
@@ -277,6 +281,27 @@ class SharedModel:
             shut = torch.cat([torch.zeros(len(shut), 1, dtype=torch.bool, device=self.device),
                               shut], 1)
         return shut.index_put((torch.arange(len(shut), device=self.device), pos),
+                              torch.tensor(False, device=self.device))
+
+    def _in_history(self, hist_rows: np.ndarray, cols: np.ndarray, pos: torch.Tensor,
+                    targets: np.ndarray, sampled: bool) -> torch.Tensor:
+        """(P, columns) mask of the columns whose item is in the pair's history (its own
+        target's column open), as `_disallowed` masks what the pair's scenario never shows.
+
+        >>> m = SharedModel(LearnerConfig(covisit=False, device="cpu"), capacity=8)
+        >>> hist = np.array([[0, 2, 5], [3, 3, 4]])   # rows; 0 = padding
+        >>> m._in_history(hist, np.arange(1, 7), torch.tensor([4, 3]), np.array([5, 4]),
+        ...               sampled=False).int().tolist()   # columns: rows 1..6
+        [[0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]]
+        """
+        P, base = len(hist_rows), self.catalog.capacity + 1
+        owner = np.arange(P, dtype=np.int64)[:, None]
+        seen = np.unique((owner * base + hist_rows)[hist_rows > 0])
+        col_rows = np.broadcast_to(np.asarray(cols, np.int64)[None, :], (P, len(cols)))
+        if sampled:
+            col_rows = np.concatenate([targets[:, None], col_rows], 1)
+        mask = torch.as_tensor(np.isin(owner * base + col_rows, seen), device=self.device)
+        return mask.index_put((torch.arange(P, device=self.device), pos),
                               torch.tensor(False, device=self.device))
 
     def _nll(self, logp: torch.Tensor, weights: np.ndarray) -> torch.Tensor:

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from index.faiss_index import IndexConfig
@@ -241,6 +241,14 @@ class Settings(BaseSettings):
     @classmethod
     def _scheme(cls, v: str) -> str:
         return v if "://" in v else f"kafka://{v}"
+
+    @model_validator(mode="after")
+    def _seen_items_are_negatives_when_served(self) -> Settings:
+        if self.exclude_seen == "none" and self.learner.exclude_history_negatives:
+            raise ValueError("exclude_seen 'none' serves a user the items they interacted "
+                             "with again, so the loss must keep them as negatives: set "
+                             "learner.exclude_history_negatives false")
+        return self
 
     def topic(self, name: str) -> str:
         """Full topic name for a `*_topic` field value."""

@@ -621,6 +621,34 @@ def test_the_sampled_loss_ranks_each_column_as_serving_does():
     np.testing.assert_allclose(got.detach().numpy().ravel(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["full", "sampled"])
+def test_items_in_a_pair_s_history_are_no_negatives(sampled):
+    """Serving never shows a user an item they interacted with, so the loss does not push
+    those items down: masking them only takes terms out of each softmax's denominator, so
+    every pair's loss is lower with the mask, strictly where its history holds an item
+    other than its target."""
+    ids, vecs, batches = synthetic_batches(6)
+    learner = make_learner(covisit=True)
+    learner.upsert_items(ids, vecs)
+    states: dict[str, UserState] = {}
+    run_stream(learner, batches[:5], states)
+    for ev in batches[5]:
+        states.setdefault(ev.user_id, UserState())
+    pend, m = learner.observe(batches[5], states), learner.model
+    seqs, t = Seqs.pad(pend.hists), np.array(pend.targets)
+    negatives = np.flatnonzero(m.catalog.live) if sampled else None
+    args = (seqs, t, np.ones(len(t)), torch.zeros(len(t), m.n_user), np.ones(len(t), bool),
+            negatives)
+    with torch.no_grad():
+        masked = m.pair_losses(*args).numpy()
+        m.cfg = m.cfg.model_copy(update={"exclude_history_negatives": False})
+        plain = m.pair_losses(*args).numpy()
+    other = ((seqs.rows > 0) & (seqs.rows != t[:, None])).any(1)
+    assert other.sum() > len(t) // 2
+    assert (masked[other] < plain[other]).all()
+    np.testing.assert_allclose(masked[~other], plain[~other], rtol=1e-6)
+
+
 # --------------------------------------------------------------------------- ablations
 
 
