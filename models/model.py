@@ -294,15 +294,21 @@ class SharedModel:
         ...               sampled=False).int().tolist()   # columns: rows 1..6
         [[0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]]
         """
-        P, base = len(hist_rows), self.catalog.capacity + 1
-        owner = np.arange(P, dtype=np.int64)[:, None]
-        seen = np.unique((owner * base + hist_rows)[hist_rows > 0])
-        col_rows = np.broadcast_to(np.asarray(cols, np.int64)[None, :], (P, len(cols)))
-        if sampled:
-            col_rows = np.concatenate([targets[:, None], col_rows], 1)
-        mask = torch.as_tensor(np.isin(owner * base + col_rows, seen), device=self.device)
-        return mask.index_put((torch.arange(P, device=self.device), pos),
-                              torch.tensor(False, device=self.device))
+        P = len(hist_rows)
+        owner = np.broadcast_to(np.arange(P)[:, None], hist_rows.shape)
+        if sampled:  # [own target, the shared negatives]: a few thousand columns
+            base = self.catalog.capacity + 1
+            seen = np.unique((owner * base + hist_rows)[hist_rows > 0])
+            col_rows = np.concatenate([targets[:, None], np.broadcast_to(cols, (P, len(cols)))],
+                                      1)
+            mask = np.isin(owner[:, :1] * base + col_rows, seen)
+        else:  # the catalog's live rows, sorted: each history row's column by bisection
+            mask = np.zeros((P, len(cols)), bool)
+            at = np.searchsorted(cols, hist_rows)
+            hit = (hist_rows > 0) & (cols[np.minimum(at, len(cols) - 1)] == hist_rows)
+            mask[owner[hit], at[hit]] = True
+        return torch.as_tensor(mask, device=self.device).index_put(
+            (torch.arange(P, device=self.device), pos), torch.tensor(False, device=self.device))
 
     def _nll(self, logp: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
         neg = torch.as_tensor(weights < 0, device=self.device)
