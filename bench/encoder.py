@@ -40,7 +40,7 @@ from rich.table import Table
 from bench._common import save_figure
 from evaluation.progress import Progress
 from evaluation.synthetic import make_world
-from models.encoder import TextEncoder, item_text
+from models.encoder import DTYPES, TextEncoder, item_text
 
 # piped output would otherwise be cut to 80 columns
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -208,7 +208,7 @@ def parse_args() -> argparse.Namespace:
     args = ap.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.dtypes = args.dtypes.split(",")
-    if bad := set(args.dtypes) - {"auto", "float32", "bfloat16"}:
+    if bad := set(args.dtypes) - {"auto", *DTYPES}:
         ap.error(f"--dtypes: {', '.join(sorted(bad))}: use auto, float32 or bfloat16")
     args.threads = [int(t) for t in args.threads.split(",") if t.strip()] or [
         torch.get_num_threads()]

@@ -57,6 +57,10 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+#: The encoder's weight types by name (Settings.encoder_dtype adds `auto`).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The encoder's weight type. `auto` is bfloat16 where the hardware multiplies it
     natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX), else float32.
@@ -67,11 +71,10 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     text, 3.25x at the catalog's batch of 128). Its vectors are within cosine 0.9999 of
     float32's there (tests/test_encoder.py holds them to 0.99 and the same neighbours).
     Without native support bfloat16 is emulated and slower, so `auto` keeps float32."""
-    named = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if dtype != "auto":
-        if dtype not in named:
+        if dtype not in DTYPES:
             raise ValueError(f"encoder dtype {dtype!r}: use auto, float32 or bfloat16")
-        return named[dtype]
+        return DTYPES[dtype]
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported(including_emulation=False)
     else:

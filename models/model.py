@@ -229,10 +229,7 @@ class SharedModel:
             cols, (logq, pos, logits) = negatives, self._sampled_logits(u, targets, negatives,
                                                                         V, need)
         allowed = self.catalog.allowed_table(scenarios or [])  # (once for both uses)
-        shut = self._disallowed(allowed, cols, pos, negatives is not None)
-        if self.cfg.exclude_history_negatives:  # never served to the pair's user
-            seen = self._in_history(seqs.rows, cols, pos, targets, negatives is not None)
-            shut = seen if shut is None else shut | seen
+        shut = self._closed(allowed, seqs.rows, cols, pos, targets, negatives is not None)
         shown = logits if shut is None else logits.masked_fill(shut, float("-inf"))
         losses = self._nll(log_probs(shown, pos, logq, targets, negatives), weights)
         f = np.flatnonzero(fresh)
@@ -262,38 +259,45 @@ class SharedModel:
             hist_rows = self._in_scenario(hist_rows, allowed)
         feats, log_pop = self.features(hist_rows, cols)
         if sampled:  # each pair's target in front, as in the tower's logits
-            tf, tp = self.features(hist_rows, targets)
-            diag = torch.arange(len(targets), device=self.device)
-            feats = torch.cat([tf[:, diag, diag][:, :, None], feats], 2)
-            log_pop = torch.cat([tp[:, None], log_pop.expand(len(targets), -1)], 1)
+            tf = torch.as_tensor(self.covis.pair_features(
+                hist_rows, np.arange(len(targets)), targets), device=self.device)
+            feats = torch.cat([tf[:, :, None], feats], 2)
+            log_pop = torch.cat([self.log_pop(targets)[:, None],
+                                 log_pop.expand(len(targets), -1)], 1)
         return self.head(tower, feats, log_pop, theta)
 
-    def _disallowed(self, allowed: tuple[np.ndarray, np.ndarray] | None, cols: np.ndarray,
-                    pos: torch.Tensor, sampled: bool) -> torch.Tensor | None:
-        """(P, columns) mask of the items not allowed in each pair's scenario (the target's
-        own column always open; None when nothing is restricted). `allowed`: the pairs'
-        `allowed_table`."""
-        if allowed is None:
-            return None
-        table, which = allowed
-        shut = torch.as_tensor(~table[:, cols][which], device=self.device)
-        if sampled:  # column 0 holds each pair's own target
-            shut = torch.cat([torch.zeros(len(shut), 1, dtype=torch.bool, device=self.device),
-                              shut], 1)
-        return shut.index_put((torch.arange(len(shut), device=self.device), pos),
-                              torch.tensor(False, device=self.device))
-
-    def _in_history(self, hist_rows: np.ndarray, cols: np.ndarray, pos: torch.Tensor,
-                    targets: np.ndarray, sampled: bool) -> torch.Tensor:
-        """(P, columns) mask of the columns whose item is in the pair's history (its own
-        target's column open), as `_disallowed` masks what the pair's scenario never shows.
+    def _closed(self, allowed: tuple[np.ndarray, np.ndarray] | None, hist_rows: np.ndarray,
+                cols: np.ndarray, pos: torch.Tensor, targets: np.ndarray, sampled: bool
+                ) -> torch.Tensor | None:
+        """(P, columns) mask of the columns a pair's user is never shown, so no negatives:
+        items the pair's scenario does not allow (`allowed`: the pairs' `allowed_table`)
+        and, with `exclude_history_negatives`, items in the pair's history. Each pair's own
+        target column stays open; None when nothing is closed.
 
         >>> m = SharedModel(LearnerConfig(covisit=False, device="cpu"), capacity=8)
         >>> hist = np.array([[0, 2, 5], [3, 3, 4]])   # rows; 0 = padding
-        >>> m._in_history(hist, np.arange(1, 7), torch.tensor([4, 3]), np.array([5, 4]),
-        ...               sampled=False).int().tolist()   # columns: rows 1..6
+        >>> m._closed(None, hist, np.arange(1, 7), torch.tensor([4, 3]), np.array([5, 4]),
+        ...           sampled=False).int().tolist()   # columns: rows 1..6
         [[0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]]
         """
+        parts = []
+        if allowed is not None:
+            table, which = allowed
+            shut = ~table[:, cols][which]
+            if sampled:  # column 0 holds each pair's own target
+                shut = np.concatenate([np.zeros((len(shut), 1), bool), shut], 1)
+            parts.append(shut)
+        if self.cfg.exclude_history_negatives:
+            parts.append(self._in_history(hist_rows, cols, targets, sampled))
+        if not parts:
+            return None
+        mask = np.logical_or.reduce(parts)
+        mask[np.arange(len(mask)), pos.cpu().numpy()] = False
+        return torch.as_tensor(mask, device=self.device)
+
+    def _in_history(self, hist_rows: np.ndarray, cols: np.ndarray, targets: np.ndarray,
+                    sampled: bool) -> np.ndarray:
+        """(P, columns) mask of the columns whose item is in the pair's history."""
         P = len(hist_rows)
         owner = np.broadcast_to(np.arange(P)[:, None], hist_rows.shape)
         if sampled:  # [own target, the shared negatives]: a few thousand columns
@@ -301,14 +305,12 @@ class SharedModel:
             seen = np.unique((owner * base + hist_rows)[hist_rows > 0])
             col_rows = np.concatenate([targets[:, None], np.broadcast_to(cols, (P, len(cols)))],
                                       1)
-            mask = np.isin(owner[:, :1] * base + col_rows, seen)
-        else:  # the catalog's live rows, sorted: each history row's column by bisection
-            mask = np.zeros((P, len(cols)), bool)
-            at = np.searchsorted(cols, hist_rows)
-            hit = (hist_rows > 0) & (cols[np.minimum(at, len(cols) - 1)] == hist_rows)
-            mask[owner[hit], at[hit]] = True
-        return torch.as_tensor(mask, device=self.device).index_put(
-            (torch.arange(P, device=self.device), pos), torch.tensor(False, device=self.device))
+            return np.isin(owner[:, :1] * base + col_rows, seen)
+        mask = np.zeros((P, len(cols)), bool)  # the live rows, sorted: bisect each history row
+        at = np.searchsorted(cols, hist_rows)
+        hit = (hist_rows > 0) & (cols[np.minimum(at, len(cols) - 1)] == hist_rows)
+        mask[owner[hit], at[hit]] = True
+        return mask
 
     def _nll(self, logp: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
         neg = torch.as_tensor(weights < 0, device=self.device)
