@@ -149,7 +149,8 @@ def _inv_sqrt(counts: np.ndarray) -> np.ndarray:
 
 
 def _cosine_scores(
-    cooc: np.ndarray, inv_sqrt: np.ndarray, profiles: Sequence[tuple[np.ndarray, np.ndarray]]
+    cooc: _DenseRows | _GrowingRows, inv_sqrt: np.ndarray,
+    profiles: Sequence[tuple[np.ndarray, np.ndarray]],
 ) -> np.ndarray:
     """Rows ``Σ_p w_p · c_pi / sqrt(c_p c_i)`` for each profile ``(items p, weights w_p)``.
 
@@ -157,7 +158,7 @@ def _cosine_scores(
     the (users x profile items) weight matrix, restricted to the union ``cols`` of the
     profiles' items so the product costs |users| x |cols| x n_items, not n_items³.
     """
-    out = np.zeros((len(profiles), cooc.shape[0]))
+    out = np.zeros((len(profiles), cooc.n))
     rows = [r for r, (items, _) in enumerate(profiles) if items.size]
     if not rows:
         return out
@@ -168,7 +169,7 @@ def _cosine_scores(
     w = np.zeros((len(rows), cols.size))
     np.add.at(w, (owner, col_of), weights)
     w *= inv_sqrt[cols]
-    out[rows] = (w @ cooc[cols]) * inv_sqrt
+    out[rows] = cooc.product(w, cols) * inv_sqrt
     return out
 
 
@@ -272,8 +273,8 @@ class ItemKNN(_ProfileBeforeEvent):
     a micro-batch). Item-based CF after Sarwar et al., WWW 2001 and Deshpande & Karypis,
     TOIS 2004 (incremental counts as in Papagelis et al., 2005).
 
-    ``C`` is a dense float64 n_items x n_items matrix: 8·n² bytes, 23 MB for ML-100K's 1,682
-    items, 800 MB at 10,000; beyond ~10-20k items this needs a sparse/top-k store instead.
+    Memory: ``C`` is :func:`pair_weights`'s: dense up to 11,585 items (23 MB for ML-100K's
+    1,682), sparse beyond (105k items and more).
     """
 
     name = "itemknn"
@@ -281,7 +282,7 @@ class ItemKNN(_ProfileBeforeEvent):
     def __init__(self, n_items: int, profile_size: int = 50) -> None:
         self.n_items = n_items
         self.profile_size = profile_size
-        self.cooc = np.zeros((n_items, n_items))
+        self.cooc = pair_weights(n_items)
         self.counts = np.zeros(n_items)
         self._seen: dict[str, set[int]] = {}
         self._history: dict[str, list[int]] = {}  # distinct items, first-interaction order
@@ -295,23 +296,37 @@ class ItemKNN(_ProfileBeforeEvent):
         return out
 
     def learn(self, batch: Sequence[Event]) -> None:
+        rows: list[np.ndarray] = []
         for user, item, *_ in batch:
-            self._learn_one(user, item)
+            earlier = self._learn_one(user, item)
+            rows += [np.full(earlier.size, item), earlier]
+        pairs = np.concatenate(rows) if rows else np.empty(0, dtype=np.intp)
+        # each (item, earlier) pair counts both ways: c_ij and c_ji
+        self.cooc.add(pairs, _swap_halves(rows), np.ones(pairs.size))
 
-    def _learn_one(self, user: str, item: int) -> None:
+    def _learn_one(self, user: str, item: int) -> np.ndarray:
+        """Update u's profile and counts; returns the distinct earlier items `item` now pairs
+        with (none for a repeat)."""
         seen = self._seen.setdefault(user, set())
         if user not in self._profile:
             self._profile[user] = _RecentDistinct(self.profile_size)
             self._history[user] = []
         self._profile[user].add(item)
         if item in seen:
-            return
+            return np.empty(0, dtype=np.intp)
         earlier = np.asarray(self._history[user], dtype=np.intp)
-        self.cooc[item, earlier] += 1.0  # `earlier` holds distinct items: no duplicates
-        self.cooc[earlier, item] += 1.0
         self.counts[item] += 1.0
         seen.add(item)
         self._history[user].append(item)
+        return earlier
+
+
+def _swap_halves(rows: list[np.ndarray]) -> np.ndarray:
+    """The column indices for ``rows = [r0, c0, r1, c1, ...]``: ``[c0, r0, c1, r1, ...]``, so
+    every pair is added both as (r, c) and (c, r)."""
+    if not rows:
+        return np.empty(0, dtype=np.intp)
+    return np.concatenate([rows[k ^ 1] for k in range(len(rows))])
 
 
 class ISGD(_StateAtBatchStart):
@@ -393,7 +408,7 @@ class ItemKNNSeq(_ProfileBeforeEvent):
     Ludewig & Jannach, UMUAI 2018, "Evaluation of session-based recommendation algorithms"
     (SKNN/V-SKNN position decay), Garg et al., SIGIR 2019 (STAN).
 
-    Memory: dense float64 C, as for :class:`ItemKNN` (8·n_items² bytes).
+    Memory: C as for :class:`ItemKNN` (:func:`pair_weights`).
     """
 
     name = "itemknn_seq"
@@ -413,7 +428,7 @@ class ItemKNNSeq(_ProfileBeforeEvent):
         self.pair_decay = pair_decay
         self.recency_decay = recency_decay
         self.pop_weight = pop_weight
-        self.cooc = np.zeros((n_items, n_items))
+        self.cooc = pair_weights(n_items)
         self.counts = np.zeros(n_items)
         self._recent: dict[str, deque[int]] = {}
         self._profile: dict[str, _RecentDistinct] = {}
@@ -427,24 +442,60 @@ class ItemKNNSeq(_ProfileBeforeEvent):
         return knn + self.pop_weight * np.log1p(self.counts)
 
     def learn(self, batch: Sequence[Event]) -> None:
+        rows: list[np.ndarray] = []
+        weights: list[np.ndarray] = []
         for user, item, *_ in batch:
-            self._learn_one(user, item)
+            earlier, w = self._learn_one(user, item)
+            rows += [np.full(earlier.size, item), earlier]
+            weights += [w, w]
+        pairs = np.concatenate(rows) if rows else np.empty(0, dtype=np.intp)
+        self.cooc.add(pairs, _swap_halves(rows), np.concatenate(weights) if weights
+                      else np.empty(0))
 
-    def _learn_one(self, user: str, item: int) -> None:
+    def _learn_one(self, user: str, item: int) -> tuple[np.ndarray, np.ndarray]:
+        """Update u's sequence, profile and counts; returns the earlier events `item` now
+        pairs with (newest first, `item` itself left out) and their weights 0.9^(k-1)."""
         recent = self._recent.get(user)
         if recent is None:
             recent = self._recent[user] = deque(maxlen=self.window)
             self._profile[user] = _RecentDistinct(self.profile_size)
-        if recent:
-            earlier = np.fromiter(reversed(recent), dtype=np.intp, count=len(recent))
-            w = self._pair_w[: earlier.size]
-            keep = earlier != item
-            earlier, w = earlier[keep], w[keep]
-            np.add.at(self.cooc[item], earlier, w)  # a row view: updates cooc in place
-            np.add.at(self.cooc, (earlier, item), w)
+        earlier = np.fromiter(reversed(recent), dtype=np.intp, count=len(recent))
+        keep = earlier != item
+        w = self._pair_w[: earlier.size][keep]
         self.counts[item] += 1.0
         recent.append(item)
         self._profile[user].add(item)
+        return earlier[keep], w
+
+
+PAIR_DENSE_BYTES = 2**30
+
+
+def pair_weights(n: int) -> _DenseRows | _GrowingRows:
+    """An ``n x n`` matrix of pair weights that only grow: dense while its 8·n² bytes fit
+    ``PAIR_DENSE_BYTES`` (1 GiB: up to 11,585 items; the fastest form, and the one every figure
+    below 11,585 items was measured with), sparse CSR beyond, whose memory grows with the
+    pairs seen instead of n² (a dense one is 82 GiB at 105k items)."""
+    return _DenseRows(n) if 8 * n * n <= PAIR_DENSE_BYTES else _GrowingRows(n)
+
+
+class _DenseRows:
+    """A dense ``n x n`` float64 matrix with :class:`_GrowingRows`'s ``add`` and ``product``."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.matrix = np.zeros((n, n))
+
+    def add(self, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
+        """``M[r, c] += v`` for each triple, in order (a repeated cell gets each addition)."""
+        np.add.at(self.matrix, (rows, cols), values)
+
+    def product(self, w: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``w @ M[rows]``: dense, shape (len(w), n)."""
+        return w @ self.matrix[rows]
+
+    def toarray(self) -> np.ndarray:
+        return self.matrix
 
 
 class _GrowingRows:
@@ -477,6 +528,13 @@ class _GrowingRows:
         if not rows.size:
             return np.zeros((0, self.n))
         return self.matrix[rows].toarray()
+
+    def product(self, w: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``w @ M[rows]``: dense, shape (len(w), n), without densifying ``M[rows]``."""
+        return np.asarray((self.matrix[rows].T @ w.T).T)
+
+    def toarray(self) -> np.ndarray:
+        return self.matrix.toarray()
 
 
 class _Sequences:
@@ -597,7 +655,7 @@ class MarkovBackoff(_ProfileBeforeEvent):
     whose within-user order is weak. At the default the transitions only nudge q: on
     ML-100K this peer is itemknn_seq plus a small Markov tie-break, not a better model.
 
-    Memory: sparse transitions (:class:`_GrowingRows`) plus ItemKNNSeq's dense matrix.
+    Memory: sparse transitions (:class:`_GrowingRows`) plus ItemKNNSeq's matrix.
     """
 
     name = "markov_backoff"

@@ -124,6 +124,13 @@ def sharded_name(workers: int, snapshot_every: int | None = None, independent: b
         f"{'' if ranks == 1 else f'r{ranks}'}{'i' if independent else ''}"
 
 
+def is_known(name: str) -> bool:
+    """Whether :func:`build_model` builds `name` (checked before any model runs)."""
+    return name in ("streamrec", "streamrec-separate", "streamrec-shared") \
+        or bool(_SHARDED.match(name)) or name in BASELINES \
+        or (name.startswith("streamrec-") and name.split("-", 1)[1] in ABLATIONS)
+
+
 def build_model(name: str, data: Dataset, base: LearnerConfig) -> Any:
     where = data.item_scenarios
     if name == "streamrec":
@@ -175,10 +182,13 @@ def _run_one(name: str, data: Dataset, base: LearnerConfig, batch_size: int,
 
 def run_comparison(data: Dataset, names: Sequence[str], batch_size: int = 64,
                    base: LearnerConfig | None = None, jobs: int = 2,
-                   show_progress: bool = True, exclude_seen: ExcludeSeen = "all"
-                   ) -> dict[str, Result]:
+                   show_progress: bool = True, exclude_seen: ExcludeSeen = "all",
+                   failures: dict[str, str] | None = None) -> dict[str, Result]:
     """Every model over the same stream; returns {name: Result} in `names` order.
-    `exclude_seen` is the serving rule of what a user is not recommended (models/seen.py)."""
+    `exclude_seen` is the serving rule of what a user is not recommended (models/seen.py).
+    With `failures`, a model that raises (or whose process dies) is left out of the result
+    and its error recorded there, so one model's failure does not lose the others' figures;
+    without, the first error propagates."""
     base = base or LearnerConfig()
     ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch/faiss thread state
     with ctx.Manager() as manager:
@@ -188,7 +198,11 @@ def run_comparison(data: Dataset, names: Sequence[str], batch_size: int = 64,
                        for n in names}
             if show_progress:
                 progress_bars(futures, queue, len(data.events))
-            return {n: f.result() for n, f in futures.items()}
+            if failures is None:
+                return {n: f.result() for n, f in futures.items()}
+            failures.update({n: f"{type(e).__name__}: {e}" for n, f in futures.items()
+                             if (e := f.exception()) is not None})
+            return {n: f.result() for n, f in futures.items() if n not in failures}
 
 
 def progress_bars(futures: dict, queue: Any, total: int) -> None:
@@ -209,9 +223,11 @@ def progress_bars(futures: dict, queue: Any, total: int) -> None:
                 continue
 
 
-def to_json(data: Dataset, results: dict[str, Result], batch_size: int) -> dict:
+def to_json(data: Dataset, results: dict[str, Result], batch_size: int,
+            failures: dict[str, str] | None = None) -> dict:
     """Figures per model; with scenarios also per scenario ({ndcg@10, hr@10, n}) and the
-    mean NDCG@10 of the SMALL_SCENARIOS smallest (`small10_ndcg@10`)."""
+    mean NDCG@10 of the SMALL_SCENARIOS smallest (`small10_ndcg@10`); the models that
+    failed under `failed` ({name: error})."""
     models = {}
     for name, res in results.items():
         models[name] = {k: round(v, 5) if isinstance(v, float) else v
@@ -225,6 +241,8 @@ def to_json(data: Dataset, results: dict[str, Result], batch_size: int) -> dict:
            "events": len(data.events), "items": len(data.item_ids), "models": models}
     if any(res.by_scenario for res in results.values()):
         doc["scenario_items"] = scenario_sizes(data)
+    if failures:
+        doc["failed"] = failures
     return doc
 
 
@@ -261,6 +279,8 @@ def print_table(doc: dict) -> None:
     console.print(table)
     if scen:
         console.print(scenario_table(doc))
+    for name, error in doc.get("failed", {}).items():
+        console.print(f"[red]{name} failed[/red]: {error}", markup=True, highlight=False)
 
 
 def _retrieved(m: dict) -> str:

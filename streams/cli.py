@@ -346,6 +346,10 @@ def eval_(ml_dir: str | None, ciao_dir: str | None, events_path: str | None,
     """Prequential (test-then-train) evaluation with full ranking; no Kafka involved."""
     from evaluation import comparison as cmp
 
+    unknown = [n for n in (model_list or "").split(",") if n and not cmp.is_known(n)]
+    if unknown:
+        raise click.BadParameter(f"unknown model(s) {', '.join(unknown)}; known: "
+                                 f"{', '.join(cmp.model_names())}", param_hint="--models")
     name, items, events = _eval_data(ml_dir, ciao_dir, events_path, items_path, last_days,
                                      min_item_events)
     by_day = by_day or ciao_dir is not None
@@ -356,15 +360,20 @@ def eval_(ml_dir: str | None, ciao_dir: str | None, events_path: str | None,
         else cmp.model_names(ablations=not no_ablations)
     deployed = cmp.sharded_name(workers, snapshot_every, independent, trainer_ranks)
     names = [deployed if n == "streamrec" else n for n in names]
+    failures: dict[str, str] = {}
     results = cmp.run_comparison(data, names, batch_size, s.learner, jobs=jobs,
-                                 exclude_seen=s.exclude_seen)
-    doc = cmp.to_json(data, results, batch_size)
+                                 exclude_seen=s.exclude_seen, failures=failures)
+    doc = cmp.to_json(data, results, batch_size, failures)
     cmp.print_table(doc)
     if json_path:
         cmp.write_json(json_path, doc)
-    if plot_path:
+    if plot_path and results:
         batch = "a day" if by_day else batch_size
         cmp.plot(results, plot_path, f"{name}: NDCG@10 over the stream (batch {batch})")
+    if failures:
+        raise SystemExit(f"{len(failures)} of {len(names)} models failed: "
+                         f"{', '.join(failures)} (the others' figures are above"
+                         f"{' and in ' + json_path if json_path else ''})")
 
 
 def _eval_data(ml_dir: str | None, ciao_dir: str | None, events_path: str | None,

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 
+from evaluation import baselines
 from evaluation.baselines import (
     BASELINES,
     ISGD,
@@ -141,7 +142,7 @@ def test_itemknn_counts_symmetric_and_repeats_not_double_counted() -> None:
     expected = np.zeros((4, 4))
     for i, j, c in [(0, 1, 1), (0, 2, 1), (1, 2, 2)]:
         expected[i, j] = expected[j, i] = c
-    np.testing.assert_array_equal(model.cooc, expected)
+    np.testing.assert_array_equal(model.cooc.toarray(), expected)
     np.testing.assert_array_equal(model.counts, [1, 2, 2, 0])
     # v's profile is {1, 2}: score_i = c_1i / sqrt(c_1 c_i) + c_2i / sqrt(c_2 c_i)
     s = model.score(["v"])[0]
@@ -166,7 +167,7 @@ def test_itemknn_seq_counts_after_three_events() -> None:
     expected[1, 0] = expected[0, 1] = 1.0  # event 2: item 0 is at distance 1 -> 0.9^0
     expected[2, 1] = expected[1, 2] = 1.0  # event 3: item 1 at distance 1 -> 0.9^0
     expected[2, 0] = expected[0, 2] = 0.9  # event 3: item 0 at distance 2 -> 0.9^1
-    np.testing.assert_allclose(model.cooc, expected)
+    np.testing.assert_allclose(model.cooc.toarray(), expected)
     np.testing.assert_array_equal(model.counts, [1, 1, 1, 0])
 
 
@@ -191,8 +192,8 @@ def test_itemknn_seq_score_formula() -> None:
 def test_itemknn_seq_window_limits_pairs() -> None:
     model = ItemKNNSeq(60, window=3)
     model.learn([("u", i, i) for i in range(5)])
-    assert model.cooc[4, 1] == pytest.approx(0.9**2)
-    assert model.cooc[4, 0] == 0.0  # 4 events back: outside the window of 3
+    assert model.cooc.toarray()[4, 1] == pytest.approx(0.9**2)
+    assert model.cooc.toarray()[4, 0] == 0.0  # 4 events back: outside the window of 3
 
 
 def test_isgd_one_step_matches_formula() -> None:
@@ -347,3 +348,27 @@ def test_sequence_peers_run_in_the_comparison() -> None:
     for name in ("sr_decay", "markov_backoff"):
         assert doc["models"][name]["evaluated"] == 800 - 40  # every event but users' first
         assert doc["models"][name]["hr@10"] > 2 * 10 / N_ITEMS
+
+
+@pytest.mark.parametrize("cls", [ItemKNN, ItemKNNSeq, MarkovBackoff])
+def test_neighbourhood_peers_score_alike_with_dense_and_sparse_counts(cls, monkeypatch) -> None:
+    """Past PAIR_DENSE_BYTES the counts go sparse: the scores are the same."""
+    rng = np.random.default_rng(7)
+    events = [(f"u{rng.integers(12)}", int(rng.integers(30)), t) for t in range(400)]
+    scores = {}
+    for dense_bytes in (2**30, 0):
+        monkeypatch.setattr(baselines, "PAIR_DENSE_BYTES", dense_bytes)
+        model = cls(30)
+        rows = [model.step(events[i:i + 16], range(16)) for i in range(0, 400, 16)]
+        scores[dense_bytes] = np.concatenate(rows)
+    assert type(model.cooc if cls is not MarkovBackoff else model.knn.cooc).__name__ == \
+        "_GrowingRows"
+    np.testing.assert_allclose(scores[0], scores[2**30], rtol=1e-12, atol=1e-15)
+
+
+def test_neighbourhood_peers_run_at_a_catalog_whose_dense_counts_would_not_fit() -> None:
+    """200,000 items: a dense count matrix would take 320 GB; the sparse one holds the pairs."""
+    model = MarkovBackoff(200_000)
+    model.learn([("u", 5, 0), ("u", 199_999, 1), ("v", 5, 2)])
+    row = model.score(["v"])[0]
+    assert row.shape == (200_000,) and row.argmax() == 199_999

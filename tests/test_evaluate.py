@@ -173,3 +173,30 @@ def test_progress_off_a_terminal_prints_while_it_runs():
         assert "start-up: loading" in out.getvalue().splitlines()
     with Progress(console=Console(file=io.StringIO(), force_terminal=True)) as bar:
         assert bar._ticker is None
+
+
+def test_a_model_that_fails_is_reported_and_the_others_figures_kept() -> None:
+    """One model raising in its process must not lose the other models' results."""
+    data = cmp.make_dataset("tiny", [{"item_id": f"i{k}"} for k in range(30)],
+                            [{"user_id": u, "item_id": f"i{i}", "ts": ts}
+                             for u, i, ts in _tiny_stream()[:200]],
+                            lambda texts: np.zeros((len(texts), 4), np.float32))
+    failures: dict[str, str] = {}
+    results = cmp.run_comparison(data, ["pop", "no_such_model"], 8, jobs=1,
+                                 show_progress=False, failures=failures)
+    assert set(results) == {"pop"} and len(results["pop"].ranks) > 100
+    assert failures["no_such_model"].startswith("ValueError: unknown baseline 'no_such_model'")
+    doc = cmp.to_json(data, results, 8, failures)
+    assert doc["failed"] == failures and set(doc["models"]) == {"pop"}
+    assert not cmp.is_known("no_such_model") and cmp.is_known("streamrec@w2e64")
+    assert all(cmp.is_known(n) for n in cmp.model_names())
+
+
+def test_eval_refuses_an_unknown_model_before_loading_anything(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from streams.cli import main
+
+    out = CliRunner().invoke(main, ["eval", "--movielens-100k", str(tmp_path),  # no u.data
+                                    "--models", "pop,itemknn_sq"])
+    assert out.exit_code == 2 and "unknown model(s) itemknn_sq" in out.output, out.output
