@@ -7,6 +7,10 @@
               popularity sampling; a draw of the pair's own target is no negative.
     auto      full up to `max_items` live items (exact, and cheap enough), sampled above.
 
+"Live" is the step's pool (models/model.py `negative_pool`): the live items some pair of the
+step may be shown. (Q's normaliser is over all live items; a constant, it cancels in the
+softmax.)
+
 Each is a strategy (models/strategy.py): a small class whose fields are its validated
 parameters, selected and built once by the settings (`learner__softmax`: `"auto"`, or
 `{"name": "sampled", "n_negatives": 4096}`). A strategy only picks the negatives (None: the full

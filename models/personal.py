@@ -50,8 +50,8 @@ class PersonalStep:
         where = None if scenarios is None else [scenarios[i] for i in keep]
         scen = torch.as_tensor(model.scenario_params(where, len(keep)), device=model.device)
         losses = model.pair_losses(Seqs.pad([hists[i] for i in keep]), t, w, resid[own] + scen,
-                                   np.ones(len(t), bool), model.sample_negatives(self.rng),
-                                   where)
+                                   np.ones(len(t), bool),
+                                   model.sample_negatives(self.rng, t, where), where)
         aw = torch.as_tensor(np.abs(w), dtype=torch.float32, device=model.device)
         n = len(states)
         w_user = torch.zeros(n, device=model.device).index_add_(0, own, aw)

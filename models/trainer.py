@@ -233,8 +233,9 @@ class Trainer:
         if len(t):
             if self.cfg.scenario_params:
                 r = r + m.scenarios.P[torch.as_tensor(sc, device=m.device)]
-            losses = m.pair_losses(s, t, w, r, fresh, m.sample_negatives(self.rng),
-                                   [m.scenarios.names[k] for k in sc.tolist()])
+            names = [m.scenarios.names[k] for k in sc.tolist()]
+            losses = m.pair_losses(s, t, w, r, fresh, m.sample_negatives(self.rng, t, names),
+                                   names)
             loss = (losses * torch.as_tensor(np.abs(w), dtype=torch.float32,
                                              device=m.device)).sum() / total
             loss.backward()

@@ -593,7 +593,8 @@ def test_sampled_softmax_path_learns():
     learner = make_learner(softmax={"name": "auto", "max_items": 50, "n_negatives": 64})
     learner.upsert_items(ids, vecs)
     losses = run_stream(learner, batches)
-    assert learner.model.sample_negatives(np.random.default_rng(0)).shape == (64,)  # sampled
+    drawn = learner.model.sample_negatives(np.random.default_rng(0), np.array([1]))
+    assert drawn.shape == (64,)  # sampled
     assert all(math.isfinite(x) for x in losses)
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.5
     assert learner.model.counts.sum() == sum(len(b) for b in batches)
@@ -613,7 +614,7 @@ def test_the_sampled_loss_ranks_each_column_as_serving_does():
     m, rng = learner.model, np.random.default_rng(0)
     hists = [m.history(st) for st in list(states.values())[:3]]
     targets = np.argsort(-m.counts)[:3]  # popular: a popularity term to weigh
-    negatives = m.sample_negatives(rng)
+    negatives = m.sample_negatives(rng, targets)
     theta = rng.normal(size=(3, m.n_user - m.cfg.dim)).astype(np.float32)
     tower = rng.normal(size=(3, 9)).astype(np.float32)
     got = m.ranker_logits(Seqs.pad(hists).rows, targets, negatives, torch.as_tensor(tower),
@@ -711,8 +712,9 @@ def test_softmax_strategies_are_chosen_by_name_and_reject_unknown_parameters():
     learner = make_learner(softmax={"name": "sampled", "n_negatives": 8})  # even for 30 items
     learner.upsert_items(ids, vecs)
     assert learner.model.softmax == SampledSoftmax(n_negatives=8)
-    assert learner.model.sample_negatives(np.random.default_rng(0)).shape == (8,)
-    assert make_learner().model.sample_negatives(np.random.default_rng(0)) is None  # auto
+    rng, target = np.random.default_rng(0), np.array([1])
+    assert learner.model.sample_negatives(rng, target).shape == (8,)
+    assert make_learner().model.sample_negatives(rng, target) is None  # auto
 
 
 def test_grown_rows_start_alike_whatever_torch_s_global_generator_did():

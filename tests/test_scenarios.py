@@ -277,6 +277,47 @@ def test_the_training_softmax_runs_over_the_scenarios_items(sampled):
     assert (losses(None) > before[1] + 1).all()
 
 
+def test_negatives_are_drawn_among_the_items_the_step_s_scenarios_show():
+    """A step of pairs in b draws its sampled negatives from b's items (and the pairs'
+    targets) only; a step that also holds a pair in a draws from both; no scenario: all."""
+    from models.losses import SampledSoftmax
+
+    learner, ids, _ = restricted_learner()
+    model = learner.model
+    model.softmax = SampledSoftmax(n_negatives=4000)
+    rows = {s: set(model.catalog.add(sorted(allowed_ids(ids, s)))) for s in "ab"}
+    a_target = np.asarray(model.catalog.add([ids[3]]))
+    rng = np.random.default_rng(0)
+    assert set(model.sample_negatives(rng, a_target, ["b"]).tolist()) == rows["b"] | {
+        int(a_target[0])}
+    both = np.asarray(model.catalog.add([ids[3], ids[25]]))
+    assert set(model.sample_negatives(rng, both, ["a", "b"]).tolist()) == rows["a"] | rows["b"]
+    assert len(set(model.sample_negatives(rng, both, None).tolist())) == 40
+
+
+def test_the_full_softmax_over_the_pool_is_the_one_over_the_catalog(monkeypatch):
+    """Scoring only the pool's columns drops what every pair's mask closes: same losses."""
+    import torch
+
+    from models.model import SharedModel
+    from models.sequences import Seqs
+
+    learner, ids, _ = restricted_learner()
+    model = learner.model
+    hists = [model.history(UserState())] * 3
+    targets = np.asarray(model.catalog.add([ids[25], ids[35], ids[3]]))
+    scen = ["b", "b", "b"]  # the pool: b's 10 items, the 10 shown everywhere, an a-only target
+    assert model.negative_pool(targets, scen).sum() == 21
+
+    def losses() -> np.ndarray:
+        return model.pair_losses(Seqs.pad(hists), targets, np.ones(3), torch.zeros(
+            3, model.n_user), np.ones(3, bool), None, scen).detach().numpy()
+
+    pooled = losses()
+    monkeypatch.setattr(SharedModel, "negative_pool", lambda m, t, s: m.catalog.live.copy())
+    np.testing.assert_allclose(pooled, losses(), rtol=1e-5)
+
+
 def test_the_pairwise_ranker_scores_what_the_dense_blend_scores():
     """Serving scores (user, candidate) pairs only; the evaluator's full ranking fills the
     dense (users x items) matrix. Same model, same scores (scenario and users' parameters
