@@ -121,7 +121,18 @@ class LearnerConfig(BaseModel):
     )
     head_lr: float = Field(
         0.003, gt=0, description="Adam step size of the ranker's few blend weights (faster than "
-        "the towers': a handful of scalars can follow the stream quickly).",
+        "the towers': a handful of scalars can follow the stream quickly), once "
+        "`head_lr_start` has decayed to it.",
+    )
+    head_lr_start: float = Field(
+        0.01, gt=0, description="The ranker's first step size, decaying as "
+        "head_lr_start / sqrt(1 + t / head_lr_decay_steps) over its steps t down to `head_lr`: "
+        "on a new stream the blend weights start far from their fit (no decay: set it to "
+        "`head_lr`).",
+    )
+    head_lr_decay_steps: int = Field(
+        1000, ge=1, description="τ of that decay, in the ranker's steps: its step size is "
+        "head_lr_start / sqrt(2) after τ steps and half of head_lr_start after 3τ.",
     )
     covisit_window: int = Field(50, ge=1, description="Earlier events paired with each event.")
     covisit_pair_decay: float = Field(0.9, gt=0, le=1, description="Pair weight per step apart.")

@@ -22,6 +22,7 @@ identical: one model, trained on all examples.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -148,6 +149,23 @@ class Trainer:
         self._E = self.model.items.E
         self.sparse_opt = RowAdam([self._E], lr=cfg.lr)
 
+    def _decay_head_lr(self) -> None:
+        """Set the ranker's step size for this step: head_lr_start / sqrt(1 + t / τ), never
+        below `head_lr`, with t its Adam steps so far (in the optimizer's state, so a restored
+        trainer goes on where it stopped, and every rank computes the same). A new stream's
+        blend weights start far from their fit: over Ciao's first 15,000 events the
+        popularity weight climbs from 0.25 towards 1, which the constant 0.003 took the whole
+        stream to approach (README, Quality)."""
+        head = self.model.head
+        if head is None:
+            return
+        first = head.tower_w
+        for group in self.dense_opt.param_groups:
+            if any(p is first for p in group["params"]):
+                t = float(self.dense_opt.state.get(first, {}).get("step", 0))
+                group["lr"] = max(self.cfg.head_lr, self.cfg.head_lr_start / math.sqrt(
+                    1 + t / self.cfg.head_lr_decay_steps))
+
     # ---------------------------------------------------------------- training
     def train(self, examples: Sequence[TrainingExample]) -> TrainResult:
         """Train every example not trained before (each exactly once), in order."""
@@ -244,6 +262,7 @@ class Trainer:
                                [m.items.E])
         if total > 0:
             self._step_scenarios(sc, np.abs(w), losses.detach().cpu().numpy(), total)
+            self._decay_head_lr()
             self.dense_opt.step()
             self.pair_steps += len(t)
             if m.items.E.grad is not None:

@@ -396,3 +396,31 @@ def test_two_trainer_ranks_as_processes_train_each_example_once_and_stop_togethe
         assert ranks_total(again, "streamrec_trainer_lag") == 0
     finally:
         again.stop(grace=60)
+
+
+def test_the_ranker_s_step_size_decays_from_head_lr_start_to_head_lr_and_survives_a_restore():
+    def made(**kw) -> Trainer:
+        return trainer(**({"head_lr": 0.002, "head_lr_start": 0.02, "head_lr_decay_steps": 2}
+                          | kw))
+
+    def lr_and_steps(t: Trainer) -> tuple[float, int]:
+        first = t.model.head.tower_w
+        group = next(g for g in t.dense_opt.param_groups if any(p is first for p in g["params"]))
+        return group["lr"], int(t.dense_opt.state[first]["step"])
+
+    def expected(steps: int) -> float:  # the lr set before the last step, after steps - 1
+        return max(0.002, 0.02 / np.sqrt(1 + (steps - 1) / 2))
+
+    t = made()
+    t.train(examples(60))
+    lr, taken = lr_and_steps(t)
+    assert taken > 3 and lr == pytest.approx(expected(taken)) and lr > 0.002
+    restored = made()
+    restore(restored, checkpoint(t))
+    assert lr_and_steps(restored)[1] == taken  # the schedule's clock is in the checkpoint
+    restored.train(examples(200, seed=5))
+    lr, later = lr_and_steps(restored)
+    assert later > taken and lr == pytest.approx(expected(later))  # counted on, not from 0
+    floor = made(head_lr_start=0.0021)
+    floor.train(examples(60))
+    assert lr_and_steps(floor)[0] == 0.002
