@@ -296,13 +296,11 @@ class ItemKNN(_ProfileBeforeEvent):
         return out
 
     def learn(self, batch: Sequence[Event]) -> None:
-        rows: list[np.ndarray] = []
+        pairs = []
         for user, item, *_ in batch:
             earlier = self._learn_one(user, item)
-            rows += [np.full(earlier.size, item), earlier]
-        pairs = np.concatenate(rows) if rows else np.empty(0, dtype=np.intp)
-        # each (item, earlier) pair counts both ways: c_ij and c_ji
-        self.cooc.add(pairs, _swap_halves(rows), np.ones(pairs.size))
+            pairs.append((item, earlier, np.ones(earlier.size)))
+        _add_both_ways(self.cooc, pairs)
 
     def _learn_one(self, user: str, item: int) -> np.ndarray:
         """Update u's profile and counts; returns the distinct earlier items `item` now pairs
@@ -321,12 +319,19 @@ class ItemKNN(_ProfileBeforeEvent):
         return earlier
 
 
-def _swap_halves(rows: list[np.ndarray]) -> np.ndarray:
-    """The column indices for ``rows = [r0, c0, r1, c1, ...]``: ``[c0, r0, c1, r1, ...]``, so
-    every pair is added both as (r, c) and (c, r)."""
-    if not rows:
-        return np.empty(0, dtype=np.intp)
-    return np.concatenate([rows[k ^ 1] for k in range(len(rows))])
+def _add_both_ways(cooc: _DenseRows | _GrowingRows,
+                   pairs: Sequence[tuple[int, np.ndarray, np.ndarray]]) -> None:
+    """``c_ij += w`` and ``c_ji += w`` for each event's (item i, earlier items j, weights w),
+    in one call, event by event in stream order: a dense matrix gets the same sums, bit for
+    bit, as one event at a time."""
+    rows, cols, vals = [], [], []
+    for item, earlier, w in pairs:
+        mine = np.full(earlier.size, item, dtype=np.intp)
+        rows += [mine, earlier]
+        cols += [earlier, mine]
+        vals += [w, w]
+    if rows:
+        cooc.add(np.concatenate(rows), np.concatenate(cols), np.concatenate(vals))
 
 
 class ISGD(_StateAtBatchStart):
@@ -442,15 +447,8 @@ class ItemKNNSeq(_ProfileBeforeEvent):
         return knn + self.pop_weight * np.log1p(self.counts)
 
     def learn(self, batch: Sequence[Event]) -> None:
-        rows: list[np.ndarray] = []
-        weights: list[np.ndarray] = []
-        for user, item, *_ in batch:
-            earlier, w = self._learn_one(user, item)
-            rows += [np.full(earlier.size, item), earlier]
-            weights += [w, w]
-        pairs = np.concatenate(rows) if rows else np.empty(0, dtype=np.intp)
-        self.cooc.add(pairs, _swap_halves(rows), np.concatenate(weights) if weights
-                      else np.empty(0))
+        _add_both_ways(self.cooc, [(item, *self._learn_one(user, item))
+                                   for user, item, *_ in batch])
 
     def _learn_one(self, user: str, item: int) -> tuple[np.ndarray, np.ndarray]:
         """Update u's sequence, profile and counts; returns the earlier events `item` now

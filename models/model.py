@@ -218,8 +218,12 @@ class SharedModel:
         >>> m.negative_pool(np.array([3]), ["a", "a"]).astype(int).tolist()  # rows 1..5: i0..i4
         [0, 1, 1, 1, 0, 1]
         """
+        return self._pool(targets, self.catalog.allowed_table(scenarios or []))
+
+    def _pool(self, targets: np.ndarray, allowed: tuple[np.ndarray, np.ndarray] | None
+              ) -> np.ndarray:
+        """`negative_pool` from the pairs' `allowed_table`."""
         pool = self.catalog.live.copy()
-        allowed = self.catalog.allowed_table(scenarios or [])
         if allowed is not None:
             pool &= allowed[0].any(0)
             pool[targets] = self.catalog.live[targets]
@@ -245,14 +249,14 @@ class SharedModel:
         V, need = self.item_table(np.concatenate(cand + [seqs.newest(
             self.cfg.encoder_window).rows.ravel()]))
         u = self.encode(seqs, V, need) + resid[:, :d]
+        allowed = self.catalog.allowed_table(scenarios or [])  # (once for every use)
         if negatives is None:  # the whole pool, scored without its item vectors
-            cols, logq = np.flatnonzero(self.negative_pool(targets, scenarios)), None
+            cols, logq = np.flatnonzero(self._pool(targets, allowed)), None
             pos = torch.as_tensor(np.searchsorted(cols, targets), device=dev)
             logits = self.items.scores(u, torch.as_tensor(cols, device=dev))
         else:  # column 0 is each pair's own target, then the shared negatives
             cols, (logq, pos, logits) = negatives, self._sampled_logits(u, targets, negatives,
                                                                         V, need)
-        allowed = self.catalog.allowed_table(scenarios or [])  # (once for both uses)
         shut = self._closed(allowed, seqs.rows, cols, pos, targets, negatives is not None)
         shown = logits if shut is None else logits.masked_fill(shut, float("-inf"))
         losses = self._nll(log_probs(shown, pos, logq, targets, negatives), weights)
