@@ -40,7 +40,7 @@ from rich.table import Table
 from bench._common import BenchEvents, cpu_seconds, machine
 from evaluation.synthetic import make_world
 from models.encoder import encoder_dim
-from models.learner import Interaction, observe
+from models.examples import Interaction, observe
 from models.model import SharedModel
 from models.user_state import UserState
 from streams.catalog import encode_item_vector

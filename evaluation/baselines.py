@@ -33,7 +33,8 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import scipy.sparse as sp
@@ -334,6 +335,7 @@ def _add_both_ways(cooc: _DenseRows | _GrowingRows,
         cooc.add(np.concatenate(rows), np.concatenate(cols), np.concatenate(vals))
 
 
+@dataclass(eq=False)
 class ISGD(_StateAtBatchStart):
     """Incremental SGD matrix factorisation for positive-only feedback (ISGD).
 
@@ -353,25 +355,18 @@ class ISGD(_StateAtBatchStart):
     0 everywhere; items never seen have no vector (q = 0), hence score 0 for everybody.
     """
 
-    name = "isgd"
+    name: ClassVar[str] = "isgd"
+    n_items: int
+    k: int = 10
+    learn_rate: float = 0.05
+    reg: float = 0.01
+    init_std: float = 0.1
+    seed: int = 0
 
-    def __init__(
-        self,
-        n_items: int,
-        k: int = 10,
-        learn_rate: float = 0.05,
-        reg: float = 0.01,
-        init_std: float = 0.1,
-        seed: int = 0,
-    ) -> None:
-        self.n_items = n_items
-        self.k = k
-        self.learn_rate = learn_rate
-        self.reg = reg
-        self.init_std = init_std
-        self._rng = np.random.default_rng(seed)
-        self.item_vecs = np.zeros((n_items, k))
-        self.item_known = np.zeros(n_items, dtype=bool)
+    def __post_init__(self) -> None:
+        self._rng = np.random.default_rng(self.seed)
+        self.item_vecs = np.zeros((self.n_items, self.k))
+        self.item_known = np.zeros(self.n_items, dtype=bool)
         self.user_vecs: dict[str, np.ndarray] = {}
 
     def score(self, users: Sequence[str]) -> np.ndarray:
@@ -398,6 +393,7 @@ class ISGD(_StateAtBatchStart):
         q += self.learn_rate * (err * p - self.reg * q)
 
 
+@dataclass(eq=False)
 class ItemKNNSeq(_ProfileBeforeEvent):
     """Sequence-aware item-kNN (session-kNN style: distance-decayed co-occurrence + recency).
 
@@ -416,28 +412,20 @@ class ItemKNNSeq(_ProfileBeforeEvent):
     Memory: C as for :class:`ItemKNN` (:func:`pair_weights`).
     """
 
-    name = "itemknn_seq"
+    name: ClassVar[str] = "itemknn_seq"
+    n_items: int
+    window: int = 50
+    profile_size: int = 50
+    pair_decay: float = 0.9
+    recency_decay: float = 0.8
+    pop_weight: float = 0.05
 
-    def __init__(
-        self,
-        n_items: int,
-        window: int = 50,
-        profile_size: int = 50,
-        pair_decay: float = 0.9,
-        recency_decay: float = 0.8,
-        pop_weight: float = 0.05,
-    ) -> None:
-        self.n_items = n_items
-        self.window = window
-        self.profile_size = profile_size
-        self.pair_decay = pair_decay
-        self.recency_decay = recency_decay
-        self.pop_weight = pop_weight
-        self.cooc = pair_weights(n_items)
-        self.counts = np.zeros(n_items)
+    def __post_init__(self) -> None:
+        self.cooc = pair_weights(self.n_items)
+        self.counts = np.zeros(self.n_items)
         self._recent: dict[str, deque[int]] = {}
         self._profile: dict[str, _RecentDistinct] = {}
-        self._pair_w = pair_decay ** np.arange(window)  # index k-1
+        self._pair_w = self.pair_decay ** np.arange(self.window)  # index k-1
 
     def _score_profiles(self, profiles: list[np.ndarray]) -> np.ndarray:
         ages = [np.arange(items.size)[::-1] for items in profiles]  # newest has age 0

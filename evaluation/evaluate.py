@@ -44,10 +44,11 @@ import xxhash
 from evaluation.baselines import Event, NamedItems, StreamModel
 from models.candidates import TowerCandidates, tower_of
 from models.config import LearnerConfig
-from models.examples import TrainingExample
+from models.examples import Interaction, Pending, TrainingExample, observe
 from models.items import KeyIndex
-from models.learner import Interaction, OnlineLearner, Pending, observe, personal_step
+from models.learner import OnlineLearner
 from models.model import SharedModel
+from models.personal import PersonalStep
 from models.seen import ExcludeSeen, Exclusion, exclusions, item_keys
 from models.sequences import History
 from models.serving import rank_candidates
@@ -344,7 +345,7 @@ class StreamrecModel:
             if trainer_ranks > 1 else [learner.trainer for learner in self.learners[:1]]
         self.snapshot_every, self._since = snapshot_every, 0
         self.serving = self.ranks[0].model  # what the shards serve from
-        self.personal = [personal_step(cfg) for _ in range(workers)]
+        self.personal = [PersonalStep.from_config(cfg) for _ in range(workers)]
         self.rows = self.serving.catalog.add(list(item_ids))
         self.col_of = np.full(int(self.rows.max(initial=0)) + 1, -1, dtype=np.int64)
         self.col_of[self.rows] = np.arange(len(self.rows))  # model row -> output column
@@ -390,7 +391,7 @@ class StreamrecModel:
     def _learn(self, pend: Pending, shards: list[int]) -> None:
         """Each shard's per-user step on its pairs, then the trainer(s) on the examples."""
         owner_shard = {pend.users[ex.user_id]: self._shard(ex.user_id) for ex in pend.examples}
-        states = [pend.states[u] for u in pend.users]
+        states = list(pend.user_states.values())
         for k, personal in enumerate(self.personal):
             mine = [p for p, o in enumerate(pend.owners) if owner_shard[o] == k]
             if mine:

@@ -1,4 +1,5 @@
-"""Training examples: what a serving worker hands the trainer for each event it applied.
+"""Training examples: what a serving worker hands the trainer for each event it applied,
+and `observe`, which cuts them from a batch of events.
 
 One example per event with a target item (a search is an input, never a target): the
 user's history just before the event, exactly as the serving step encoded it (item ids,
@@ -21,14 +22,20 @@ Ids, not rows: rows are local to each process (models/items.py).
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
 
+from models.config import EVENT_TYPE_IDS, TEXT_ONLY_TYPES, LearnerConfig
 from models.items import ItemRows
 from models.sequences import History
 from models.user_state import UserState, unb64
+
+if TYPE_CHECKING:
+    from models.model import SharedModel
 
 FORMAT_VERSION = 1
 _F32 = np.dtype("<f4")
@@ -85,3 +92,74 @@ class TrainingExample:
         res = None if d["r"] is None else np.frombuffer(base64.b64decode(d["r"]), _F32).copy()
         return cls(d["u"], d["i"], d["t"], d["ts"], d["x"], d["y"], d["e"], d["w"], d["at"],
                    d["s"], res, d["p"], d["o"])
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """One validated event, as the learner sees it (the agent converts BehaviorEvent).
+    (partition, offset) is its source position: the identity of its training example."""
+
+    user_id: str
+    item_id: str | None
+    event_type: str
+    ts: int
+    value: float | None = None
+    text_vec: np.ndarray | None = None
+    scenario: str = "default"
+    partition: int = 0
+    offset: int = -1
+
+
+@dataclass
+class Pending:
+    """A batch observed (histories appended, pairs cut) but not yet learned from."""
+
+    states: Mapping[str, UserState]
+    users: dict[str, int] = field(default_factory=dict)  # user -> owner index, first-seen order
+    before: list[History] = field(default_factory=list)  # per event: the history just before it
+    hists: list[History] = field(default_factory=list)  # per pair
+    targets: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)
+    scenarios: list[str] = field(default_factory=list)  # per pair
+    examples: list[TrainingExample] = field(default_factory=list)  # per pair
+
+    @property
+    def user_states(self) -> dict[str, UserState]:
+        """The batch's users' states, in first-seen order (an owner index's position)."""
+        return {u: self.states[u] for u in self.users}
+
+
+def event_weight(cfg: LearnerConfig, event_type: str) -> float:
+    """Loss weight of an event type (negative: a dislike pushes its item down)."""
+    if event_type == "dislike":
+        return -cfg.dislike_weight
+    return cfg.event_weights.get(event_type, 1.0)
+
+
+def observe(model: SharedModel, events: Sequence[Interaction],
+            states: Mapping[str, UserState]) -> Pending:
+    """Cut each event's (history -> item) pair and example, then append the event to its
+    user's history. `states` must hold a UserState for every user of the batch."""
+    pend, cfg = Pending(states), model.cfg
+    for ev in events:
+        st = states[ev.user_id]
+        owner = pend.users.setdefault(ev.user_id, len(pend.users))
+        snap = model.history(st)
+        pend.before.append(snap)
+        if ev.event_type == "request":  # asks for a recommendation: no pair, no history
+            continue
+        target = None if ev.event_type in TEXT_ONLY_TYPES else model.catalog.live_row(ev.item_id)
+        if target is not None:
+            weight = event_weight(cfg, ev.event_type)
+            pend.hists.append(snap)
+            pend.targets.append(target)
+            pend.weights.append(weight)
+            pend.owners.append(owner)
+            pend.scenarios.append(ev.scenario)
+            pend.examples.append(TrainingExample.cut(
+                st, ev.user_id, ev.item_id, ev.event_type, weight, ev.ts, ev.scenario,
+                ev.partition, ev.offset))
+        st.append(ev.item_id, EVENT_TYPE_IDS[ev.event_type], ev.ts, ev.text_vec,
+                  cfg.history_len)
+    return pend

@@ -2,7 +2,7 @@
 
     observe   each event with a target becomes a (history -> item) pair whose history holds
               only that user's *earlier* events (no leakage), and a training example; then
-              the event is appended to the user's history
+              the event is appended to the user's history (models/examples.py)
     train     the per-user step moves each user's own parameters (models/personal.py), then
               the trainer steps the shared model on the examples (models/trainer.py)
 
@@ -20,44 +20,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.config import EVENT_TYPE_IDS, TEXT_ONLY_TYPES, LearnerConfig
-from models.examples import TrainingExample
+from models.config import LearnerConfig
+from models.examples import Interaction, Pending, observe
 from models.model import SharedModel
 from models.personal import PersonalStep
-from models.sequences import History
 from models.trainer import Trainer
 from models.user_state import UserState
-
-
-@dataclass(frozen=True)
-class Interaction:
-    """One validated event, as the learner sees it (the agent converts BehaviorEvent).
-    (partition, offset) is its source position: the identity of its training example."""
-
-    user_id: str
-    item_id: str | None
-    event_type: str
-    ts: int
-    value: float | None = None
-    text_vec: np.ndarray | None = None
-    scenario: str = "default"
-    partition: int = 0
-    offset: int = -1
-
-
-@dataclass
-class Pending:
-    """A batch observed (histories appended, pairs cut) but not yet learned from."""
-
-    states: Mapping[str, UserState]
-    users: dict[str, int] = field(default_factory=dict)  # user -> owner index, first-seen order
-    before: list[History] = field(default_factory=list)  # per event: the history just before it
-    hists: list[History] = field(default_factory=list)  # per pair
-    targets: list[int] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
-    owners: list[int] = field(default_factory=list)
-    scenarios: list[str] = field(default_factory=list)  # per pair
-    examples: list[TrainingExample] = field(default_factory=list)  # per pair
 
 
 @dataclass
@@ -68,51 +36,6 @@ class BatchResult:
     alphas: dict[str, float] = field(default_factory=dict)  # α per user after the step
 
 
-def event_weight(cfg: LearnerConfig, event_type: str) -> float:
-    """Loss weight of an event type (negative: a dislike pushes its item down)."""
-    if event_type == "dislike":
-        return -cfg.dislike_weight
-    return cfg.event_weights.get(event_type, 1.0)
-
-
-def observe(model: SharedModel, events: Sequence[Interaction],
-            states: Mapping[str, UserState]) -> Pending:
-    """Cut each event's (history -> item) pair and example, then append the event to its
-    user's history. `states` must hold a UserState for every user of the batch."""
-    pend, cfg = Pending(states), model.cfg
-    for ev in events:
-        st = states[ev.user_id]
-        owner = pend.users.setdefault(ev.user_id, len(pend.users))
-        snap = model.history(st)
-        pend.before.append(snap)
-        if ev.event_type == "request":  # asks for a recommendation: no pair, no history
-            continue
-        target = None if ev.event_type in TEXT_ONLY_TYPES else model.catalog.live_row(ev.item_id)
-        if target is not None:
-            weight = event_weight(cfg, ev.event_type)
-            pend.hists.append(snap)
-            pend.targets.append(target)
-            pend.weights.append(weight)
-            pend.owners.append(owner)
-            pend.scenarios.append(ev.scenario)
-            pend.examples.append(TrainingExample.cut(
-                st, ev.user_id, ev.item_id, ev.event_type, weight, ev.ts, ev.scenario,
-                ev.partition, ev.offset))
-        st.append(ev.item_id, EVENT_TYPE_IDS[ev.event_type], ev.ts, ev.text_vec,
-                  cfg.history_len)
-    return pend
-
-
-def personal_step(cfg: LearnerConfig) -> PersonalStep:
-    """The per-user step the settings configure."""
-    budget = cfg.max_pairs_per_step * cfg.max_steps_per_batch
-    return PersonalStep(cfg.lr_rule, budget, cfg.seed)
-
-
-def alphas(cfg: LearnerConfig, pend: Pending) -> dict[str, float]:
-    return {u: pend.states[u].rule.step_size(cfg.lr_rule.alpha0) for u in pend.users}
-
-
 class OnlineLearner:
     """A serving step and the trainer over one shared model, in one process."""
 
@@ -121,7 +44,7 @@ class OnlineLearner:
         self.cfg = config or LearnerConfig()
         self.model = SharedModel(self.cfg, text_dim, capacity)
         self.trainer = Trainer(self.model)
-        self.personal = personal_step(self.cfg)
+        self.personal = PersonalStep.from_config(self.cfg)
         self._offset = 0  # source positions of this process's examples (no Kafka here)
 
     def upsert_items(self, item_ids: Sequence[str], text_vectors: np.ndarray,
@@ -142,11 +65,12 @@ class OnlineLearner:
 
     def train(self, pend: Pending) -> BatchResult:
         """The per-user step (with the model as it is), then the trainer's steps."""
-        states = [pend.states[u] for u in pend.users]
+        states = list(pend.user_states.values())
         self.personal.step(self.model, pend.hists, pend.targets, pend.weights, pend.owners,
                            states, pend.scenarios)
         loss = self.trainer.train(pend.examples).loss
-        return BatchResult(loss, len(pend.targets), list(pend.users), alphas(self.cfg, pend))
+        return BatchResult(loss, len(pend.targets), list(pend.users),
+                           self.personal.step_sizes(pend.user_states))
 
     def learn_batch(self, events: Sequence[Interaction],
                     states: Mapping[str, UserState]) -> BatchResult:

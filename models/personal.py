@@ -17,11 +17,12 @@ larger batch), so an overloaded worker catches up instead of falling further beh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
+from models.config import LearnerConfig
 from models.lr_rules import Rule, RuleState
 from models.model import SharedModel
 from models.sequences import History, Seqs
@@ -32,6 +33,15 @@ class PersonalStep:
     def __init__(self, rule: Rule, budget: int, seed: int = 0):
         self.rule, self.budget = rule, budget
         self.rng = np.random.default_rng(seed)
+
+    @classmethod
+    def from_config(cls, cfg: LearnerConfig) -> PersonalStep:
+        """The per-user step the settings configure."""
+        return cls(cfg.lr_rule, cfg.max_pairs_per_step * cfg.max_steps_per_batch, cfg.seed)
+
+    def step_sizes(self, states: Mapping[str, UserState]) -> dict[str, float]:
+        """Each user's current α (after this batch's step, when read after `step`)."""
+        return {u: st.rule.step_size(self.rule.alpha0) for u, st in states.items()}
 
     def step(self, model: SharedModel, hists: Sequence[History], targets: Sequence[int],
              weights: Sequence[float], owners: Sequence[int], states: Sequence[UserState],

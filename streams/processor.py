@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 
 from models.config import EVENT_TYPE_IDS
 from models.encoder import QueryVectors, TextEncoder
-from models.examples import TrainingExample
-from models.learner import Interaction, Pending, alphas, observe
+from models.examples import Interaction, Pending, TrainingExample, observe
 from models.personal import PersonalStep
 from models.serving import Server
 from models.user_state import UserState
@@ -138,9 +137,8 @@ class EventProcessor:
         with m.STAGE_SECONDS.labels(stage="learn").time():
             out.loss = self.personal.step(self.server.model, pend.hists, pend.targets,
                                           pend.weights, pend.owners,
-                                          [pend.states[u] for u in pend.users],
-                                          pend.scenarios)
-        for alpha in alphas(self.server.model.cfg, pend).values():
+                                          list(pend.user_states.values()), pend.scenarios)
+        for alpha in self.personal.step_sizes(pend.user_states).values():
             m.LEARNING_RATE.observe(alpha)
         if out.loss == out.loss:  # not NaN
             self._loss_ema = out.loss if self._loss_ema is None else \

@@ -27,8 +27,8 @@ import numpy as np
 from index.faiss_index import FaissIndex
 from models.compute_threads import cap_this_thread
 from models.encoder import TextEncoder
-from models.learner import personal_step
 from models.model import SharedModel
+from models.personal import PersonalStep
 from models.serving import Server
 from models.snapshot import SnapshotMeta, apply_base, apply_delta
 from models.user_state import UserState
@@ -159,7 +159,8 @@ class Runtime:
         self.encoder = encoder or s.text_encoder()
         self.server = Server(SharedModel(s.learner, text_dim=self.encoder.dim), s.index,
                              exclude_seen=s.exclude_seen)
-        self.processor = EventProcessor(s, self.server, personal_step(s.learner), self.encoder)
+        self.processor = EventProcessor(s, self.server, PersonalStep.from_config(s.learner),
+                                        self.encoder)
         self.catalog = CatalogEncoder(self.encoder.encode, s.max_item_bytes)
         self.follower = SnapshotFollower(self.server, s.app_id)
         self.model_steps = OffLoop()  # every read and change of the served model

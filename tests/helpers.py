@@ -12,7 +12,8 @@ import numpy as np
 import orjson
 from kafka import KafkaConsumer, TopicPartition
 
-from models.learner import Interaction, OnlineLearner
+from models.examples import Interaction
+from models.learner import OnlineLearner
 from models.user_state import UserState
 from streams.clients import kafka_consumer
 from streams.dead_letters import read_headers

@@ -14,8 +14,7 @@ import pytest
 from faust.types import TP
 from helpers import make_settings, read_all
 
-from models.examples import TrainingExample
-from models.learner import Pending
+from models.examples import Pending, TrainingExample
 from models.user_state import UserState
 from streams.app import faust_config
 from streams.batch import EventBatches, record_of

@@ -16,7 +16,8 @@ from safetensors.torch import save as st_save
 
 from evaluation.synthetic import SyntheticStream, make_world, topic_hit_rate
 from models.config import EVENT_TYPE_IDS, LearnerConfig
-from models.learner import Interaction, OnlineLearner, Pending, event_weight
+from models.examples import Interaction, Pending, event_weight
+from models.learner import OnlineLearner
 from models.sequences import Seqs
 from models.trainer import checkpoint, restore
 from models.two_tower import UserTower

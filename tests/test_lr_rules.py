@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from models.config import LearnerConfig
-from models.learner import Interaction, OnlineLearner
+from models.examples import Interaction
+from models.learner import OnlineLearner
 from models.lr_rules import (
     AdaGradNorm,
     Fixed,

@@ -14,7 +14,8 @@ from test_trainer import T0, TEXT_DIM, catalog, cfg
 from index.faiss_index import FaissIndex, IndexConfig
 from models.candidates import CovisitCandidates
 from models.distributed import ThreadGroup
-from models.learner import Interaction, OnlineLearner
+from models.examples import Interaction
+from models.learner import OnlineLearner
 from models.model import SharedModel
 from models.serving import Server, rank_candidates
 from models.snapshot import apply_base, apply_delta, encode_base, encode_delta

@@ -13,7 +13,8 @@ from hypothesis import strategies as gen
 
 from index.faiss_index import FaissIndex, IndexConfig
 from models.config import LearnerConfig
-from models.learner import Interaction, OnlineLearner
+from models.examples import Interaction
+from models.learner import OnlineLearner
 from models.seen import item_keys
 from models.serving import Scored, Server, best_first_per_user, candidate_pairs
 from models.user_state import UserState

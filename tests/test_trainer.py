@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from models.config import LearnerConfig
-from models.examples import TrainingExample
-from models.learner import Interaction, observe
+from models.examples import Interaction, TrainingExample, observe
 from models.model import SharedModel
 from models.snapshot import apply_base, apply_delta, encode_base, encode_delta
 from models.trainer import Trainer, checkpoint, restore
