@@ -45,6 +45,9 @@ class Increment(NamedTuple):
 
 
 class CoVisitation:
+    """The counts c, f and n of the module doc: `learn` adds a batch's pairs, `features`
+    and `neighbours` read them (the ranker's features, the `covisit` candidates)."""
+
     def __init__(self, window: int = 50, pair_decay: float = 0.9,
                  recencies: Sequence[float] = (0.5, 0.8, 0.95), profile: int = 50):
         self.window, self.pair_decay, self.profile = window, pair_decay, profile

@@ -38,6 +38,19 @@ from models.user_state import UserState
 
 
 class SharedModel:
+    """The towers, the ranker and the counts of the module doc, over one catalog. Fresh, it
+    already ranks "more like what you just touched" first (the item tower starts from the
+    text vectors; the transformer's output layer starts at zero):
+
+    >>> model = SharedModel(LearnerConfig(device="cpu"), text_dim=4)
+    >>> model.upsert_items(["a", "b", "c"], np.eye(3, 4, dtype=np.float32))
+    >>> st = UserState(); st.append("a", etype=1, ts=1_000, text_vec=None, max_len=50)
+    >>> hist = model.history(st)                      # the user's events as catalog rows
+    >>> s = model.scores([hist], [None], np.array(model.catalog.rows_of(["a", "b", "c"])))
+    >>> s.shape, ["abc"[j] for j in np.argsort(-s[0])]   # s_ui for the one user
+    ((1, 3), ['a', 'b', 'c'])
+    """
+
     def __init__(self, config: LearnerConfig | None = None, text_dim: int = 384,
                  capacity: int = 1024):
         self.cfg = c = config or LearnerConfig()

@@ -30,6 +30,20 @@ from models.user_state import UserState
 
 
 class PersonalStep:
+    """One rule step per user of a batch (the module doc's equation), on the served model:
+
+    >>> model = SharedModel(LearnerConfig(device="cpu"), text_dim=4)
+    >>> model.upsert_items(["a", "b"], np.eye(2, 4, dtype=np.float32))
+    >>> st = UserState(); st.append("a", etype=1, ts=1_000, text_vec=None, max_len=50)
+    >>> step = PersonalStep.from_config(model.cfg)          # rmsprop, α0 = 0.05
+    >>> step.step_sizes({"u1": st})
+    {'u1': 0.05}
+    >>> loss = step.step(model, [model.history(st)], model.catalog.rows_of(["b"]), [1.0],
+    ...                  owners=[0], states=[st])           # the pair "after a, b"
+    >>> st.residual.shape, step.step_sizes({"u1": st})["u1"] != 0.05   # p_u (64) + θ_u (4)
+    ((68,), True)
+    """
+
     def __init__(self, rule: Rule, budget: int, seed: int = 0):
         self.rule, self.budget = rule, budget
         self.rng = np.random.default_rng(seed)

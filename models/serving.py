@@ -189,7 +189,18 @@ def _excluded(owner: np.ndarray, keys: np.ndarray, excluded: Sequence[Exclusion]
 
 class Server:
     """Owns the versioned index for one model (which a snapshot swaps). Items are named
-    by their catalog's keys (models/items.py), the index's labels."""
+    by their catalog's keys (models/items.py), the index's labels.
+
+    >>> from models.config import LearnerConfig
+    >>> model = SharedModel(LearnerConfig(device="cpu"), text_dim=4)
+    >>> model.upsert_items(["a", "b", "c"], np.eye(3, 4, dtype=np.float32))
+    >>> server = Server(model); server.refresh()             # index version 1
+    1
+    >>> st = UserState(); st.append("a", etype=1, ts=1_000, text_vec=None, max_len=50)
+    >>> lists, version = server.recommend([st], k=2)
+    >>> [(r.item_id, r.reason_item_id) for r in lists[0]]    # "a" is seen: not recommended
+    [('b', 'a'), ('c', 'a')]
+    """
 
     def __init__(self, model: SharedModel, config: IndexConfig | None = None,
                  exclude_seen: ExcludeSeen = "all"):

@@ -93,6 +93,26 @@ class _Pending:
 
 
 class Trainer:
+    """Steps the shared model on training examples, each exactly once (the module doc):
+
+    >>> from models.config import LearnerConfig
+    >>> from models.user_state import UserState
+    >>> model = SharedModel(LearnerConfig(device="cpu"), text_dim=4)
+    >>> trainer = Trainer(model)
+    >>> trainer.upsert_items(["a", "b", "c"], np.eye(3, 4, dtype=np.float32))
+    >>> st = UserState(); st.append("a", etype=1, ts=1_000, text_vec=None, max_len=50)
+    >>> b = np.array(model.catalog.rows_of(["b"]))
+    >>> before = model.scores([model.history(st)], [None], b)
+    >>> examples = [TrainingExample.cut(st, "u1", "b", "view", 1.0, 2_000, "default",
+    ...                                 partition=0, offset=k) for k in (7, 8)]
+    >>> trainer.train(examples).trained, trainer.progress   # "after a, b", twice
+    (2, {0: 8})
+    >>> trainer.train(examples).duplicates                  # published again: not retrained
+    2
+    >>> bool(model.scores([model.history(st)], [None], b) > before)   # b rose after a
+    True
+    """
+
     def __init__(self, model: SharedModel, sync: Sync | None = None):
         self.model = model
         self.cfg = model.cfg
