@@ -487,15 +487,19 @@ class _DenseRows:
 class _GrowingRows:
     """A non-negative ``n x n`` sparse matrix whose entries only grow, with row sums and maxima.
 
-    CSR (memory grows with the pairs seen, not n²: 10k+ items are fine); a batch's additions
-    are merged in one sparse sum (duplicates summed), as in models/covisit.py. Entries only
-    increase, so a row's maximum is ``max(old max, the new values of its updated entries)``
-    and its sum ``old sum + added``: both kept incrementally, never by a scan of the matrix.
+    CSR (memory grows with the pairs seen, not n²: 10k+ items are fine), in two parts. A
+    sum of CSR matrices copies both, so adding each batch to the whole matrix cost O(N) per
+    batch for N entries (quadratic over a stream). Here a batch's d entries go into a small
+    recent part of R entries, which is merged into the main part once R² > N·d: a batch
+    then costs O(R) plus, amortised, O(N·d / R), both O(sqrt(N·d)). Entries only increase,
+    so a row's maximum is ``max(old max, the new values of its updated entries)`` and its
+    sum ``old sum + added``: both kept incrementally, never by a scan of the matrix.
     """
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self.matrix = sp.csr_array((n, n), dtype=np.float64)
+        self._main = sp.csr_array((n, n), dtype=np.float64)
+        self._recent = sp.csr_array((n, n), dtype=np.float64)
         self.row_sum = np.zeros(n)
         self.row_max = np.zeros(n)
 
@@ -504,23 +508,32 @@ class _GrowingRows:
             return
         delta = sp.coo_array((values, (rows, cols)), shape=(self.n, self.n)).tocsr()
         delta.sum_duplicates()
-        self.matrix = (self.matrix + delta).tocsr()
+        self._recent = (self._recent + delta).tocsr()
         np.add.at(self.row_sum, rows, values)
         r, c = delta.nonzero()
-        np.maximum.at(self.row_max, r, np.asarray(self.matrix[r, c]).ravel())
+        now = np.asarray(self._main[r, c]).ravel() + np.asarray(self._recent[r, c]).ravel()
+        np.maximum.at(self.row_max, r, now)
+        if self._recent.nnz ** 2 > self._main.nnz * delta.nnz:
+            self._main = (self._main + self._recent).tocsr()
+            self._recent = sp.csr_array((self.n, self.n), dtype=np.float64)
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
         """Dense copies of the given rows (an empty batch gives shape (0, n))."""
         if not rows.size:
             return np.zeros((0, self.n))
-        return self.matrix[rows].toarray()
+        return self._main[rows].toarray() + self._recent[rows].toarray()
 
     def product(self, w: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """``w @ M[rows]``: dense, shape (len(w), n), without densifying ``M[rows]``."""
-        return np.asarray((self.matrix[rows].T @ w.T).T)
+        return np.asarray((self._main[rows].T @ w.T).T) + np.asarray(
+            (self._recent[rows].T @ w.T).T)
+
+    def left_product(self, weights: sp.csr_array) -> np.ndarray:
+        """``weights @ M`` for sparse (m, n) weights: dense, shape (m, n)."""
+        return (weights @ self._main).toarray() + (weights @ self._recent).toarray()
 
     def toarray(self) -> np.ndarray:
-        return self.matrix.toarray()
+        return self._main.toarray() + self._recent.toarray()
 
 
 class _Sequences:
@@ -596,7 +609,7 @@ class SRDecay(_ProfileBeforeEvent):
         if profiles and sum(c.size for c in cols):
             weights = sp.csr_array((np.concatenate(vals), (np.concatenate(rows),
                                     np.concatenate(cols))), shape=(len(profiles), self.n_items))
-            out += (weights @ self.rules.matrix).toarray()
+            out += self.rules.left_product(weights)
         return out
 
     def _pop_row(self, n_rows: int) -> np.ndarray:

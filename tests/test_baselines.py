@@ -240,12 +240,12 @@ def test_sr_decay_rule_weights_are_one_over_distance() -> None:
         model = SRDecay(5, window=2)
         for batch in batches:
             model.learn(batch)
-        np.testing.assert_allclose(model.rules.matrix.toarray(), expected, rtol=1e-12)
+        np.testing.assert_allclose(model.rules.toarray(), expected, rtol=1e-12)
         np.testing.assert_allclose(model.rules.row_max, expected.max(axis=1), rtol=1e-12)
         np.testing.assert_allclose(model.rules.row_sum, expected.sum(axis=1), rtol=1e-12)
     wider = SRDecay(5, window=3)
     wider.learn(SR_EVENTS[:4])
-    assert wider.rules.matrix[0, 3] == pytest.approx(1 / 3)  # 3 back: inside W = 3
+    assert wider.rules.toarray()[0, 3] == pytest.approx(1 / 3)  # 3 back: inside W = 3
 
 
 def test_sr_decay_score_is_decayed_max_normalised_rules() -> None:
@@ -372,3 +372,29 @@ def test_neighbourhood_peers_run_at_a_catalog_whose_dense_counts_would_not_fit()
     model.learn([("u", 5, 0), ("u", 199_999, 1), ("v", 5, 2)])
     row = model.score(["v"])[0]
     assert row.shape == (200_000,) and row.argmax() == 199_999
+
+
+def test_growing_rows_in_two_parts_read_as_one_matrix() -> None:
+    """The sparse counts keep a small recent part beside the main one (a batch no longer
+    copies the whole matrix): every read sees their sum, and both parts are used."""
+    rng = np.random.default_rng(3)
+    n = 40
+    sparse, dense = baselines._GrowingRows(n), np.zeros((n, n))
+    unmerged = 0
+    for _ in range(60):
+        k = int(rng.integers(1, 30))
+        rows, cols = rng.integers(n, size=k), rng.integers(n, size=k)
+        values = rng.random(k)
+        sparse.add(rows, cols, values)
+        np.add.at(dense, (rows, cols), values)
+        unmerged += sparse._recent.nnz > 0
+    some = np.array([3, 0, 3, 17])
+    w = rng.random((2, len(some)))
+    weights = baselines.sp.csr_array(rng.random((2, n)) * (rng.random((2, n)) < 0.3))
+    np.testing.assert_allclose(sparse.toarray(), dense, rtol=1e-12)
+    np.testing.assert_allclose(sparse.row_sum, dense.sum(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(sparse.row_max, dense.max(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(sparse.rows(some), dense[some], rtol=1e-12)
+    np.testing.assert_allclose(sparse.product(w, some), w @ dense[some], rtol=1e-12)
+    np.testing.assert_allclose(sparse.left_product(weights), weights @ dense, rtol=1e-12)
+    assert 0 < unmerged < 60 and sparse._main.nnz > 0
