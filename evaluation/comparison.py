@@ -131,10 +131,12 @@ def is_known(name: str) -> bool:
         or (name.startswith("streamrec-") and name.split("-", 1)[1] in ABLATIONS)
 
 
-def build_model(name: str, data: Dataset, base: LearnerConfig) -> Any:
-    where = data.item_scenarios
+def build_model(name: str, data: Dataset, base: LearnerConfig,
+                exclude_seen: ExcludeSeen = "all") -> Any:
+    where, rule = data.item_scenarios, exclude_seen
     if name == "streamrec":
-        return StreamrecModel(data.item_ids, data.text_vectors, base, item_scenarios=where)
+        return StreamrecModel(data.item_ids, data.text_vectors, base, item_scenarios=where,
+                              exclude_seen=rule)
     sharded = _SHARDED.match(name)
     if sharded:
         every = sharded["every"]
@@ -142,18 +144,19 @@ def build_model(name: str, data: Dataset, base: LearnerConfig) -> Any:
                               workers=int(sharded["workers"]),
                               snapshot_every=None if every is None else int(every),
                               independent=bool(sharded["independent"]),
-                              trainer_ranks=int(sharded["ranks"] or 1), item_scenarios=where)
+                              trainer_ranks=int(sharded["ranks"] or 1), item_scenarios=where,
+                              exclude_seen=rule)
     if name == "streamrec-separate":
         return PerScenario(data.item_ids, data.text_vectors, where, base, name=name)
     if name == "streamrec-shared":
         return StreamrecModel(data.item_ids, data.text_vectors,
                               base.model_copy(update={"scenario_params": False,
                                                       "scenario_history": False}), name=name,
-                              item_scenarios=where)
+                              item_scenarios=where, exclude_seen=rule)
     if name.startswith("streamrec-"):
         cfg = overridden(base, ABLATIONS[name.split("-", 1)[1]])
         return StreamrecModel(data.item_ids, data.text_vectors, cfg, name=name,
-                              item_scenarios=where)
+                              item_scenarios=where, exclude_seen=rule)
     return make_baseline(name, len(data.item_ids))
 
 
@@ -172,7 +175,7 @@ def one_core() -> None:
 def _run_one(name: str, data: Dataset, base: LearnerConfig, batch_size: int,
              progress: Any, exclude_seen: ExcludeSeen = "all") -> Result:
     one_core()
-    model = build_model(name, data, base)
+    model = build_model(name, data, base, exclude_seen)
     report = (lambda n: progress.put((name, n))) if progress is not None else None
     return prequential(model, data.events, batch_size, on_batch=report,
                        item_ids=data.item_ids, exclude_seen=exclude_seen,

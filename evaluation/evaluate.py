@@ -332,8 +332,10 @@ class StreamrecModel:
                  event_type: str = "rate", workers: int = 1,
                  snapshot_every: int | None = None, independent: bool = False,
                  trainer_ranks: int = 1,
-                 item_scenarios: Sequence[Sequence[str] | None] | None = None):
+                 item_scenarios: Sequence[Sequence[str] | None] | None = None,
+                 exclude_seen: ExcludeSeen = "all"):
         self.name = name
+        self.exclude_seen = exclude_seen  # the serving rule: what the examples carry
         self.event_type = event_type
         cfg = config or LearnerConfig()
         n = workers if independent else 1
@@ -371,7 +373,8 @@ class StreamrecModel:
                                       offset=self._offset))
         start = {} if own_history else {e[0]: self.serving.history(self.states[e[0]])
                                         for e in batch}
-        pend = observe(self.serving, inters, self.states)  # residuals untouched until learned
+        pend = observe(self.serving, inters, self.states,  # residuals untouched until learned
+                       self.exclude_seen)
         hists = [pend.before[j] if own_history else start[batch[j][0]] for j in which]
         if excluded is None:  # no rule given: the user's history before the event
             excluded = [Exclusion(recent=self.serving.catalog.keys[np.asarray(h.rows, np.int64)])
@@ -396,10 +399,11 @@ class StreamrecModel:
             mine = [p for p, o in enumerate(pend.owners) if owner_shard[o] == k]
             if mine:
                 model = self.learners[k].model if self.independent else self.serving
+                seen = pend.seen_rows(model.catalog)
                 personal.step(model, [pend.hists[p] for p in mine],
                               [pend.targets[p] for p in mine], [pend.weights[p] for p in mine],
                               [pend.owners[p] for p in mine], states,
-                              [pend.scenarios[p] for p in mine])
+                              [pend.scenarios[p] for p in mine], [seen[p] for p in mine])
         if self.independent:
             for k, learner in enumerate(self.learners):
                 learner.trainer.train([ex for ex in pend.examples

@@ -9,6 +9,11 @@ parameters as they were before this batch's per-user step, and the event's sourc
 it has already trained, which makes training exactly-once although examples are published
 at least once (a replayed batch publishes its examples again).
 
+Where serving never shows a user an item they interacted with (`exclude_seen: all`), the
+example also carries the user's seen set as it was (its item keys, while the set is exact:
+up to 1,024 items, models/seen.py), so that the loss keeps every such item out of the
+negatives, not only the ones in the history.
+
 Ids, not rows: rows are local to each process (models/items.py).
 
 >>> from models.user_state import UserState
@@ -31,14 +36,17 @@ import orjson
 
 from models.config import EVENT_TYPE_IDS, TEXT_ONLY_TYPES, LearnerConfig
 from models.items import ItemRows
+from models.seen import ExcludeSeen
 from models.sequences import History
 from models.user_state import UserState, unb64
 
 if TYPE_CHECKING:
     from models.model import SharedModel
 
-FORMAT_VERSION = 1
+#: 1: history, target, weight, scenario, residual, source. 2: + the seen keys ("k").
+FORMAT_VERSION = 2
 _F32 = np.dtype("<f4")
+_I64 = np.dtype("<i8")
 
 
 @dataclass(frozen=True)
@@ -56,14 +64,18 @@ class TrainingExample:
     residual: np.ndarray | None  # p_u then θ_u, before this batch's per-user step
     partition: int  # source partition and offset: the example's identity
     offset: int
+    seen: np.ndarray | None = None  # the user's seen item keys before the event, sorted
 
     @classmethod
     def cut(cls, st: UserState, user_id: str, target: str, event_type: str, weight: float,
-            event_ts: int, scenario: str, partition: int, offset: int) -> TrainingExample:
-        """The example of an event, from its user's state just before it is applied."""
+            event_ts: int, scenario: str, partition: int, offset: int,
+            carry_seen: bool = False) -> TrainingExample:
+        """The example of an event, from its user's state just before it is applied;
+        `carry_seen`: with the user's seen keys (unless the set is a Bloom filter)."""
         return cls(user_id, list(st.items), list(st.types), list(st.ts), list(st.texts),
                    target, event_type, weight, event_ts, scenario,
-                   None if st.residual is None else st.residual.copy(), partition, offset)
+                   None if st.residual is None else st.residual.copy(), partition, offset,
+                   st.seen.keys.copy() if carry_seen and st.seen.exact else None)
 
     @property
     def source(self) -> tuple[int, int]:
@@ -74,24 +86,38 @@ class TrainingExample:
         return History(catalog.rows_of(self.items), self.types, self.ts,
                        [(k, unb64(t)) for k, t in enumerate(self.texts) if t is not None])
 
+    def seen_rows(self, catalog: ItemRows) -> np.ndarray:
+        """Rows of `catalog` of the carried seen items it knows (none if not carried)."""
+        if self.seen is None:
+            return np.zeros(0, np.int64)
+        rows = catalog.rows_of_keys(self.seen)
+        return rows[rows > 0]
+
     def to_bytes(self) -> bytes:
-        res = None if self.residual is None else base64.b64encode(
-            np.ascontiguousarray(self.residual, _F32).tobytes()).decode("ascii")
         return orjson.dumps({
             "v": FORMAT_VERSION, "u": self.user_id, "i": self.items, "t": self.types,
             "ts": self.ts, "x": self.texts, "y": self.target, "e": self.event_type,
-            "w": self.weight, "at": self.event_ts, "s": self.scenario, "r": res,
-            "p": self.partition, "o": self.offset})
+            "w": self.weight, "at": self.event_ts, "s": self.scenario,
+            "r": _b64(self.residual, _F32), "p": self.partition, "o": self.offset,
+            "k": _b64(self.seen, _I64)})
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> TrainingExample:
         d = orjson.loads(raw)
-        if d.get("v") != FORMAT_VERSION:
+        if d.get("v") not in (1, FORMAT_VERSION):
             raise ValueError(f"training example format {d.get('v')!r}, expected "
                              f"{FORMAT_VERSION}")
-        res = None if d["r"] is None else np.frombuffer(base64.b64decode(d["r"]), _F32).copy()
         return cls(d["u"], d["i"], d["t"], d["ts"], d["x"], d["y"], d["e"], d["w"], d["at"],
-                   d["s"], res, d["p"], d["o"])
+                   d["s"], _unb64(d["r"], _F32), d["p"], d["o"], _unb64(d.get("k"), _I64))
+
+
+def _b64(arr: np.ndarray | None, dtype: np.dtype) -> str | None:
+    return None if arr is None else base64.b64encode(
+        np.ascontiguousarray(arr, dtype).tobytes()).decode("ascii")
+
+
+def _unb64(text: str | None, dtype: np.dtype) -> np.ndarray | None:
+    return None if text is None else np.frombuffer(base64.b64decode(text), dtype).copy()
 
 
 @dataclass(frozen=True)
@@ -124,6 +150,10 @@ class Pending:
     scenarios: list[str] = field(default_factory=list)  # per pair
     examples: list[TrainingExample] = field(default_factory=list)  # per pair
 
+    def seen_rows(self, catalog: ItemRows) -> list[np.ndarray]:
+        """Per pair, the rows its user had seen (as its example carries them)."""
+        return [ex.seen_rows(catalog) for ex in self.examples]
+
     @property
     def user_states(self) -> dict[str, UserState]:
         """The batch's users' states, in first-seen order (an owner index's position)."""
@@ -138,10 +168,13 @@ def event_weight(cfg: LearnerConfig, event_type: str) -> float:
 
 
 def observe(model: SharedModel, events: Sequence[Interaction],
-            states: Mapping[str, UserState]) -> Pending:
+            states: Mapping[str, UserState], exclude_seen: ExcludeSeen = "all") -> Pending:
     """Cut each event's (history -> item) pair and example, then append the event to its
-    user's history. `states` must hold a UserState for every user of the batch."""
+    user's history. `states` must hold a UserState for every user of the batch. Where
+    serving excludes every seen item (`exclude_seen`) and the loss leaves such items out
+    (`exclude_history_negatives`), the examples carry the users' seen sets."""
     pend, cfg = Pending(states), model.cfg
+    carry_seen = exclude_seen == "all" and cfg.exclude_history_negatives
     for ev in events:
         st = states[ev.user_id]
         owner = pend.users.setdefault(ev.user_id, len(pend.users))
@@ -159,7 +192,7 @@ def observe(model: SharedModel, events: Sequence[Interaction],
             pend.scenarios.append(ev.scenario)
             pend.examples.append(TrainingExample.cut(
                 st, ev.user_id, ev.item_id, ev.event_type, weight, ev.ts, ev.scenario,
-                ev.partition, ev.offset))
+                ev.partition, ev.offset, carry_seen))
         st.append(ev.item_id, EVENT_TYPE_IDS[ev.event_type], ev.ts, ev.text_vec,
                   cfg.history_len)
     return pend

@@ -24,6 +24,7 @@ from models.config import LearnerConfig
 from models.examples import Interaction, Pending, observe
 from models.model import SharedModel
 from models.personal import PersonalStep
+from models.seen import ExcludeSeen
 from models.trainer import Trainer
 from models.user_state import UserState
 
@@ -40,8 +41,9 @@ class OnlineLearner:
     """A serving step and the trainer over one shared model, in one process."""
 
     def __init__(self, config: LearnerConfig | None = None, text_dim: int = 384,
-                 capacity: int = 1024):
+                 capacity: int = 1024, exclude_seen: ExcludeSeen = "all"):
         self.cfg = config or LearnerConfig()
+        self.exclude_seen = exclude_seen  # the serving rule the examples follow
         self.model = SharedModel(self.cfg, text_dim, capacity)
         self.trainer = Trainer(self.model)
         self.personal = PersonalStep.from_config(self.cfg)
@@ -61,13 +63,13 @@ class OnlineLearner:
         for ev in events:  # each example its own source position, as Kafka would give
             self._offset += 1
             numbered.append(ev if ev.offset >= 0 else _at(ev, self._offset))
-        return observe(self.model, numbered, states)
+        return observe(self.model, numbered, states, self.exclude_seen)
 
     def train(self, pend: Pending) -> BatchResult:
         """The per-user step (with the model as it is), then the trainer's steps."""
         states = list(pend.user_states.values())
         self.personal.step(self.model, pend.hists, pend.targets, pend.weights, pend.owners,
-                           states, pend.scenarios)
+                           states, pend.scenarios, pend.seen_rows(self.model.catalog))
         loss = self.trainer.train(pend.examples).loss
         return BatchResult(loss, len(pend.targets), list(pend.users),
                            self.personal.step_sizes(pend.user_states))

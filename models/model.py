@@ -248,8 +248,9 @@ class SharedModel:
         """Per-pair loss of each (history -> target) pair, given each pair's per-user
         parameters `resid` (P, n_user: p_u then θ_u; zeros for replayed pairs). The softmax
         of a pair runs over the items allowed in its scenario ("": no filter) and, with
-        `exclude_history_negatives`, not in its history, as serving ranks them: an item that
-        can never be shown to that user there is no negative.
+        `exclude_history_negatives`, not in its history nor in the seen set its example
+        carried (`Seqs.interacted`), as serving ranks them: an item that can never be shown
+        to that user there is no negative.
 
         The two-tower loss, plus with co-visitation the loss of the ranker that blends the
         (detached) two-tower score with the co-visitation features: the towers learn on
@@ -270,7 +271,8 @@ class SharedModel:
         else:  # column 0 is each pair's own target, then the shared negatives
             cols, (logq, pos, logits) = negatives, self._sampled_logits(u, targets, negatives,
                                                                         V, need)
-        shut = self._closed(allowed, seqs.rows, cols, pos, targets, negatives is not None)
+        shut = self._closed(allowed, seqs.interacted(), cols, pos, targets,
+                            negatives is not None)
         shown = logits if shut is None else logits.masked_fill(shut, float("-inf"))
         losses = self._nll(log_probs(shown, pos, logq, targets, negatives), weights)
         f = np.flatnonzero(fresh)
@@ -312,8 +314,9 @@ class SharedModel:
                 ) -> torch.Tensor | None:
         """(P, columns) mask of the columns a pair's user is never shown, so no negatives:
         items the pair's scenario does not allow (`allowed`: the pairs' `allowed_table`)
-        and, with `exclude_history_negatives`, items in the pair's history. Each pair's own
-        target column stays open; None when nothing is closed.
+        and, with `exclude_history_negatives`, items the pair's user interacted with before
+        (`hist_rows`: its history and carried seen set). Each pair's own target column stays
+        open; None when nothing is closed.
 
         >>> m = SharedModel(LearnerConfig(covisit=False, device="cpu"), capacity=8)
         >>> hist = np.array([[0, 2, 5], [3, 3, 4]])   # rows; 0 = padding

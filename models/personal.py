@@ -25,7 +25,7 @@ import torch
 from models.config import LearnerConfig
 from models.lr_rules import Rule, RuleState
 from models.model import SharedModel
-from models.sequences import History, Seqs
+from models.sequences import History, Seqs, padded_rows
 from models.user_state import UserState
 
 
@@ -59,9 +59,11 @@ class PersonalStep:
 
     def step(self, model: SharedModel, hists: Sequence[History], targets: Sequence[int],
              weights: Sequence[float], owners: Sequence[int], states: Sequence[UserState],
-             scenarios: Sequence[str] | None = None) -> float:
+             scenarios: Sequence[str] | None = None,
+             seen: Sequence[np.ndarray] | None = None) -> float:
         """One rule step for every user (`states[owner]`) with pairs here (`scenarios`: each
-        pair's scenario); returns the weighted mean pair loss (nan: no pair)."""
+        pair's scenario; `seen`: the rows each pair's user had seen, left out of its
+        negatives); returns the weighted mean pair loss (nan: no pair)."""
         t, w, o = (np.asarray(x) for x in (targets, weights, owners))
         keep = np.flatnonzero(model.catalog.live[t] & (w != 0)) if len(t) else np.zeros(0, int)
         if len(keep) > self.budget:
@@ -73,7 +75,10 @@ class PersonalStep:
         own = torch.as_tensor(o, device=model.device)
         where = None if scenarios is None else [scenarios[i] for i in keep]
         scen = torch.as_tensor(model.scenario_params(where, len(keep)), device=model.device)
-        losses = model.pair_losses(Seqs.pad([hists[i] for i in keep]), t, w, resid[own] + scen,
+        seqs = Seqs.pad([hists[i] for i in keep])
+        if seen is not None:
+            seqs.seen = padded_rows([seen[i] for i in keep])
+        losses = model.pair_losses(seqs, t, w, resid[own] + scen,
                                    np.ones(len(t), bool),
                                    model.sample_negatives(self.rng, t, where), where)
         aw = torch.as_tensor(np.abs(w), dtype=torch.float32, device=model.device)

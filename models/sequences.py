@@ -48,6 +48,7 @@ class Seqs:
     types: np.ndarray  # (P, L) int64
     gaps: np.ndarray  # (P, L) int64 gap buckets
     texts: list[tuple[int, int, np.ndarray]]  # (pair, position, text vector)
+    seen: np.ndarray | None = None  # (P, S) rows of the seen set the example carried, 0 = pad
 
     @classmethod
     def pad(cls, hists: Sequence[History]) -> Seqs:
@@ -78,12 +79,14 @@ class Seqs:
         if off == 0:
             return self
         texts = [(p, pos - off, v) for p, pos, v in self.texts if pos >= off]
-        return Seqs(self.rows[:, off:], self.types[:, off:], self.gaps[:, off:], texts)
+        return Seqs(self.rows[:, off:], self.types[:, off:], self.gaps[:, off:], texts,
+                    self.seen)
 
     def take(self, idx: np.ndarray) -> Seqs:
         pos = {int(p): k for k, p in enumerate(idx)}
         texts = [(pos[p], at, v) for p, at, v in self.texts if p in pos]
-        return Seqs(self.rows[idx], self.types[idx], self.gaps[idx], texts)
+        return Seqs(self.rows[idx], self.types[idx], self.gaps[idx], texts,
+                    None if self.seen is None else self.seen[idx])
 
     def concat(self, other: Seqs) -> Seqs:
         """Stack two padded batches, re-padding the shorter one on the left."""
@@ -95,6 +98,31 @@ class Seqs:
         shift = L - self.rows.shape[1]
         texts = [(p, at + shift, v) for p, at, v in self.texts] + [
             (p + len(self), at + L - other.rows.shape[1], v) for p, at, v in other.texts]
+        seen = None if self.seen is None and other.seen is None else \
+            padded_rows([*self.seen_rows(), *other.seen_rows()])
         return Seqs(np.concatenate([lpad(self.rows), lpad(other.rows)]),
                     np.concatenate([lpad(self.types), lpad(other.types)]),
-                    np.concatenate([lpad(self.gaps), lpad(other.gaps)]), texts)
+                    np.concatenate([lpad(self.gaps), lpad(other.gaps)]), texts, seen)
+
+    def seen_rows(self) -> list[np.ndarray]:
+        """Each pair's seen rows beyond its history (none where not carried)."""
+        if self.seen is None:
+            return [np.zeros(0, np.int64)] * len(self)
+        return [row[row > 0] for row in self.seen]
+
+    def interacted(self) -> np.ndarray:
+        """(P, L + S) the rows each pair's user interacted with before it: its history and,
+        where the example carried it, its seen set (0 = padding)."""
+        return self.rows if self.seen is None else np.concatenate([self.rows, self.seen], 1)
+
+
+def padded_rows(lists: Sequence[np.ndarray]) -> np.ndarray:
+    """Right-padded (len(lists), longest) int64 matrix of row lists, 0 = padding.
+
+    >>> padded_rows([np.array([3, 1]), np.array([], np.int64)]).tolist()
+    [[3, 1], [0, 0]]
+    """
+    out = np.zeros((len(lists), max(map(len, lists), default=0)), np.int64)
+    for p, rows in enumerate(lists):
+        out[p, : len(rows)] = rows
+    return out

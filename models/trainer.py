@@ -38,7 +38,7 @@ from models.examples import TrainingExample
 from models.lr_rules import RuleRecord, RuleState
 from models.model import SharedModel
 from models.row_adam import RowAdam
-from models.sequences import Seqs
+from models.sequences import Seqs, padded_rows
 from models.snapshot import load_covis, load_tensors, read_header
 from models.snapshot import structural as snapshot_structural
 
@@ -228,6 +228,8 @@ class Trainer:
         if cap > m.items.capacity:
             self._keep_optimizers(lambda: m.reserve(cap))
         seqs = Seqs.pad([ex.history(m.catalog) for ex in examples]) if examples else None
+        if seqs is not None and any(ex.seen is not None for ex in examples):
+            seqs.seen = padded_rows([ex.seen_rows(m.catalog) for ex in examples])
         targets = np.array([m.catalog.live_row(ex.target) for ex in examples], np.int64)
         weights = np.array([ex.weight for ex in examples], np.float64)
         resid = torch.as_tensor(m.own_params([ex.residual for ex in examples], 0),
@@ -362,7 +364,8 @@ class Replay:
     """Ring buffer of recent (history -> target) pairs, replayed to curb forgetting.
 
     Text vectors of search events are not kept (they would dominate its memory): replayed
-    search positions keep their event type but no text.
+    search positions keep their event type but no text. The rows of the seen set a pair's
+    example carried are kept (one array per pair, as long as the set).
     """
 
     def __init__(self, capacity: int, history_len: int):
@@ -373,6 +376,7 @@ class Replay:
         self.target = np.zeros(capacity, dtype=np.int64)
         self.weight = np.zeros(capacity, dtype=np.float64)
         self.scenario = np.zeros(capacity, dtype=np.int64)  # scenario row
+        self.seen: list[np.ndarray] = [np.zeros(0, np.int64)] * capacity
         self.n = 0
         self.pos = 0
 
@@ -381,8 +385,10 @@ class Replay:
         if self.cap == 0:
             return
         L = s.rows.shape[1]
+        seen = s.seen_rows()
         for p in range(len(targets)):
             i = self.pos
+            self.seen[i] = seen[p]
             for arr, src in ((self.rows, s.rows), (self.types, s.types), (self.gaps, s.gaps)):
                 arr[i] = 0
                 arr[i, self.H - L:] = src[p]
@@ -395,7 +401,9 @@ class Replay:
         if k == 0 or self.n == 0:
             return None
         idx = rng.choice(self.n, size=min(k, self.n), replace=False)
-        seqs = Seqs(self.rows[idx], self.types[idx], self.gaps[idx], [])
+        seen = [self.seen[i] for i in idx]
+        seqs = Seqs(self.rows[idx], self.types[idx], self.gaps[idx], [],
+                    padded_rows(seen) if any(len(s) for s in seen) else None)
         return seqs, self.target[idx], self.weight[idx], self.scenario[idx]
 
 

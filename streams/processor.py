@@ -124,7 +124,7 @@ class EventProcessor:
                 m.EVENTS.labels(event_type=event_type, outcome=outcome).inc(n)
         if todo:
             batch_states = {u: upd.state for u, upd in out.users.items()}
-            out.pending = observe(self.server.model, inters, batch_states)
+            out.pending = observe(self.server.model, inters, batch_states, self.s.exclude_seen)
             self._mark(todo, out)
             self._recommend(todo, inters, out)
         return out
@@ -135,9 +135,10 @@ class EventProcessor:
         if pend is None:
             return
         with m.STAGE_SECONDS.labels(stage="learn").time():
-            out.loss = self.personal.step(self.server.model, pend.hists, pend.targets,
-                                          pend.weights, pend.owners,
-                                          list(pend.user_states.values()), pend.scenarios)
+            model = self.server.model
+            out.loss = self.personal.step(model, pend.hists, pend.targets, pend.weights,
+                                          pend.owners, list(pend.user_states.values()),
+                                          pend.scenarios, pend.seen_rows(model.catalog))
         for alpha in self.personal.step_sizes(pend.user_states).values():
             m.LEARNING_RATE.observe(alpha)
         if out.loss == out.loss:  # not NaN

@@ -68,11 +68,18 @@ def test_item_vector_of_an_unknown_format_is_refused():
         decode_item_vector(orjson.dumps({"format": 2, "item_id": "x", "v": ""}))
 
 
-def test_training_example_v1():
-    ex = TrainingExample.from_bytes(raw("training_example_v1.json"))
+@pytest.mark.parametrize("version", [1, 2])
+def test_training_examples(version):
+    """v1 carried no seen set (read as none: the loss leaves out the history alone); v2
+    carries the user's seen keys, here its three earlier items."""
+    ex = TrainingExample.from_bytes(raw(f"training_example_v{version}.json"))
     assert ex.user_id == "u1" and ex.source == (0, 3) and ex.target == "item-3"
     assert ex.items == ["item-0", "item-1", "item-2"] and ex.weight == 1.0
-    assert ex.to_bytes() == raw("training_example_v1.json")
+    if version == 1:
+        assert ex.seen is None
+    else:
+        assert sorted(ex.seen.tolist()) == sorted(item_keys(ex.items).tolist())
+        assert ex.to_bytes() == raw("training_example_v2.json")
 
 
 def test_snapshot_base_then_delta_v1():

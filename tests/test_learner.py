@@ -16,9 +16,10 @@ from safetensors.torch import save as st_save
 
 from evaluation.synthetic import SyntheticStream, make_world, topic_hit_rate
 from models.config import EVENT_TYPE_IDS, LearnerConfig
-from models.examples import Interaction, Pending, event_weight
+from models.examples import Interaction, Pending, event_weight, observe
 from models.learner import OnlineLearner
-from models.sequences import Seqs
+from models.seen import EXACT_MAX
+from models.sequences import Seqs, padded_rows
 from models.trainer import checkpoint, restore
 from models.two_tower import UserTower
 from models.user_state import UserState
@@ -37,11 +38,12 @@ def topic_catalog(n_items: int = 200, n_topics: int = 8, seed: int = 0, noise: f
     return [f"item-{i:06d}" for i in range(n_items)], vecs.astype(np.float32), topic
 
 
-def make_learner(capacity: int = 256, **kw) -> OnlineLearner:
+def make_learner(capacity: int = 256, exclude_seen: str = "all", **kw) -> OnlineLearner:
     """The towers alone (no co-visitation ranker) unless a test asks for it: these tests
     check the two-tower loss, whose figures the ranker's loss would add to."""
     kw = {"dim": 16, "history_len": 10, "device": "cpu", "seed": 0, "covisit": False} | kw
-    return OnlineLearner(LearnerConfig(**kw), text_dim=TEXT_DIM, capacity=capacity)
+    return OnlineLearner(LearnerConfig(**kw), text_dim=TEXT_DIM, capacity=capacity,
+                         exclude_seen=exclude_seen)
 
 
 def synthetic_world(n_items: int = 200, seed: int = 0):
@@ -105,10 +107,11 @@ def test_next_item_loss_falls_on_synthetic_stream():
 def test_deterministic_cycle_is_learned():
     """i -> i+1 (mod n): after training, the top-1 prediction among the items outside the
     user's history (the loss leaves those out: `exclude_history_negatives`) is the next
-    item."""
+    item. Every item comes back, so serving here is `exclude_seen: recent` (under `all`,
+    a user who has seen the whole cycle has nothing left to be shown, nor a negative)."""
     n = 20
     ids, vecs, _ = topic_catalog(n_items=n, n_topics=3)
-    learner = make_learner(dim=16, history_len=3, lr=2e-2)
+    learner = make_learner(dim=16, history_len=3, lr=2e-2, exclude_seen="recent")
     learner.upsert_items(ids, vecs)
     states, pos, losses = walk_cycle(learner, ids, n_users=6, rounds=300, ts=T0)
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
@@ -654,6 +657,65 @@ def test_items_in_a_pair_s_history_are_no_negatives(sampled):
     assert other.sum() > len(t) // 2
     assert (masked[other] < plain[other]).all()
     np.testing.assert_allclose(masked[~other], plain[~other], rtol=1e-6)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["full", "sampled"])
+def test_items_seen_before_the_history_are_no_negatives_either(sampled):
+    """With `exclude_seen: all` serving never shows any item the user interacted with, also
+    those older than the history ring; the example carries the seen set and the loss leaves
+    those items out too: lower where the set holds an item beyond the history (the target
+    aside), the same elsewhere."""
+    ids, vecs, batches = synthetic_batches(6)
+    learner = make_learner(covisit=True, history_len=3, encoder_window=3)
+    learner.upsert_items(ids, vecs)
+    states: dict[str, UserState] = {}
+    run_stream(learner, batches[:5], states)
+    for ev in batches[5]:
+        states.setdefault(ev.user_id, UserState())
+    pend, m = learner.observe(batches[5], states), learner.model
+    seen = pend.seen_rows(m.catalog)
+    seqs, t = Seqs.pad(pend.hists), np.array(pend.targets)
+    beyond = np.array([bool(set(s.tolist()) - set(h.rows) - {int(y)})
+                       for s, h, y in zip(seen, pend.hists, t, strict=True)])
+    args = (seqs, t, np.ones(len(t)), torch.zeros(len(t), m.n_user), np.ones(len(t), bool),
+            np.flatnonzero(m.catalog.live) if sampled else None)
+    with torch.no_grad():
+        seqs.seen = padded_rows(seen)
+        carried = m.pair_losses(*args).numpy()
+        seqs.seen = None
+        history_only = m.pair_losses(*args).numpy()
+    assert beyond.sum() > len(t) // 2
+    assert (carried[beyond] < history_only[beyond]).all()
+    np.testing.assert_allclose(carried[~beyond], history_only[~beyond], rtol=1e-6)
+
+
+def test_examples_carry_the_seen_set_where_serving_excludes_it(monkeypatch):
+    """`exclude_seen: all` and an exact set: the example carries the keys, and the trainer
+    closes their rows; `recent` (seen items may come back) or a Bloom filter: no set."""
+    learner = make_learner(history_len=2)
+    ids = [f"i{k}" for k in range(6)]
+    learner.upsert_items(ids, np.eye(6, TEXT_DIM, dtype=np.float32))
+    m = learner.model
+
+    def state() -> UserState:
+        st = UserState()
+        for k, item in enumerate(ids[:4]):  # the ring keeps i2, i3; the set all four
+            st.append(item, 1, T0 + k, None, 2)
+        return st
+
+    ev = Interaction("u", "i5", "view", T0 + 10, partition=0, offset=1)
+    (ex,) = observe(m, [ev], {"u": state()}, "all").examples
+    assert sorted(ex.seen.tolist()) == sorted(m.catalog.keys_of_ids(ids[:4]).tolist())
+    assert observe(m, [ev], {"u": state()}, "recent").examples[0].seen is None
+    big = state()
+    big.seen.add(np.arange(1, EXACT_MAX + 2, dtype=np.int64))
+    assert observe(m, [ev], {"u": big}, "all").examples[0].seen is None
+    closed = []
+    real = m.pair_losses
+    monkeypatch.setattr(m, "pair_losses",
+                        lambda seqs, *a: closed.append(seqs.interacted()) or real(seqs, *a))
+    learner.trainer.train([ex])
+    assert set(m.catalog.rows_of(ids[:4])) <= set(closed[0][0].tolist())
 
 
 # --------------------------------------------------------------------------- ablations
