@@ -631,14 +631,11 @@ def test_the_sampled_loss_ranks_each_column_as_serving_does():
     np.testing.assert_allclose(got.detach().numpy().ravel(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sampled", [False, True], ids=["full", "sampled"])
-def test_items_in_a_pair_s_history_are_no_negatives(sampled):
-    """Serving never shows a user an item they interacted with, so the loss does not push
-    those items down: masking them only takes terms out of each softmax's denominator, so
-    every pair's loss is lower with the mask, strictly where its history holds an item
-    other than its target."""
+def _sixth_batch_pairs(sampled: bool, **kw):
+    """A co-visitation learner after five synthetic batches, the sixth observed: its pairs
+    and the arguments of `pair_losses` for them (sampled: every live item a negative)."""
     ids, vecs, batches = synthetic_batches(6)
-    learner = make_learner(covisit=True)
+    learner = make_learner(covisit=True, **kw)
     learner.upsert_items(ids, vecs)
     states: dict[str, UserState] = {}
     run_stream(learner, batches[:5], states)
@@ -646,9 +643,18 @@ def test_items_in_a_pair_s_history_are_no_negatives(sampled):
         states.setdefault(ev.user_id, UserState())
     pend, m = learner.observe(batches[5], states), learner.model
     seqs, t = Seqs.pad(pend.hists), np.array(pend.targets)
-    negatives = np.flatnonzero(m.catalog.live) if sampled else None
     args = (seqs, t, np.ones(len(t)), torch.zeros(len(t), m.n_user), np.ones(len(t), bool),
-            negatives)
+            np.flatnonzero(m.catalog.live) if sampled else None)
+    return pend, m, seqs, t, args
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["full", "sampled"])
+def test_items_in_a_pair_s_history_are_no_negatives(sampled):
+    """Serving never shows a user an item they interacted with, so the loss does not push
+    those items down: masking them only takes terms out of each softmax's denominator, so
+    every pair's loss is lower with the mask, strictly where its history holds an item
+    other than its target."""
+    pend, m, seqs, t, args = _sixth_batch_pairs(sampled)
     with torch.no_grad():
         masked = m.pair_losses(*args).numpy()
         m.cfg = m.cfg.model_copy(update={"exclude_history_negatives": False})
@@ -665,20 +671,10 @@ def test_items_seen_before_the_history_are_no_negatives_either(sampled):
     those older than the history ring; the example carries the seen set and the loss leaves
     those items out too: lower where the set holds an item beyond the history (the target
     aside), the same elsewhere."""
-    ids, vecs, batches = synthetic_batches(6)
-    learner = make_learner(covisit=True, history_len=3, encoder_window=3)
-    learner.upsert_items(ids, vecs)
-    states: dict[str, UserState] = {}
-    run_stream(learner, batches[:5], states)
-    for ev in batches[5]:
-        states.setdefault(ev.user_id, UserState())
-    pend, m = learner.observe(batches[5], states), learner.model
+    pend, m, seqs, t, args = _sixth_batch_pairs(sampled, history_len=3, encoder_window=3)
     seen = pend.seen_rows(m.catalog)
-    seqs, t = Seqs.pad(pend.hists), np.array(pend.targets)
     beyond = np.array([bool(set(s.tolist()) - set(h.rows) - {int(y)})
                        for s, h, y in zip(seen, pend.hists, t, strict=True)])
-    args = (seqs, t, np.ones(len(t)), torch.zeros(len(t), m.n_user), np.ones(len(t), bool),
-            np.flatnonzero(m.catalog.live) if sampled else None)
     with torch.no_grad():
         seqs.seen = padded_rows(seen)
         carried = m.pair_losses(*args).numpy()
