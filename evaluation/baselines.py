@@ -521,16 +521,19 @@ class _GrowingRows:
         """Dense copies of the given rows (an empty batch gives shape (0, n))."""
         if not rows.size:
             return np.zeros((0, self.n))
-        return self._main[rows].toarray() + self._recent[rows].toarray()
+        return self._rows(rows).toarray()
 
     def product(self, w: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """``w @ M[rows]``: dense, shape (len(w), n), without densifying ``M[rows]``."""
-        return np.asarray((self._main[rows].T @ w.T).T) + np.asarray(
-            (self._recent[rows].T @ w.T).T)
+        return np.asarray((self._rows(rows).T @ w.T).T)
 
     def left_product(self, weights: sp.csr_array) -> np.ndarray:
         """``weights @ M`` for sparse (m, n) weights: dense, shape (m, n)."""
-        return (weights @ self._main).toarray() + (weights @ self._recent).toarray()
+        return ((weights @ self._main) + (weights @ self._recent)).toarray()
+
+    def _rows(self, rows: np.ndarray) -> sp.csr_array:
+        """``M[rows]``, sparse: the two parts' rows summed before any dense result is made."""
+        return self._main[rows] + self._recent[rows]
 
     def toarray(self) -> np.ndarray:
         return self._main.toarray() + self._recent.toarray()
