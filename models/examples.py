@@ -38,7 +38,7 @@ from models.config import EVENT_TYPE_IDS, TEXT_ONLY_TYPES, LearnerConfig
 from models.items import ItemRows
 from models.seen import ExcludeSeen
 from models.sequences import History
-from models.user_state import UserState, unb64
+from models.user_state import UserState, b64, unb64
 
 if TYPE_CHECKING:
     from models.model import SharedModel
@@ -98,8 +98,9 @@ class TrainingExample:
             "v": FORMAT_VERSION, "u": self.user_id, "i": self.items, "t": self.types,
             "ts": self.ts, "x": self.texts, "y": self.target, "e": self.event_type,
             "w": self.weight, "at": self.event_ts, "s": self.scenario,
-            "r": _b64(self.residual, _F32), "p": self.partition, "o": self.offset,
-            "k": _b64(self.seen, _I64)})
+            "r": None if self.residual is None else b64(self.residual, _F32),
+            "p": self.partition, "o": self.offset,
+            "k": None if self.seen is None else b64(self.seen, _I64)})
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> TrainingExample:
@@ -109,11 +110,6 @@ class TrainingExample:
                              f"{FORMAT_VERSION}")
         return cls(d["u"], d["i"], d["t"], d["ts"], d["x"], d["y"], d["e"], d["w"], d["at"],
                    d["s"], _unb64(d["r"], _F32), d["p"], d["o"], _unb64(d.get("k"), _I64))
-
-
-def _b64(arr: np.ndarray | None, dtype: np.dtype) -> str | None:
-    return None if arr is None else base64.b64encode(
-        np.ascontiguousarray(arr, dtype).tobytes()).decode("ascii")
 
 
 def _unb64(text: str | None, dtype: np.dtype) -> np.ndarray | None:

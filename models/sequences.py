@@ -105,7 +105,7 @@ class Seqs:
                     np.concatenate([lpad(self.gaps), lpad(other.gaps)]), texts, seen)
 
     def seen_rows(self) -> list[np.ndarray]:
-        """Each pair's seen rows beyond its history (none where not carried)."""
+        """Each pair's carried seen rows (none where not carried)."""
         if self.seen is None:
             return [np.zeros(0, np.int64)] * len(self)
         return [row[row > 0] for row in self.seen]

@@ -179,12 +179,10 @@ class Trainer:
         head = self.model.head
         if head is None:
             return
-        first = head.tower_w
-        for group in self.dense_opt.param_groups:
-            if any(p is first for p in group["params"]):
-                t = float(self.dense_opt.state.get(first, {}).get("step", 0))
-                group["lr"] = max(self.cfg.head_lr, self.cfg.head_lr_start / math.sqrt(
-                    1 + t / self.cfg.head_lr_decay_steps))
+        group = self.dense_opt.param_groups[-1]  # the ranker's (`_make_optimizers`)
+        t = float(self.dense_opt.state.get(head.tower_w, {}).get("step", 0))
+        group["lr"] = max(self.cfg.head_lr,
+                          self.cfg.head_lr_start / math.sqrt(1 + t / self.cfg.head_lr_decay_steps))
 
     # ---------------------------------------------------------------- training
     def train(self, examples: Sequence[TrainingExample]) -> TrainResult:

@@ -25,7 +25,8 @@ _F32 = np.dtype("<f4")
 _F16 = np.dtype("<f2")
 
 
-def _b64(arr: np.ndarray, dtype: np.dtype) -> str:
+def b64(arr: np.ndarray, dtype: np.dtype) -> str:
+    """`arr` as `dtype`'s bytes in base64 (the wire form of vectors and keys)."""
     return base64.b64encode(np.ascontiguousarray(arr, dtype=dtype).tobytes()).decode("ascii")
 
 
@@ -72,7 +73,7 @@ class UserState:
         self.items.append(item_id)
         self.types.append(etype)
         self.ts.append(ts)
-        self.texts.append(None if text_vec is None else _b64(text_vec, _F16))
+        self.texts.append(None if text_vec is None else b64(text_vec, _F16))
         if item_id is not None:
             self.seen.add(np.array([item_hash(item_id)], np.int64))
         if len(self.items) > max_len:
@@ -110,7 +111,7 @@ class UserState:
             "types": self.types,
             "ts": self.ts,
             "texts": self.texts,
-            "residual": None if self.residual is None else _b64(self.residual, _F32),
+            "residual": None if self.residual is None else b64(self.residual, _F32),
             **vars(self.rule),  # flat in the wire form (alpha, accum, ...); asdict deep-copies
             "n_events": self.n_events,
             "offsets": self.offsets,
