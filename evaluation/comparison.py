@@ -124,40 +124,48 @@ def sharded_name(workers: int, snapshot_every: int | None = None, independent: b
         f"{'' if ranks == 1 else f'r{ranks}'}{'i' if independent else ''}"
 
 
+def _kind(name: str) -> str | None:
+    """Which kind of model `name` names (None: none): the one reading of a name, for both
+    :func:`is_known` and :func:`build_model`."""
+    if name in ("streamrec", "streamrec-separate", "streamrec-shared"):
+        return name
+    if _SHARDED.match(name):
+        return "sharded"
+    if name.startswith("streamrec-") and name.split("-", 1)[1] in ABLATIONS:
+        return "ablation"
+    return "baseline" if name in BASELINES else None
+
+
 def is_known(name: str) -> bool:
     """Whether :func:`build_model` builds `name` (checked before any model runs)."""
-    return name in ("streamrec", "streamrec-separate", "streamrec-shared") \
-        or bool(_SHARDED.match(name)) or name in BASELINES \
-        or (name.startswith("streamrec-") and name.split("-", 1)[1] in ABLATIONS)
+    return _kind(name) is not None
 
 
 def build_model(name: str, data: Dataset, base: LearnerConfig,
                 exclude_seen: ExcludeSeen = "all") -> Any:
-    where, rule = data.item_scenarios, exclude_seen
-    if name == "streamrec":
-        return StreamrecModel(data.item_ids, data.text_vectors, base, item_scenarios=where,
-                              exclude_seen=rule)
-    sharded = _SHARDED.match(name)
-    if sharded:
-        every = sharded["every"]
-        return StreamrecModel(data.item_ids, data.text_vectors, base, name=name,
-                              workers=int(sharded["workers"]),
-                              snapshot_every=None if every is None else int(every),
-                              independent=bool(sharded["independent"]),
-                              trainer_ranks=int(sharded["ranks"] or 1), item_scenarios=where,
-                              exclude_seen=rule)
-    if name == "streamrec-separate":
-        return PerScenario(data.item_ids, data.text_vectors, where, base, name=name)
-    if name == "streamrec-shared":
-        return StreamrecModel(data.item_ids, data.text_vectors,
-                              base.model_copy(update={"scenario_params": False,
-                                                      "scenario_history": False}), name=name,
-                              item_scenarios=where, exclude_seen=rule)
-    if name.startswith("streamrec-"):
-        cfg = overridden(base, ABLATIONS[name.split("-", 1)[1]])
-        return StreamrecModel(data.item_ids, data.text_vectors, cfg, name=name,
-                              item_scenarios=where, exclude_seen=rule)
-    return make_baseline(name, len(data.item_ids))
+    """The model `name` over `data`'s catalog: a peer, or streamrec with `base` as its
+    configuration, sharded, shared or ablated as the name says."""
+    kind = _kind(name)
+    if kind in ("baseline", None):  # an unknown name gets make_baseline's error
+        return make_baseline(name, len(data.item_ids))
+    if kind == "streamrec-separate":
+        return PerScenario(data.item_ids, data.text_vectors, data.item_scenarios, base,
+                           name=name)
+    if kind == "sharded":
+        m = _SHARDED.match(name)
+        every = m["every"]
+        extra = dict(workers=int(m["workers"]), independent=bool(m["independent"]),
+                     snapshot_every=None if every is None else int(every),
+                     trainer_ranks=int(m["ranks"] or 1))
+    else:
+        extra = {}
+    if kind == "streamrec-shared":
+        base = base.model_copy(update={"scenario_params": False, "scenario_history": False})
+    elif kind == "ablation":
+        base = overridden(base, ABLATIONS[name.split("-", 1)[1]])
+    return StreamrecModel(data.item_ids, data.text_vectors, base, name=name,
+                          item_scenarios=data.item_scenarios, exclude_seen=exclude_seen,
+                          **extra)
 
 
 def one_core() -> None:

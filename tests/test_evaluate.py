@@ -192,6 +192,25 @@ def test_a_model_that_fails_is_reported_and_the_others_figures_kept() -> None:
     assert all(cmp.is_known(n) for n in cmp.model_names())
 
 
+def test_each_kind_of_name_builds_the_model_it_names() -> None:
+    """`is_known` and `build_model` read a name one way: a sharded name's counts, an
+    ablation's override and a peer reach the model built."""
+    from models.config import LearnerConfig
+
+    data = cmp.make_dataset("tiny", [{"item_id": f"i{k}"} for k in range(30)],
+                            [{"user_id": "u", "item_id": "i1", "ts": 1}],
+                            lambda texts: np.zeros((len(texts), 4), np.float32))
+    cfg = LearnerConfig(device="cpu")
+    sharded = cmp.build_model("streamrec@w2e64r2", data, cfg)
+    assert (sharded.workers, sharded.snapshot_every, len(sharded.ranks)) == (2, 64, 2)
+    ablation = cmp.build_model("streamrec-noreplay", data, cfg)
+    assert ablation.name == "streamrec-noreplay"
+    assert ablation.serving.cfg.replay_ratio == 0 != cfg.replay_ratio
+    assert cmp.build_model("pop", data, cfg).name == "pop"
+    with pytest.raises(ValueError, match="unknown baseline 'streamrec-nosuch'"):
+        cmp.build_model("streamrec-nosuch", data, cfg)
+
+
 def test_eval_refuses_an_unknown_model_before_loading_anything(tmp_path) -> None:
     from click.testing import CliRunner
 
