@@ -127,10 +127,11 @@ class LearnerConfig(BaseModel):
         "`head_lr_start` has decayed to it.",
     )
     head_lr_start: float = Field(
-        0.01, gt=0, description="The ranker's first step size, decaying as "
+        0.03, gt=0, description="The ranker's first step size, decaying as "
         "head_lr_start / sqrt(1 + t / head_lr_decay_steps) over its steps t down to `head_lr`: "
         "on a new stream the blend weights start far from their fit (no decay: set it to "
-        "`head_lr`).",
+        "`head_lr`). 0.01 / 0.03 / 0.1 measured (README, Quality): 0.03 lifts three Ciao "
+        "subsets ~1% over 0.01 and ties on ML-100K, where 0.1 costs 0.4%.",
     )
     head_lr_decay_steps: int = Field(
         1000, ge=1, description="τ of that decay, in the ranker's steps: its step size is "
