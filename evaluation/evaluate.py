@@ -395,11 +395,12 @@ class StreamrecModel:
         """Each shard's per-user step on its pairs, then the trainer(s) on the examples."""
         owner_shard = {pend.users[ex.user_id]: self._shard(ex.user_id) for ex in pend.examples}
         states = list(pend.user_states.values())
+        shared_seen = None if self.independent else pend.seen_rows(self.serving.catalog)
         for k, personal in enumerate(self.personal):
             mine = [p for p, o in enumerate(pend.owners) if owner_shard[o] == k]
             if mine:
                 model = self.learners[k].model if self.independent else self.serving
-                seen = pend.seen_rows(model.catalog)
+                seen = pend.seen_rows(model.catalog) if shared_seen is None else shared_seen
                 personal.step(model, [pend.hists[p] for p in mine],
                               [pend.targets[p] for p in mine], [pend.weights[p] for p in mine],
                               [pend.owners[p] for p in mine], states,

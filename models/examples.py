@@ -26,7 +26,6 @@ Ids, not rows: rows are local to each process (models/items.py).
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -38,7 +37,7 @@ from models.config import EVENT_TYPE_IDS, TEXT_ONLY_TYPES, LearnerConfig
 from models.items import ItemRows
 from models.seen import ExcludeSeen
 from models.sequences import History
-from models.user_state import UserState, b64, unb64
+from models.user_state import UserState, b64, from_b64, unb64
 
 if TYPE_CHECKING:
     from models.model import SharedModel
@@ -113,7 +112,7 @@ class TrainingExample:
 
 
 def _unb64(text: str | None, dtype: np.dtype) -> np.ndarray | None:
-    return None if text is None else np.frombuffer(base64.b64decode(text), dtype).copy()
+    return None if text is None else from_b64(text, dtype)
 
 
 @dataclass(frozen=True)

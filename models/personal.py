@@ -25,7 +25,7 @@ import torch
 from models.config import LearnerConfig
 from models.lr_rules import Rule, RuleState
 from models.model import SharedModel
-from models.sequences import History, Seqs, padded_rows
+from models.sequences import History, Seqs
 from models.user_state import UserState
 
 
@@ -75,9 +75,8 @@ class PersonalStep:
         own = torch.as_tensor(o, device=model.device)
         where = None if scenarios is None else [scenarios[i] for i in keep]
         scen = torch.as_tensor(model.scenario_params(where, len(keep)), device=model.device)
-        seqs = Seqs.pad([hists[i] for i in keep])
-        if seen is not None:
-            seqs.seen = padded_rows([seen[i] for i in keep])
+        seqs = Seqs.pad([hists[i] for i in keep],
+                        None if seen is None else [seen[i] for i in keep])
         losses = model.pair_losses(seqs, t, w, resid[own] + scen,
                                    np.ones(len(t), bool),
                                    model.sample_negatives(self.rng, t, where), where)

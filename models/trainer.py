@@ -38,7 +38,7 @@ from models.examples import TrainingExample
 from models.lr_rules import RuleRecord, RuleState
 from models.model import SharedModel
 from models.row_adam import RowAdam
-from models.sequences import Seqs, padded_rows
+from models.sequences import Seqs, seen_matrix
 from models.snapshot import load_covis, load_tensors, read_header
 from models.snapshot import structural as snapshot_structural
 
@@ -225,9 +225,8 @@ class Trainer:
         cap = self.sync.max_int(m.items.capacity)  # ranks' sparse gradients must line up
         if cap > m.items.capacity:
             self._keep_optimizers(lambda: m.reserve(cap))
-        seqs = Seqs.pad([ex.history(m.catalog) for ex in examples]) if examples else None
-        if seqs is not None and any(ex.seen is not None for ex in examples):
-            seqs.seen = padded_rows([ex.seen_rows(m.catalog) for ex in examples])
+        seqs = Seqs.pad([ex.history(m.catalog) for ex in examples],
+                        [ex.seen_rows(m.catalog) for ex in examples]) if examples else None
         targets = np.array([m.catalog.live_row(ex.target) for ex in examples], np.int64)
         weights = np.array([ex.weight for ex in examples], np.float64)
         resid = torch.as_tensor(m.own_params([ex.residual for ex in examples], 0),
@@ -399,9 +398,8 @@ class Replay:
         if k == 0 or self.n == 0:
             return None
         idx = rng.choice(self.n, size=min(k, self.n), replace=False)
-        seen = [self.seen[i] for i in idx]
         seqs = Seqs(self.rows[idx], self.types[idx], self.gaps[idx], [],
-                    padded_rows(seen) if any(len(s) for s in seen) else None)
+                    seen_matrix([self.seen[i] for i in idx]))
         return seqs, self.target[idx], self.weight[idx], self.scenario[idx]
 
 

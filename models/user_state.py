@@ -30,13 +30,14 @@ def b64(arr: np.ndarray, dtype: np.dtype) -> str:
     return base64.b64encode(np.ascontiguousarray(arr, dtype=dtype).tobytes()).decode("ascii")
 
 
-def _unb64(text: str, dtype: np.dtype) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(text), dtype=dtype).astype(np.float32)
+def from_b64(text: str, dtype: np.dtype) -> np.ndarray:
+    """The inverse of `b64`: a writable array of `dtype`."""
+    return np.frombuffer(base64.b64decode(text), dtype=dtype).copy()
 
 
 def unb64(text: str) -> np.ndarray:
     """A stored search-text vector (float16, base64) as float32."""
-    return _unb64(text, _F16)
+    return from_b64(text, _F16).astype(np.float32)
 
 
 @dataclass
@@ -135,7 +136,7 @@ class UserState:
             types=d["types"],
             ts=d["ts"],
             texts=d["texts"],
-            residual=None if res is None else _unb64(res, _F32).copy(),
+            residual=None if res is None else from_b64(res, _F32),
             rule=RuleRecord(**{f.name: d[f.name] for f in fields(RuleRecord)}),
             n_events=d["n_events"],
             offsets=d["offsets"],
