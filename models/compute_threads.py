@@ -1,4 +1,5 @@
-"""The cap on the learner's compute threads: torch's and FAISS's OpenMP pools.
+"""The cap on the learner's compute threads: torch's and FAISS's OpenMP pools, and numpy's
+BLAS (index/topk.py's GEMM).
 
 Every entry point sets it once (streams/process.py for the worker and the trainer,
 evaluation/comparison.py for an evaluation job), and every pool thread that runs model
@@ -7,14 +8,18 @@ work applies it to itself (`cap_this_thread` as the pool's initializer).
 
 from __future__ import annotations
 
+from threadpoolctl import threadpool_limits
+
 _threads: int | None = None  # the cap `limit_threads` set, for `cap_this_thread`
 
 
 def limit_threads(n: int) -> None:
     """Cap torch's and FAISS's thread pools (both OpenMP-based) at `n` in this thread and in
-    every thread that calls `cap_this_thread`."""
+    every thread that calls `cap_this_thread`, and numpy's BLAS (one pool per process,
+    OpenBLAS's pthreads) at `n`."""
     global _threads
     _threads = n
+    threadpool_limits(n, user_api="blas")
     cap_this_thread()
 
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from index import faiss_index as fi
 from index.faiss_index import FaissIndex, IndexConfig, VersionedIndex
 from index.ids import IdCollisionError, item_hash
+from index.topk import top_k
 from models.items import ItemRows, KeyIndex
 
 DIM = 32
@@ -149,14 +150,33 @@ def test_the_blas_switch_is_set_by_the_entry_point_and_ranks_the_same() -> None:
                                  IndexConfig(kind="flat", device="cpu"))
         assert faiss.cvar.distance_compute_blas_threshold == 123
         queries = unit_vectors(40, 64, seed=1)
+        everything = np.sort(index.ids())  # a selector: FAISS's scan, not index/topk.py
         fi.use_blas_from(1 << 30)  # every batch scanned without BLAS
-        scores_scan, ids_scan = index.search(queries, 10)
+        scores_scan, ids_scan = index.search(queries, 10, allowed=everything)
         fi.use_blas_from(0)  # every batch through BLAS
-        scores_blas, ids_blas = index.search(queries, 10)
+        scores_blas, ids_blas = index.search(queries, 10, allowed=everything)
     finally:
         fi.use_blas_from(before)
     np.testing.assert_array_equal(ids_scan, ids_blas)
     np.testing.assert_allclose(scores_scan, scores_blas, atol=1e-5)
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 3000), nq=st.integers(1, 12), k=st.integers(1, 300),
+       levels=st.sampled_from([3, 1000]), seed=st.integers(0, 2**16))
+def test_blocked_top_k_returns_the_largest_scores_best_first(
+        n: int, nq: int, k: int, levels: int, seed: int) -> None:
+    """index/topk.py against a full sort, in blocks and without, with many ties (3 levels)
+    and few: the same scores, best first, each the score of the row returned."""
+    k = min(k, n)
+    rng = np.random.default_rng(seed)
+    vecs = rng.integers(0, levels, (n, 4)).astype(np.float32)
+    queries = rng.integers(0, levels, (nq, 4)).astype(np.float32)
+    scores, rows = top_k(queries, vecs, k)
+    full = queries @ vecs.T
+    np.testing.assert_array_equal(scores, -np.sort(-full, axis=1)[:, :k])
+    np.testing.assert_array_equal(scores, np.take_along_axis(full, rows, 1))
+    assert all(len(set(r)) == k for r in rows.tolist())
 
 
 def test_kind_selection(monkeypatch: pytest.MonkeyPatch) -> None:
