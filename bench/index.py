@@ -252,8 +252,9 @@ def build_layer(kind: str, ids: np.ndarray, x: np.ndarray,
                 q1: np.ndarray) -> tuple[FaissIndex, float, float, float]:
     """FaissIndex.build with only the kind forced, then one search of one query.
 
-    The flat backend copies the catalog into faiss lazily, on the first search, so memory
-    is read after that search (the index is then ready to serve). Returns (index, build
+    A GPU flat backend copies the catalog into faiss lazily, on the first search, so memory
+    is read after that search (the index is then ready to serve); a CPU one searches its
+    own copy (index/topk.py) and fills faiss only for a selector's search. Returns (index, build
     seconds, first-search seconds, RSS delta MB).
     """
     settle()
@@ -312,6 +313,8 @@ def bench_case(n: int, kind: str, x: np.ndarray, q: np.ndarray, truth: np.ndarra
     say(f"n={n:,} {kind}: layer build")
     index, build_s, first_s, mem_mb = build_layer(kind, ids, x, q[:1])
     cfg, fidx = index.config, faiss_of(index)
+    if fidx.ntotal < n:  # CPU flat: the layer searches its own copy (index/topk.py)
+        fidx.add(x)
     parts = batches(len(q), args.batch)
     kks = fetch_k(index, args.k, exclude, parts)
     say(f"n={n:,} {kind}: search layer vs bare")
