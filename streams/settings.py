@@ -132,9 +132,9 @@ class Settings(BaseSettings):
     compute_threads: int = Field(
         1,
         ge=1,
-        description="Threads torch and FAISS may use in a worker. One by default: the "
-        "event loop, the Kafka clients and often the broker share the cores; on a loaded "
-        "2-core host two threads made the pipeline 18x slower (37 vs 674 events/s), while "
+        description="Threads torch, FAISS and numpy's BLAS may use in a worker. One by "
+        "default: the event loop, the Kafka clients and often the broker share the cores; on "
+        "a loaded 2-core host two threads made the pipeline 18x slower (37 vs 674 events/s), while "
         "on an idle one the encoder alone ran 1.9x faster with two (bench/encoder.py). Raise "
         "it where a worker has cores to itself; otherwise scale out with more workers.",
     )
