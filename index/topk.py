@@ -61,9 +61,9 @@ def top_k(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray,
 def _select(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The top `k` of each row of the score matrix `s`, best first."""
     cols = _candidates(s, k)
-    keep = np.argpartition(np.take_along_axis(s, cols, 1), cols.shape[1] - k, axis=1)
-    cols = np.take_along_axis(cols, keep[:, cols.shape[1] - k :], 1)
-    vals = np.take_along_axis(s, cols, 1)
+    cand = np.take_along_axis(s, cols, 1)
+    keep = np.argpartition(cand, cand.shape[1] - k, axis=1)[:, cand.shape[1] - k :]
+    cols, vals = np.take_along_axis(cols, keep, 1), np.take_along_axis(cand, keep, 1)
     order = np.argsort(-vals, axis=1, kind="stable")
     return np.take_along_axis(vals, order, 1), np.take_along_axis(cols, order, 1)
 

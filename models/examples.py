@@ -108,11 +108,7 @@ class TrainingExample:
             raise ValueError(f"training example format {d.get('v')!r}, expected "
                              f"{FORMAT_VERSION}")
         return cls(d["u"], d["i"], d["t"], d["ts"], d["x"], d["y"], d["e"], d["w"], d["at"],
-                   d["s"], _unb64(d["r"], _F32), d["p"], d["o"], _unb64(d.get("k"), _I64))
-
-
-def _unb64(text: str | None, dtype: np.dtype) -> np.ndarray | None:
-    return None if text is None else from_b64(text, dtype)
+                   d["s"], from_b64(d["r"], _F32), d["p"], d["o"], from_b64(d.get("k"), _I64))
 
 
 @dataclass(frozen=True)

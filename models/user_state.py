@@ -30,9 +30,10 @@ def b64(arr: np.ndarray, dtype: np.dtype) -> str:
     return base64.b64encode(np.ascontiguousarray(arr, dtype=dtype).tobytes()).decode("ascii")
 
 
-def from_b64(text: str, dtype: np.dtype) -> np.ndarray:
-    """The inverse of `b64`: a writable array of `dtype`."""
-    return np.frombuffer(base64.b64decode(text), dtype=dtype).copy()
+def from_b64(text: str | None, dtype: np.dtype) -> np.ndarray | None:
+    """The inverse of `b64`: a writable array of `dtype` (None stays None: a field left
+    out)."""
+    return None if text is None else np.frombuffer(base64.b64decode(text), dtype=dtype).copy()
 
 
 def unb64(text: str) -> np.ndarray:
@@ -125,7 +126,6 @@ class UserState:
         if not raw:
             return cls()
         d = orjson.loads(raw)
-        res = d.get("residual")
         if "seen" in d:
             seen = SeenItems.from_wire(d["seen"])
         else:  # version 1 kept no seen set: the history ring is all it knows
@@ -136,7 +136,7 @@ class UserState:
             types=d["types"],
             ts=d["ts"],
             texts=d["texts"],
-            residual=None if res is None else from_b64(res, _F32),
+            residual=from_b64(d.get("residual"), _F32),
             rule=RuleRecord(**{f.name: d[f.name] for f in fields(RuleRecord)}),
             n_events=d["n_events"],
             offsets=d["offsets"],
