@@ -9,7 +9,7 @@ Loads models.encoder.TextEncoder (the bundled all-MiniLM-L6-v2; nothing is downl
 device it picks by itself (--device auto: CUDA when torch sees one, else CPU) and times it on
 a synthetic catalog (evaluation.synthetic.make_world items through models.encoder.item_text, the
 catalog agent's text recipe). The batch size is the texts per forward pass, the worker's
-Settings.encoder_batch_size (128 by default): it is set on the encoder so one encode() call is
+Settings.encoder_batch_size (32 by default): it is set on the encoder so one encode() call is
 one forward pass. Each size encodes up to --items items (--items-b1 at batch size 1) in full
 batches after one warm-up batch, stopping early once --seconds have passed. --threads sweeps
 torch's intra-op thread count (default: torch's own choice, as the worker runs); on a shared

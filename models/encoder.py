@@ -62,15 +62,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """The encoder's weight type. `auto` is bfloat16 where the hardware multiplies it
-    natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX), else float32.
+    """The encoder's weight type. `auto` is bfloat16 where the hardware has bfloat16 matrix
+    units (a CUDA GPU that supports it; a CPU with AMX), else float32.
 
     Why: for the few texts of a batch's searches the encoder is bound by reading its weights
     (22M parameters), and for the catalog by its matrix products; bfloat16 halves the first
     and AMX runs the second faster (bench/encoder.py, one thread, an AMX CPU: 1.45x for one
-    text, 3.25x at the catalog's batch of 128). Its vectors are within cosine 0.9999 of
-    float32's there (tests/test_encoder.py holds them to 0.99 and the same neighbours).
-    Without native support bfloat16 is emulated and slower, so `auto` keeps float32."""
+    text, 3.25x at a batch of 128). Its vectors are within cosine 0.9999 of float32's there
+    (tests/test_encoder.py holds them to 0.99 and the same neighbours). AVX512-BF16 alone is
+    not enough: on a Xeon with it and no AMX, bfloat16 was slower at every batch size
+    (bench/encoder.py, one thread: 58 vs 81 texts/s for one text, 79 vs 125 at 128)."""
     if dtype != "auto":
         if dtype not in DTYPES:
             raise ValueError(f"encoder dtype {dtype!r}: use auto, float32 or bfloat16")
@@ -78,7 +79,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported(including_emulation=False)
     else:
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        native = torch.cpu._is_amx_tile_supported()
     return torch.bfloat16 if native else torch.float32
 
 
@@ -94,7 +95,7 @@ class TextEncoder:
         self,
         model_path: str | None = None,
         device: str = "auto",
-        batch_size: int = 128,
+        batch_size: int = 32,
         max_length: int = 128,
         dtype: str = "auto",
     ):
@@ -119,11 +120,16 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """(n, dim) float32, rows L2-normalised. Empty input gives a (0, dim) array."""
+        """(n, dim) float32, rows L2-normalised. Empty input gives a (0, dim) array.
+
+        Texts are cut into forward passes longest first, so each pass pads its texts to a
+        length close to their own (as sentence-transformers does): the vectors are the
+        same, and the padding the passes compute drops (bench/encoder.py's `padding`)."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        order = np.argsort([-len(t) for t in texts], kind="stable")
         for start in range(0, len(texts), self.batch_size):
-            chunk = [t if t else " " for t in texts[start : start + self.batch_size]]
-            out[start : start + len(chunk)] = self._encode_chunk(chunk)
+            rows = order[start : start + self.batch_size]
+            out[rows] = self._encode_chunk([texts[i] or " " for i in rows])
         return out
 
     def _encode_chunk(self, texts: list[str]) -> np.ndarray:

