@@ -468,8 +468,8 @@ def _parse_args() -> tuple[argparse.Namespace, dict[str, str]]:
     ap.add_argument("--events", type=int, default=200_000, help="backlog size")
     ap.add_argument("--users", type=int, default=100_000, help="distinct users in the backlog")
     ap.add_argument("--items", type=int, default=50_000,
-                    help="catalog size (embedded once before timing: 50k items took ~12 min "
-                    "on 2 cores with a float32 encoder, 5.1 min with bfloat16; "
+                    help="catalog size (embedded once before timing: 50k items took 7.5 min "
+                    "on 2 cores without AMX, 5.1 min with AMX's bfloat16; "
                     "from 500,000 = IndexConfig.hnsw_threshold the worker's index is HNSW)")
     ap.add_argument("--max-seconds", type=float, default=600.0,
                     help="per consumer: stop timing after this and report the rate so far")
