@@ -123,8 +123,8 @@ class TextEncoder:
         """(n, dim) float32, rows L2-normalised. Empty input gives a (0, dim) array.
 
         Texts are cut into forward passes longest first, so each pass pads its texts to a
-        length close to their own (as sentence-transformers does): the vectors are the
-        same, and the padding the passes compute drops (bench/encoder.py's `padding`)."""
+        length close to their own (as sentence-transformers does): each text's vector is the
+        one it gets alone, to float rounding, and less padding is computed."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         order = np.argsort([-len(t) for t in texts], kind="stable")
         for start in range(0, len(texts), self.batch_size):

@@ -132,10 +132,11 @@ class CatalogBacklog:
 
     An event naming an item published a moment earlier must not be dead-lettered as
     `unknown_item` while the catalog agent is still embedding the catalog (~100-200 items/s
-    on one CPU core: a MovieLens catalog takes seconds, and every event published meanwhile went to
-    the DLQ). The agents' progress is the app's committed offsets on item-catalog, read with
-    the admin API (OffsetFetch: no group membership, no rebalance). Records this worker has
-    embedded itself (`caught_up`, see Runtime.catch_up_catalog) are not waited for again."""
+    on one CPU core: a MovieLens catalog takes seconds, and every event published meanwhile
+    went to the DLQ). The agents' progress is the app's committed offsets on item-catalog,
+    read with the admin API (OffsetFetch: no group membership, no rebalance). Records this
+    worker has embedded itself (`caught_up`, see Runtime.catch_up_catalog) are not waited for
+    again."""
 
     def __init__(self, admin_factory: Callable[[], Any], topic: str, group: str):
         self._factory = admin_factory
