@@ -61,21 +61,23 @@ def top_k(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray,
 def _select(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The top `k` of each row of the score matrix `s`, best first."""
     cols = _candidates(s, k)
-    cand = np.take_along_axis(s, cols, 1)
+    cand = s if cols is None else np.take_along_axis(s, cols, 1)
     keep = np.argpartition(cand, cand.shape[1] - k, axis=1)[:, cand.shape[1] - k :]
-    cols, vals = np.take_along_axis(cols, keep, 1), np.take_along_axis(cand, keep, 1)
+    vals = np.take_along_axis(cand, keep, 1)
+    if cols is not None:
+        keep = np.take_along_axis(cols, keep, 1)
     order = np.argsort(-vals, axis=1, kind="stable")
-    return np.take_along_axis(vals, order, 1), np.take_along_axis(cols, order, 1)
+    return np.take_along_axis(vals, order, 1), np.take_along_axis(keep, order, 1)
 
 
-def _candidates(s: np.ndarray, k: int) -> np.ndarray:
+def _candidates(s: np.ndarray, k: int) -> np.ndarray | None:
     """Columns of each row that hold its top `k`: those of the k blocks with the largest
-    maxima plus the tail (the module docstring), or every column where blocks would keep
-    most of the row anyway."""
+    maxima plus the tail (the module docstring); None (every column) where blocks would
+    keep most of the row anyway."""
     nq, n = s.shape
     nb = n // BLOCK
     if nb <= 2 * k:
-        return np.broadcast_to(np.arange(n), (nq, n))
+        return None
     block_max = s[:, : nb * BLOCK].reshape(nq, BLOCK, nb).max(axis=1)
     best = np.argpartition(block_max, nb - k, axis=1)[:, nb - k :]
     cols = (best[:, None, :] + nb * np.arange(BLOCK)[:, None]).reshape(nq, -1)
