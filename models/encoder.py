@@ -118,6 +118,12 @@ class TextEncoder:
         log.info("encoder %s loaded on %s as %s (dim %d)", self.name, self.device,
                  str(self.dtype).removeprefix("torch."), self.dim)
 
+    @property
+    def identity(self) -> str:
+        """What decides a text's vector besides the text: the model and the truncation
+        length (streams/catalog.py text_fingerprint)."""
+        return f"{self.name}:{self.max_length}"
+
     @torch.inference_mode()
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """(n, dim) float32, rows L2-normalised. Empty input gives a (0, dim) array.

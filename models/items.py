@@ -124,6 +124,9 @@ class ItemRows:
         self.rows: dict[str, int] = {}
         self.keys = np.zeros(capacity, dtype=np.int64)  # row -> stable key (index/ids.py)
         self.live = np.zeros(capacity, dtype=bool)
+        # row -> fingerprint of the text its vector was made from (0: unknown), so that an
+        # unchanged item published again need not be embedded again (streams/catalog.py)
+        self.fingerprints = np.zeros(capacity, dtype=np.uint64)
         self._hash = hash_fn  # injectable so a test can force a collision
         self._by_key = KeyIndex(np.zeros(0, np.int64))  # of rows 1.. (key -> row - 1)
         self._lock = threading.Lock()  # a server's snapshot thread adds rows too
@@ -203,6 +206,7 @@ class ItemRows:
         pad = capacity - self.capacity
         self.keys = np.concatenate([self.keys, np.zeros(pad, np.int64)])
         self.live = np.concatenate([self.live, np.zeros(pad, bool)])
+        self.fingerprints = np.concatenate([self.fingerprints, np.zeros(pad, np.uint64)])
 
     def restrict(self, rows: np.ndarray, scenarios: Sequence[Sequence[str] | None]) -> None:
         """Set where each row's item may be recommended (None: everywhere). The cached
@@ -215,6 +219,28 @@ class ItemRows:
             for scenario, mask in self._allowed.items():
                 if row < len(mask):
                     mask[row] = where is None or scenario in where
+
+    def unchanged(self, item_ids: Sequence[str], fingerprints: np.ndarray,
+                  scenarios: Sequence[Sequence[str] | None]) -> np.ndarray:
+        """Mask of the items that are live already with a vector of this (non-zero) text
+        fingerprint and these scenarios: applying them again would change nothing.
+
+        >>> rows = ItemRows()
+        >>> r = rows.add(["a", "b"]); rows.set_live(r, True); rows.restrict(r, [None, ["x"]])
+        >>> rows.fingerprints[r] = [5, 6]
+        >>> rows.unchanged(["a", "b", "b", "new"], np.array([5, 6, 6, 7], np.uint64),
+        ...                [None, ["x"], ["y"], None]).tolist()
+        [True, True, False, False]
+        """
+        rows = np.fromiter((self.rows.get(i, 0) for i in item_ids), np.int64,
+                           count=len(item_ids))
+        same = (rows > 0) & self.live[rows] & (np.asarray(fingerprints, np.uint64) != 0) \
+            & (self.fingerprints[rows] == fingerprints)
+        for k in np.flatnonzero(same).tolist():
+            where = scenarios[k]
+            same[k] = self.scenarios.get(int(rows[k])) == (None if where is None
+                                                            else frozenset(where))
+        return same
 
     def allowed(self, scenario: str) -> np.ndarray | None:
         """Mask over rows of the items allowed in `scenario`; None when no item is

@@ -90,16 +90,39 @@ class SharedModel:
 
     # ---------------------------------------------------------------- catalog
     def upsert_items(self, item_ids: Sequence[str], text_vectors: np.ndarray,
-                     scenarios: Sequence[Sequence[str] | None] | None = None) -> None:
+                     scenarios: Sequence[Sequence[str] | None] | None = None,
+                     fingerprints: np.ndarray | None = None) -> None:
         """Add or update items (their frozen text vectors, and where each may be shown:
         None = everywhere); a re-added item keeps its E row. Text vectors are stored at unit
-        length: the item tower's initial scale (ITEM_NORM) assumes it, whatever the encoder."""
+        length: the item tower's initial scale (ITEM_NORM) assumes it, whatever the encoder.
+        `fingerprints`: of the texts the vectors were made from (None: unknown), for
+        `known_text_vectors`."""
         rows = self.add_rows(item_ids)
         if len(rows):
             t = torch.as_tensor(np.asarray(text_vectors, dtype=np.float32), device=self.device)
             self.items.T[torch.as_tensor(rows, device=self.device)] = F.normalize(t, dim=1)
+            self.catalog.fingerprints[rows] = 0 if fingerprints is None else fingerprints
             self.catalog.restrict(rows, scenarios or [None] * len(rows))
             self.catalog.set_live(rows, True)
+
+    def known_text_vectors(self, item_ids: Sequence[str], fingerprints: np.ndarray
+                           ) -> dict[int, np.ndarray]:
+        """{position in `item_ids`: its stored text vector} for each item whose vector was
+        made from the text of the same (non-zero) fingerprint: an item published again
+        unchanged needs no encoder pass. A deleted item's vector counts too.
+
+        >>> model = SharedModel(LearnerConfig(device="cpu"), text_dim=2)
+        >>> model.upsert_items(["a", "b"], np.eye(2, dtype=np.float32), None, np.array([7, 8]))
+        >>> {k: v.tolist() for k, v in model.known_text_vectors(
+        ...     ["b", "a", "new"], np.array([8, 5, 9], np.uint64)).items()}  # "a" has changed
+        {0: [0.0, 1.0]}
+        """
+        rows = np.fromiter((self.catalog.rows.get(i, 0) for i in item_ids), np.int64,
+                           count=len(item_ids))
+        fps = np.asarray(fingerprints, np.uint64)
+        hit = np.flatnonzero((rows > 0) & (fps != 0) & (self.catalog.fingerprints[rows] == fps))
+        vecs = self.items.T[torch.as_tensor(rows[hit], device=self.device)].cpu().numpy()
+        return dict(zip(hit.tolist(), vecs, strict=True))
 
     def add_rows(self, item_ids: Sequence[str]) -> np.ndarray:
         """Rows for `item_ids` (new ones not live yet), growing the tables with the catalog."""

@@ -70,8 +70,7 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
     @app.agent(topic(s.catalog_topic))
     async def catalog(stream: Any) -> None:
         async for events in stream.take_events(256, within=0.5):
-            out = await asyncio.to_thread(runtime.catalog.process,
-                                          [record_of(ev) for ev in events])
+            out = await runtime.embed_catalog([record_of(ev) for ev in events])
             for key, value in out.vectors:
                 await vectors_t.send(key=key, value=value, force=True)
             await send_dead_letters(catalog_dlq, s.topic(s.catalog_topic), out.rejected)

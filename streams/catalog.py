@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
+import xxhash
 
 from streams.records import RawRecord, isolate_failures
 from streams.schemas import InvalidRecord, Reason, parse_item
@@ -25,21 +26,29 @@ log = logging.getLogger("streamrec.catalog")
 
 
 # ------------------------------------------------------------------ item-vectors wire form
-#: 1: {"item_id", "title", "v": base64 float32 vector, "s": scenarios or null}; records
-#: written before a field existed lack it ("format": 1; "s": everywhere).
+#: 1: {"item_id", "title", "v": base64 float32 vector, "s": scenarios or null, "h": text
+#: fingerprint}; records written before a field existed lack it ("format": 1; "s":
+#: everywhere; "h": unknown, so the item is embedded again when it is published again).
 ITEM_VECTOR_FORMAT = 1
 
 
 class ItemVector(NamedTuple):
     vector: np.ndarray
     scenarios: list[str] | None  # where the item may be recommended (None: everywhere)
+    fingerprint: int = 0  # text_fingerprint of what `vector` was made from (0: unknown)
+
+
+def text_fingerprint(encoder: str, text: str) -> int:
+    """A non-zero 64-bit fingerprint of `text` as embedded by the encoder `encoder` (its
+    TextEncoder.identity): equal fingerprints, the same vector (to float rounding)."""
+    return xxhash.xxh64_intdigest(f"{encoder}\0{text}".encode("utf-8", "surrogatepass")) or 1
 
 
 def encode_item_vector(item_id: str, title: str, vec: np.ndarray,
-                       scenarios: list[str] | None = None) -> bytes:
+                       scenarios: list[str] | None = None, fingerprint: int = 0) -> bytes:
     v = base64.b64encode(np.ascontiguousarray(vec, dtype="<f4").tobytes()).decode("ascii")
     return orjson.dumps({"format": ITEM_VECTOR_FORMAT, "item_id": item_id, "title": title,
-                         "v": v, "s": scenarios})
+                         "v": v, "s": scenarios, "h": fingerprint})
 
 
 def decode_item_vector(raw: bytes) -> tuple[str, ItemVector]:
@@ -47,7 +56,7 @@ def decode_item_vector(raw: bytes) -> tuple[str, ItemVector]:
     if d.get("format", 1) != ITEM_VECTOR_FORMAT:
         raise ValueError(f"item-vector format {d.get('format')!r}, expected {ITEM_VECTOR_FORMAT}")
     return d["item_id"], ItemVector(np.frombuffer(base64.b64decode(d["v"]), dtype="<f4"),
-                                    d.get("s"))
+                                    d.get("s"), d.get("h") or 0)
 
 
 def upsert_args(upserts: dict[str, ItemVector]
@@ -63,42 +72,82 @@ def upsert_args(upserts: dict[str, ItemVector]
 class CatalogOutput:
     vectors: list[tuple[bytes, bytes | None]]  # (item key, item-vector record or None = delete)
     rejected: list[tuple[RawRecord, InvalidRecord]]
+    embedded: int = 0  # items the encoder embedded
+    unchanged: int = 0  # items whose known vector was reused (`CatalogEncoder.embed`)
+
+
+@dataclass
+class CatalogWork:
+    """A catalog batch, parsed: what needs no encoder (`out`), and the items to embed."""
+
+    out: CatalogOutput
+    items: list[tuple[RawRecord, Any]]  # (record, parsed item)
+    fingerprints: np.ndarray  # uint64, one per item: text_fingerprint of its text
+
+    @property
+    def item_ids(self) -> list[str]:
+        return [item.item_id for _, item in self.items]
 
 
 class CatalogEncoder:
-    """Validates catalog records and embeds their text in one encoder call per batch."""
+    """Validates catalog records and embeds their text in one encoder call per batch,
+    except the texts whose vector the caller already has (`embed`'s `known`): a catalog
+    published again unchanged (a nightly full dump) costs no encoder pass. The record is
+    written again either way, so item-vectors ends with the catalog's last word for every
+    item, whatever order the two topics were read in."""
 
-    def __init__(self, encode: Callable[[Sequence[str]], np.ndarray], max_item_bytes: int):
+    def __init__(self, encode: Callable[[Sequence[str]], np.ndarray], max_item_bytes: int,
+                 encoder: str = ""):
         self.encode = encode
         self.max_item_bytes = max_item_bytes
+        self.encoder = encoder  # its identity (TextEncoder.identity), in every fingerprint
 
     def process(self, records: Sequence[RawRecord]) -> CatalogOutput:
-        out = CatalogOutput([], [])
-        todo: list[tuple[RawRecord, Any]] = []
+        """`embed(parse(records))`: every item through the encoder."""
+        return self.embed(self.parse(records))
+
+    def parse(self, records: Sequence[RawRecord]) -> CatalogWork:
+        """Deletes and rejections, and the items to embed with their text fingerprints."""
+        work = CatalogWork(CatalogOutput([], []), [], np.zeros(0, np.uint64))
         for rec in records:
             if rec.value is None:  # tombstone: the key is the item id
                 if rec.key:
-                    out.vectors.append((rec.key, None))
+                    work.out.vectors.append((rec.key, None))
                 else:
-                    out.rejected.append((rec, InvalidRecord(Reason.MISSING_FIELD,
-                                                            "tombstone without a key")))
+                    work.out.rejected.append((rec, InvalidRecord(Reason.MISSING_FIELD,
+                                                                 "tombstone without a key")))
                 continue
             try:
                 item = parse_item(rec.value, self.max_item_bytes)
             except InvalidRecord as exc:
-                out.rejected.append((rec, exc))
+                work.out.rejected.append((rec, exc))
                 continue
             if item.deleted:
-                out.vectors.append((item.item_id.encode(), None))
+                work.out.vectors.append((item.item_id.encode(), None))
             else:
-                todo.append((rec, item))
+                work.items.append((rec, item))
+        work.fingerprints = np.fromiter(
+            (text_fingerprint(self.encoder, it.embedding_text()) for _, it in work.items),
+            np.uint64, count=len(work.items))
+        return work
+
+    def embed(self, work: CatalogWork, known: dict[int, np.ndarray] | None = None
+              ) -> CatalogOutput:
+        """Each item's vector record: `known[k]` for item k where given (its text's vector,
+        e.g. SharedModel.known_text_vectors), the encoder's for the rest."""
+        known = known or {}
+        out, fps = work.out, work.fingerprints.tolist()
+        todo = [(k, it) for k, it in enumerate(work.items) if k not in known]
         good, bad = isolate_failures(
-            lambda batch: list(self.encode([it.embedding_text() for _, it in batch])), todo
-        )
-        for (_, item), vec in good:
+            lambda batch: list(self.encode([it.embedding_text() for _, (_, it) in batch])),
+            todo)
+        out.embedded, out.unchanged = len(good), len(known)
+        vectors = known | {k: vec for (k, _), vec in good}
+        for k in sorted(vectors):  # in the records' order: an item's last record wins
+            item, vec = work.items[k][1], vectors[k]
             out.vectors.append((item.item_id.encode(), encode_item_vector(
-                item.item_id, item.title, vec, item.scenarios)))
-        for (rec, _), exc in bad:
+                item.item_id, item.title, vec, item.scenarios, fps[k])))
+        for (_, (rec, _)), exc in bad:
             out.rejected.append((rec, InvalidRecord(Reason.PROCESSING_ERROR,
                                                     f"encoder failed: {exc!r}"[:300])))
         return out

@@ -56,7 +56,10 @@ INDEX_ITEMS = Gauge("streamrec_index_items", "Items in the serving FAISS index")
 INDEX_VERSION = Gauge("streamrec_index_version", "Version of the serving FAISS index")
 USERS_ACTIVE = Gauge("streamrec_users_active", "Users with an event in the last 5 minutes")
 CATALOG_ITEMS = Counter(
-    "streamrec_catalog_items", "Catalog records processed, by outcome", ["outcome"]
+    "streamrec_catalog_items", "Catalog records processed, by outcome: `embedded` by the "
+    "encoder, `unchanged` (the text's vector was known: no encoder pass), `rejected` (to the "
+    "DLQ); and, applied from item-vectors on every worker, `upserted` and `deleted`",
+    ["outcome"],
 )
 COVISIT_BYTES = Gauge(
     "streamrec_covisit_bytes", "Memory of the co-visitation counts: the one part of a worker's "

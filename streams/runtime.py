@@ -33,7 +33,13 @@ from models.serving import Server
 from models.snapshot import SnapshotMeta, apply_base, apply_delta
 from models.user_state import UserState
 from streams import metrics as m
-from streams.catalog import CatalogBacklog, CatalogEncoder, collapse_item_vectors, upsert_args
+from streams.catalog import (
+    CatalogBacklog,
+    CatalogEncoder,
+    CatalogOutput,
+    collapse_item_vectors,
+    upsert_args,
+)
 from streams.clients import aio_options, kafka_producer
 from streams.gaps import GapFiller, read_records
 from streams.off_loop import OffLoop
@@ -83,10 +89,11 @@ class SnapshotFollower:
         return len(todo)
 
     def catalog_changed(self, ids: list[str], vectors: np.ndarray | None,
-                        scenarios: list[list[str] | None] | None = None) -> None:
+                        scenarios: list[list[str] | None] | None = None,
+                        fingerprints: np.ndarray | None = None) -> None:
         """A catalog change applied to the served model, to re-apply to a fork in the works."""
         if self._build is not None:
-            self._changes.append((ids, vectors, scenarios))
+            self._changes.append((ids, vectors, scenarios, fingerprints))
 
     @property
     def has_work(self) -> bool:
@@ -117,12 +124,12 @@ class SnapshotFollower:
             return False
         if meta is None:  # nothing applicable (e.g. a delta behind a gap: wait for a base)
             return False
-        for ids, vectors, scenarios in changes:  # the catalog moved on meanwhile
+        for ids, vectors, scenarios, fingerprints in changes:  # the catalog moved on meanwhile
             if vectors is None:
                 model.delete_items(ids)
                 index.remove(model.catalog.keys_of_ids(ids))
             else:
-                model.upsert_items(ids, vectors, scenarios)
+                model.upsert_items(ids, vectors, scenarios, fingerprints)
                 rows = np.array([model.catalog.rows[i] for i in ids], np.int64)
                 index.upsert(model.catalog.keys[rows], model.item_vectors(rows)[1])
         self.server.swap(model, index)
@@ -161,7 +168,8 @@ class Runtime:
                              exclude_seen=s.exclude_seen)
         self.processor = EventProcessor(s, self.server, PersonalStep.from_config(s.learner),
                                         self.encoder)
-        self.catalog = CatalogEncoder(self.encoder.encode, s.max_item_bytes)
+        self.catalog = CatalogEncoder(self.encoder.encode, s.max_item_bytes,
+                                      self.encoder.identity)
         self.follower = SnapshotFollower(self.server, s.app_id)
         self.model_steps = OffLoop()  # every read and change of the served model
         self.items = TopicReplica(self._consumer, s.topic(s.item_vectors_topic),
@@ -228,13 +236,21 @@ class Runtime:
 
     # ------------------------------------------------------------------ replicated state
     def _apply_item_vectors(self, messages: list[Any]) -> None:
-        """Catalog changes reach model and serving index together (a model step)."""
+        """Catalog changes reach model and serving index together (a model step). An item
+        sent again unchanged (live, with the same text fingerprint and scenarios) changes
+        neither: a catalog published again costs no index work."""
         upserts, deletes = collapse_item_vectors(messages)
-        if upserts:
-            ids, vectors, scenarios = upsert_args(upserts)
-            self.model.upsert_items(ids, vectors, scenarios)
+        ids = list(upserts)
+        same = self.model.catalog.unchanged(
+            ids, np.array([upserts[i].fingerprint for i in ids], np.uint64),
+            [upserts[i].scenarios for i in ids])
+        changed = {i: upserts[i] for i, skip in zip(ids, same.tolist(), strict=True) if not skip}
+        if changed:
+            ids, vectors, scenarios = upsert_args(changed)
+            fingerprints = np.array([changed[i].fingerprint for i in ids], np.uint64)
+            self.model.upsert_items(ids, vectors, scenarios, fingerprints)
             self.server.add_items(ids)
-            self.follower.catalog_changed(ids, vectors, scenarios)
+            self.follower.catalog_changed(ids, vectors, scenarios, fingerprints)
         if deletes:
             self.model.delete_items(deletes)
             self.server.remove_items(deletes)
@@ -291,6 +307,19 @@ class Runtime:
         states = {user: UserState.from_bytes(value) for user, value in stored.items()}
         return self.processor.process(good, bad, states)
 
+    async def embed_catalog(self, records: list[RawRecord]) -> CatalogOutput:
+        """Catalog records to item-vector records (the catalog agent's work), off the loop:
+        the items whose text this worker already holds a vector of (its replica of
+        item-vectors: a model step, so that no catalog change interleaves) skip the
+        encoder (streams/catalog.py CatalogEncoder)."""
+        work = await asyncio.to_thread(self.catalog.parse, records)
+        known = await self.model_steps.run(
+            lambda: self.model.known_text_vectors(work.item_ids, work.fingerprints))
+        out = await asyncio.to_thread(self.catalog.embed, work, known)
+        m.CATALOG_ITEMS.labels(outcome="embedded").inc(out.embedded)
+        m.CATALOG_ITEMS.labels(outcome="unchanged").inc(out.unchanged)
+        return out
+
     async def catch_up_catalog(self) -> None:
         """Embed here the catalog records no catalog agent has got to, and publish their
         vectors as the agent would.
@@ -307,7 +336,7 @@ class Runtime:
             records += await read_records(self._consumer, self.catalog_backlog.topic, p,
                                           start, end, None,
                                           "were not embedded by a catalog agent")
-        out = await asyncio.to_thread(self.catalog.process, records)
+        out = await self.embed_catalog(records)
         await asyncio.to_thread(self._publish_vectors, out.vectors)
         self.catalog_backlog.caught_up.update({p: end for p, (_, end) in lag.items()})
 

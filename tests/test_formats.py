@@ -58,8 +58,9 @@ def test_user_state_today_writes_the_v2_fixture_byte_for_byte():
 
 @pytest.mark.parametrize("name", ["item_vector_v0.json", "item_vector_v1.json"])
 def test_item_vector_records(name):
-    item_id, (vec, _) = decode_item_vector(raw(name))
+    item_id, (vec, _, fingerprint) = decode_item_vector(raw(name))
     assert item_id == "item-1"
+    assert fingerprint == 0  # written before records carried one: embedded again if re-sent
     np.testing.assert_array_equal(vec, np.linspace(0, 1, 8).astype(np.float32))
 
 

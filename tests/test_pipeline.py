@@ -253,6 +253,15 @@ def test_metrics_page_has_design_metrics_and_faust_sensors(run):
     assert stages == {"decode", "encode", "learn", "search", "emit", "state", "commit"}
 
 
+def test_only_new_texts_reach_the_encoder(run):
+    """The re-added items were published again with the text they had: their vectors were
+    reused, not embedded again."""
+    samples = run["worker"].metrics()
+    assert total(samples, "streamrec_catalog_items_total", outcome="embedded") == \
+        len(run["world"].items)
+    assert total(samples, "streamrec_catalog_items_total", outcome="unchanged") == N_DELETED
+
+
 def test_invalid_catalog_items_go_to_their_dlq(run):
     s = run["settings"]
     dlq = {(h["streamrec.source.partition"], h["streamrec.source.offset"]): (v, h)

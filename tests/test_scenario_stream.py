@@ -120,7 +120,7 @@ def test_the_catalog_record_carries_the_scenarios(encoder):
     out = cat.process([RawRecord(b"a", orjson.dumps({"item_id": "a", "title": "A",
                                                       "scenarios": ["kids", "home"]}), 0, 0),
                        RawRecord(b"b", orjson.dumps({"item_id": "b", "title": "B"}), 0, 1)])
-    (_, (_, where_a)), (_, (_, where_b)) = (decode_item_vector(v) for _, v in out.vectors)
+    where_a, where_b = (decode_item_vector(v)[1].scenarios for _, v in out.vectors)
     assert (where_a, where_b) == (["kids", "home"], None)
 
 

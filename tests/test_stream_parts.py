@@ -12,14 +12,19 @@ import faust.streams
 import numpy as np
 import orjson
 import pytest
+import torch
+from aiokafka.structs import ConsumerRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from models.config import LearnerConfig
 from models.lr_rules import Fixed, RMSPropNorm
-from streams.catalog import CatalogEncoder, decode_item_vector
+from models.model import SharedModel
+from streams.catalog import CatalogEncoder, decode_item_vector, encode_item_vector
 from streams.checkpoint import CheckpointStore
 from streams.faust_internals import current_event
 from streams.records import RawRecord, isolate_failures
+from streams.runtime import Runtime
 from streams.schemas import (
     InvalidRecord,
     Item,
@@ -156,11 +161,77 @@ def test_catalog_encoder_with_the_real_encoder(encoder):
     out = CatalogEncoder(encoder.encode, 10_000).process(records)
     vectors = dict(out.vectors)
     assert vectors[b"c"] is None and vectors[b"d"] is None
-    item_id, (vec, _) = decode_item_vector(vectors[b"a"])
+    item_id, (vec, *_) = decode_item_vector(vectors[b"a"])
     assert item_id == "a" and vec.shape == (encoder.dim,)
     assert abs(np.linalg.norm(vec) - 1) < 1e-4
     np.testing.assert_allclose(vec, encoder.encode(["Galaxy telescope"])[0], atol=1e-5)
     assert [(r.offset, e.reason) for r, e in out.rejected] == [(4, Reason.INVALID_JSON)]
+
+
+def _catalog(*items: tuple[str, str]) -> list[RawRecord]:
+    return [RawRecord(i.encode(), orjson.dumps({"item_id": i, "title": t}), 0, n)
+            for n, (i, t) in enumerate(items)]
+
+
+def test_catalog_encoder_skips_the_encoder_for_texts_the_worker_holds(encoder):
+    """A catalog published again: the unchanged items' vectors come from the model's
+    replica of item-vectors, only changed and new texts reach the encoder, and the records
+    keep the batch's order (an item's last record wins)."""
+    seen: list[str] = []
+
+    def encode(texts):
+        seen.extend(texts)
+        return encoder.encode(texts)
+
+    cat = CatalogEncoder(encode, 10_000, encoder.identity)
+    first = cat.process(_catalog(("a", "Galaxy telescope"), ("b", "Pasta recipe")))
+    model = SharedModel(LearnerConfig(device="cpu"), text_dim=encoder.dim)
+    decoded = [decode_item_vector(v)[1] for _, v in first.vectors]
+    model.upsert_items(["a", "b"], np.stack([d.vector for d in decoded]), None,
+                       np.array([d.fingerprint for d in decoded], np.uint64))
+    seen.clear()
+    work = cat.parse(_catalog(("b", "Pasta recipe with basil"), ("a", "Galaxy telescope"),
+                              ("c", "Galaxy survey"), ("b", "Pasta recipe")))
+    out = cat.embed(work, model.known_text_vectors(work.item_ids, work.fingerprints))
+    assert sorted(seen) == ["Galaxy survey", "Pasta recipe with basil"]
+    assert (out.embedded, out.unchanged) == (2, 2)
+    assert [k for k, _ in out.vectors] == [b"b", b"a", b"c", b"b"]
+    again = [decode_item_vector(v)[1] for _, v in out.vectors]
+    np.testing.assert_allclose(again[1].vector, decoded[0].vector, atol=1e-6)  # a: reused
+    np.testing.assert_allclose(again[3].vector, decoded[1].vector, atol=1e-6)  # b's last
+    assert again[1].fingerprint == decoded[0].fingerprint != 0
+    np.testing.assert_allclose(again[2].vector, encoder.encode(["Galaxy survey"])[0], atol=1e-5)
+    # another encoder's fingerprints match nothing: every item is embedded
+    other = CatalogEncoder(encode, 10_000, "another-model").parse(
+        _catalog(("a", "Galaxy telescope")))
+    assert model.known_text_vectors(other.item_ids, other.fingerprints) == {}
+
+
+def test_an_item_sent_again_unchanged_changes_nothing_in_the_worker(encoder, tmp_path):
+    """item-vectors records apply to model and index, except an item's record with the text
+    fingerprint and scenarios the worker holds already (a catalog dump sent again): even
+    with other vector bytes (another worker's float rounding), it is left as it is."""
+    rt = Runtime(Settings(broker="kafka://127.0.0.1:9", data_dir=tmp_path, store="memory"),
+                 encoder=encoder)
+    first = rt.catalog.process(_catalog(("a", "Galaxy telescope"), ("b", "Pasta recipe")))
+
+    def apply(vectors: list[tuple[bytes, bytes | None]]) -> None:
+        rt._apply_item_vectors([ConsumerRecord("item-vectors", 0, n, 0, 0, k, v, None, 0, 0, ())
+                                for n, (k, v) in enumerate(vectors)])
+
+    apply(first.vectors)
+    T = rt.model.items.T
+    before = T.clone()
+    again = []
+    for (key, raw), where in zip(first.vectors, [None, ["books"]], strict=True):
+        item_id, iv = decode_item_vector(raw)
+        again.append((key, encode_item_vector(item_id, "", np.roll(iv.vector, 1), where,
+                                              iv.fingerprint)))
+    apply(again)
+    a, b = rt.model.catalog.rows_of(["a", "b"])
+    assert torch.equal(rt.model.items.T[a], before[a])  # unchanged: not applied
+    assert not torch.equal(rt.model.items.T[b], before[b])  # its scenarios changed: applied
+    assert rt.model.catalog.allowed("games")[[a, b]].tolist() == [True, False]
 
 
 def test_catalog_encoder_isolates_an_item_that_makes_the_encoder_fail(encoder):
@@ -169,8 +240,8 @@ def test_catalog_encoder_isolates_an_item_that_makes_the_encoder_fail(encoder):
             raise RuntimeError("tokenizer blew up")
         return encoder.encode(texts)
 
-    records = [RawRecord(str(i).encode(), orjson.dumps({"item_id": str(i), "title": t}), 0, i)
-               for i, t in enumerate(["ok one", "POISON pill", "ok two", "ok three"])]
+    records = _catalog(*((str(i), t) for i, t in
+                         enumerate(["ok one", "POISON pill", "ok two", "ok three"])))
     out = CatalogEncoder(fragile, 10_000).process(records)
     assert sorted(k for k, _ in out.vectors) == [b"0", b"2", b"3"]
     assert [(r.offset, e.reason) for r, e in out.rejected] == [(1, Reason.PROCESSING_ERROR)]
