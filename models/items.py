@@ -220,6 +220,15 @@ class ItemRows:
                 if row < len(mask):
                     mask[row] = where is None or scenario in where
 
+    def same_text(self, item_ids: Sequence[str], fingerprints: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, mask): each item's row (0: none yet), and whether its row's vector was
+        made from the text of this (non-zero) fingerprint."""
+        rows = np.fromiter((self.rows.get(i, 0) for i in item_ids), np.int64,
+                           count=len(item_ids))
+        fps = np.asarray(fingerprints, np.uint64)
+        return rows, (rows > 0) & (fps != 0) & (self.fingerprints[rows] == fps)
+
     def unchanged(self, item_ids: Sequence[str], fingerprints: np.ndarray,
                   scenarios: Sequence[Sequence[str] | None]) -> np.ndarray:
         """Mask of the items that are live already with a vector of this (non-zero) text
@@ -232,10 +241,8 @@ class ItemRows:
         ...                [None, ["x"], ["y"], None]).tolist()
         [True, True, False, False]
         """
-        rows = np.fromiter((self.rows.get(i, 0) for i in item_ids), np.int64,
-                           count=len(item_ids))
-        same = (rows > 0) & self.live[rows] & (np.asarray(fingerprints, np.uint64) != 0) \
-            & (self.fingerprints[rows] == fingerprints)
+        rows, same = self.same_text(item_ids, fingerprints)
+        same &= self.live[rows]
         for k in np.flatnonzero(same).tolist():
             where = scenarios[k]
             same[k] = self.scenarios.get(int(rows[k])) == (None if where is None

@@ -117,10 +117,8 @@ class SharedModel:
         ...     ["b", "a", "new"], np.array([8, 5, 9], np.uint64)).items()}  # "a" has changed
         {0: [0.0, 1.0]}
         """
-        rows = np.fromiter((self.catalog.rows.get(i, 0) for i in item_ids), np.int64,
-                           count=len(item_ids))
-        fps = np.asarray(fingerprints, np.uint64)
-        hit = np.flatnonzero((rows > 0) & (fps != 0) & (self.catalog.fingerprints[rows] == fps))
+        rows, same = self.catalog.same_text(item_ids, fingerprints)
+        hit = np.flatnonzero(same)
         vecs = self.items.T[torch.as_tensor(rows[hit], device=self.device)].cpu().numpy()
         return dict(zip(hit.tolist(), vecs, strict=True))
 
