@@ -220,8 +220,7 @@ def test_an_item_sent_again_unchanged_changes_nothing_in_the_worker(encoder, tmp
                                 for n, (k, v) in enumerate(vectors)])
 
     apply(first.vectors)
-    T = rt.model.items.T
-    before = T.clone()
+    before = rt.model.items.T.clone()
     again = []
     for (key, raw), where in zip(first.vectors, [None, ["books"]], strict=True):
         item_id, iv = decode_item_vector(raw)
