@@ -82,6 +82,7 @@ class CatalogWork:
 
     out: CatalogOutput
     items: list[tuple[RawRecord, Any]]  # (record, parsed item)
+    texts: list[str]  # each item's embedding text
     fingerprints: np.ndarray  # uint64, one per item: text_fingerprint of its text
 
     @property
@@ -108,7 +109,7 @@ class CatalogEncoder:
 
     def parse(self, records: Sequence[RawRecord]) -> CatalogWork:
         """Deletes and rejections, and the items to embed with their text fingerprints."""
-        work = CatalogWork(CatalogOutput([], []), [], np.zeros(0, np.uint64))
+        work = CatalogWork(CatalogOutput([], []), [], [], np.zeros(0, np.uint64))
         for rec in records:
             if rec.value is None:  # tombstone: the key is the item id
                 if rec.key:
@@ -126,9 +127,9 @@ class CatalogEncoder:
                 work.out.vectors.append((item.item_id.encode(), None))
             else:
                 work.items.append((rec, item))
-        work.fingerprints = np.fromiter(
-            (text_fingerprint(self.encoder, it.embedding_text()) for _, it in work.items),
-            np.uint64, count=len(work.items))
+        work.texts = [it.embedding_text() for _, it in work.items]
+        work.fingerprints = np.fromiter((text_fingerprint(self.encoder, t) for t in work.texts),
+                                        np.uint64, count=len(work.texts))
         return work
 
     def embed(self, work: CatalogWork, known: dict[int, np.ndarray] | None = None
@@ -137,17 +138,17 @@ class CatalogEncoder:
         e.g. SharedModel.known_text_vectors), the encoder's for the rest."""
         known = known or {}
         out, fps = work.out, work.fingerprints.tolist()
-        todo = [(k, it) for k, it in enumerate(work.items) if k not in known]
+        todo = [k for k in range(len(work.items)) if k not in known]
         good, bad = isolate_failures(
-            lambda batch: list(self.encode([it.embedding_text() for _, (_, it) in batch])),
-            todo)
+            lambda batch: list(self.encode([work.texts[k] for k in batch])), todo)
         out.embedded, out.unchanged = len(good), len(known)
-        vectors = known | {k: vec for (k, _), vec in good}
+        vectors = known | dict(good)
         for k in sorted(vectors):  # in the records' order: an item's last record wins
             item, vec = work.items[k][1], vectors[k]
             out.vectors.append((item.item_id.encode(), encode_item_vector(
                 item.item_id, item.title, vec, item.scenarios, fps[k])))
-        for (_, (rec, _)), exc in bad:
+        for k, exc in bad:
+            rec = work.items[k][0]
             out.rejected.append((rec, InvalidRecord(Reason.PROCESSING_ERROR,
                                                     f"encoder failed: {exc!r}"[:300])))
         return out

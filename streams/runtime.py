@@ -241,13 +241,12 @@ class Runtime:
         neither: a catalog published again costs no index work."""
         upserts, deletes = collapse_item_vectors(messages)
         ids = list(upserts)
-        same = self.model.catalog.unchanged(
-            ids, np.array([upserts[i].fingerprint for i in ids], np.uint64),
-            [upserts[i].scenarios for i in ids])
-        changed = {i: upserts[i] for i, skip in zip(ids, same.tolist(), strict=True) if not skip}
+        fps = np.array([upserts[i].fingerprint for i in ids], np.uint64)
+        new = ~self.model.catalog.unchanged(ids, fps, [upserts[i].scenarios for i in ids])
+        changed = {i: upserts[i] for i, keep in zip(ids, new.tolist(), strict=True) if keep}
         if changed:
             ids, vectors, scenarios = upsert_args(changed)
-            fingerprints = np.array([changed[i].fingerprint for i in ids], np.uint64)
+            fingerprints = fps[new]
             self.model.upsert_items(ids, vectors, scenarios, fingerprints)
             self.server.add_items(ids)
             self.follower.catalog_changed(ids, vectors, scenarios, fingerprints)
