@@ -41,6 +41,7 @@ from streams.faust_internals import (
 )
 from streams.gaps import commit_offsets, progress, progress_key
 from streams.group_lease import GroupLease
+from streams.linger import Linger
 from streams.processor import BatchOutput
 from streams.records import RawRecord
 from streams.runtime import Runtime
@@ -74,16 +75,23 @@ class EventBatches:
         self.s, self.app, self.runtime = settings, app, runtime
         self.users, self.dead_letters, self.lease = users, dead_letters, lease
         self.lock = asyncio.Lock()
+        self.linger = Linger(settings.linger_target_events, settings.linger_max_s,
+                             settings.batch_wait_s, settings.batch_size)
         self.last_delivery = time.monotonic()  # when the stream last handed over a batch
         # which process produced a record (recommendations, examples): tracing and the tests
         self.headers = [("streamrec.worker", f"{socket.gethostname()}:{os.getpid()}".encode())]
 
     # -- entry points -----------------------------------------------------------------------
     async def from_stream(self, events: list[Any]) -> None:
-        """A batch as `take_events` delivers it."""
-        self.last_delivery = time.monotonic()
+        """A batch as `take_events` delivers it; then, under a light load, a wait that lets
+        the next one fill (streams/linger.py)."""
+        self.last_delivery = handed_over = time.monotonic()
         async with self.lock:
             await self.lease.hold("a batch", self.run([record_of(ev) for ev in events]))
+        wait = self.linger.after(len(events), handed_over, time.monotonic())
+        if wait:
+            m.LINGER_SECONDS.observe(wait)
+            await asyncio.sleep(wait)
 
     async def skipped_tails(self) -> None:
         """When the stream has been quiet, compare each assigned partition's stored progress

@@ -26,6 +26,9 @@ REFETCHED = Counter(
     "the agent read back from Kafka before going on", ["topic"]
 )
 BATCH_SIZE = Histogram("streamrec_batch_size", "Events per micro-batch", buckets=_BATCH_BUCKETS)
+LINGER_SECONDS = Histogram(
+    "streamrec_linger_seconds", "How long the events agent waited after a batch for a fuller "
+    "next one (streams/linger.py; no sample when it did not wait)", buckets=_LATENCY_BUCKETS)
 BATCHES_IN_FLIGHT = Gauge(
     "streamrec_batches_in_flight", "Batches started and not yet durable and committed (0 or 1; "
     "stuck at 1: a batch that cannot be delivered)"

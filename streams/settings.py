@@ -91,9 +91,26 @@ class Settings(BaseSettings):
         500, ge=1, description="Max events per micro-batch (Faust take_events)."
     )
     batch_wait_s: float = Field(
-        0.05,
+        0.02,
         gt=0,
-        description="Max wait to fill a micro-batch: bounds the latency added by batching.",
+        description="Faust's wait for a micro-batch to fill after each batch, whatever the "
+        "load (take_events' `within`): short, since under a light load the adaptive linger "
+        "below waits for a fuller batch instead. With 0.05 and no linger a quarter of the "
+        "maximum rate took 50% of a core and 0.02 with the linger 37%, p99 at half of it "
+        "339 against 316 ms (README, Performance).",
+    )
+    linger_target_events: int = Field(
+        56,
+        ge=1,
+        description="Under a light load, the events agent waits after a batch until the next "
+        "one would hold about this many events at the current rate (streams/linger.py): "
+        "fewer, fuller batches pay a batch's fixed cost less often. Never above batch_size.",
+    )
+    linger_max_s: float = Field(
+        0.2,
+        ge=0,
+        description="Longest such wait, so the most latency it adds to an event; 0 turns the "
+        "linger off (a backlog never lingers).",
     )
     max_event_bytes: int = Field(
         65_536, ge=256, description="Records above this size go to the DLQ before parsing."
@@ -245,6 +262,13 @@ class Settings(BaseSettings):
     @classmethod
     def _scheme(cls, v: str) -> str:
         return v if "://" in v else f"kafka://{v}"
+
+    @model_validator(mode="after")
+    def _linger_target_fits_a_batch(self) -> Settings:
+        if self.linger_target_events > self.batch_size:
+            raise ValueError(f"linger_target_events ({self.linger_target_events}) is above "
+                             f"batch_size ({self.batch_size}): no batch can hold it")
+        return self
 
     @model_validator(mode="after")
     def _seen_items_are_negatives_when_served(self) -> Settings:

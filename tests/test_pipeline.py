@@ -244,7 +244,7 @@ def test_metrics_page_has_design_metrics_and_faust_sensors(run):
                  "streamrec_stage_seconds_count", "streamrec_event_to_recommendation_seconds_count",
                  "streamrec_recommendations_total", "streamrec_learning_rate_count",
                  "streamrec_online_loss", "streamrec_index_items", "streamrec_index_version",
-                 "streamrec_users_active"):
+                 "streamrec_users_active", "streamrec_linger_seconds_count"):
         assert name in names, name
     assert any(n.startswith("streamrec_faust_") for n in names)
     assert total(samples, "streamrec_index_items") == len(run["world"].items)
