@@ -36,6 +36,7 @@ SMOOTHING = 0.3
 
 
 def smoothed(old: float | None, new: float) -> float:
+    """An exponentially weighted mean: the first value as it is, then `SMOOTHING` of each."""
     return new if old is None else SMOOTHING * new + (1 - SMOOTHING) * old
 
 
@@ -43,7 +44,8 @@ class Linger:
     """The module doc's rule, fed one batch at a time (`after`)."""
 
     def __init__(self, target: int, max_s: float, within: float, full: int):
-        self.target, self.max_s, self.within, self.full = target, max_s, within, full
+        """`full`: the batch size (Faust's `max`), which also caps `target`."""
+        self.target, self.max_s, self.within, self.full = min(target, full), max_s, within, full
         self.rate: float | None = None  # smoothed events per second
         self.busy: float | None = None  # smoothed seconds from hand-over to return
         self._last: float | None = None  # when the previous batch was handed over

@@ -104,7 +104,7 @@ class Settings(BaseSettings):
         ge=1,
         description="Under a light load, the events agent waits after a batch until the next "
         "one would hold about this many events at the current rate (streams/linger.py): "
-        "fewer, fuller batches pay a batch's fixed cost less often. Never above batch_size.",
+        "fewer, fuller batches pay a batch's fixed cost less often. Capped at batch_size.",
     )
     linger_max_s: float = Field(
         0.2,
@@ -262,13 +262,6 @@ class Settings(BaseSettings):
     @classmethod
     def _scheme(cls, v: str) -> str:
         return v if "://" in v else f"kafka://{v}"
-
-    @model_validator(mode="after")
-    def _linger_target_fits_a_batch(self) -> Settings:
-        if self.linger_target_events > self.batch_size:
-            raise ValueError(f"linger_target_events ({self.linger_target_events}) is above "
-                             f"batch_size ({self.batch_size}): no batch can hold it")
-        return self
 
     @model_validator(mode="after")
     def _seen_items_are_negatives_when_served(self) -> Settings:

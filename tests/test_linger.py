@@ -5,7 +5,6 @@ returns, and a batch of n events takes a + b·n seconds to process."""
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
 
 from streams.linger import Linger
 from streams.settings import Settings
@@ -20,7 +19,7 @@ def simulate(rate: float, linger: Linger, batches: int = 40, a: float = 0.05,
     time `start`; `swing`: batches alternately take that much less and more time."""
     sizes, waits, handed, backlog = [], [], start, 0.0
     for k in range(batches):
-        n = min(FULL, int(backlog))
+        n = min(linger.full, int(backlog))
         backlog -= n
         now = handed + a + b * n + (swing if k % 2 else -swing)
         wait = linger.after(n, handed, now)
@@ -82,7 +81,13 @@ def test_off_when_max_s_is_zero():
     assert set(waits) == {0.0}
 
 
-def test_a_target_above_the_batch_size_is_refused():
-    with pytest.raises(ValidationError, match=r"linger_target_events \(600\) is above "
-                                               r"batch_size \(500\)"):
-        Settings(linger_target_events=600)
+def test_a_target_above_the_batch_size_aims_at_the_batch_size():
+    """Settings(batch_size=20) keeps the default target (56, so no setting has to change
+    with the batch size): the linger aims at 20 events, the most Faust hands over."""
+    s = Settings(batch_size=20)
+    linger = Linger(s.linger_target_events, s.linger_max_s, WITHIN, s.batch_size)
+    sizes, waits = simulate(100.0, linger, a=0.02, b=0.0005)
+    plain, _ = simulate(100.0, Linger(20, 0.0, WITHIN, 20), a=0.02, b=0.0005)
+    assert linger.target == 20
+    assert max(sizes) == 20 and max(waits) <= s.linger_max_s
+    assert sum(sizes[10:]) > 1.5 * sum(plain[10:])
