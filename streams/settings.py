@@ -91,26 +91,27 @@ class Settings(BaseSettings):
         500, ge=1, description="Max events per micro-batch (Faust take_events)."
     )
     batch_wait_s: float = Field(
-        0.02,
+        0.05,
         gt=0,
         description="Faust's wait for a micro-batch to fill after each batch, whatever the "
-        "load (take_events' `within`): short, since under a light load the adaptive linger "
-        "below waits for a fuller batch instead. With 0.05 and no linger a quarter of the "
-        "maximum rate took 50% of a core and 0.02 with the linger 37%, p99 at half of it "
-        "339 against 316 ms (README, Performance).",
+        "load (take_events' `within`): bounds the latency added by batching. 0.02 with the "
+        "linger below cut a quarter load's CPU, but under a backlog batches then left "
+        "half-full (272 events, not ~480) and throughput fell (README, Performance).",
     )
     linger_target_events: int = Field(
         56,
         ge=1,
-        description="Under a light load, the events agent waits after a batch until the next "
-        "one would hold about this many events at the current rate (streams/linger.py): "
-        "fewer, fuller batches pay a batch's fixed cost less often. Capped at batch_size.",
+        description="With linger_max_s > 0, under a light load the events agent waits after a "
+        "batch until the next one would hold about this many events at the current rate "
+        "(streams/linger.py): fewer, fuller batches pay a batch's fixed cost less often. "
+        "Capped at batch_size.",
     )
     linger_max_s: float = Field(
-        0.2,
+        0.0,
         ge=0,
-        description="Longest such wait, so the most latency it adds to an event; 0 turns the "
-        "linger off (a backlog never lingers).",
+        description="Longest such wait, so the most latency it adds to an event; 0 (default) "
+        "turns the linger off. 0.2 with batch_wait_s 0.02 took a quarter load from 50% to 37% "
+        "of a core, but with 0.05 it raised p99 at half load (README, Performance).",
     )
     max_event_bytes: int = Field(
         65_536, ge=256, description="Records above this size go to the DLQ before parsing."

@@ -84,7 +84,7 @@ def test_off_when_max_s_is_zero():
 def test_a_target_above_the_batch_size_aims_at_the_batch_size():
     """Settings(batch_size=20) keeps the default target (56, so no setting has to change
     with the batch size): the linger aims at 20 events, the most Faust hands over."""
-    s = Settings(batch_size=20)
+    s = Settings(batch_size=20, linger_max_s=0.2)
     linger = Linger(s.linger_target_events, s.linger_max_s, WITHIN, s.batch_size)
     sizes, waits = simulate(100.0, linger, a=0.02, b=0.0005)
     plain, _ = simulate(100.0, Linger(20, 0.0, WITHIN, 20), a=0.02, b=0.0005)
