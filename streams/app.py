@@ -2,7 +2,8 @@
 
 Agents
 - `catalog`: item-catalog -> validate + embed (once per item, cluster-wide) -> item-vectors.
-- `events`: behavior-events in micro-batches (`take_events`) -> streams/batch.py: one
+- `events`: behavior-events in micro-batches (`take_batches`, Faust's `take_events` with
+  a wait that follows the load: streams/linger.py) -> streams/batch.py: one
   recommendation per user, DLQ records, the per-user step, training examples, table
   writes (one per user per batch), commit.
 Pages: /metrics (Prometheus), /ready (readiness), /covisit (the served counts).
@@ -26,7 +27,7 @@ from streams import metrics as m
 from streams.batch import EventBatches, record_of, send_dead_letters
 from streams.clients import faust_credentials, wait_for_broker
 from streams.errors import UserError
-from streams.faust_internals import DurableTable, Worker, tune_stream_fetch
+from streams.faust_internals import DurableTable, Worker, take_batches, tune_stream_fetch
 from streams.local_store import discard_unreadable
 from streams.loop_stalls import watch_loop
 from streams.process import configure_process, freeze_heap
@@ -79,7 +80,7 @@ def create_app(settings: Settings, runtime: Runtime) -> faust.App:
     @app.agent(topic(s.events_topic))
     async def events(stream: Any) -> None:
         await runtime.ready.wait()
-        async for batch in stream.take_events(s.batch_size, within=s.batch_wait_s):
+        async for batch in take_batches(stream, s.batch_size, lambda: batches.next_wait):
             await batches.from_stream(batch)
 
     @app.timer(s.skipped_tail_check_s)

@@ -77,21 +77,32 @@ class EventBatches:
         self.lock = asyncio.Lock()
         self.linger = Linger(settings.linger_target_events, settings.linger_max_s,
                              settings.batch_wait_s, settings.batch_size)
+        self.next_wait = settings.batch_wait_s  # Faust's wait for the next batch to fill
         self.last_delivery = time.monotonic()  # when the stream last handed over a batch
         # which process produced a record (recommendations, examples): tracing and the tests
         self.headers = [("streamrec.worker", f"{socket.gethostname()}:{os.getpid()}".encode())]
 
     # -- entry points -----------------------------------------------------------------------
     async def from_stream(self, events: list[Any]) -> None:
-        """A batch as `take_events` delivers it; then, under a light load, a wait that lets
-        the next one fill (streams/linger.py)."""
+        """A batch as `take_batches` delivers it; then how long Faust may wait for the next
+        one to fill (`next_wait`, streams/linger.py)."""
         self.last_delivery = handed_over = time.monotonic()
         async with self.lock:
             await self.lease.hold("a batch", self.run([record_of(ev) for ev in events]))
-        wait = self.linger.after(len(events), handed_over, time.monotonic())
-        if wait:
-            m.LINGER_SECONDS.observe(wait)
-            await asyncio.sleep(wait)
+        self.next_wait = self.linger.wait(len(events), handed_over, time.monotonic(),
+                                          self.lag(events))
+        if self.linger.on:
+            m.LINGER_SECONDS.observe(self.next_wait)
+
+    def lag(self, events: list[Any]) -> int:
+        """Records of the events' partitions in Kafka beyond them (by the consumer's
+        high-water marks, as of its last fetch)."""
+        last: dict[Any, int] = {}
+        for ev in events:
+            tp = ev.message.tp
+            last[tp] = max(last.get(tp, -1), ev.message.offset)
+        ends = {tp: self.app.consumer.highwater(tp) for tp in last}
+        return sum(max(end - 1 - last[tp], 0) for tp, end in ends.items() if end is not None)
 
     async def skipped_tails(self) -> None:
         """When the stream has been quiet, compare each assigned partition's stored progress

@@ -2,10 +2,11 @@
 
 streamrec's guarantees rest on a few behaviours Faust does not offer publicly: writing a
 table from a batch, awaiting changelog writes, acknowledging records Faust never delivered,
-committing past them, a shorter broker fetch wait and a fetch minimum, a bounded stop, and
-knowing when group membership was last proved. Each lives here with the upstream code it
-depends on and the upstream change that would retire it; tests/test_faust_internals.py fails
-fast when one of those internals changes shape, and greps that no other module names them.
+committing past them, a shorter broker fetch wait and a fetch minimum, a wait for each
+batch that follows the load, a bounded stop, and knowing when group membership was last
+proved. Each lives here with the upstream code it depends on and the upstream change that
+would retire it; tests/test_faust_internals.py fails fast when one of those internals
+changes shape, and greps that no other module names them.
 The versions they were checked on are pinned in pyproject.toml (faust-streaming 0.15.3,
 aiokafka 0.14.0, mode-streaming 0.7.1): treat any upgrade as a change the fault tests must
 pass.
@@ -20,7 +21,7 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -148,6 +149,31 @@ def tune_stream_fetch(max_wait_ms: int, min_bytes: int) -> None:
 
     create.__wrapped__ = original  # type: ignore[attr-defined]
     cls._create_worker_consumer = create
+
+
+# -- batching ---------------------------------------------------------------------------------
+async def take_batches(stream: faust.Stream, max_: int, within: Callable[[], float]
+                       ) -> AsyncIterator[list[EventT]]:
+    """`stream.take_events(max_, within)` whose `within` is asked again (`within()`) before
+    each wait for the buffer to fill: batches the moment it holds `max_` events, else after
+    that many seconds (streams/linger.py chooses them by the load).
+
+    `take_events` (faust/streams.py) reads `within` once, into a local it passes as
+    `timeout` to every `self.wait_for_stopped(buffer_full, timeout=...)`; this shadows the
+    stream's `wait_for_stopped` (a mode `Service` method, used by nothing else while the
+    stream is taken) to pass `within()` instead. Retired by: a `take_events` that accepts a
+    callable `within`."""
+    plain = stream.wait_for_stopped
+
+    async def wait_for_stopped(*coros: Any, timeout: float | None = None) -> Any:
+        return await plain(*coros, timeout=within())
+
+    stream.wait_for_stopped = wait_for_stopped  # type: ignore[method-assign]
+    try:
+        async for events in stream.take_events(max_, within=within()):
+            yield events
+    finally:
+        del stream.wait_for_stopped  # the class's method again
 
 
 # -- group membership -------------------------------------------------------------------------

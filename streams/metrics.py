@@ -27,8 +27,9 @@ REFETCHED = Counter(
 )
 BATCH_SIZE = Histogram("streamrec_batch_size", "Events per micro-batch", buckets=_BATCH_BUCKETS)
 LINGER_SECONDS = Histogram(
-    "streamrec_linger_seconds", "How long the events agent waited after a batch for a fuller "
-    "next one (streams/linger.py; no sample when it did not wait)", buckets=_LATENCY_BUCKETS)
+    "streamrec_linger_seconds", "The longest Faust may wait for the next micro-batch to fill, "
+    "chosen after each batch by the load (streams/linger.py; a full buffer ends the wait "
+    "sooner; no samples while the linger is off)", buckets=_LATENCY_BUCKETS)
 BATCHES_IN_FLIGHT = Gauge(
     "streamrec_batches_in_flight", "Batches started and not yet durable and committed (0 or 1; "
     "stuck at 1: a batch that cannot be delivered)"

@@ -91,27 +91,25 @@ class Settings(BaseSettings):
         500, ge=1, description="Max events per micro-batch (Faust take_events)."
     )
     batch_wait_s: float = Field(
-        0.05,
+        0.02,
         gt=0,
-        description="Faust's wait for a micro-batch to fill after each batch, whatever the "
-        "load (take_events' `within`): bounds the latency added by batching. 0.02 with the "
-        "linger below cut a quarter load's CPU, but under a backlog batches then left "
-        "half-full (272 events, not ~480) and throughput fell (README, Performance).",
+        description="Faust's shortest wait for a micro-batch to fill after each batch (its "
+        "`within`; with the linger off, its wait whatever the load): bounds the latency "
+        "batching adds under a load that fills batches by itself.",
     )
     linger_target_events: int = Field(
         56,
         ge=1,
-        description="With linger_max_s > 0, under a light load the events agent waits after a "
-        "batch until the next one would hold about this many events at the current rate "
-        "(streams/linger.py): fewer, fuller batches pay a batch's fixed cost less often. "
-        "Capped at batch_size.",
+        description="Under a light load Faust waits for the next micro-batch until it would "
+        "hold about this many events at the current rate (streams/linger.py): fewer, fuller "
+        "batches pay a batch's fixed cost less often. Capped at batch_size.",
     )
     linger_max_s: float = Field(
-        0.0,
+        0.2,
         ge=0,
-        description="Longest such wait, so the most latency it adds to an event; 0 (default) "
-        "turns the linger off. 0.2 with batch_wait_s 0.02 took a quarter load from 50% to 37% "
-        "of a core, but with 0.05 it raised p99 at half load (README, Performance).",
+        description="Longest such wait, so the most latency the linger adds to an event; a "
+        "backlog (a batch's worth of records in Kafka) is given this wait and fills its batch "
+        "first. At most batch_wait_s turns the linger off.",
     )
     max_event_bytes: int = Field(
         65_536, ge=256, description="Records above this size go to the DLQ before parsing."

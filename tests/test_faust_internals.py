@@ -115,6 +115,37 @@ def test_the_fetch_wait_and_minimum_reach_the_stream_consumer():
     assert asyncio.run(build()) == (77, 4096)
 
 
+def test_take_batches_asks_for_its_wait_before_each_one():
+    """A real stream with nothing to take: Faust's `take_events` waits for its buffer again
+    and again, each time as long as `within()` says then (10 s for the value it reads once,
+    10 ms after), and the stream's own `wait_for_stopped` is back once the batches end."""
+    src = inspect.getsource(faust.Stream.take_events)
+    assert re.search(r"self\.wait_for_stopped\(\s*buffer_full, timeout=timeout", src)
+
+    async def run() -> tuple[int, bool, bool]:
+        app = faust.App("internals", broker="memory://")
+        stream = app.stream(app.channel())
+        asked: list[float] = []
+
+        def within() -> float:
+            asked.append(0.01 if asked else 10.0)
+            return asked[-1]
+
+        batches = fi.take_batches(stream, 5, within)
+        task = asyncio.ensure_future(anext(batches))
+        while len(asked) < 5:  # each 10 ms wait ends, and the next asks again
+            await asyncio.sleep(0.005)
+        shadowed = "wait_for_stopped" in vars(stream)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await batches.aclose()
+        return len(asked), shadowed, "wait_for_stopped" in vars(stream)
+
+    n, shadowed, still = asyncio.run(asyncio.wait_for(run(), 5))
+    assert n >= 5 and shadowed and not still
+
+
 def test_mode_worker_has_the_signal_handlers_worker_chains_to():
     assert callable(faust.Worker._on_sigterm) and callable(faust.Worker._on_sigint)
     assert "install_signal_handlers" in vars(fi.Worker)

@@ -247,6 +247,10 @@ def test_metrics_page_has_design_metrics_and_faust_sensors(run):
                  "streamrec_users_active", "streamrec_linger_seconds_count"):
         assert name in names, name
     assert any(n.startswith("streamrec_faust_") for n in names)
+    s, waits = run["settings"], total(samples, "streamrec_linger_seconds_count")
+    assert waits >= 1  # one chosen after each batch of the stream
+    assert s.batch_wait_s <= total(samples, "streamrec_linger_seconds_sum") / waits \
+        <= s.linger_max_s
     assert total(samples, "streamrec_index_items") == len(run["world"].items)
     assert total(samples, "streamrec_catalog_items_total", outcome="rejected") == len(BAD_ITEMS)
     stages = {dict(lab)["stage"] for n, lab in samples if n == "streamrec_stage_seconds_count"}
