@@ -58,6 +58,24 @@ def record_of(ev: Any) -> RawRecord:
                      int((msg.timestamp or 0) * 1000), ev)
 
 
+def lag(consumer: Any, events: list[Any]) -> int:
+    """Records of the events' partitions in Kafka beyond them, by the consumer's high-water
+    marks as of its last fetch: a hint for the linger, so a partition whose mark is unknown
+    (not fetched yet, or revoked since: aiokafka then raises) counts none."""
+    last: dict[Any, int] = {}
+    for ev in events:
+        tp = ev.message.tp
+        last[tp] = max(last.get(tp, -1), ev.message.offset)
+    total = 0
+    for tp, offset in last.items():
+        try:
+            end = consumer.highwater(tp)
+        except Exception:  # noqa: BLE001 - see the docstring
+            continue
+        total += 0 if end is None else max(end - 1 - offset, 0)
+    return total
+
+
 async def send_dead_letters(topic: Any, source: str,
                             rejected: list[tuple[RawRecord, InvalidRecord]]) -> None:
     """Each rejected record to `topic` with its reason and source position, counted."""
@@ -90,19 +108,9 @@ class EventBatches:
         async with self.lock:
             await self.lease.hold("a batch", self.run([record_of(ev) for ev in events]))
         self.next_wait = self.linger.wait(len(events), handed_over, time.monotonic(),
-                                          self.lag(events))
+                                          lag(self.app.consumer, events))
         if self.linger.on:
             m.LINGER_SECONDS.observe(self.next_wait)
-
-    def lag(self, events: list[Any]) -> int:
-        """Records of the events' partitions in Kafka beyond them (by the consumer's
-        high-water marks, as of its last fetch)."""
-        last: dict[Any, int] = {}
-        for ev in events:
-            tp = ev.message.tp
-            last[tp] = max(last.get(tp, -1), ev.message.offset)
-        ends = {tp: self.app.consumer.highwater(tp) for tp in last}
-        return sum(max(end - 1 - last[tp], 0) for tp, end in ends.items() if end is not None)
 
     async def skipped_tails(self) -> None:
         """When the stream has been quiet, compare each assigned partition's stored progress

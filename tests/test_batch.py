@@ -17,7 +17,7 @@ from helpers import make_settings, read_all
 from models.examples import Pending, TrainingExample
 from models.user_state import UserState
 from streams.app import faust_config
-from streams.batch import EventBatches, record_of
+from streams.batch import EventBatches, lag, record_of
 from streams.dead_letters import H_REASON
 from streams.faust_internals import partition_event
 from streams.group_lease import GroupLease
@@ -148,3 +148,13 @@ def test_record_of_a_faust_event_keeps_its_position(offline):
     ev = partition_event(offline.app, TP("events", 2))
     rec = record_of(ev)
     assert (rec.partition, rec.offset, rec.timestamp_ms, rec.ref) == (2, -1, 0, ev)
+
+
+def test_lag_counts_none_where_the_consumer_cannot_say(offline):
+    """Faust's real consumer, not started: its high-water marks raise (as aiokafka's do for
+    a partition revoked since), and the linger's lag hint counts nothing for them instead
+    of stopping the agent."""
+    events = [partition_event(offline.app, TP("events", p)) for p in (0, 1)]
+    with pytest.raises(Exception, match="not yet started"):
+        offline.app.consumer.highwater(TP("events", 0))
+    assert lag(offline.app.consumer, events) == 0
