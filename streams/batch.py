@@ -58,21 +58,17 @@ def record_of(ev: Any) -> RawRecord:
                      int((msg.timestamp or 0) * 1000), ev)
 
 
-def lag(consumer: Any, events: list[Any]) -> int:
-    """Records of the events' partitions in Kafka beyond them, by the consumer's high-water
+def lag(consumer: Any, records: list[RawRecord]) -> int:
+    """Records of the batch's partitions in Kafka beyond it, by the consumer's high-water
     marks as of its last fetch: a hint for the linger, so a partition whose mark is unknown
     (not fetched yet, or revoked since: aiokafka then raises) counts none."""
-    last: dict[Any, int] = {}
-    for ev in events:
-        tp = ev.message.tp
-        last[tp] = max(last.get(tp, -1), ev.message.offset)
     total = 0
-    for tp, offset in last.items():
+    for rec in progress(records).values():
         try:
-            end = consumer.highwater(tp)
+            end = consumer.highwater(rec.ref.message.tp)
         except Exception:  # noqa: BLE001 - see the docstring
             continue
-        total += 0 if end is None else max(end - 1 - offset, 0)
+        total += 0 if end is None else max(end - 1 - rec.offset, 0)
     return total
 
 
@@ -105,10 +101,11 @@ class EventBatches:
         """A batch as `take_batches` delivers it; then how long Faust may wait for the next
         one to fill (`next_wait`, streams/linger.py)."""
         self.last_delivery = handed_over = time.monotonic()
+        records = [record_of(ev) for ev in events]
         async with self.lock:
-            await self.lease.hold("a batch", self.run([record_of(ev) for ev in events]))
-        self.next_wait = self.linger.wait(len(events), handed_over, time.monotonic(),
-                                          lag(self.app.consumer, events))
+            await self.lease.hold("a batch", self.run(records))
+        self.next_wait = self.linger.wait(len(records), handed_over, time.monotonic(),
+                                          lag(self.app.consumer, records))
         if self.linger.on:
             m.LINGER_SECONDS.observe(self.next_wait)
 

@@ -154,7 +154,7 @@ def test_lag_counts_none_where_the_consumer_cannot_say(offline):
     """Faust's real consumer, not started: its high-water marks raise (as aiokafka's do for
     a partition revoked since), and the linger's lag hint counts nothing for them instead
     of stopping the agent."""
-    events = [partition_event(offline.app, TP("events", p)) for p in (0, 1)]
+    records = [record_of(partition_event(offline.app, TP("events", p))) for p in (0, 1)]
     with pytest.raises(Exception, match="not yet started"):
         offline.app.consumer.highwater(TP("events", 0))
-    assert lag(offline.app.consumer, events) == 0
+    assert lag(offline.app.consumer, records) == 0
