@@ -2,9 +2,15 @@
 
 Embedded Kafka (unless a broker is given) -> a trainer and a worker process -> a synthetic
 catalog whose item titles come from latent topics -> a paced stream of users whose interest
-topic drifts (plus a few malformed events for the DLQ) -> live recommendations, scored
-against each user's *current* true topic. Live output goes to stderr; with --exit the last
-stdout line is a JSON summary.
+topic drifts (plus a few malformed events for the DLQ) -> live recommendations, scored two
+ways: against each user's *current* true topic, and against what the user does next (was
+the next event's item in the user's latest top 10?). Live output goes to stderr; with --exit
+the last stdout line is a JSON summary.
+
+The two scores can move apart. The first trained versions raise the ranker's popularity
+weight fast (popular items are what users touch next), and the most popular items of other
+topics enter many lists: the topic score dips while the next-event score rises above the
+untrained model's. Later versions recover the topic score (README, Quickstart).
 """
 
 from __future__ import annotations
@@ -44,9 +50,39 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _stream_records(stream: SyntheticStream, n: int | None, n_bad: int
+class NextEventHits:
+    """Of the events sent for users who already had a recommendation, the share whose item
+    was in the user's latest top `k` at that moment: the online hit rate a deployment would
+    count. Searches (no item) and dislikes (not wanted) are not counted."""
+
+    def __init__(self, tail: RecommendationTail, k: int = 10):
+        self.tail, self.k = tail, k
+        self.events = self.hits = 0
+
+    def observe(self, event: dict) -> None:
+        if event["item_id"] is None or event["event_type"] == "dislike":
+            return
+        with self.tail.lock:
+            rec = self.tail.latest.get(event["user_id"])
+        if rec is not None:
+            self.events += 1
+            self.hits += any(it["item_id"] == event["item_id"] for it in rec["items"][: self.k])
+
+    @property
+    def rate(self) -> float:
+        return self.hits / self.events if self.events else 0.0
+
+
+def _observed(events: Iterator[dict], hits: NextEventHits) -> Iterator[dict]:
+    for ev in events:
+        hits.observe(ev)
+        yield ev
+
+
+def _stream_records(stream: SyntheticStream, n: int | None, n_bad: int, hits: NextEventHits
                     ) -> Iterator[tuple[bytes | None, bytes | None]]:
-    """Good events stamped with the wall clock as they are sent, bad ones sprinkled in."""
+    """Good events stamped with the wall clock as they are sent (and scored against the
+    user's latest recommendation just before), bad ones sprinkled in."""
     bad = bad_events(n_bad, seed=2) if n_bad else []
     rng = random.Random(3)
     bad_at = set(rng.sample(range(n), len(bad))) if n else set()
@@ -55,7 +91,7 @@ def _stream_records(stream: SyntheticStream, n: int | None, n_bad: int
     count = 0
     while n is None or count < n:
         chunk = stream.events(100 if n is None else min(100, n - count), now_ms=now)
-        for key_value in event_records(chunk):
+        for key_value in event_records(_observed(chunk, hits)):
             if count in bad_at:
                 yield b"bad-event", next(bad_iter)[0]
             yield key_value
@@ -63,9 +99,11 @@ def _stream_records(stream: SyntheticStream, n: int | None, n_bad: int
 
 
 class _Publisher(threading.Thread):
-    def __init__(self, settings: Settings, records: Iterator, rate: float):
+    def __init__(self, settings: Settings, records: Iterator, rate: float,
+                 hits: NextEventHits):
         super().__init__(daemon=True, name="demo-publisher")
         self.settings, self.records, self.rate = settings, records, rate
+        self.hits = hits  # what `records` scored as it sent them
         self.sent = 0
         self.error: BaseException | None = None
 
@@ -94,7 +132,7 @@ def _show_user(world: SyntheticWorld, stream: SyntheticStream, rec: dict) -> Non
 
 
 def _summary(worker: WorkerProcess, tail: RecommendationTail, world: SyntheticWorld,
-             stream: SyntheticStream, published: int, elapsed: float) -> dict:
+             stream: SyntheticStream, pub: _Publisher, elapsed: float) -> dict:
     samples = worker.metrics()
     processed = total(samples, "streamrec_events_total")
     with tail.lock:
@@ -102,7 +140,7 @@ def _summary(worker: WorkerProcess, tail: RecommendationTail, world: SyntheticWo
         recs = {u: [i["item_id"] for i in r["items"]] for u, r in tail.latest.items()}
         count = tail.count
     return {
-        "events_published": published,
+        "events_published": pub.sent,
         "events_processed": int(processed),
         "recommendations": count,
         "dlq": int(total(samples, "streamrec_dlq_total")),
@@ -111,6 +149,8 @@ def _summary(worker: WorkerProcess, tail: RecommendationTail, world: SyntheticWo
         "events_per_s": round(processed / max(elapsed, 1e-9), 1),
         "topic_hit_rate": round(topic_hit_rate(world, recs, stream.current_topic), 4),
         "chance_hit_rate": round(stream.chance_hit_rate(), 4),
+        "next_event_hit_rate": round(pub.hits.rate, 4),
+        "next_event_chance": round(pub.hits.k / len(world.items), 4),
     }
 
 
@@ -150,8 +190,9 @@ def run_demo(broker: str | None = None, n_events: int = 20_000, exit_after: bool
         stack.callback(tail.stop)
         stream = SyntheticStream(world, n_users=n_users, seed=1)
         n_bad = max(1, n_events // 400)
-        pub = _Publisher(s, _stream_records(stream, n_events if exit_after else None, n_bad),
-                         rate)
+        hits = NextEventHits(tail)
+        pub = _Publisher(s, _stream_records(stream, n_events if exit_after else None, n_bad,
+                                            hits), rate, hits)
         t0 = time.monotonic()
         pub.start()
         return _watch(worker, tail, pub, world, stream, exit_after, n_events + n_bad, t0)
@@ -171,13 +212,15 @@ def _watch(worker: WorkerProcess, tail: RecommendationTail, pub: _Publisher,
             samples = worker.metrics()
             processed = total(samples, "streamrec_events_total")
             emitted = total(samples, "streamrec_recommendations_total")
-            summary = _summary(worker, tail, world, stream, pub.sent, time.monotonic() - t0)
+            summary = _summary(worker, tail, world, stream, pub, time.monotonic() - t0)
             console.print(
                 f"published {pub.sent:>7,}  processed {int(processed):>7,}  "
                 f"recs {tail.count:>7,}  dlq {summary['dlq']:>4}  "
                 f"p50 {summary['latency_ms']['p50']:>6.1f} ms  "
                 f"topic hit@10 {summary['topic_hit_rate']:.2f} "
-                f"(chance {summary['chance_hit_rate']:.2f})")
+                f"(chance {summary['chance_hit_rate']:.2f})  "
+                f"next-event hit@10 {summary['next_event_hit_rate']:.3f} "
+                f"(chance {summary['next_event_chance']:.3f})")
             if time.monotonic() - last_show > 10 and tail.latest:
                 with tail.lock:
                     rec = tail.latest[max(tail.latest, key=lambda u: tail.latest[u]
@@ -187,7 +230,7 @@ def _watch(worker: WorkerProcess, tail: RecommendationTail, pub: _Publisher,
             if exit_after and processed >= expected and not pub.is_alive():
                 done_at = done_at or time.monotonic()
                 if tail.count >= emitted or time.monotonic() - done_at > 30:
-                    return _summary(worker, tail, world, stream, pub.sent, done_at - t0)
+                    return _summary(worker, tail, world, stream, pub, done_at - t0)
     except KeyboardInterrupt:
         console.print("stopping ...")
         return None

@@ -318,3 +318,18 @@ def test_pytest_names_missing_optional_tools_up_front(tmp_path):
     for tool in ("java", "mvn", "promtool", "prometheus", "docker-compose"):
         assert f"- {tool}:" in header, header
     assert "apt-get install" in header
+
+
+@pytest.mark.slow
+def test_demo_ends_with_a_summary_whose_recommendations_beat_chance(kafka):
+    """`make demo`'s command with --exit, on the test broker: every event processed, the
+    malformed ones (one per 400) in the DLQ, and recommendations that beat chance threefold
+    on both of the summary's scores: the user's current topic, and the next event's item."""
+    proc = cli("demo", "--broker", kafka.url, "--events", "2000", "--exit", "--rate", "800",
+               "--items", "400", "--users", "100", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = orjson.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["events_published"] == out["events_processed"] == 2000 + 5, out
+    assert out["dlq"] == 5, out
+    assert out["topic_hit_rate"] > 3 * out["chance_hit_rate"], out
+    assert out["next_event_hit_rate"] > 3 * out["next_event_chance"], out

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from index import faiss_index as fi
+from index import topk
 from index.faiss_index import FaissIndex, IndexConfig, VersionedIndex
 from index.ids import IdCollisionError, item_hash
 from index.topk import top_k
@@ -177,6 +178,20 @@ def test_blocked_top_k_returns_the_largest_scores_best_first(
     np.testing.assert_array_equal(scores, -np.sort(-full, axis=1)[:, :k])
     np.testing.assert_array_equal(scores, np.take_along_axis(full, rows, 1))
     assert all(len(set(r)) == k for r in rows.tolist())
+
+
+def test_top_k_in_chunks_of_queries_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """10 queries scored one chunk at a time (a chunk of 500 scores: 1 query): the rows of
+    a single pass, and its scores up to float rounding (BLAS sums a lone query's products
+    in another order)."""
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((500, 8), np.float32)
+    queries = rng.standard_normal((10, 8), np.float32)
+    whole = top_k(queries, vecs, 20)
+    monkeypatch.setattr(topk, "CHUNK_FLOATS", 500)
+    chunked = top_k(queries, vecs, 20)
+    np.testing.assert_array_equal(chunked[1], whole[1])
+    np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
 
 
 def test_kind_selection(monkeypatch: pytest.MonkeyPatch) -> None:
