@@ -64,13 +64,15 @@ class LearnerConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay (dense parameters).")
     steps_per_batch: int = Field(1, ge=1, description="Gradient steps per micro-batch.")
     max_pairs_per_step: int = Field(
-        16,
+        32,
         ge=1,
         description="(history -> next item) pairs per gradient step: a larger micro-batch takes "
-        "several steps, so how much is learned per event does not depend on the batch size.",
+        "several steps, so how much is learned per event does not depend on the batch size. "
+        "32 trains 1.36x faster than 16 (bench.scaleout trainer, 50k items) at the same "
+        "quality within seeds' spread (README, Quality).",
     )
     max_steps_per_batch: int = Field(
-        8,
+        4,
         ge=1,
         description="Compute budget per micro-batch: above max_steps_per_batch × "
         "max_pairs_per_step pairs, a random subset trains (the rest only enters the replay), "

@@ -75,7 +75,7 @@ class ItemTower(nn.Module):
         users as u·E[j] + (Wᵀu)·t_j, without forming the item vectors: forming them costs
         n·dim·text_dim (and as much again backward), this n·text_dim per user, so it is
         the cheaper way below dim·text_dim / (text_dim − dim) users (77 at 64 and 384; a
-        trainer step has 16 to 32). For a catalog the text part runs over the rows up to
+        trainer step has 32 to 64). For a catalog the text part runs over the rows up to
         the largest one, a view of T, and picks `rows` from the product: cheaper than
         gathering n rows of T. For a sample of rows (under half of those up to the largest:
         the sampled softmax's 2,048 negatives among 50,000 items) it gathers their rows of T.

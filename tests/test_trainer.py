@@ -411,7 +411,7 @@ def test_the_ranker_s_step_size_decays_from_head_lr_start_to_head_lr_and_survive
         return max(0.002, 0.02 / np.sqrt(1 + (steps - 1) / 2))
 
     t = made()
-    t.train(examples(60))
+    t.train(examples(120))
     lr, taken = lr_and_steps(t)
     assert taken > 3 and lr == pytest.approx(expected(taken)) and lr > 0.002
     restored = made()
