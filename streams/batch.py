@@ -104,9 +104,9 @@ class EventBatches:
         records = [record_of(ev) for ev in events]
         async with self.lock:
             await self.lease.hold("a batch", self.run(records))
-        self.next_wait = self.linger.wait(len(records), handed_over, time.monotonic(),
-                                          lag(self.app.consumer, records))
-        if self.linger.on:
+        if self.linger.on:  # (off, Faust's wait stays `batch_wait_s`: no lag to read)
+            self.next_wait = self.linger.wait(len(records), handed_over, time.monotonic(),
+                                              lag(self.app.consumer, records))
             m.LINGER_SECONDS.observe(self.next_wait)
 
     async def skipped_tails(self) -> None:
