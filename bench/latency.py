@@ -68,7 +68,7 @@ from bench._common import (
 from evaluation.progress import Progress
 from evaluation.synthetic import make_world
 from streams.clients import kafka_consumer, kafka_producer
-from streams.demo import free_port
+from streams.ports import free_port
 from streams.publish import publish_items
 from streams.settings import Settings
 from streams.supervisor import WorkerProcess

@@ -59,7 +59,7 @@ from models.lr_rules import RuleRecord
 from models.user_state import UserState
 from streams.catalog import encode_item_vector
 from streams.clients import aio_options
-from streams.demo import free_port
+from streams.ports import free_port
 from streams.publish import event_records, publish
 from streams.settings import Settings
 from streams.supervisor import Samples, WorkerProcess, scrape, total

@@ -45,7 +45,7 @@ from models.model import SharedModel
 from models.user_state import UserState
 from streams.catalog import encode_item_vector
 from streams.clients import kafka_consumer, kafka_producer
-from streams.demo import free_port
+from streams.ports import free_port
 from streams.publish import event_records, publish
 from streams.settings import Settings
 from streams.supervisor import TrainerProcess, WorkerProcess, scrape, total

@@ -24,7 +24,7 @@ from kafka import KafkaConsumer
 
 from evaluation.datasets import movielens_events, movielens_items
 from streams.broker import EmbeddedKafka
-from streams.demo import free_port
+from streams.ports import free_port
 from streams.publish import publish_events, publish_items
 from streams.settings import Settings
 from streams.supervisor import WorkerProcess, total

@@ -36,7 +36,7 @@ from evaluation.progress import Progress
 from evaluation.synthetic import SyntheticStream, make_world
 from streams.broker import EmbeddedKafka
 from streams.clients import kafka_producer
-from streams.demo import free_port
+from streams.ports import free_port
 from streams.publish import publish_items
 from streams.settings import Settings
 from streams.supervisor import Samples, TrainerProcess, WorkerProcess, total

@@ -80,8 +80,8 @@ from bench.profile import Profiler, py_spy, top_frames
 from evaluation.progress import Progress
 from evaluation.synthetic import SyntheticWorld, make_world
 from streams.clients import aio_options, faust_credentials
-from streams.demo import free_port
 from streams.metrics import STAGES
+from streams.ports import free_port
 from streams.publish import event_records, publish, publish_items
 from streams.settings import Settings
 from streams.supervisor import WorkerProcess, scrape, total

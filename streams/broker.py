@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from streams.broker_security import BrokerSecurity
+from streams.ports import free_port, port_free
 from streams.topics import admin_client
 
 __all__ = ["BrokerError", "EmbeddedKafka", "kafka_classpath"]
@@ -161,23 +162,6 @@ def kafka_classpath(version: str = DEFAULT_VERSION) -> str:
 
 # --------------------------------------------------------------------------- helpers
 
-
-def _free_port() -> int:
-    """A currently free loopback port (the OS picks; a tiny reuse race is accepted)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_free(port: int) -> bool:
-    """Whether Kafka could bind ``port`` (SO_REUSEADDR like Kafka, so TIME_WAIT is no obstacle)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def _port_open(port: int, timeout: float = 0.5) -> bool:
@@ -389,13 +373,11 @@ class EmbeddedKafka:
 
     def _pick_ports(self) -> None:
         if self.port is None:
-            self.port = _free_port()
-        elif not _port_free(self.port):  # fail in ms with a clear message, not after a JVM
+            self.port = free_port()
+        elif not port_free(self.port):  # fail in ms with a clear message, not after a JVM
             raise BrokerError(f"cannot start Kafka: port {self.port} is already in use")
         if self.controller_port is None:
-            self.controller_port = _free_port()
-            while self.controller_port == self.port:
-                self.controller_port = _free_port()
+            self.controller_port = free_port()
 
     def _launch(self, java: str, cp: str, props: Path) -> None:
         """The broker's JVM, logging to broker.log, registered for clean-up at exit."""
@@ -555,7 +537,7 @@ class EmbeddedKafka:
     def _relay(self, props: dict[str, str]) -> None:
         """Add the relayed listeners: each on a port of its own, advertised at its proxy."""
         for name, advertised in self.relayed.items():
-            port = self.relay_ports.setdefault(name, _free_port())
+            port = self.relay_ports.setdefault(name, free_port())
             props["listeners"] += f",{name}://127.0.0.1:{port}"
             props["advertised.listeners"] += f",{name}://127.0.0.1:{advertised}"
             props["listener.security.protocol.map"] += f",{name}:PLAINTEXT"

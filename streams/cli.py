@@ -150,9 +150,10 @@ def _exit_on_sigterm() -> None:
               "worker, trainer, publisher, consumer, and ACLs required (each role's granted).")
 def broker(port: int | None, data_dir: str | None, secure: bool) -> None:
     """Run the embedded Apache Kafka broker (KRaft) until Ctrl-C or SIGTERM."""
-    from streams.broker import EmbeddedKafka, _port_free
+    from streams.broker import EmbeddedKafka
+    from streams.ports import port_free
 
-    if port is None and _port_free(9092):
+    if port is None and port_free(9092):
         port = 9092
     _exit_on_sigterm()
     try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import tempfile
 import threading
 import time
@@ -35,6 +34,7 @@ from evaluation.synthetic import (
     make_world,
     topic_hit_rate,
 )
+from streams.ports import free_port
 from streams.publish import event_records, publish, publish_items
 from streams.settings import Settings
 from streams.supervisor import TrainerProcess, WorkerProcess, total
@@ -42,12 +42,6 @@ from streams.tail import RecommendationTail
 from streams.topics import ensure_topics
 
 console = Console(stderr=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class NextEventHits:

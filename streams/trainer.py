@@ -360,10 +360,10 @@ def run_ranks(settings: Settings, ranks: int) -> None:
         return
     import multiprocessing as mp
 
-    from streams.broker import _free_port
+    from streams.ports import free_port
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     ctx = mp.get_context("spawn")
     verbose = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
     others = [ctx.Process(target=_local_rank, args=(settings, r, ranks, verbose), daemon=True)

@@ -26,7 +26,7 @@ _ids = itertools.count()
 
 def make_settings(kafka, tmp: Path, **overrides: object) -> Settings:
     """Settings with topics and consumer group of their own, so tests do not see each other."""
-    from streams.demo import free_port
+    from streams.ports import free_port
 
     n = next(_ids)
     base = dict(

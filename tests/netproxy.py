@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 import time
+
+from streams.ports import free_port
 
 
 class Proxy:
     def __init__(self, backend_port: int, port: int | None = None, host: str = "127.0.0.1"):
         self.host, self.backend_port = host, backend_port
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.latency_s = 0.0
         self.cut = False
         self.resets = 0
@@ -137,8 +138,3 @@ class Proxy:
         self._server.close()
         self._loop.call_soon(self._loop.stop)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -37,9 +37,10 @@ def broker(tmp_path) -> Iterator:
     """A private broker, not started (tests start it when they want); stopped afterwards."""
     if not (shutil.which("java") and shutil.which("mvn")):
         pytest.skip("the embedded Kafka broker needs a JDK and Maven")
-    from streams.broker import EmbeddedKafka, _free_port
+    from streams.broker import EmbeddedKafka
+    from streams.ports import free_port
 
-    kafka = EmbeddedKafka(data_dir=tmp_path / "kafka", port=_free_port())
+    kafka = EmbeddedKafka(data_dir=tmp_path / "kafka", port=free_port())
     try:
         yield kafka
     finally:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from faults import _applied, _audit, _histories, _replay, _serving, _wait_applied, _wait_committed
 from helpers import expected_states, index_catalog, make_settings, read_all, wait_states
-from netproxy import Proxy, _free_port
+from netproxy import Proxy
 
-from streams.demo import free_port
+from streams.ports import free_port
 from streams.publish import event_records, publish, publish_events
 from streams.supervisor import TrainerProcess, WorkerProcess, total
 from streams.topics import ensure_topics
@@ -34,7 +34,7 @@ def relayed(tmp_path) -> Iterator:
         pytest.skip("the embedded Kafka broker needs a JDK and Maven")
     from streams.broker import EmbeddedKafka
 
-    ports = {"VIA_A": _free_port(), "VIA_B": _free_port()}
+    ports = {"VIA_A": free_port(), "VIA_B": free_port()}
     kafka = EmbeddedKafka(data_dir=tmp_path / "kafka", relayed=ports).start()
     proxies = {name: Proxy(kafka.relay_ports[name], port).start()
                for name, port in ports.items()}

@@ -24,7 +24,7 @@ from helpers import expected_states, make_settings, read_all, wait_states
 
 from models.config import LearnerConfig
 from models.covisit import CoVisitation
-from streams.demo import free_port
+from streams.ports import free_port
 from streams.publish import publish_events
 from streams.supervisor import TrainerProcess, WorkerProcess, total
 from streams.topics import ensure_topics

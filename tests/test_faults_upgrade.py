@@ -20,7 +20,7 @@ from helpers import expected_states, make_settings, read_all, wait_states
 
 from models.user_state import UserState
 from streams.clients import kafka_producer
-from streams.demo import free_port
+from streams.ports import free_port
 from streams.publish import publish_events, publish_items
 from streams.supervisor import TrainerProcess, WorkerProcess
 from streams.topics import ensure_topics

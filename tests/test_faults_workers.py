@@ -30,7 +30,7 @@ from faults import (
 )
 from helpers import expected_states, index_catalog, make_settings, user_states, wait_states
 
-from streams.demo import free_port
+from streams.ports import free_port
 from streams.publish import publish_events, publish_items
 from streams.supervisor import WorkerProcess, total
 from streams.topics import ensure_topics

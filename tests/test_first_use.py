@@ -23,7 +23,7 @@ import pytest
 from helpers import expected_states, index_catalog, make_settings, read_all, wait_states
 
 from evaluation.synthetic import SyntheticStream, make_world
-from streams.demo import free_port
+from streams.ports import free_port
 from streams.publish import publish_events
 from streams.supervisor import WorkerProcess, settings_env
 from streams.topics import ensure_topics

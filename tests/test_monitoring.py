@@ -26,7 +26,7 @@ from helpers import make_settings, read_all
 
 from evaluation.synthetic import SyntheticStream, make_world
 from streams.clients import kafka_producer
-from streams.demo import free_port
+from streams.ports import free_port
 from streams.publish import publish_events, publish_items
 from streams.supervisor import TrainerProcess, WorkerProcess
 from streams.topics import ensure_topics
