@@ -145,6 +145,11 @@ def _summary(worker: WorkerProcess, tail: RecommendationTail, world: SyntheticWo
         "chance_hit_rate": round(stream.chance_hit_rate(), 4),
         "next_event_hit_rate": round(pub.hits.rate, 4),
         "next_event_chance": round(pub.hits.k / len(world.items), 4),
+        # the same score as the worker counts it (streamrec_next_event_hits_total): against
+        # the list it served last, which the publisher may not have read back yet
+        "worker_next_event_hit_rate": round(
+            total(samples, "streamrec_next_event_hits_total")
+            / max(total(samples, "streamrec_next_events_total"), 1), 4),
     }
 
 

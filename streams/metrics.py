@@ -43,6 +43,10 @@ EVENT_TO_REC = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 RECOMMENDATIONS = Counter("streamrec_recommendations", "Recommendations emitted")
+NEXT_EVENTS = Counter("streamrec_next_events", "Events with an item (dislikes aside) of users "
+                      "this worker had served a list in the event's scenario")
+NEXT_EVENT_HITS = Counter("streamrec_next_event_hits", "Of streamrec_next_events, those whose "
+                          "item was in that list: their ratio is the online hit rate")
 QUERIES = Counter("streamrec_queries", "Search texts the worker needed a vector for")
 QUERY_CACHE_HITS = Counter("streamrec_query_cache_hits", "Search texts whose vector the "
                            "query cache held (`query_cache_size`): no encoder pass")

@@ -78,6 +78,9 @@ class EventProcessor:
         self.encoder = encoder
         self.queries = QueryVectors(encoder.encode, settings.query_cache_size)
         self.last_seen: dict[str, float] = {}  # user -> monotonic time (users_active gauge)
+        # (user, scenario) -> the items of the list this worker served last: the online hit
+        # rate's reference. In memory only, for active users: a metric, not state.
+        self.served: dict[tuple[str, str], tuple[str, ...]] = {}
         self.admitted: set[str] = set()  # scenarios this worker let in beyond the snapshot's
         self._loss_ema: float | None = None
 
@@ -126,6 +129,7 @@ class EventProcessor:
             batch_states = {u: upd.state for u, upd in out.users.items()}
             out.pending = observe(self.server.model, inters, batch_states, self.s.exclude_seen)
             self._mark(todo, out)
+            self._count_hits(todo)
             self._recommend(todo, inters, out)
         return out
 
@@ -235,6 +239,21 @@ class EventProcessor:
             self.last_seen[ev.user_id] = now
         out.applied = len(todo)
 
+    def _count_hits(self, todo: list[Decoded]) -> None:
+        """The online hit rate, what a deployment is for: of the applied events of users this
+        worker served in the event's scenario, those whose item was in the list served last
+        (before this batch's). Searches and requests carry no item and dislikes are not
+        wanted, so they are not counted (the demo's next-event score counts the same way)."""
+        scored = hits = 0
+        for _, ev in todo:
+            served = self.served.get((ev.user_id, ev.scenario))
+            if served is None or ev.item_id is None or ev.event_type == "dislike":
+                continue
+            scored += 1
+            hits += ev.item_id in served
+        m.NEXT_EVENTS.inc(scored)
+        m.NEXT_EVENT_HITS.inc(hits)
+
     def _queries(self, todo: list[Decoded], inters: list[Interaction], out: BatchOutput
                  ) -> dict[tuple[str, str], tuple[UserState, int]]:
         """One recommendation per (user, scenario) of the batch, from the user's state after
@@ -264,6 +283,7 @@ class EventProcessor:
                              model_version=model.version)
             alpha0 = model.cfg.lr_rule.alpha0
             for ((user, scenario), (st, ts)), recs in zip(queries.items(), lists, strict=True):
+                self.served[(user, scenario)] = tuple(r.item_id for r in recs)
                 out.users[user].recommendations.append(recommendation_bytes(
                     user, scenario, [(r.item_id, r.score, r.reason_item_id) for r in recs],
                     now_ms, ts, info, st.rule.step_size(alpha0)))
@@ -271,10 +291,13 @@ class EventProcessor:
         m.INDEX_VERSION.set(self.server.version)
 
     def prune_active(self, window_s: float = 300.0) -> int:
-        """Forget users idle for `window_s`; returns how many are active (the gauge)."""
+        """Forget users idle for `window_s` (and the lists served to them); returns how many
+        are active (the gauge)."""
         cutoff = time.monotonic() - window_s
         for user in [u for u, t in self.last_seen.items() if t < cutoff]:
             del self.last_seen[user]
+        for key in [k for k in self.served if k[0] not in self.last_seen]:
+            del self.served[key]
         m.USERS_ACTIVE.set(len(self.last_seen))
         return len(self.last_seen)
 

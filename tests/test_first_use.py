@@ -324,7 +324,8 @@ def test_pytest_names_missing_optional_tools_up_front(tmp_path):
 def test_demo_ends_with_a_summary_whose_recommendations_beat_chance(kafka):
     """`make demo`'s command with --exit, on the test broker: every event processed, the
     malformed ones (one per 400) in the DLQ, and recommendations that beat chance threefold
-    on both of the summary's scores: the user's current topic, and the next event's item."""
+    on both of the summary's scores: the user's current topic, and the next event's item (as
+    the publisher sees it, and as the worker counts it in its online hit-rate metric)."""
     proc = cli("demo", "--broker", kafka.url, "--events", "2000", "--exit", "--rate", "800",
                "--items", "400", "--users", "100", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -333,3 +334,4 @@ def test_demo_ends_with_a_summary_whose_recommendations_beat_chance(kafka):
     assert out["dlq"] == 5, out
     assert out["topic_hit_rate"] > 3 * out["chance_hit_rate"], out
     assert out["next_event_hit_rate"] > 3 * out["next_event_chance"], out
+    assert out["worker_next_event_hit_rate"] > 3 * out["next_event_chance"], out

@@ -316,6 +316,10 @@ def test_counters_in_prometheus_match_what_was_sent(run):
     assert prom.value(f"sum(streamrec_index_items{{{j}}})") == N_ITEMS
     recs = prom.value(f"sum(streamrec_recommendations_total{{{j}}})")
     assert 0 < recs <= sent - n_bad
+    # the online hit rate's counts: events of users served before, and hits among them
+    scored = prom.value(f"sum(streamrec_next_events_total{{{j}}})")
+    hits = prom.value(f"sum(streamrec_next_event_hits_total{{{j}}})")
+    assert 0 <= hits <= scored <= sent - n_bad, (hits, scored)
     # ... and Prometheus holds what the worker itself reports
     own = sum(v for (n, _), v in run["worker"].metrics().items()
               if n == "streamrec_recommendations_total")

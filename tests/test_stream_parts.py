@@ -680,3 +680,47 @@ def test_the_loop_watch_measures_how_long_the_loop_was_blocked():
     asyncio.run(main())
     assert 0.25 <= value("max_seconds") < 5.0
     assert value("seconds_sum") >= 0.25
+
+
+def test_processor_counts_an_event_whose_item_was_in_the_users_last_list_as_a_hit(encoder,
+                                                                                   tmp_path):
+    """The online hit rate: an event of a user this worker served in the event's scenario is
+    scored against the list served last; searches, requests and dislikes are not scored, and
+    the lists of users pruned as idle are forgotten."""
+    from prometheus_client import REGISTRY
+
+    from models.user_state import UserState
+
+    proc = _processor(encoder, tmp_path, encoder)
+    states = {u: UserState() for u in ("u1", "u2")}
+    offsets = iter(range(100))
+
+    def batch(*events: dict) -> None:
+        recs = [RawRecord(ev["user_id"].encode(), orjson.dumps(
+            {"event_type": "view", "ts": 1_700_000_000_000 + (o := next(offsets)), **ev}),
+            partition=0, offset=o) for ev in events]
+        good, bad = proc.decode(recs)
+        assert not bad
+        proc.process(good, bad, states)
+
+    def counted() -> tuple[float, float]:
+        return tuple(REGISTRY.get_sample_value(f"streamrec_{n}_total")
+                     for n in ("next_events", "next_event_hits"))
+
+    batch({"user_id": "u1", "item_id": "item-0"})
+    shown = proc.served[("u1", "default")]
+    assert len(shown) == 10
+    unshown = next(i for i in (f"item-{k}" for k in range(20)) if i not in shown)
+    before = counted()
+    batch({"user_id": "u1", "item_id": shown[3]},  # a hit
+          {"user_id": "u1", "item_id": unshown},  # a miss
+          {"user_id": "u1", "item_id": shown[0], "event_type": "dislike"},
+          {"user_id": "u1", "text": "a movie", "event_type": "search"},
+          {"user_id": "u1", "event_type": "request"},
+          {"user_id": "u1", "item_id": shown[1], "scenario": "kids"},  # nothing served there
+          {"user_id": "u2", "item_id": shown[2]})  # u2 had no list yet
+    assert (counted()[0] - before[0], counted()[1] - before[1]) == (2, 1)
+    assert set(proc.served) == {("u1", "default"), ("u1", "kids"), ("u2", "default")}
+    proc.last_seen["u1"] -= 3600
+    assert proc.prune_active() == 1
+    assert set(proc.served) == {("u2", "default")}
