@@ -42,6 +42,7 @@ ALERTS = {
     "StreamrecNoRecommendations",
     "StreamrecWorkerDown",
     "StreamrecIndexEmpty",
+    "StreamrecHitRateDropped",
     "StreamrecSnapshotStale",
     "StreamrecNoSnapshot",
     "StreamrecTrainerDown",

@@ -58,6 +58,7 @@ BAD_EVENTS: list[tuple[bytes, str]] = [
 #: out: a cold worker's first batches on a shared CI machine may really take over 2 s.
 QUIET_ALERTS = {"StreamrecConsumerLagGrowing", "StreamrecDeadLetterRatioHigh",
                 "StreamrecNoRecommendations", "StreamrecWorkerDown", "StreamrecIndexEmpty",
+                "StreamrecHitRateDropped",
                 "StreamrecSnapshotStale", "StreamrecNoSnapshot", "StreamrecTrainerDown",
                 "StreamrecTrainerLagGrowing"}
 
