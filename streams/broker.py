@@ -163,7 +163,6 @@ def kafka_classpath(version: str = DEFAULT_VERSION) -> str:
 # --------------------------------------------------------------------------- helpers
 
 
-
 def _port_open(port: int, timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout):
