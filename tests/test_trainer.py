@@ -292,11 +292,11 @@ def _rank(rank: int, world: int, port: int, out: mp.Queue) -> None:
 
 
 def test_two_gloo_ranks_keep_identical_parameters_and_all_counts():
-    from streams.broker import _free_port
+    from streams.ports import free_port
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, 2, port, out)) for r in range(2)]
     for p in procs:
         p.start()
