@@ -36,6 +36,7 @@ from evaluation.synthetic import (
 )
 from streams.ports import free_port
 from streams.publish import event_records, publish, publish_items
+from streams.schemas import scores_a_list
 from streams.settings import Settings
 from streams.supervisor import TrainerProcess, WorkerProcess, total
 from streams.tail import RecommendationTail
@@ -54,7 +55,7 @@ class NextEventHits:
         self.events = self.hits = 0
 
     def observe(self, event: dict) -> None:
-        if event["item_id"] is None or event["event_type"] == "dislike":
+        if not scores_a_list(event["event_type"], event["item_id"]):
             return
         with self.tail.lock:
             rec = self.tail.latest.get(event["user_id"])

@@ -30,6 +30,7 @@ from streams.schemas import (
     Reason,
     parse_event,
     recommendation_bytes,
+    scores_a_list,
 )
 from streams.settings import Settings
 
@@ -243,12 +244,12 @@ class EventProcessor:
     def _count_hits(self, todo: list[Decoded]) -> None:
         """The online hit rate, what a deployment is for: of the applied events of users this
         worker served in the event's scenario, those whose item was in the list served last
-        (before this batch's). Searches and requests carry no item and dislikes are not
-        wanted, so they are not counted (the demo's next-event score counts the same way)."""
+        (before this batch's), among the events that say something about it
+        (`scores_a_list`)."""
         scored = hits = 0
         for _, ev in todo:
             served = self.served.get((ev.user_id, ev.scenario))
-            if served is None or ev.item_id is None or ev.event_type == "dislike":
+            if served is None or not scores_a_list(ev.event_type, ev.item_id):
                 continue
             scored += 1
             hits += ev.item_id in served

@@ -148,6 +148,13 @@ _JSON_POSITION = re.compile(r"line \d+ column (\d+) \(char \d+\)")
 _TYPE_ERRORS = ("_type", "_parsing", "is_instance_of", "literal_error", "enum", "bool_")
 
 
+def scores_a_list(event_type: str, item_id: str | None) -> bool:
+    """Whether an event says how good the list its user was shown last was: it names an
+    item the user wanted (searches and requests name none; a dislike is not wanted). The
+    worker's online hit rate and the demo's next-event score count these events."""
+    return item_id is not None and event_type != "dislike"
+
+
 def _reason_for(err: dict[str, Any]) -> Reason:
     """Map one pydantic error to a reason; the order of the checks matters."""
     etype: str = err["type"]

@@ -58,9 +58,8 @@ BAD_EVENTS: list[tuple[bytes, str]] = [
 #: out: a cold worker's first batches on a shared CI machine may really take over 2 s.
 QUIET_ALERTS = {"StreamrecConsumerLagGrowing", "StreamrecDeadLetterRatioHigh",
                 "StreamrecNoRecommendations", "StreamrecWorkerDown", "StreamrecIndexEmpty",
-                "StreamrecHitRateDropped",
-                "StreamrecSnapshotStale", "StreamrecNoSnapshot", "StreamrecTrainerDown",
-                "StreamrecTrainerLagGrowing"}
+                "StreamrecHitRateDropped", "StreamrecSnapshotStale", "StreamrecNoSnapshot",
+                "StreamrecTrainerDown", "StreamrecTrainerLagGrowing"}
 
 #: the job names the dashboard and the alert rules select (deploy/prometheus/prometheus.yml)
 WORKER_JOB, TRAINER_JOB = "streamrec", "streamrec-trainer"
