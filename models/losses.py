@@ -79,10 +79,21 @@ class AutoSoftmax:
 
 def popularity_draw(counts: np.ndarray, live: np.ndarray, rng: np.random.Generator, n: int
                     ) -> np.ndarray:
-    """`n` live rows drawn with probability ∝ count + 1 (with replacement)."""
+    """`n` live rows drawn with probability ∝ count + 1 (with replacement): the draws of
+    ``rng.choice(len(rows), n, p=q / q.sum())``, without its checks of p (a third of its
+    time at 50,000 rows), which hold here by construction.
+
+    >>> counts, live = np.array([0.0, 5, 1, 9]), np.array([False, True, True, True])
+    >>> q = counts[1:] + 1
+    >>> rows = popularity_draw(counts, live, np.random.default_rng(3), 6)
+    >>> rows.tolist() == (1 + np.random.default_rng(3).choice(3, 6, p=q / q.sum())).tolist()
+    True
+    """
     rows = np.flatnonzero(live)
     q = counts[rows] + 1.0
-    return rows[rng.choice(len(rows), size=n, p=q / q.sum())]
+    cdf = (q / q.sum()).cumsum()
+    cdf /= cdf[-1]
+    return rows[cdf.searchsorted(rng.random(n), side="right")]
 
 
 Softmax = FullSoftmax | SampledSoftmax | AutoSoftmax

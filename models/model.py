@@ -362,20 +362,15 @@ class SharedModel:
 
     def _in_history(self, hist_rows: np.ndarray, cols: np.ndarray, targets: np.ndarray,
                     sampled: bool) -> np.ndarray:
-        """(P, columns) mask of the columns whose item is in the pair's history."""
-        P = len(hist_rows)
-        owner = np.broadcast_to(np.arange(P)[:, None], hist_rows.shape)
-        if sampled:  # [own target, the shared negatives]: a few thousand columns
-            base = self.catalog.capacity + 1
-            seen = np.unique((owner * base + hist_rows)[hist_rows > 0])
-            col_rows = np.concatenate([targets[:, None], np.broadcast_to(cols, (P, len(cols)))],
-                                      1)
-            return np.isin(owner[:, :1] * base + col_rows, seen)
-        mask = np.zeros((P, len(cols)), bool)  # the live rows, sorted: bisect each history row
-        at = np.searchsorted(cols, hist_rows)
-        hit = (hist_rows > 0) & (cols[np.minimum(at, len(cols) - 1)] == hist_rows)
-        mask[owner[hit], at[hit]] = True
-        return mask
+        """(P, columns) mask of the columns whose item is in the pair's history. Sampled:
+        the columns are [own target, the shared negatives], bisected as their sorted
+        distinct rows (np.isin over every pair's columns: 9.1 against 0.46 ms for 64 pairs
+        of 60 rows and 2,048 negatives, a scratch benchmark)."""
+        if not sampled:  # the live rows, sorted
+            return _members(hist_rows, cols)
+        own = (hist_rows == targets[:, None]).any(1)
+        distinct, where = np.unique(cols, return_inverse=True)
+        return np.concatenate([own[:, None], _members(hist_rows, distinct)[:, where]], 1)
 
     def _nll(self, logp: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
         neg = torch.as_tensor(weights < 0, device=self.device)
@@ -504,3 +499,13 @@ class SharedModel:
             rows = np.flatnonzero(self.catalog.live)
         vecs = self.items(torch.as_tensor(rows, dtype=torch.int64, device=self.device))
         return self.catalog.ids_of(rows), vecs.cpu().numpy().astype(np.float32)
+
+
+def _members(hist_rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(P, len(cols)) mask of the sorted, distinct rows `cols` that each pair's history
+    `hist_rows` (P, H; 0 = padding) holds: every history row is bisected in `cols`."""
+    mask = np.zeros((len(hist_rows), len(cols)), bool)
+    at = np.searchsorted(cols, hist_rows)
+    hit = (hist_rows > 0) & (cols[np.minimum(at, len(cols) - 1)] == hist_rows)
+    mask[np.nonzero(hit)[0], at[hit]] = True
+    return mask

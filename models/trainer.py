@@ -165,7 +165,8 @@ class Trainer:
                       {"params": [p for n, p in named if n.startswith("head.")],
                        "lr": cfg.head_lr, "weight_decay": 0.0}]
             self.dense_opt = torch.optim.Adam([g for g in groups if g["params"]],
-                                              lr=cfg.lr, weight_decay=cfg.weight_decay)
+                                              lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                              foreach=True)  # (the same bits as the loop)
         self._E = self.model.items.E
         self.sparse_opt = RowAdam([self._E], lr=cfg.lr)
 

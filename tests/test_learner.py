@@ -685,6 +685,25 @@ def test_items_seen_before_the_history_are_no_negatives_either(sampled):
     np.testing.assert_allclose(carried[~beyond], history_only[~beyond], rtol=1e-6)
 
 
+def test_sampled_columns_closed_are_exactly_those_in_the_pair_s_history():
+    """The sampled softmax's mask, column by column, against a set per pair: its own target
+    in front, then the shared negatives (drawn with replacement, so repeated)."""
+    from models.model import SharedModel
+
+    m = SharedModel(LearnerConfig(covisit=False, device="cpu"), capacity=64)
+    rng = np.random.default_rng(0)
+    hist = rng.integers(0, 64, (20, 15))
+    hist[rng.random(hist.shape) < 0.3] = 0  # padding
+    negatives = rng.integers(1, 64, 300)
+    targets = np.where(rng.random(20) < 0.5, hist.max(1), rng.integers(1, 64, 20))
+    mask = m._in_history(hist, negatives, targets, sampled=True)
+    for p in range(20):
+        held = set(hist[p][hist[p] > 0].tolist())
+        assert mask[p].tolist() == [int(targets[p]) in held] + [
+            n in held for n in negatives.tolist()]
+    assert 0 < mask[:, 0].sum() < 20 and mask[:, 1:].any()
+
+
 def test_examples_carry_the_seen_set_where_serving_excludes_it(monkeypatch):
     """`exclude_seen: all` and an exact set: the example carries the keys, and the trainer
     closes their rows; `recent` (seen items may come back) or a Bloom filter: no set."""
