@@ -368,7 +368,7 @@ class SharedModel:
         of 60 rows and 2,048 negatives, a scratch benchmark)."""
         if not sampled:  # the live rows, sorted
             return _members(hist_rows, cols)
-        own = (hist_rows == targets[:, None]).any(1)
+        own = ((hist_rows == targets[:, None]) & (hist_rows > 0)).any(1)
         distinct, where = np.unique(cols, return_inverse=True)
         return np.concatenate([own[:, None], _members(hist_rows, distinct)[:, where]], 1)
 
