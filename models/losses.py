@@ -80,8 +80,8 @@ class AutoSoftmax:
 def popularity_draw(counts: np.ndarray, live: np.ndarray, rng: np.random.Generator, n: int
                     ) -> np.ndarray:
     """`n` live rows drawn with probability ∝ count + 1 (with replacement): the draws of
-    ``rng.choice(len(rows), n, p=q / q.sum())``, without its checks of p (a third of its
-    time at 50,000 rows), which hold here by construction.
+    ``rng.choice(len(rows), n, p=q / q.sum())``, without its checks of p (over a third
+    of its time at 50,000 rows: 1.06 against 0.66 ms), which hold here by construction.
 
     >>> counts, live = np.array([0.0, 5, 1, 9]), np.array([False, True, True, True])
     >>> q = counts[1:] + 1

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from models.config import LearnerConfig
 from models.covisit import CoVisitation
 from models.encoder import pick_device
-from models.items import ItemRows, unique_ints
+from models.items import ItemRows, find_sorted, unique_ints
 from models.losses import log_probs, log_q
 from models.scenarios import ScenarioTable
 from models.sequences import History, Seqs
@@ -503,9 +503,9 @@ class SharedModel:
 
 def _members(hist_rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """(P, len(cols)) mask of the sorted, distinct rows `cols` that each pair's history
-    `hist_rows` (P, H; 0 = padding) holds: every history row is bisected in `cols`."""
+    `hist_rows` (P, H; 0 = padding) holds: every history row is looked up in `cols`."""
     mask = np.zeros((len(hist_rows), len(cols)), bool)
-    at = np.searchsorted(cols, hist_rows)
-    hit = (hist_rows > 0) & (cols[np.minimum(at, len(cols) - 1)] == hist_rows)
+    at, found = find_sorted(cols, hist_rows)
+    hit = found & (hist_rows > 0)
     mask[np.nonzero(hit)[0], at[hit]] = True
     return mask
