@@ -45,7 +45,7 @@ class Harness:
 
     def __init__(self, n_items: int, n_users: int, batch: int):
         s = Settings()
-        configure_process(s.compute_threads, s.index.blas_threshold)
+        configure_process(s.compute_threads, s.index.blas_threshold, s.index.search_threads)
         self.encoder = s.text_encoder()
         self.learner = OnlineLearner(s.learner, text_dim=self.encoder.dim)
         self.server = Server(self.learner.model, s.index,

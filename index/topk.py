@@ -17,6 +17,14 @@ with the largest maxima, and the tail; the top k lie among those k·w + tail sco
 So the answer is exact: FAISS's ranking up to float rounding and the order of ties. The
 candidates are then ``argpartition``-ed to k and sorted, best first.
 
+Threads. A query's row is scored and selected on its own, so the queries can be split over
+threads: the GEMM and numpy's selections let the GIL go. ``use_threads(n)`` (process-wide,
+called by the worker's entry point) gives each call of at least ``2 * MIN_PART`` queries
+``n`` threads. A worker is one core's worth of Python (the GIL), so on a host with a core
+to spare that core serves its largest stage: 500 queries over 50,000 64-d items, k 250,
+~85 ms on one thread, ~38 ms on two (this 2-core machine, otherwise idle). Plain threads
+block when idle, unlike OpenMP's, which spin (why ``compute_threads`` stays at 1).
+
 >>> scores, rows = top_k(np.array([[1, 4, 2, 0]], np.float32), np.eye(4, dtype=np.float32), 2)
 >>> rows.tolist(), scores.tolist()
 ([[1, 2]], [[4.0, 2.0]])
@@ -32,29 +40,54 @@ True
 
 from __future__ import annotations
 
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
-__all__ = ["top_k"]
+__all__ = ["top_k", "use_threads"]
 
 #: Columns per block: 8 measured fastest of 8, 16 and 32 at 50,000 items, k 250.
 BLOCK = 8
 #: Scores held at once (floats): queries are scored in chunks of at most this many.
 CHUNK_FLOATS = 1 << 23
+#: Fewest queries a thread is given: below it a thread's hand-off costs more than it saves.
+MIN_PART = 16
+
+_threads, _pool = 1, None  # `use_threads`' count and pool (None: the caller's thread only)
+
+
+def use_threads(n: int) -> None:
+    """Process-wide: split each `top_k` call's queries over `n` threads (1: none)."""
+    global _threads, _pool
+    if _pool is not None:
+        _pool.shutdown()
+    _threads, _pool = n, ThreadPoolExecutor(n, "top-k") if n > 1 else None
 
 
 def top_k(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The `k` rows of `vectors` with the largest inner product with each query, best
     first: scores (nq, k) float32 and row numbers (nq, k) int64. Needs 0 < k <= len(vectors).
     """
-    n = len(vectors)
+    n, nq = len(vectors), len(queries)
     if not 0 < k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    scores = np.empty((len(queries), k), np.float32)
-    rows = np.empty((len(queries), k), np.int64)
-    step = max(1, CHUNK_FLOATS // n)
-    for lo in range(0, len(queries), step):
-        part = queries[lo : lo + step] @ vectors.T
-        scores[lo : lo + step], rows[lo : lo + step] = _select(part, k)
+    scores = np.empty((nq, k), np.float32)
+    rows = np.empty((nq, k), np.int64)
+
+    def run(lo: int, hi: int) -> None:
+        scores[lo:hi], rows[lo:hi] = _select(queries[lo:hi] @ vectors.T, k)
+
+    pool = _pool if nq >= 2 * MIN_PART else None
+    threads = 1 if pool is None else _threads
+    parts = threads * -(-nq // (threads * max(1, CHUNK_FLOATS // n)))  # a multiple of them
+    bounds = np.linspace(0, nq, min(parts, nq) + 1).astype(int).tolist()
+    chunks = list(itertools.pairwise(bounds))
+    if pool is None:
+        for lo, hi in chunks:
+            run(lo, hi)
+    else:
+        list(pool.map(lambda c: run(*c), chunks))
     return scores, rows
 
 

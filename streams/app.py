@@ -237,7 +237,8 @@ def run_worker(settings: Settings) -> None:
     acls.check(settings, "worker")
     ensure_topics(settings, role="worker")
     _examples_partitions(settings)
-    configure_process(settings.compute_threads, settings.index.blas_threshold)
+    configure_process(settings.compute_threads, settings.index.blas_threshold,
+                      settings.index.search_threads)
     # start-up's end freezes what it built; the rest is frozen before the loop runs
     runtime = Runtime(settings, on_ready=lambda: freeze_heap(young_only=True))
     app = create_app(settings, runtime)

@@ -26,14 +26,17 @@ log = logging.getLogger("streamrec.process")
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 
-def configure_process(compute_threads: int, blas_threshold: int) -> None:
-    """Thread pools, the GIL's switch interval, FAISS's switch to BLAS
-    (index.faiss_index.use_blas_from) and the allocator, for a long-running worker or
-    trainer."""
+def configure_process(compute_threads: int, blas_threshold: int, search_threads: int = 1
+                      ) -> None:
+    """Thread pools (the search's: index.topk.use_threads), the GIL's switch interval,
+    FAISS's switch to BLAS (index.faiss_index.use_blas_from) and the allocator, for a
+    long-running worker or trainer."""
     from index.faiss_index import use_blas_from
+    from index.topk import use_threads
 
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     limit_threads(compute_threads)
+    use_threads(search_threads)
     use_blas_from(blas_threshold)
     return_large_allocations()
 

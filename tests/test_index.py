@@ -194,6 +194,36 @@ def test_top_k_in_chunks_of_queries_equals_one_pass(monkeypatch: pytest.MonkeyPa
     np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
 
 
+def test_top_k_split_over_threads_equals_the_caller_s_pass() -> None:
+    """`use_threads(2)`: 100 queries in chunks of 50 queries, scored in two threads (which
+    the pool names), give the rows and scores of one pass on the caller's thread; fewer
+    than 2 * MIN_PART queries stay on the caller's thread."""
+    rng = np.random.default_rng(1)
+    vecs = rng.standard_normal((3000, 16), np.float32)
+    queries = rng.standard_normal((100, 16), np.float32)
+    alone = top_k(queries, vecs, 40)
+    seen: set[str] = set()
+    select = topk._select
+
+    def spy(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        seen.add(threading.current_thread().name)
+        return select(s, k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(topk, "_select", spy)
+        topk.use_threads(2)
+        try:
+            split = top_k(queries, vecs, 40)
+            assert seen and all(name.startswith("top-k") for name in seen)
+            seen.clear()
+            top_k(queries[: 2 * topk.MIN_PART - 1], vecs, 40)
+            assert seen == {threading.current_thread().name}
+        finally:
+            topk.use_threads(1)
+    np.testing.assert_array_equal(split[1], alone[1])
+    np.testing.assert_array_equal(split[0], alone[0])
+
+
 def test_kind_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     auto = IndexConfig(hnsw_threshold=100, device="cpu")
     assert FaissIndex(8, auto, expected_size=99).kind == "flat"

@@ -638,24 +638,25 @@ print(faiss.omp_get_max_threads(), *asyncio.run(main()))
     assert list(map(int, out)) == [1, 1, 0]
 
 
-def test_configure_process_shortens_the_gil_switch_interval():
+def test_configure_process_shortens_the_gil_switch_interval_and_sets_the_search_threads():
     """The model-steps thread retakes the GIL around every torch and FAISS op; at CPython's
     5 ms each retake could wait that long behind the event loop (streams/process.py
-    GIL_SWITCH_INTERVAL_S). In a child process, as the thread-cap test, since the setting is
-    process-wide."""
+    GIL_SWITCH_INTERVAL_S). The exact search's threads (index.topk.use_threads) are the
+    settings'. In a child process, as the thread-cap test, since both are process-wide."""
     from streams.process import GIL_SWITCH_INTERVAL_S
 
     code = """
 import sys
+from index import topk
 from streams.process import configure_process
 from streams.settings import Settings
-s = Settings()
+s = Settings(index={"search_threads": 3})
 before = sys.getswitchinterval()
-configure_process(s.compute_threads, s.index.blas_threshold)
-print(before, sys.getswitchinterval())
+configure_process(s.compute_threads, s.index.blas_threshold, s.index.search_threads)
+print(before, sys.getswitchinterval(), topk._threads, topk._pool._max_workers)
 """
     out = _child_prints(code)
-    assert list(map(float, out)) == [0.005, GIL_SWITCH_INTERVAL_S]
+    assert list(map(float, out)) == [0.005, GIL_SWITCH_INTERVAL_S, 3, 3]
 
 
 def test_the_loop_watch_measures_how_long_the_loop_was_blocked():
