@@ -150,9 +150,11 @@ class IndexConfig(BaseModel):
         ge=1,
         description="Process-wide (set by the worker's entry point, index.topk.use_threads): "
         "threads an exact CPU search splits its queries over. A worker's Python is one core "
-        "(the GIL), and the search its largest stage: on a 2-core host two threads served "
-        "500 queries over 50,000 items in ~38 ms instead of ~85. Idle threads block, so a "
-        "busy host only time-slices them; 1 keeps the search on the model-steps thread.",
+        "(the GIL), and the search its largest stage under a backlog: on a 2-core host two "
+        "threads served 500 queries over 50,000 items in ~38 ms instead of ~85. Searches of "
+        "under 256 queries (a light load's batches) stay on one thread (index/topk.py). Idle "
+        "threads block, so a busy host only time-slices them; 1 keeps every search on the "
+        "model-steps thread.",
     )
 
 

@@ -21,21 +21,12 @@ Threads. A query's row is scored and selected on its own, so the queries can be 
 threads: the GEMM and numpy's selections let the GIL go. ``use_threads(n)`` (process-wide,
 called by the worker's entry point) gives each call of at least ``2 * MIN_PART`` queries
 ``n`` threads. A worker is one core's worth of Python (the GIL), so on a host with a core
-to spare that core serves its largest stage: 500 queries over 50,000 64-d items, k 250,
-~85 ms on one thread, ~38 ms on two (this 2-core machine, otherwise idle). Plain threads
-block when idle, unlike OpenMP's, which spin (why ``compute_threads`` stays at 1).
-
->>> scores, rows = top_k(np.array([[1, 4, 2, 0]], np.float32), np.eye(4, dtype=np.float32), 2)
->>> rows.tolist(), scores.tolist()
-([[1, 2]], [[4.0, 2.0]])
-
-Over 5,000 items in blocks, the same rows as a full sort:
-
->>> rng = np.random.default_rng(0)
->>> items, users = rng.standard_normal((2, 5000, 8), dtype=np.float32)
->>> _, rows = top_k(users[:50], items, 10)
->>> bool((rows == np.argsort(-(users[:50] @ items.T), axis=1)[:, :10]).all())
-True
+to spare that core serves its largest stage under a backlog: 500 queries over 50,000 64-d
+items, k 250, ~85 ms on one thread, ~38 ms on two (this 2-core machine, otherwise idle).
+Smaller calls stay on one thread: beside a thread running Python, as the worker's event
+loop does, each numpy call's return waits for the GIL, and two threads gained nothing up to
+128 queries (a scratch benchmark: 45.7 against 45.4 ms at 128, 85.2 against 59.6 at 256).
+Plain threads block when idle, unlike OpenMP's, which spin (why ``compute_threads`` is 1).
 """
 
 from __future__ import annotations
@@ -51,8 +42,8 @@ __all__ = ["top_k", "use_threads"]
 BLOCK = 8
 #: Scores held at once (floats): queries are scored in chunks of at most this many.
 CHUNK_FLOATS = 1 << 23
-#: Fewest queries a thread is given: below it a thread's hand-off costs more than it saves.
-MIN_PART = 16
+#: Fewest queries a thread is given (the module docstring's "Threads").
+MIN_PART = 128
 
 _threads, _pool = 1, None  # `use_threads`' count and pool (None: the caller's thread only)
 

@@ -143,8 +143,9 @@ def add_pages(app: faust.App, runtime: Runtime) -> None:
 
 
 def faust_config(s: Settings) -> dict[str, Any]:
-    """faust.App's settings: raw bytes everywhere, acks from every replica, the group
-    timings and the web server of /metrics, /ready and /covisit."""
+    """faust.App's settings: raw bytes everywhere, acks from every replica and the
+    producer's batch size, the group timings and the web server of /metrics, /ready and
+    /covisit."""
     return dict(
         broker=s.broker,
         broker_credentials=faust_credentials(s),
@@ -157,6 +158,7 @@ def faust_config(s: Settings) -> dict[str, Any]:
         value_serializer="raw",
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        producer_max_batch_size=s.producer_batch_bytes,
         broker_session_timeout=s.session_timeout_s,
         broker_heartbeat_interval=s.heartbeat_s,
         broker_rebalance_timeout=s.rebalance_timeout_s,

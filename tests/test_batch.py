@@ -61,6 +61,16 @@ def offline(tmp_path, encoder):
     return asyncio.run(make())
 
 
+def test_the_producer_builds_batches_of_the_configured_size():
+    """Faust's producer (recommendations, examples, the changelog) takes the settings'
+    batch size, not Faust's 16 KB: one request in flight per broker holds one batch per
+    partition, so a 500-event batch waited for ~20 round trips (streams/settings.py). Faust's
+    producer reads it from this conf (faust/transport/producer.py, `max_batch_size`)."""
+    s = Settings(broker="kafka://127.0.0.1:9", store="memory", producer_batch_bytes=65_536)
+    assert Settings().producer_batch_bytes == 262_144
+    assert faust.App(s.app_id, **faust_config(s)).conf.producer_max_batch_size == 65_536
+
+
 def test_write_state_writes_each_user_once_and_each_partitions_progress(offline):
     b = offline
     recs = [_record(b, 1, 7, "u1"), _record(b, 1, 9, "u2"), _record(b, 3, 4, "u3"),

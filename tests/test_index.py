@@ -195,12 +195,12 @@ def test_top_k_in_chunks_of_queries_equals_one_pass(monkeypatch: pytest.MonkeyPa
 
 
 def test_top_k_split_over_threads_equals_the_caller_s_pass() -> None:
-    """`use_threads(2)`: 100 queries in chunks of 50 queries, scored in two threads (which
+    """`use_threads(2)`: 300 queries in chunks of 150 queries, scored in two threads (which
     the pool names), give the rows and scores of one pass on the caller's thread; fewer
     than 2 * MIN_PART queries stay on the caller's thread."""
     rng = np.random.default_rng(1)
     vecs = rng.standard_normal((3000, 16), np.float32)
-    queries = rng.standard_normal((100, 16), np.float32)
+    queries = rng.standard_normal((2 * topk.MIN_PART + 44, 16), np.float32)
     alone = top_k(queries, vecs, 40)
     seen: set[str] = set()
     select = topk._select
