@@ -17,6 +17,18 @@ with the largest maxima, and the tail; the top k lie among those k·w + tail sco
 So the answer is exact: FAISS's ranking up to float rounding and the order of ties. The
 candidates are then ``argpartition``-ed to k and sorted, best first.
 
+>>> scores, rows = top_k(np.array([[1, 4, 2, 0]], np.float32), np.eye(4, dtype=np.float32), 2)
+>>> rows.tolist(), scores.tolist()
+([[1, 2]], [[4.0, 2.0]])
+
+Over 5,000 items in blocks, the same rows as a full sort:
+
+>>> rng = np.random.default_rng(0)
+>>> items, users = rng.standard_normal((2, 5000, 8), dtype=np.float32)
+>>> _, rows = top_k(users[:50], items, 10)
+>>> bool((rows == np.argsort(-(users[:50] @ items.T), axis=1)[:, :10]).all())
+True
+
 Threads. A query's row is scored and selected on its own, so the queries can be split over
 threads: the GEMM and numpy's selections let the GIL go. ``use_threads(n)`` (process-wide,
 called by the worker's entry point) gives each call of at least ``2 * MIN_PART`` queries
