@@ -43,7 +43,6 @@ Plain threads block when idle, unlike OpenMP's, which spin (why ``compute_thread
 
 from __future__ import annotations
 
-import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -82,15 +81,15 @@ def top_k(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray,
         scores[lo:hi], rows[lo:hi] = _select(queries[lo:hi] @ vectors.T, k)
 
     pool = _pool if nq >= 2 * MIN_PART else None
-    threads = 1 if pool is None else _threads
-    parts = threads * -(-nq // (threads * max(1, CHUNK_FLOATS // n)))  # a multiple of them
+    parts = -(-nq // max(1, CHUNK_FLOATS // n))  # chunks of at most CHUNK_FLOATS scores
+    if pool is not None:  # as many for each thread
+        parts = _threads * -(-parts // _threads)
     bounds = np.linspace(0, nq, min(parts, nq) + 1).astype(int).tolist()
-    chunks = list(itertools.pairwise(bounds))
     if pool is None:
-        for lo, hi in chunks:
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             run(lo, hi)
     else:
-        list(pool.map(lambda c: run(*c), chunks))
+        list(pool.map(run, bounds[:-1], bounds[1:]))
     return scores, rows
 
 
