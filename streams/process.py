@@ -9,6 +9,9 @@ import ctypes.util
 import gc
 import logging
 import sys
+import threading
+import time
+from collections.abc import Callable
 
 from models.compute_threads import limit_threads
 
@@ -38,21 +41,58 @@ def configure_process(compute_threads: int, blas_threshold: int, search_threads:
     limit_threads(compute_threads)
     use_threads(search_threads)
     use_blas_from(blas_threshold)
-    return_large_allocations()
+    tune_allocator()
 
 
-def return_large_allocations(threshold: int = 1 << 20) -> None:
-    """glibc only: serve allocations >= `threshold` bytes by mmap, so freeing them gives the
-    memory back to the OS. By default glibc raises this threshold to the largest block freed
-    so far (up to 32 MB), after which transient copies of several MB (snapshots, co-visitation
-    counts) come from the heap and leave it fragmented: in bench/soak.py RSS rose in steps
-    at every checkpoint."""
-    m_mmap_threshold = -3  # from malloc.h
+#: glibc's malloc maps every allocation from M_MMAP_THRESHOLD up afresh, and each page of a
+#: fresh mapping faults (is zeroed by the kernel) when first written. A trainer step's and a
+#: serving batch's tensors of 1 to 30 MB (the sampled softmax's 2,048 rows of T, attention's
+#: activations, the search's score chunks) then cost ~47,000 page faults per 500-event batch
+#: of `bench.compute --items 50000` at a 1 MB threshold, ~1,700 at this one (glibc's largest:
+#: half its 64 MB heap size), so the heap's freed blocks serve the next batch (README,
+#: Performance). The trim threshold keeps the heap's free top up to this size.
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 64 << 20
+#: How often (s) the free memory of every heap goes back to the OS (`malloc_trim`): the
+#: bound on memory that the high thresholds would otherwise keep. One call took ~4 ms and
+#: returned ~100 MB of a trainer's and worker's heap; the next batch then faulted ~15,000
+#: pages back in.
+TRIM_EVERY_S = 30.0
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from malloc.h
+
+
+def tune_allocator(trim_every_s: float = TRIM_EVERY_S) -> None:
+    """glibc only: large blocks come from the heap (`MMAP_THRESHOLD`), and a daemon thread
+    gives the heaps' free pages back every `trim_every_s` (`malloc_trim(0)`, which also
+    frees whole pages inside the heap). The periodic trim is what keeps RSS flat: with
+    glibc's own dynamic thresholds (which rise to these), transient copies of several MB
+    (snapshots, co-visitation counts) left the heap fragmented, and in bench/soak.py RSS
+    rose in steps at every checkpoint. Started once per process."""
+    global _trimmer
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(m_mmap_threshold, threshold)
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        ok &= libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        trim = libc.malloc_trim
     except (OSError, AttributeError):  # not glibc: nothing to tune
         log.debug("mallopt not available; allocator left as is")
+        return
+    if not ok:
+        log.warning("glibc refused the malloc thresholds; allocator left as is")
+    if _trimmer is None:
+        _trimmer = threading.Thread(target=_trim_every, args=(trim, trim_every_s),
+                                    name="allocator-trim", daemon=True)
+        _trimmer.start()
+
+
+_trimmer: threading.Thread | None = None
+
+
+def _trim_every(trim: Callable[[int], int], seconds: float) -> None:
+    """The trimming thread's loop (ctypes releases the GIL for the call)."""
+    while True:
+        time.sleep(seconds)
+        trim(0)
 
 
 def freeze_heap(young_only: bool = False) -> None:
