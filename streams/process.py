@@ -48,15 +48,16 @@ def configure_process(compute_threads: int, blas_threshold: int, search_threads:
 #: fresh mapping faults (is zeroed by the kernel) when first written. A trainer step's and a
 #: serving batch's tensors of 1 to 30 MB (the sampled softmax's 2,048 rows of T, attention's
 #: activations, the search's score chunks) then cost ~47,000 page faults per 500-event batch
-#: of `bench.compute --items 50000` at a 1 MB threshold, ~1,700 at this one (glibc's largest:
-#: half its 64 MB heap size), so the heap's freed blocks serve the next batch (README,
-#: Performance). The trim threshold keeps the heap's free top up to this size.
+#: of `bench.compute --items 50000` at a 1 MB threshold, ~1,700 at 32 MB (where glibc's own
+#: adaptive threshold stops rising), as the heap's freed blocks serve the next batch (README,
+#: Performance). The heap keeps a free top of up to TRIM_THRESHOLD (glibc's adaptive pair:
+#: twice the mmap threshold) between trims.
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 64 << 20
 #: How often (s) the free memory of every heap goes back to the OS (`malloc_trim`): the
 #: bound on memory that the high thresholds would otherwise keep. One call took ~4 ms and
-#: returned ~100 MB of a trainer's and worker's heap; the next batch then faulted ~15,000
-#: pages back in.
+#: returned ~100 MB of bench.compute's heap (a worker's and a trainer's parts in one
+#: process); the next batch then faulted ~15,000 pages back in.
 TRIM_EVERY_S = 30.0
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from malloc.h
 
