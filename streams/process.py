@@ -60,6 +60,7 @@ TRIM_THRESHOLD = 64 << 20
 #: process); the next batch then faulted ~15,000 pages back in.
 TRIM_EVERY_S = 30.0
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from malloc.h
+_trimmer: threading.Thread | None = None
 
 
 def tune_allocator(trim_every_s: float = TRIM_EVERY_S) -> None:
@@ -79,14 +80,11 @@ def tune_allocator(trim_every_s: float = TRIM_EVERY_S) -> None:
         log.debug("mallopt not available; allocator left as is")
         return
     if not ok:
-        log.warning("glibc refused the malloc thresholds; allocator left as is")
+        log.warning("glibc refused a malloc threshold (mallopt); large blocks may be mapped")
     if _trimmer is None:
         _trimmer = threading.Thread(target=_trim_every, args=(trim, trim_every_s),
                                     name="allocator-trim", daemon=True)
         _trimmer.start()
-
-
-_trimmer: threading.Thread | None = None
 
 
 def _trim_every(trim: Callable[[int], int], seconds: float) -> None:
