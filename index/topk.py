@@ -85,11 +85,7 @@ def top_k(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray,
     if pool is not None:  # as many for each thread
         parts = _threads * -(-parts // _threads)
     bounds = np.linspace(0, nq, min(parts, nq) + 1).astype(int).tolist()
-    if pool is None:
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-            run(lo, hi)
-    else:
-        list(pool.map(run, bounds[:-1], bounds[1:]))
+    list((map if pool is None else pool.map)(run, bounds[:-1], bounds[1:]))
     return scores, rows
 
 
