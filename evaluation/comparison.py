@@ -30,7 +30,7 @@ from evaluation.evaluate import (
     prequential,
 )
 from models.config import LearnerConfig
-from models.seen import ExcludeSeen
+from models.user_state import ExcludeSeen
 
 #: Ablations of the default learner: name suffix -> overrides of LearnerConfig.
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -196,7 +196,7 @@ def run_comparison(data: Dataset, names: Sequence[str], batch_size: int = 64,
                    show_progress: bool = True, exclude_seen: ExcludeSeen = "all",
                    failures: dict[str, str] | None = None) -> dict[str, Result]:
     """Every model over the same stream; returns {name: Result} in `names` order.
-    `exclude_seen` is the serving rule of what a user is not recommended (models/seen.py).
+    `exclude_seen` is the serving rule of what a user is not recommended (models/user_state.py).
     With `failures`, a model that raises (or whose process dies) is left out of the result
     and its error recorded there, so one model's failure does not lose the others' figures;
     without, the first error propagates."""

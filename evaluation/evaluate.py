@@ -2,7 +2,7 @@
 
 Protocol: events in timestamp order (stable for ties), in micro-batches. For an event (u, i)
 whose user has an earlier event and whose item the serving rule would not exclude
-(models/seen.py `exclusions`, `exclude_seen`: by default every item u interacted with),
+(models/user_state.py `exclusions`, `exclude_seen`: by default every item u interacted with),
 every catalog item is scored for u; the excluded items are dropped; rank = #(remaining items
 scoring strictly above i) + floor(#(other remaining items scoring exactly as i) / 2), so ties
 do not flatter a model.
@@ -49,11 +49,9 @@ from models.items import KeyIndex
 from models.learner import OnlineLearner
 from models.model import SharedModel
 from models.personal import PersonalStep
-from models.seen import ExcludeSeen, Exclusion, exclusions, item_keys
-from models.sequences import History
 from models.serving import rank_candidates
 from models.trainer import Trainer
-from models.user_state import UserState
+from models.user_state import ExcludeSeen, Exclusion, History, UserState, exclusions, item_keys
 
 DAY_MS = 86_400_000
 SMALL_SCENARIOS = 10  # the report's "small scenarios": this many, fewest evaluated events
@@ -249,7 +247,7 @@ def prequential(model: StreamModel, events: Sequence[Event], batch_size: int = 6
                 item_scenarios: Sequence[Sequence[str] | None] | None = None,
                 by_day: bool = False) -> Result:
     """Test-then-train over `events` (already in time order). What a user may not be
-    recommended comes from the serving rule (models/seen.py) on a UserState kept per user,
+    recommended comes from the serving rule (models/user_state.py) on a UserState kept per user,
     the same state and rule the agent uses; `item_ids` names the catalog's items (default:
     the model's own names if it is `NamedItems`, as StreamrecModel is, else their indexes as
     strings: a model's exclusions only match the protocol's under the same names).
@@ -371,7 +369,7 @@ class StreamrecModel:
                                       scenario=scenario_of(e),
                                       partition=self._shard(e[0], PARTITIONS),
                                       offset=self._offset))
-        start = {} if own_history else {e[0]: self.serving.history(self.states[e[0]])
+        start = {} if own_history else {e[0]: self.states[e[0]].history(self.serving.catalog)
                                         for e in batch}
         pend = observe(self.serving, inters, self.states,  # residuals untouched until learned
                        self.exclude_seen)

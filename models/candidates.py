@@ -14,7 +14,7 @@ Each source is a strategy (models/strategy.py): a small class whose fields are i
 parameters, chosen and built once by the settings (`learner__candidate_sources`:
 `["tower", {"name": "covisit", "seeds": 5}]`).
 
->>> from models.seen import Exclusion
+>>> from models.user_state import Exclusion
 >>> keys = np.array([[7, 3, -1, 5], [3, 9, 8, 6]])   # index results, best first; -1: padding
 >>> TowerCandidates(count=2).select(keys, [Exclusion(), Exclusion()]).astype(int)
 array([[1, 1, 0, 0],
@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import numpy as np
 from pydantic import Field
 
-from models.seen import Exclusion, first_unexcluded
-from models.sequences import History
 from models.strategy import choice, strategy
+from models.user_state import Exclusion, first_unexcluded
 
 if TYPE_CHECKING:
     from models.model import SharedModel
+    from models.user_state import History
 
 Count = Annotated[int, Field(ge=1)]
 

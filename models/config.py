@@ -175,7 +175,8 @@ class LearnerConfig(BaseModel):
         True,
         description="Per-scenario parameters (q_s, φ_s) added to the user vector and the "
         "ranker's weights, learned online from zero by the scenario's own LR rule "
-        "(models/scenarios.py); False: one shared model, the scenario only filters items.",
+        "(models/two_tower.py ScenarioTable); False: one shared model, the scenario only "
+        "filters items.",
     )
     scenario_history: bool = Field(
         True,

@@ -11,7 +11,7 @@ at least once (a replayed batch publishes its examples again).
 
 Where serving never shows a user an item they interacted with (`exclude_seen: all`), the
 example also carries the user's seen set as it was (its item keys, while the set is exact:
-up to 1,024 items, models/seen.py), so that the loss keeps every such item out of the
+up to 1,024 items, models/user_state.py), so that the loss keeps every such item out of the
 negatives, not only the ones in the history.
 
 Ids, not rows: rows are local to each process (models/items.py).
@@ -35,9 +35,7 @@ import orjson
 
 from models.config import EVENT_TYPE_IDS, TEXT_ONLY_TYPES, LearnerConfig
 from models.items import ItemRows
-from models.seen import ExcludeSeen
-from models.sequences import History
-from models.user_state import UserState, b64, from_b64, unb64
+from models.user_state import ExcludeSeen, History, UserState, b64, from_b64, unb64
 
 if TYPE_CHECKING:
     from models.model import SharedModel
@@ -169,7 +167,7 @@ def observe(model: SharedModel, events: Sequence[Interaction],
     for ev in events:
         st = states[ev.user_id]
         owner = pend.users.setdefault(ev.user_id, len(pend.users))
-        snap = model.history(st)
+        snap = st.history(model.catalog)
         pend.before.append(snap)
         if ev.event_type == "request":  # asks for a recommendation: no pair, no history
             continue
@@ -185,5 +183,5 @@ def observe(model: SharedModel, events: Sequence[Interaction],
                 st, ev.user_id, ev.item_id, ev.event_type, weight, ev.ts, ev.scenario,
                 ev.partition, ev.offset, carry_seen))
         st.append(ev.item_id, EVENT_TYPE_IDS[ev.event_type], ev.ts, ev.text_vec,
-                  cfg.history_len)
+                  cfg.history_len, model.catalog.key_of(ev.item_id))
     return pend

@@ -24,9 +24,8 @@ from models.config import LearnerConfig
 from models.examples import Interaction, Pending, observe
 from models.model import SharedModel
 from models.personal import PersonalStep
-from models.seen import ExcludeSeen
 from models.trainer import Trainer
-from models.user_state import UserState
+from models.user_state import ExcludeSeen, UserState
 
 
 @dataclass

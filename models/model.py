@@ -2,7 +2,7 @@
 
     item tower   v_i = E[i] + W·t_i                       (models/two_tower.py ItemTower)
     user tower   u   = f(last H events) + p_u + q_s        (UserTower; p_u per user, q_s per
-                                                            scenario, models/scenarios.py)
+                                                            scenario, ScenarioTable)
     ranker       s_ui = w_us · [u·v_i, covis_k(u, i), log(1 + n_i)]
                                                  (PriorHead; w_us = w + θ_u + φ_s)
     loss         -log softmax_i(s_u)[target]   (over the catalog or sampled negatives,
@@ -31,10 +31,8 @@ from models.covisit import CoVisitation
 from models.encoder import pick_device
 from models.items import ItemRows, find_sorted, unique_ints
 from models.losses import log_probs, log_q
-from models.scenarios import ScenarioTable
-from models.sequences import History, Seqs
-from models.two_tower import ItemTower, PriorHead, UserTower
-from models.user_state import UserState
+from models.two_tower import ItemTower, PriorHead, ScenarioTable, Seqs, UserTower
+from models.user_state import History, UserState
 
 
 class SharedModel:
@@ -45,7 +43,7 @@ class SharedModel:
     >>> model = SharedModel(LearnerConfig(device="cpu"), text_dim=4)
     >>> model.upsert_items(["a", "b", "c"], np.eye(3, 4, dtype=np.float32))
     >>> st = UserState(); st.append("a", etype=1, ts=1_000, text_vec=None, max_len=50)
-    >>> hist = model.history(st)                      # the user's events as catalog rows
+    >>> hist = st.history(model.catalog)              # the user's events as catalog rows
     >>> s = model.scores([hist], [None], np.array(model.catalog.rows_of(["a", "b", "c"])))
     >>> s.shape, ["abc"[j] for j in np.argsort(-s[0])]   # s_ui for the one user
     ((1, 3), ['a', 'b', 'c'])
@@ -159,11 +157,6 @@ class SharedModel:
         yield "scenarios.P", self.scenarios.P
 
     # ---------------------------------------------------------------- sequences
-    def history(self, st: UserState) -> History:
-        """The user's last H events as rows of this model's catalog."""
-        return History(self.catalog.rows_of(st.items), list(st.types), list(st.ts),
-                       [(k, st.text_vector(k)) for k, t in enumerate(st.texts) if t is not None])
-
     def item_table(self, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """Item vectors of the unique `rows` (computed once per step) and the sorted rows."""
         need = unique_ints(rows)
@@ -419,7 +412,7 @@ class SharedModel:
     def user_vectors(self, states: Sequence[UserState],
                      scenarios: Sequence[str] | None = None) -> np.ndarray:
         """(n, dim) user vectors u = encoder(history) + p_u + q_s, for querying the index."""
-        return self.history_vectors([self.history(st) for st in states],
+        return self.history_vectors([st.history(self.catalog) for st in states],
                                     [st.residual for st in states], scenarios)
 
     @torch.no_grad()

@@ -5,7 +5,8 @@ correction of the ranker's blend weights (models/model.py). After a micro-batch,
 user with events in it:
 
     g_u = ∇_(p_u, θ_u) of the user's weighted mean pair loss   (shared model frozen, each
-          pair in its scenario: (p_u + q_s, θ_u + φ_s), models/scenarios.py)
+          pair in its scenario: (p_u + q_s, θ_u + φ_s),
+          models/two_tower.py ScenarioTable)
     Δ_u, α_u = rule.step(g_u, loss_u)                           (models/lr_rules.py)
     (p_u, θ_u) ← (p_u, θ_u) + Δ_u
 
@@ -25,8 +26,8 @@ import torch
 from models.config import LearnerConfig
 from models.lr_rules import Rule, RuleState
 from models.model import SharedModel
-from models.sequences import History, Seqs
-from models.user_state import UserState
+from models.two_tower import Seqs
+from models.user_state import History, UserState
 
 
 class PersonalStep:
@@ -38,7 +39,7 @@ class PersonalStep:
     >>> step = PersonalStep.from_config(model.cfg)          # rmsprop, α0 = 0.05
     >>> step.step_sizes({"u1": st})
     {'u1': 0.05}
-    >>> loss = step.step(model, [model.history(st)], model.catalog.rows_of(["b"]), [1.0],
+    >>> loss = step.step(model, [st.history(model.catalog)], model.catalog.rows_of(["b"]), [1.0],
     ...                  owners=[0], states=[st])           # the pair "after a, b"
     >>> st.residual.shape, step.step_sizes({"u1": st})["u1"] != 0.05   # p_u (64) + θ_u (4)
     ((68,), True)

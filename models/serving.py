@@ -18,9 +18,14 @@ from index.faiss_index import FaissIndex, IndexConfig, VersionedIndex
 from models.candidates import history_rows, tower_of
 from models.items import unique_ints
 from models.model import SharedModel
-from models.seen import ExcludeSeen, Exclusion, exclusions, first_unexcluded
-from models.sequences import History
-from models.user_state import UserState
+from models.user_state import (
+    ExcludeSeen,
+    Exclusion,
+    History,
+    UserState,
+    exclusions,
+    first_unexcluded,
+)
 
 
 class Scored(NamedTuple):
@@ -269,7 +274,7 @@ class Server:
     # ------------------------------------------------------------------ recommend
     def recommend(self, states: Sequence[UserState], k: int, reason_window: int = 10,
                   scenarios: Sequence[str] | None = None) -> tuple[list[list[Scored]], int]:
-        """Top-k items per user that `exclude_seen` allows (models/seen.py) and the query's
+        """Top-k items per user that `exclude_seen` allows (models/user_state.py) and the query's
         scenario allows (`scenarios[p]` for user p), each with the recent item it is most
         similar to. The users' histories are read once, for their vectors and the ranker.
 
@@ -279,7 +284,7 @@ class Server:
         if idx is None or len(states) == 0:
             return [[] for _ in states], version
         model = self.model
-        hists = [model.history(st) for st in states]
+        hists = [st.history(model.catalog) for st in states]
         user_vecs = model.history_vectors(hists, [st.residual for st in states], scenarios)
         excluded = [exclusions(st, self.exclude_seen) for st in states]
         if model.head is None:  # two-tower alone: the index's ranking is final

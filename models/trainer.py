@@ -8,8 +8,9 @@ Serving workers apply events and publish one training example per event
 2. takes one gradient step per `max_pairs_per_step` examples, each with a replay sample of
    `replay_ratio` past pairs, moving the towers and the ranker by Adam (SparseAdam's step,
    as models/row_adam.py takes it, for the item embeddings E);
-3. steps each scenario's own parameters (models/scenarios.py) by the gradient of that
-   scenario's mean pair loss, through the scenario's learning-rate rule (models/lr_rules.py);
+3. steps each scenario's own parameters (models/two_tower.py ScenarioTable) by the gradient
+   of that scenario's mean pair loss, through the scenario's learning-rate rule
+   (models/lr_rules.py);
 4. adds the examples' co-visitation pairs and popularity to the counts, and keeps what it
    added, and which E rows moved, for the next snapshot delta (models/snapshot.py).
 
@@ -38,9 +39,9 @@ from models.examples import TrainingExample
 from models.lr_rules import RuleRecord, RuleState
 from models.model import SharedModel
 from models.row_adam import RowAdam
-from models.sequences import Seqs, seen_matrix
 from models.snapshot import load_covis, load_tensors, read_header
 from models.snapshot import structural as snapshot_structural
+from models.two_tower import Seqs, seen_matrix
 
 
 @dataclass
@@ -102,14 +103,14 @@ class Trainer:
     >>> trainer.upsert_items(["a", "b", "c"], np.eye(3, 4, dtype=np.float32))
     >>> st = UserState(); st.append("a", etype=1, ts=1_000, text_vec=None, max_len=50)
     >>> b = np.array(model.catalog.rows_of(["b"]))
-    >>> before = model.scores([model.history(st)], [None], b)
+    >>> before = model.scores([st.history(model.catalog)], [None], b)
     >>> examples = [TrainingExample.cut(st, "u1", "b", "view", 1.0, 2_000, "default",
     ...                                 partition=0, offset=k) for k in (7, 8)]
     >>> trainer.train(examples).trained, trainer.progress   # "after a, b", twice
     (2, {0: 8})
     >>> trainer.train(examples).duplicates                  # published again: not retrained
     2
-    >>> bool(model.scores([model.history(st)], [None], b) > before)   # b rose after a
+    >>> bool(model.scores([st.history(model.catalog)], [None], b) > before)   # b rose after a
     True
     """
 

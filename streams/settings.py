@@ -124,7 +124,7 @@ class Settings(BaseSettings):
     exclude_seen: Literal["all", "recent", "none"] = Field(
         "all",
         description="What a user is not recommended again: `all` items they ever interacted "
-        "with (kept per user: exact up to 1,024, then a Bloom filter; models/seen.py), "
+        "with (kept per user: exact up to 1,024, then a Bloom filter; models/user_state.py), "
         "`recent` only the last `learner.history_len` (catalogs where repeats are wanted: "
         "groceries, music), `none`. `streamrec eval` applies the same rule.",
     )

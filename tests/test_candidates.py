@@ -51,7 +51,7 @@ def test_each_source_alone_serves_what_it_finds_and_both_serve_their_union():
     three, pairs = TowerCandidates(count=3), CovisitCandidates(seeds=1, per_seed=2)
     learner, ids, states, _ = _cycle_learner(covisit=True, candidate_sources=(three, pairs))
     model = learner.model
-    co_visited = {u: set(model.catalog.ids_of(pairs.rows(model, model.history(st))))
+    co_visited = {u: set(model.catalog.ids_of(pairs.rows(model, st.history(model.catalog))))
                   for u, st in states.items()}
     tower = _served(learner, ids, states, (three,))
     covisit = _served(learner, ids, states, (pairs,))

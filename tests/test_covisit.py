@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from models.config import LearnerConfig
 from models.covisit import CoVisitation
 from models.learner import OnlineLearner
-from models.seen import exclusions
 from models.serving import Server, rank_candidates
+from models.user_state import exclusions
 
 
 def test_counts_follow_the_sequence_aware_formula():
@@ -85,7 +85,7 @@ def test_ranker_serves_the_co_visited_next_item():
     server = Server(learner.model)
     server.add_items(ids)
     server.refresh()
-    hists = [learner.model.history(st) for st in states.values()]
+    hists = [st.history(learner.model.catalog) for st in states.values()]
     U = learner.model.history_vectors(hists, [st.residual for st in states.values()])
     rows = [np.zeros(0, dtype=np.int64)] * len(hists)  # co-visitation candidates only
     # each user cycles through the catalog, so the next item comes back: repeats allowed
@@ -105,7 +105,7 @@ def test_the_index_scores_rank_as_the_item_tower_does():
     items both sources found included."""
     learner, ids, states, _ = _cycle_learner(covisit=True)
     model = learner.model
-    hists = [model.history(st) for st in states.values()]
+    hists = [st.history(model.catalog) for st in states.values()]
     U = model.history_vectors(hists, [st.residual for st in states.values()])
     rows = np.flatnonzero(model.catalog.live)
     S = U @ model.item_vectors(rows)[1].T

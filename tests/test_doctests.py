@@ -35,5 +35,5 @@ def test_docstring_examples(name: str) -> None:
 def test_the_model_classes_carry_examples() -> None:
     """Each class a newcomer reads first shows what it computes."""
     assert {"models.two_tower", "models.lr_rules", "models.covisit", "models.snapshot",
-            "models.examples", "models.seen", "models.user_state", "models.model",
+            "models.examples", "models.user_state", "models.model",
             "models.trainer", "models.personal", "models.serving"} <= set(_with_examples())

@@ -56,7 +56,7 @@ def test_only_first_time_items_of_returning_users_are_evaluated():
 ])
 def test_what_is_evaluated_and_excluded_follows_the_serving_rule(mode, scored, ranks):
     """Which events are evaluated, and which items their ranking drops, is the serving rule
-    (models/seen.py): under `recent` a long-ago item may come back; under `all` it may not,
+    (models/user_state.py): under `recent` a long-ago item may come back; under `all` it may not,
     so that event cannot be a hit for any model and is not evaluated."""
     events = [("a", 0, 1), ("a", 1, 2), ("a", 2, 3), ("a", 0, 4)]
     res = prequential(FixedScores([5, 4, 3, 2, 1]), events, batch_size=1, exclude_seen=mode,

@@ -17,10 +17,9 @@ import pytest
 from models.config import LearnerConfig
 from models.examples import TrainingExample
 from models.model import SharedModel
-from models.seen import item_keys
 from models.snapshot import apply_base, apply_delta, read_meta
 from models.trainer import Trainer, restore
-from models.user_state import UserState
+from models.user_state import UserState, item_keys
 from streams.catalog import decode_item_vector
 
 FIXTURES = Path(__file__).parent / "fixtures" / "formats"

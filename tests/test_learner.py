@@ -18,11 +18,9 @@ from evaluation.synthetic import SyntheticStream, make_world, topic_hit_rate
 from models.config import EVENT_TYPE_IDS, LearnerConfig
 from models.examples import Interaction, Pending, event_weight, observe
 from models.learner import OnlineLearner
-from models.seen import EXACT_MAX
-from models.sequences import Seqs, padded_rows
 from models.trainer import checkpoint, restore
-from models.two_tower import UserTower
-from models.user_state import UserState
+from models.two_tower import Seqs, UserTower, padded_rows
+from models.user_state import EXACT_MAX, UserState
 
 TEXT_DIM = 32
 T0 = 1_700_000_000_000
@@ -130,7 +128,7 @@ def _tower_top10(learner: OnlineLearner, states: dict) -> dict[str, list[str]]:
     m = learner.model
     users = [u for u, st in states.items() if st.items]
     names, V = m.item_vectors()
-    U = m.history_vectors([m.history(states[u]) for u in users], None)
+    U = m.history_vectors([states[u].history(m.catalog) for u in users], None)
     top = np.argsort(-(U @ V.T), axis=1)[:, :10]
     return {u: [names[j] for j in row] for u, row in zip(users, top, strict=True)}
 
@@ -174,7 +172,7 @@ def _leaky_observe(learner: OnlineLearner, events, states) -> Pending:
                   learner.cfg.history_len)
         target = learner.model.catalog.live_row(ev.item_id)
         if target is not None:
-            pend.hists.append(learner.model.history(st))
+            pend.hists.append(st.history(learner.model.catalog))
             pend.targets.append(target)
             pend.weights.append(event_weight(learner.cfg, ev.event_type))
             pend.owners.append(owner)
@@ -616,7 +614,7 @@ def test_the_sampled_loss_ranks_each_column_as_serving_does():
     states: dict[str, UserState] = {}
     run_stream(learner, batches, states)
     m, rng = learner.model, np.random.default_rng(0)
-    hists = [m.history(st) for st in list(states.values())[:3]]
+    hists = [st.history(m.catalog) for st in list(states.values())[:3]]
     targets = np.argsort(-m.counts)[:3]  # popular: a popularity term to weigh
     negatives = m.sample_negatives(rng, targets)
     theta = rng.normal(size=(3, m.n_user - m.cfg.dim)).astype(np.float32)

@@ -54,7 +54,7 @@ def block_preference(model: SharedModel, states: dict[str, UserState], scenario:
                      ids: list[str]) -> float:
     """Mean score of the first half of the catalog minus the second's, in `scenario`."""
     rows = np.asarray(model.catalog.add(ids))
-    hists = [model.history(st) for st in states.values()]
+    hists = [st.history(model.catalog) for st in states.values()]
     S = model.scores(hists, [st.residual for st in states.values()], rows,
                      [scenario] * len(hists))
     half = len(ids) // 2
@@ -84,7 +84,7 @@ def test_a_new_scenario_is_served_by_the_shared_model_at_once():
     learner.upsert_items(ids, vecs)
     states = learn(learner, stream(400, ids))
     model, rows = learner.model, np.arange(1, 41)
-    hists = [model.history(st) for st in states.values()]
+    hists = [st.history(model.catalog) for st in states.values()]
     res = [st.residual for st in states.values()]
     np.testing.assert_allclose(model.scores(hists, res, rows, ["never-seen"] * len(hists)),
                                model.scores(hists, res, rows), rtol=1e-6)
@@ -228,11 +228,11 @@ def test_co_visitation_candidates_are_filtered_too():
     model = learner.model
     st = UserState()
     st.append(ids[0], 1, T0, None, 50)
-    hist = model.history(st)
+    hist = st.history(model.catalog)
     covisit = CovisitCandidates()
     assert set(model.catalog.ids_of(covisit.rows(model, hist))) - allowed_ids(ids, "b")
     U = model.history_vectors([hist], [None], ["b"])
-    from models.seen import Exclusion
+    from models.user_state import Exclusion
     (rows, _), = rank_candidates(model, [hist], U, [np.zeros(0, np.int64)], [Exclusion()],
                                  None, ["b"])
     assert len(rows) and set(model.catalog.ids_of(rows)) <= allowed_ids(ids, "b")
@@ -256,11 +256,11 @@ def test_the_training_softmax_runs_over_the_scenarios_items(sampled):
     """A pair in scenario b is not pushed away from items that can never be shown in b."""
     import torch
 
-    from models.sequences import Seqs
+    from models.two_tower import Seqs
 
     learner, ids, _ = restricted_learner()
     model = learner.model
-    seqs = Seqs.pad([model.history(UserState())] * 2)
+    seqs = Seqs.pad([UserState().history(model.catalog)] * 2)
     targets = np.asarray(model.catalog.add([ids[25], ids[35]]))
     weights, fresh = np.ones(2), np.ones(2, bool)
     resid = torch.zeros(2, model.n_user)
@@ -301,11 +301,11 @@ def test_the_full_softmax_over_the_pool_is_the_one_over_the_catalog(monkeypatch)
     import torch
 
     from models.model import SharedModel
-    from models.sequences import Seqs
+    from models.two_tower import Seqs
 
     learner, ids, _ = restricted_learner()
     model = learner.model
-    hists = [model.history(UserState())] * 3
+    hists = [UserState().history(model.catalog)] * 3
     targets = np.asarray(model.catalog.add([ids[25], ids[35], ids[3]]))
     scen = ["b", "b", "b"]  # the pool: b's 10 items, the 10 shown everywhere, an a-only target
     assert model.negative_pool(targets, scen).sum() == 21
@@ -331,7 +331,7 @@ def test_the_pairwise_ranker_scores_what_the_dense_blend_scores():
         for item in rng.choice(ids, 6):
             st.append(str(item), 1, T0 + k, None, 50)
         st.residual = rng.standard_normal(model.n_user).astype(np.float32)
-    hists = [model.history(st) for st in states]
+    hists = [st.history(model.catalog) for st in states]
     res, scen = [st.residual for st in states], ["a", "b", "", "a"]
     U = model.history_vectors(hists, res, scen)
     owner = rng.integers(0, 4, 50)

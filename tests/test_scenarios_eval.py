@@ -218,7 +218,7 @@ def _catalog(n: int) -> tuple[list[str], np.ndarray]:
 
 
 def _nothing():
-    from models.seen import Exclusion
+    from models.user_state import Exclusion
 
     return Exclusion()
 

@@ -1,4 +1,4 @@
-"""models/seen.py: every item a user interacted with, and the one exclusion rule."""
+"""models/user_state.py `SeenItems`: every item a user interacted with; the exclusion rule."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from models.items import KeyIndex, find_sorted
-from models.seen import EXACT_MAX, Exclusion, SeenItems, exclusions, item_keys
-from models.user_state import UserState
+from models.user_state import EXACT_MAX, Exclusion, SeenItems, UserState, exclusions, item_keys
 
 keys_st = st.lists(st.integers(min_value=0, max_value=2**63 - 1), max_size=60)
 

@@ -15,9 +15,8 @@ from index.faiss_index import FaissIndex, IndexConfig
 from models.config import LearnerConfig
 from models.examples import Interaction
 from models.learner import OnlineLearner
-from models.seen import item_keys
 from models.serving import Scored, Server, best_first_per_user, candidate_pairs
-from models.user_state import UserState
+from models.user_state import UserState, item_keys
 
 TEXT_DIM = 32
 T0 = 1_700_000_000_000
@@ -308,7 +307,7 @@ class _Recorder:
 def test_serving_and_the_evaluator_exclude_the_same_items(mode):
     """What `Server.recommend` will not serve a user (asked for the whole catalog) is
     exactly what the evaluator drops from that user's ranking at their next event, in every
-    mode: both apply models/seen.py to the same state. Users here have 3x history_len
+    mode: both apply models/user_state.py to the same state. Users here have 3x history_len
     distinct items, so "the history" and "everything seen" differ."""
     from evaluation.evaluate import prequential
 

@@ -11,8 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.lr_rules import RuleRecord
-from models.seen import item_keys
-from models.user_state import UserState
+from models.user_state import UserState, item_keys
 
 DIM = 8
 TEXT_DIM = 16
