@@ -100,7 +100,7 @@ class LearnerConfig(BaseModel):
         "(`exclude_seen` `all` or `recent`), so the loss does not spend itself pushing such "
         "items down. With `exclude_seen: all` the training example also carries the user's "
         "seen set (while exact: up to 1,024 items), and those items are left out too. "
-        "ML-100K: +1.0% NDCG@10, and the seen set a further +1% (README, Quality). Must be "
+        "ML-100K: +1.0% NDCG@10, and the seen set a further +1% (docs/quality.md). Must be "
         "false with `exclude_seen: none`, where seen items are served again.",
     )
     dislike_weight: float = Field(
@@ -132,7 +132,7 @@ class LearnerConfig(BaseModel):
         0.03, gt=0, description="The ranker's first step size, decaying as "
         "head_lr_start / sqrt(1 + t / head_lr_decay_steps) over its steps t down to `head_lr`: "
         "on a new stream the blend weights start far from their fit (no decay: set it to "
-        "`head_lr`). 0.01 / 0.03 / 0.1 measured (README, Quality): 0.03 lifts three Ciao "
+        "`head_lr`). 0.01 / 0.03 / 0.1 measured (docs/quality.md): 0.03 lifts three Ciao "
         "subsets ~1% over 0.01 and ties on ML-100K, where 0.1 costs 0.4%.",
     )
     head_lr_decay_steps: int = Field(

@@ -311,7 +311,7 @@ class SharedModel:
         Every column is scored as serving scores that (user, item) (`blend_pairs`), with the
         pair's own blend weights. (The sampled target's popularity term once lacked θ_u + φ_s:
         its gradient came from the negatives alone, and the per-user and scenario steps
-        lowered the popularity weight at every step; README, Quality.)"""
+        lowered the popularity weight at every step; docs/quality.md.)"""
         if allowed is not None and self.cfg.scenario_history:
             hist_rows = self._in_scenario(hist_rows, allowed)
         feats, log_pop = self.features(hist_rows, cols)

@@ -177,7 +177,7 @@ class Trainer:
         trainer goes on where it stopped, and every rank computes the same). A new stream's
         blend weights start far from their fit: over Ciao's first 15,000 events the
         popularity weight climbs from 0.25 towards 1, which the constant 0.003 took the whole
-        stream to approach (README, Quality)."""
+        stream to approach (docs/quality.md)."""
         head = self.model.head
         if head is None:
             return

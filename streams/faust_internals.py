@@ -130,7 +130,7 @@ def tune_stream_fetch(max_wait_ms: int, min_bytes: int) -> None:
     (measured: 1.0-1.3 s gaps between batches with events waiting, p99 ~1.8 s at a quarter
     of the maximum rate). The minimum: under a light load every fetch returned one or two
     records as soon as they arrived, and the fetches and their dispatch held the GIL more
-    than the whole batch path did (README, Performance); with a minimum the broker gathers
+    than the whole batch path did (docs/performance.md); with a minimum the broker gathers
     records for up to `max_wait_ms`, so a light load arrives in fewer, fuller fetches and a
     backlog is not slowed at all. Wraps `AIOKafkaConsumerThread._create_worker_consumer`
     (faust/transport/drivers/aiokafka.py) and sets aiokafka's `_fetch_max_wait_ms` and

@@ -4,7 +4,7 @@ that a light load arrives in fuller batches and a backlog in full ones.
 A batch costs a fixed part (a search over the catalog, a gradient step, the delivery and
 commit round trips) plus a part per event. At a quarter of the maximum rate the fixed part
 dominated: 2.50 ms of worker CPU per event in 30-event batches against 1.72 in 57-event ones
-(README, Performance). Faust's `take_events(max, within)` hands a batch over as soon as its
+(docs/performance.md). Faust's `take_events(max, within)` hands a batch over as soon as its
 buffer holds `max` events, else `within` seconds after the previous batch returned. One
 fixed `within` cannot suit every load: a long one costs latency, a short one hands a light
 load over in small batches and, measured, a backlog too (272 events of 500 with 0.02 s:
